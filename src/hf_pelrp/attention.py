@@ -1,0 +1,73 @@
+"""The ``"lrp"`` attention implementation: SDPA with the AttnLRP / CP-LRP gradient factors on q, k and v.
+
+Registered once with transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` under the name
+``"lrp"`` (a new name: no existing entry is touched). Selecting it with ``attn_implementation="lrp"`` gives
+exactly SDPA's outputs. Inside an attribution context each attention module carries its gradient factors
+(see :func:`attention_rule`); the kernel stays SDPA (flash / memory-efficient where torch picks them), so no
+N x N attention matrix is kept for the backward pass beyond what the kernel itself keeps.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .rules import scale_gradient
+
+LRP_ATTENTION = "lrp"
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """Gradient factors applied to the (already position-encoded) q, k and v of one attention module.
+
+    AttnLRP: q, k get 1/2 and v 1/2 (epsilon + uniform rule at ``Q K^T`` and ``A V``, Prop. 3.3); with a
+    rotary embedding made a leaf, q and k get another 1/2 for the product with cos / sin (method.md 2).
+    CP-LRP: q, k get 0 (attention probabilities constant) and v gets 1.
+    """
+
+    q: float
+    k: float
+    v: float
+
+
+_RULES: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRule] = weakref.WeakKeyDictionary()
+
+
+def set_attention_rule(module: torch.nn.Module, rule: AttentionRule | None) -> None:
+    """Attach (or with ``None`` remove) the gradient factors of one attention module."""
+    if rule is None:
+        _RULES.pop(module, None)
+    else:
+        _RULES[module] = rule
+
+
+def attention_rule(module: torch.nn.Module) -> AttentionRule | None:
+    """The gradient factors attached to ``module``, or ``None`` outside an attribution context."""
+    return _RULES.get(module)
+
+
+def lrp_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Scaled-dot-product attention with LRP gradient factors; forward identical to ``"sdpa"``."""
+    rule = _RULES.get(module)
+    if rule is not None:
+        query = scale_gradient(query, rule.q)
+        key = scale_gradient(key, rule.k)
+        value = scale_gradient(value, rule.v)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(LRP_ATTENTION, lrp_attention_forward)
+AttentionMaskInterface.register(LRP_ATTENTION, sdpa_mask)

@@ -1,0 +1,68 @@
+"""The rule configuration of one attribution: which attention rule, whether positions are leaves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+MODES = ("attnlrp", "cp")
+
+
+@dataclass(frozen=True)
+class LRPConfig:
+    """Which LRP rules an attribution uses.
+
+    Parameters
+    ----------
+    mode
+        ``"attnlrp"``: AttnLRP rules (softmax rule, uniform rule on ``Q K^T``, ``A V`` and gated products).
+        ``"cp"``: CP-LRP, the attention probabilities and MLP gates are constants of the backward pass.
+    positional
+        ``True``: positional tensors (rotary cos/sin, additive position embeddings) are leaves and receive
+        relevance (PE-LRP). ``False``: they are constants (the classic AttnLRP / CP-LRP baseline).
+    """
+
+    mode: str = "attnlrp"
+    positional: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.positional, bool):
+            raise TypeError(f"positional must be a bool, got {type(self.positional).__name__}")
+
+    def with_(self, **changes) -> LRPConfig:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    @property
+    def qk_factor(self) -> float:
+        """Gradient factor on q and k at ``Q K^T``: 1/2 (uniform rule), 0 in CP mode."""
+        return 0.5 if self.mode == "attnlrp" else 0.0
+
+    @property
+    def v_factor(self) -> float:
+        """Gradient factor on v at ``A V``: 1/2 (uniform rule), 1 in CP mode (A is a constant)."""
+        return 0.5 if self.mode == "attnlrp" else 1.0
+
+    @property
+    def gate_factor(self) -> float:
+        """Gradient factor on the activated gate of a gated MLP: 1/2, 0 in CP mode (the gate is a constant)."""
+        return 0.5 if self.mode == "attnlrp" else 0.0
+
+    @property
+    def up_factor(self) -> float:
+        """Gradient factor on the up projection of a gated MLP: 1/2, 1 in CP mode."""
+        return 0.5 if self.mode == "attnlrp" else 1.0
+
+
+def resolve_config(config: LRPConfig | str | None, mode: str | None, positional: bool | None) -> LRPConfig:
+    """Merge an optional config object with the ``mode`` / ``positional`` keywords of the public API."""
+    if isinstance(config, str):
+        config = LRPConfig(mode=config)
+    base = config or LRPConfig()
+    changes = {}
+    if mode is not None:
+        changes["mode"] = mode
+    if positional is not None:
+        changes["positional"] = positional
+    return base.with_(**changes) if changes else base

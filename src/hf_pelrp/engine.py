@@ -1,0 +1,368 @@
+"""The attribution engine: the reversible :func:`lrp` context and the one-call :func:`attribute`.
+
+Data flows one way: pick the adapter, attach its rules to this model instance, run one forward, seed the
+explained logit with gradient 1, run one backward, read ``leaf * leaf.grad`` (method.md section 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from .adapters import adapter_for
+from .adapters.base import Adapter
+from .attention import LRP_ATTENTION, set_attention_rule
+from .config import LRPConfig, resolve_config
+from .errors import AttributionInputError, AttributionStateError, UnsupportedModelError
+from .hooks import LeafStore, make_leaf
+from .result import Attribution
+from .rules import relevance_of
+from .targets import (
+    CAUSAL_LM,
+    SEQUENCE_CLASSIFICATION,
+    accepts_logits_to_keep,
+    explained_positions,
+    head_kind,
+    resolve_target,
+)
+
+_ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+class LRPContext:
+    """What :func:`lrp` yields: the patched model, its rules and the leaves of the latest forward pass.
+
+    After ``model(...)`` and a backward pass from any scalar inside the context, :meth:`maps` returns the
+    token / position / segment relevance of that backward pass. Relevance at hidden layers can be read the
+    same way: ``h.retain_grad()`` on ``output.hidden_states[l]`` before the backward, then ``h * h.grad``.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: Adapter, config: LRPConfig, store: LeafStore):
+        self.model = model
+        self.adapter = adapter
+        self.config = config
+        self.store = store
+
+    def leaves(self) -> list[torch.Tensor]:
+        """Every leaf (token, additive positions, per-layer cos/sin) of the latest forward pass."""
+        return self.store.tensors()
+
+    def zero_grad(self) -> None:
+        """Forget the gradients of the leaves (before a second backward pass on the same forward)."""
+        for leaf in self.leaves():
+            leaf.grad = None
+
+    def maps(self) -> dict[str, torch.Tensor | None]:
+        """Relevance per position of the latest backward pass: ``token``, ``position``, ``position_by_layer``,
+        ``segment`` ([B, T] float32 tensors, ``position_by_layer`` [B, L, T] for rotary models)."""
+        additive = self.store.additive
+        if "token" not in additive:
+            raise AttributionStateError("no forward pass has run inside this hf_pelrp.lrp() context yet")
+        token = relevance_of(additive["token"])
+        result: dict[str, torch.Tensor | None] = {"token": token, "segment": None, "position_by_layer": None}
+        if self.adapter.positional_kind == "rotary":
+            num_layers = self.adapter.num_layers(self.model)
+            by_layer = torch.zeros(token.shape[0], num_layers, token.shape[1], device=token.device)
+            for layer, (cos, sin) in self.store.rotary.items():
+                by_layer[:, layer] = (relevance_of(cos) + relevance_of(sin)).to(token.device).expand_as(token)
+            result["position_by_layer"] = by_layer
+            result["position"] = by_layer.sum(1)
+        else:
+            pos = additive.get("position")
+            result["position"] = (
+                relevance_of(pos).to(token.device).expand_as(token)
+                if pos is not None
+                else torch.zeros_like(token)
+            )
+        if "segment" in additive:
+            result["segment"] = relevance_of(additive["segment"]).to(token.device).expand_as(token)
+        return result
+
+
+def _lrp_configs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, PretrainedConfig]]:
+    """Point every module of this instance that holds a config at a copy selecting the ``"lrp"`` attention.
+
+    Copies (not the shared config object) keep the change to this model: two models built from one config
+    object stay independent. Returns what to put back.
+    """
+    copies: dict[int, PretrainedConfig] = {}
+    swapped = []
+    for module in model.modules():
+        cfg = module.__dict__.get("config")
+        if not isinstance(cfg, PretrainedConfig):
+            continue
+        if id(cfg) not in copies:
+            new = copy.copy(cfg)
+            new._attn_implementation_internal = LRP_ATTENTION
+            copies[id(cfg)] = new
+        swapped.append((module, cfg))
+        module.__dict__["config"] = copies[id(cfg)]
+    return swapped
+
+
+def _check_attention_interface(model: torch.nn.Module) -> None:
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so "
+            "the LRP attention rules cannot be attached to it."
+        )
+
+
+@contextmanager
+def lrp(
+    model: torch.nn.Module,
+    mode: str | None = None,
+    positional: bool | None = None,
+    *,
+    config: LRPConfig | str | None = None,
+) -> Iterator[LRPContext]:
+    """Attach the LRP rules to ``model`` for the duration of a ``with`` block.
+
+    Inside, the model's forward outputs are unchanged, but its backward pass computes LRP relevance: after
+    ``logit.backward()``, ``ctx.maps()`` holds token and position relevance. Leaving the block (normally or by
+    an exception) removes every hook and rule, restores the attention implementation and the train / eval
+    state of every module: the model is exactly as it was.
+
+    Parameters
+    ----------
+    model
+        A transformers model of a supported type (see :func:`hf_pelrp.supported_model_types`).
+    mode
+        ``"attnlrp"`` (default) or ``"cp"``.
+    positional
+        Make positional tensors leaves (default ``True``).
+    config
+        An :class:`LRPConfig` (``mode`` / ``positional`` override its fields).
+
+    Raises
+    ------
+    UnsupportedModelError
+        The model type has no adapter, or the model was modified (hub kernels) in a way the rules cannot see.
+    AttributionStateError
+        The model is already inside an ``lrp()`` context.
+    """
+    cfg = resolve_config(config, mode, positional)
+    if model in _ACTIVE:
+        raise AttributionStateError(
+            f"this {type(model).__name__} is already inside an hf_pelrp.lrp() context (or an attribute() call); "
+            "nested attribution on one model is not possible: leave the outer context first."
+        )
+    adapter = adapter_for(model)
+    adapter.check_model(model)
+    _check_attention_interface(model)
+
+    store = LeafStore()
+    handles = []
+    attention_modules: list[torch.nn.Module] = []
+    swapped: list[tuple[torch.nn.Module, PretrainedConfig]] = []
+    training = {m: m.training for m in model.modules()}
+    _ACTIVE.add(model)
+    try:
+
+        def start_forward(_module, args, kwargs):
+            store.clear()
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None:
+                leaf = make_leaf(embeds)
+                store.additive["token"] = leaf
+                return args, {**kwargs, "inputs_embeds": leaf}
+            return None
+
+        handles.append(model.register_forward_pre_hook(start_forward, with_kwargs=True))
+        for module, rule in adapter.module_rules(model, cfg, store):
+            handles.append(rule.attach(module))
+        for module, rule in adapter.attention_rules(model, cfg):
+            set_attention_rule(module, rule)
+            attention_modules.append(module)
+        swapped = _lrp_configs(model)
+        model.eval()
+        yield LRPContext(model, adapter, cfg, store)
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+        for module in attention_modules:
+            set_attention_rule(module, None)
+        for module, cfg_obj in swapped:
+            module.__dict__["config"] = cfg_obj
+        for module, was_training in training.items():
+            module.training = was_training
+        store.clear()
+        _ACTIVE.discard(model)
+
+
+def _as_batch(x: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2:
+        raise AttributionInputError(f"{name} must have shape [batch, seq_len], got {tuple(x.shape)}")
+    return x
+
+
+def _validate_text_inputs(
+    input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    if input_ids is not None and inputs_embeds is not None:
+        raise AttributionInputError("pass either input_ids or inputs_embeds, not both")
+    if input_ids is None and inputs_embeds is None:
+        raise AttributionInputError("no input: pass input_ids (or inputs_embeds)")
+    input_ids = _as_batch(input_ids, "input_ids")
+    if inputs_embeds is not None and inputs_embeds.dim() != 3:
+        raise AttributionInputError(
+            f"inputs_embeds must have shape [batch, seq_len, hidden], got {tuple(inputs_embeds.shape)}"
+        )
+    ref = input_ids if input_ids is not None else inputs_embeds
+    batch, seq_len = ref.shape[0], ref.shape[1]
+    if batch == 0 or seq_len == 0:
+        raise AttributionInputError(
+            f"empty input (batch {batch}, sequence length {seq_len}): give at least one token"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=ref.device)
+    attention_mask = _as_batch(attention_mask, "attention_mask")
+    if attention_mask.shape != (batch, seq_len):
+        raise AttributionInputError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the input has shape {(batch, seq_len)}"
+        )
+    empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty_rows:
+        raise AttributionInputError(
+            f"row(s) {empty_rows} of attention_mask are all padding: nothing to explain"
+        )
+    return input_ids, inputs_embeds, attention_mask
+
+
+@contextmanager
+def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients during attribution: faster, leaner, and ``param.grad`` is left untouched."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _explained_logits(
+    model: torch.nn.Module, kind: str, inputs: dict[str, Any], attention_mask: torch.Tensor, position
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the forward pass and return the [B, C] logits to explain and, for causal LMs, their positions."""
+    if kind == CAUSAL_LM:
+        batch = attention_mask.shape[0]
+        positions = explained_positions(position, attention_mask, batch)
+        if accepts_logits_to_keep(model):
+            # only the explained positions go through the (vocabulary-sized) LM head
+            logits = model(**inputs, logits_to_keep=positions[:, None]).logits[:, 0]
+        else:
+            logits = model(**inputs).logits
+            logits = logits[torch.arange(batch, device=logits.device), positions.to(logits.device)]
+        return logits, positions
+    if position is not None:
+        raise AttributionInputError("position= is only meaningful for causal language models")
+    if kind == SEQUENCE_CLASSIFICATION:
+        return model(**inputs).logits, None
+    raise AttributionInputError(
+        f"{type(model).__name__}: heads of kind {kind!r} are not supported by attribute() yet"
+    )
+
+
+def attribute(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    target: int | torch.Tensor | None = None,
+    mode: str = "attnlrp",
+    positional: bool = True,
+    *,
+    config: LRPConfig | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    position: int | torch.Tensor | None = None,
+    **model_inputs: Any,
+) -> Attribution:
+    """Explain one logit per row with PE-LRP: one forward and one backward pass.
+
+    Parameters
+    ----------
+    model
+        A supported transformers model with a causal-LM or sequence-classification head.
+    input_ids : LongTensor [B, T]
+        Token ids (or ``inputs_embeds`` [B, T, H], not both).
+    attention_mask : LongTensor [B, T], optional
+        1 for tokens, 0 for padding (left or right).
+    target
+        ``None``: the arg-max class / next token; an int or LongTensor [B]: the class id (classifiers) or
+        vocabulary id (LMs) to explain.
+    mode
+        ``"attnlrp"`` or ``"cp"`` (attention probabilities constant).
+    positional
+        ``True`` for PE-LRP (positions are leaves); ``False`` for the classic baseline.
+    config
+        An :class:`LRPConfig`; when given, its fields are used and ``mode`` / ``positional`` are ignored.
+    position
+        Causal LMs only: the position whose next-token logit is explained (default: each row's last token).
+    **model_inputs
+        Passed on to the model's forward (e.g. ``position_ids``).
+
+    Returns
+    -------
+    Attribution
+        Token / position relevance [B, T], per-layer position relevance for rotary models, the explained
+        target ids and logits, and the conservation gap.
+    """
+    cfg = config if config is not None else resolve_config(None, mode, positional)
+    adapter = adapter_for(model)
+    kind = head_kind(model)
+    input_ids, inputs_embeds, attention_mask = _validate_text_inputs(input_ids, inputs_embeds, attention_mask)
+    inputs: dict[str, Any] = {"attention_mask": attention_mask, **model_inputs}
+    if input_ids is not None:
+        inputs["input_ids"] = input_ids
+    else:
+        inputs["inputs_embeds"] = inputs_embeds
+    inputs = adapter.prepare_inputs(model, inputs)
+    with _frozen_parameters(model), lrp(model, config=cfg) as ctx, torch.enable_grad():
+        logits, positions = _explained_logits(model, kind, inputs, attention_mask, position)
+        target_ids = resolve_target(target, logits)
+        seed = logits.gather(1, target_ids[:, None].to(logits.device)).squeeze(1)
+        leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
+        torch.autograd.backward(seed.sum(), inputs=leaves)
+        maps = ctx.maps()
+    result = Attribution(
+        token=maps["token"],
+        position=maps["position"],
+        position_by_layer=maps["position_by_layer"],
+        segment=maps["segment"],
+        target=target_ids.detach(),
+        target_value=seed.detach().float().to(maps["token"].device),
+        position_index=positions,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mode=cfg.mode,
+        positional=cfg.positional,
+        model_type=model.config.model_type,
+    )
+    _check_finite(result, model)
+    return result
+
+
+def _check_finite(result: Attribution, model: torch.nn.Module) -> None:
+    if torch.isfinite(result.relevance).all() and torch.isfinite(result.target_value).all():
+        return
+    dtype = next(model.parameters()).dtype
+    hint = (
+        " Half precision overflowed: load the model in bfloat16 or float32." if dtype == torch.float16 else ""
+    )
+    raise AttributionStateError(
+        f"relevance is not finite (NaN or inf) for {type(model).__name__} in {dtype}.{hint}"
+    )

@@ -1,0 +1,111 @@
+"""The :class:`Attribution` result: token, position (and segment) relevance of one explained logit per row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Attribution:
+    """Relevance maps of one attribution, all detached, float32, on one device.
+
+    Attributes
+    ----------
+    token : FloatTensor [B, T]
+        Relevance of each token's content (``sum_d e_t * g`` at the token embedding).
+    position : FloatTensor [B, T]
+        Relevance of each position, signed, summed over layers for rotary models.
+    relevance : FloatTensor [B, T]
+        ``token + position`` (+ ``segment`` where the model has token types).
+    position_by_layer : FloatTensor [B, L, T] or None
+        Per-layer position relevance (cos + sin) for rotary models, else None.
+    target : LongTensor [B]
+        The explained class / vocabulary id of each row.
+    target_value : FloatTensor [B]
+        The explained logit: the seed of the backward pass.
+    conservation_gap : FloatTensor [B]
+        ``target_value - relevance.sum(-1)``: the relevance the rules absorbed (biases, the softmax rule).
+    segment : FloatTensor [B, T] or None
+        Relevance of the token-type (segment) embedding, for models that have one.
+    position_index : LongTensor [B] or None
+        For causal LMs, the sequence position whose next-token logit was explained.
+    input_ids, attention_mask : LongTensor [B, T] or None
+        The inputs, kept for display.
+    mode, positional, model_type : str, bool, str
+        The rules and the architecture that produced the maps.
+    extras : dict
+        Family-specific maps (e.g. ``patch_map`` / ``pixel_map`` for vision models).
+    """
+
+    token: torch.Tensor
+    position: torch.Tensor
+    target: torch.Tensor
+    target_value: torch.Tensor
+    position_by_layer: torch.Tensor | None = None
+    segment: torch.Tensor | None = None
+    position_index: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    mode: str = "attnlrp"
+    positional: bool = True
+    model_type: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def relevance(self) -> torch.Tensor:
+        """``token + position (+ segment)`` per sequence position, [B, T]."""
+        total = self.token + self.position
+        if self.segment is not None:
+            total = total + self.segment
+        return total
+
+    @property
+    def conservation_gap(self) -> torch.Tensor:
+        """``target_value - relevance.sum(-1)``, [B]."""
+        return self.target_value - self.relevance.sum(-1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.token.shape[0]
+
+    def __getattr__(self, name: str) -> Any:
+        # family-specific maps read like fields (attr.patch_map); dataclass fields never reach here
+        extras = self.__dict__.get("extras", {})
+        if name in extras:
+            return extras[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __getitem__(self, index: int | slice) -> Attribution:
+        """The attribution of some rows of the batch."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+
+        def take(x):
+            return x[index] if isinstance(x, torch.Tensor) else x
+
+        return Attribution(
+            token=take(self.token),
+            position=take(self.position),
+            target=take(self.target),
+            target_value=take(self.target_value),
+            position_by_layer=take(self.position_by_layer),
+            segment=take(self.segment),
+            position_index=take(self.position_index),
+            input_ids=take(self.input_ids),
+            attention_mask=take(self.attention_mask),
+            mode=self.mode,
+            positional=self.positional,
+            model_type=self.model_type,
+            extras={k: take(v) for k, v in self.extras.items()},
+        )
+
+    def __repr__(self) -> str:
+        gap = ", ".join(f"{g:.4g}" for g in self.conservation_gap.tolist()[:4])
+        return (
+            f"Attribution(model_type={self.model_type!r}, mode={self.mode!r}, positional={self.positional}, "
+            f"batch={self.batch_size}, seq_len={self.token.shape[-1]}, target={self.target.tolist()[:4]}, "
+            f"conservation_gap=[{gap}])"
+        )

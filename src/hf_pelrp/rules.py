@@ -1,0 +1,123 @@
+"""Autograd primitives that turn Gradient x Input into the LRP rules of method.md section 1.
+
+Every primitive leaves the forward value bit-for-bit unchanged and only modifies the backward pass, so that
+``leaf * leaf.grad`` after one backward pass is the LRP relevance of the leaf (AttnLRP, Achtibat et al. 2024).
+Only torch is imported here: these functions know nothing about models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by ``factor`` in the backward pass.
+
+    The uniform rule (AttnLRP Prop. 3.2) for a product ``y = a * b`` of two relevance-carrying factors gives
+    each factor ``R_a = R_b = R_y / 2``; in Gradient x Input form that is ``factor = 1/2`` on both factors.
+    The epsilon + uniform rule for ``Q K^T`` and ``A V`` (Prop. 3.3) is the same factor on q, k, A and v.
+    ``factor = 0`` is a stop-gradient (see :func:`stop_gradient`), ``factor = 1`` the identity.
+    """
+    if factor == 1.0:
+        return x
+    if factor == 0.0:
+        return stop_gradient(x)
+    if not x.requires_grad:
+        return x
+    return _ScaleGradient.apply(x, float(factor))
+
+
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Treat ``x`` as a constant of the relevance computation: ``R_x = 0`` and nothing flows through it.
+
+    CP-LRP (Ali et al. 2022) uses it for the attention probabilities (q and k receive no relevance) and for
+    the gate of a gated MLP.
+    """
+    return x.detach()
+
+
+class _IdentityRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, y)
+        return y.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y = ctx.saved_tensors
+        x32, y32 = x.float(), y.float()
+        ratio = torch.where(x32 == 0, torch.zeros_like(y32), y32 / torch.where(x32 == 0, 1.0, x32))
+        return (grad.float() * ratio).to(grad.dtype), None
+
+
+def identity_rule(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Identity rule for an element-wise map ``y = f(x)`` (AttnLRP Prop. 3.4): ``R_x = R_y``.
+
+    In Gradient x Input form the local derivative ``f'(x)`` is replaced by ``f(x) / x`` (0 where ``x == 0``,
+    where ``f(x)`` carries no relevance either). The ratio is formed in float32 so that half-precision
+    activations do not overflow. ``y`` must be the already computed ``f(x)``; the returned tensor equals it.
+    """
+    if not x.requires_grad:
+        return y
+    return _IdentityRule.apply(x, y)
+
+
+def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """Forward ``value`` exactly, backward through ``surrogate`` (which must equal ``value`` up to rounding).
+
+    Used where a rule is a differently differentiated re-computation of the same function (the norm rules):
+    ``value.detach() + (surrogate - surrogate.detach())`` adds an exact zero, so outputs stay bit-identical.
+    """
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def rms_norm_identity(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its weight, identity rule (AttnLRP Prop. 3.4): ``x * rsqrt(mean(x^2) + eps)``.
+
+    The normalising scale is a constant of the backward pass, so the map is linear in ``x`` and
+    ``R_x = R_y`` element-wise. Computed in float32, as transformers' LLaMA-family RMSNorm does.
+    """
+    x32 = x.float()
+    scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps).detach()
+    return x32 * scale
+
+
+def layer_norm_identity(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm with the identity rule (AttnLRP Prop. 3.4): ``(x - mean(x)) / std(x).detach() * w + b``.
+
+    The division by the standard deviation is a constant of the backward pass; the mean subtraction stays
+    part of it (it is linear). The bias absorbs its share of relevance, as for any epsilon-rule layer.
+    """
+    x32 = x.float()
+    centred = x32 - x32.mean(-1, keepdim=True)
+    inv_std = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps).detach()
+    y = centred * inv_std
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def relevance_of(leaf: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """Relevance of a leaf after the backward pass: ``sum over dims of leaf * leaf.grad``, in float32.
+
+    With the backward seeded with gradient 1 at the explained logit, this is in logit units (method.md 1.2).
+    A leaf that received no gradient has zero relevance.
+    """
+    if leaf.grad is None:
+        return torch.zeros(leaf.shape[: len(leaf.shape) - len(dims)], dtype=torch.float32, device=leaf.device)
+    return (leaf.detach().float() * leaf.grad.float()).sum(dim=dims)
