@@ -197,51 +197,6 @@ def lrp(
         _ACTIVE.discard(model)
 
 
-def _as_batch(x: torch.Tensor | None, name: str) -> torch.Tensor | None:
-    if x is None:
-        return None
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    if x.dim() != 2:
-        raise AttributionInputError(f"{name} must have shape [batch, seq_len], got {tuple(x.shape)}")
-    return x
-
-
-def _validate_text_inputs(
-    input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, attention_mask: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    if input_ids is not None and inputs_embeds is not None:
-        raise AttributionInputError("pass either input_ids or inputs_embeds, not both")
-    if input_ids is None and inputs_embeds is None:
-        raise AttributionInputError("no input: pass input_ids (or inputs_embeds)")
-    input_ids = _as_batch(input_ids, "input_ids")
-    if inputs_embeds is not None and inputs_embeds.dim() != 3:
-        raise AttributionInputError(
-            f"inputs_embeds must have shape [batch, seq_len, hidden], got {tuple(inputs_embeds.shape)}"
-        )
-    ref = input_ids if input_ids is not None else inputs_embeds
-    batch, seq_len = ref.shape[0], ref.shape[1]
-    if batch == 0 or seq_len == 0:
-        raise AttributionInputError(
-            f"empty input (batch {batch}, sequence length {seq_len}): give at least one token"
-        )
-    if attention_mask is None:
-        attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=ref.device)
-    attention_mask = _as_batch(attention_mask, "attention_mask")
-    if attention_mask.shape != (batch, seq_len):
-        raise AttributionInputError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but the input has shape {(batch, seq_len)}"
-        )
-    empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
-    if empty_rows:
-        raise AttributionInputError(
-            f"row(s) {empty_rows} of attention_mask are all padding: nothing to explain"
-        )
-    return input_ids, inputs_embeds, attention_mask
-
-
 @contextmanager
 def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
     """No parameter gradients during attribution: faster, leaner, and ``param.grad`` is left untouched."""
@@ -324,13 +279,16 @@ def attribute(
     cfg = config if config is not None else resolve_config(None, mode, positional)
     adapter = adapter_for(model)
     kind = head_kind(model)
-    input_ids, inputs_embeds, attention_mask = _validate_text_inputs(input_ids, inputs_embeds, attention_mask)
-    inputs: dict[str, Any] = {"attention_mask": attention_mask, **model_inputs}
-    if input_ids is not None:
-        inputs["input_ids"] = input_ids
-    else:
-        inputs["inputs_embeds"] = inputs_embeds
-    inputs = adapter.prepare_inputs(model, inputs)
+    inputs, attention_mask = adapter.validate_inputs(
+        model,
+        {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            **model_inputs,
+        },
+    )
+    input_ids = inputs.get("input_ids")
     with _frozen_parameters(model), lrp(model, config=cfg) as ctx, torch.enable_grad():
         logits, positions = _explained_logits(model, kind, inputs, attention_mask, position)
         target_ids = resolve_target(target, logits)

@@ -15,6 +15,7 @@ from ..attention import AttentionRule
 from ..config import LRPConfig
 from ..errors import UnsupportedModelError
 from ..hooks import HookRule, LeafStore
+from ..inputs import validate_text_inputs
 
 _REGISTRY: dict[str, Adapter] = {}
 
@@ -82,6 +83,27 @@ class Adapter(ABC):
                     "the instance (hub kernels, torch.compile or another patching library); the LRP rules need the "
                     "original transformers modules. Load a fresh model without that patch."
                 )
+
+    def validate_inputs(
+        self, model: torch.nn.Module, inputs: dict[str, Any]
+    ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Check the user's inputs and return ``(model inputs, attention mask [B, T])``.
+
+        The default handles token inputs (``input_ids`` or ``inputs_embeds``, ``attention_mask``); ``None``
+        entries are dropped. Vision adapters override it for ``pixel_values``.
+        """
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        input_ids, inputs_embeds, mask = validate_text_inputs(
+            inputs.pop("input_ids", None),
+            inputs.pop("inputs_embeds", None),
+            inputs.pop("attention_mask", None),
+        )
+        if input_ids is not None:
+            inputs["input_ids"] = input_ids
+        else:
+            inputs["inputs_embeds"] = inputs_embeds
+        inputs["attention_mask"] = mask
+        return self.prepare_inputs(model, inputs), mask
 
     def prepare_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """Fill in model inputs the family needs for a padded batch (e.g. position ids); returns a new dict."""
