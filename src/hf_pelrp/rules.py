@@ -51,7 +51,7 @@ class _IdentityRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, y)
-        return y.detach().clone()
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -70,7 +70,8 @@ def identity_rule(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     if not x.requires_grad:
         return y
-    return _IdentityRule.apply(x, y)
+    # y enters detached: its own graph (f's backward) is never needed, and the output shares its memory
+    return _IdentityRule.apply(x, y.detach())
 
 
 def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
