@@ -62,3 +62,25 @@ def tiny_llama():
 def input_ids():
     torch.manual_seed(1)
     return torch.randint(1, 101, (2, 9))
+
+
+def tiny_word_tokenizer(
+    vocab_size: int = 101, specials: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+):
+    """A whitespace word-level fast tokenizer built offline: ``specials`` first (ids 0..), then ``w0``, ``w1``,
+    ... up to ``vocab_size`` ids. ``[PAD]`` is id 0 (the tiny models' ``pad_token_id``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"w{i}": len(specials) + i for i in range(vocab_size - len(specials))})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )

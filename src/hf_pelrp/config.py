@@ -55,6 +55,29 @@ class LRPConfig:
         return 0.5 if self.mode == "attnlrp" else 1.0
 
 
+#: instance attribute holding a model's own default rules (set by :func:`hf_pelrp.from_pretrained`)
+_MODEL_DEFAULT_ATTR = "_hf_pelrp_default_config"
+
+
+def set_model_default_config(model: object, config: LRPConfig | None) -> None:
+    """Store ``config`` on this model instance as the rules :func:`attribute` / :func:`lrp` use by default.
+
+    Per instance (an attribute of the model object, not a global), never serialised by ``save_pretrained``;
+    ``None`` removes it. Explicit ``mode`` / ``positional`` / ``config`` arguments still win.
+    """
+    if config is None:
+        vars(model).pop(_MODEL_DEFAULT_ATTR, None)
+        return
+    if not isinstance(config, LRPConfig):
+        raise TypeError(f"config must be an LRPConfig, got {type(config).__name__}")
+    vars(model)[_MODEL_DEFAULT_ATTR] = config
+
+
+def model_default_config(model: object) -> LRPConfig | None:
+    """The default rules stored on ``model`` by :func:`set_model_default_config`, or ``None``."""
+    return vars(model).get(_MODEL_DEFAULT_ATTR) if hasattr(model, "__dict__") else None
+
+
 def resolve_config(config: LRPConfig | str | None, mode: str | None, positional: bool | None) -> LRPConfig:
     """Merge an optional config object with the ``mode`` / ``positional`` keywords of the public API."""
     if isinstance(config, str):

@@ -10,7 +10,7 @@ import copy
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PretrainedConfig
@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from .adapters import adapter_for
 from .adapters.base import Adapter
 from .attention import LRP_ATTENTION, set_attention_rule
-from .config import LRPConfig, resolve_config
+from .config import LRPConfig, model_default_config, resolve_config
 from .errors import AttributionInputError, AttributionStateError, UnsupportedModelError
 from .hooks import LeafStore, make_leaf
 from .result import Attribution
@@ -31,6 +31,9 @@ from .targets import (
     head_kind,
     resolve_target,
 )
+
+if TYPE_CHECKING:
+    from .generation import GenerationAttribution
 
 _ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
@@ -148,7 +151,8 @@ def lrp(
     AttributionStateError
         The model is already inside an ``lrp()`` context.
     """
-    cfg = resolve_config(config, mode, positional)
+    # a model loaded with hf_pelrp.from_pretrained(..., mode=...) carries its own default rules
+    cfg = resolve_config(config if config is not None else model_default_config(model), mode, positional)
     if model in _ACTIVE:
         raise AttributionStateError(
             f"this {type(model).__name__} is already inside an hf_pelrp.lrp() context (or an attribute() call); "
@@ -238,14 +242,19 @@ def attribute(
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     target: int | torch.Tensor | None = None,
-    mode: str = "attnlrp",
-    positional: bool = True,
+    mode: str | None = None,
+    positional: bool | None = None,
     *,
     config: LRPConfig | None = None,
     inputs_embeds: torch.Tensor | None = None,
     position: int | torch.Tensor | None = None,
+    foil: int | torch.Tensor | None = None,
+    continuation_ids: torch.Tensor | None = None,
+    generate: bool = False,
+    max_new_tokens: int | None = None,
+    span_reduce: str | None = None,
     **model_inputs: Any,
-) -> Attribution:
+) -> Attribution | GenerationAttribution:
     """Explain one logit per row with PE-LRP: one forward and one backward pass.
 
     Parameters
@@ -260,13 +269,23 @@ def attribute(
         ``None``: the arg-max class / next token; an int or LongTensor [B]: the class id (classifiers) or
         vocabulary id (LMs) to explain.
     mode
-        ``"attnlrp"`` or ``"cp"`` (attention probabilities constant).
+        ``"attnlrp"`` or ``"cp"`` (attention probabilities constant). Default: the model's own default
+        (:func:`hf_pelrp.from_pretrained`), else ``"attnlrp"``.
     positional
-        ``True`` for PE-LRP (positions are leaves); ``False`` for the classic baseline.
+        ``True`` for PE-LRP (positions are leaves); ``False`` for the classic baseline. Default as ``mode``
+        (``True``).
     config
         An :class:`LRPConfig`; when given, its fields are used and ``mode`` / ``positional`` are ignored.
     position
         Causal LMs only: the position whose next-token logit is explained (default: each row's last token).
+    foil
+        Contrastive explanation: an id (or LongTensor [B]) whose logit is subtracted, so the explained value
+        is ``logit(target) - logit(foil)`` (stored in ``extras["foil"]``).
+    continuation_ids, generate, max_new_tokens, span_reduce
+        Causal LMs: explain every token of a continuation of ``input_ids`` (given, or generated greedily with
+        ``generate=True, max_new_tokens=N``) by teacher forcing; ``span_reduce="sum"`` explains the sum of
+        the continuation's logits in one backward pass. Returns a
+        :class:`hf_pelrp.generation.GenerationAttribution` (see :func:`hf_pelrp.generation.explain_continuation`).
     **model_inputs
         Passed on to the model's forward (e.g. ``position_ids``).
 
@@ -276,7 +295,29 @@ def attribute(
         Token / position relevance [B, T], per-layer position relevance for rotary models, the explained
         target ids and logits, and the conservation gap.
     """
-    cfg = config if config is not None else resolve_config(None, mode, positional)
+    cfg = config if config is not None else resolve_config(model_default_config(model), mode, positional)
+    if continuation_ids is not None or generate or span_reduce is not None:
+        # imported here: generation builds on this module (lrp, the frozen parameters), not the reverse
+        from .generation import explain_continuation
+
+        if target is not None or position is not None:
+            raise AttributionInputError(
+                "target= and position= do not apply to a continuation: each continuation token is the target "
+                "of the position before it. Use foil= for a contrastive explanation."
+            )
+        return explain_continuation(
+            model,
+            input_ids,
+            continuation_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            generate=generate,
+            max_new_tokens=max_new_tokens,
+            foil=foil,
+            span_reduce=span_reduce,
+            config=cfg,
+            **model_inputs,
+        )
     adapter = adapter_for(model)
     kind = head_kind(model)
     inputs, attention_mask = adapter.validate_inputs(
@@ -293,6 +334,11 @@ def attribute(
         logits, positions = _explained_logits(model, kind, inputs, attention_mask, position)
         target_ids = resolve_target(target, logits)
         seed = logits.gather(1, target_ids[:, None].to(logits.device)).squeeze(1)
+        extras = {}
+        if foil is not None:
+            foil_ids = resolve_target(foil, logits)
+            seed = seed - logits.gather(1, foil_ids[:, None].to(logits.device)).squeeze(1)
+            extras["foil"] = foil_ids.detach()
         leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
         torch.autograd.backward(seed.sum(), inputs=leaves)
         maps = ctx.maps()
@@ -309,6 +355,7 @@ def attribute(
         mode=cfg.mode,
         positional=cfg.positional,
         model_type=model.config.model_type,
+        extras=extras,
     )
     _check_finite(result, model)
     return result

@@ -1,0 +1,501 @@
+"""The ``lrp-attribution`` pipeline: ``pipeline("lrp-attribution", model=...)`` explains predictions with PE-LRP.
+
+Registered with transformers' ``PIPELINE_REGISTRY`` when :mod:`hf_pelrp` is imported (transformers offers
+no entry point for third-party pipelines, so the import is the registration). Works for sequence
+classifiers, causal and masked language models and image classifiers; the tokenizer or image processor is
+found the usual way (from the model's folder, or passed explicitly).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
+
+from .adapters import adapter_for
+from .engine import attribute
+from .errors import AttributionInputError
+from .generation import GenerationAttribution, explain_continuation
+from .result import Attribution
+from .targets import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQUENCE_CLASSIFICATION, head_kind
+
+TASK = "lrp-attribution"
+
+#: keys of the padded model inputs, with the value padding positions get
+_PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+_DEFAULT_BATCH_SIZE = 8
+
+
+def _token_id_of(tokenizer: Any, text: str, what: str) -> int:
+    """The vocabulary id of ``text``, which must be exactly one token (as the tokenizer encodes it)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    # a raw vocabulary item ("ĠParis", "▁Paris") is accepted as written
+    vocab_id = tokenizer.get_vocab().get(text)
+    if vocab_id is not None:
+        return int(vocab_id)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    raise AttributionInputError(
+        f"{what} {text!r} is not a single token: the tokenizer splits it into {len(ids)} tokens {pieces}. "
+        "Give one token (mind the leading space, e.g. ' Paris'), or its id; to explain several tokens, use "
+        "continuation=..."
+    )
+
+
+def _label_id_of(config: Any, label: str, what: str) -> int:
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if label in label2id:
+        return label2id[label]
+    folded = [v for k, v in label2id.items() if k.lower() == label.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    raise AttributionInputError(
+        f"{what} {label!r} is not a label of this model; its labels are {sorted(label2id, key=label2id.get)} "
+        "(or pass the class id as an int)"
+    )
+
+
+class LRPAttributionPipeline(Pipeline):
+    """Explain the predictions of a text classifier, a causal / masked LM or an image classifier with PE-LRP.
+
+    >>> explain = pipeline("lrp-attribution", model="path/to/model")                 # doctest: +SKIP
+    >>> out = explain("The capital of France is", target=" Paris")                   # doctest: +SKIP
+    >>> out["tokens"], out["relevance"], out["score"], out["conservation_gap"]       # doctest: +SKIP
+
+    Call parameters
+    ---------------
+    target : int or str, optional
+        Class id or label (``"POSITIVE"``) for classifiers; vocabulary id or a one-token string (``" Paris"``)
+        for language models. Default: the predicted class / token.
+    foil : int or str, optional
+        Contrastive explanation of ``score(target) - score(foil)``.
+    mode : {"attnlrp", "cp"}, optional; positional : bool, optional
+        The rules (default: the model's own defaults, see :func:`hf_pelrp.from_pretrained`, else AttnLRP with
+        positions).
+    position : int, optional
+        Causal LMs: the token (index in the unpadded input, negative from the end) whose next-token logit is
+        explained (default the last). Masked LMs: the masked position (default the first mask token).
+    top_k : int, optional
+        How many of the most relevant tokens ``top_tokens`` lists (default 5).
+    continuation : str, optional; max_new_tokens : int, optional
+        Causal LMs: explain each token of ``continuation`` after the input, or of ``max_new_tokens`` tokens
+        generated greedily; the relevance entries are then matrices [continuation tokens x all tokens].
+    span_reduce : {"sum"}, optional
+        With a continuation: explain the sum of its logits in one backward pass (one row).
+    return_attribution : bool, optional
+        Also return the :class:`hf_pelrp.Attribution` (detached) under ``"attribution"``.
+    batch_size : int, optional
+        Inputs per padded batch (default 8); results are the same as one input at a time.
+
+    Returns
+    -------
+    dict (or a list of dicts for a list of inputs)
+        ``tokens`` (strings), ``token_relevance``, ``position_relevance``, ``relevance`` (float32 numpy
+        arrays over the tokens, without padding), ``position_relevance_by_layer`` [L, T] for rotary models,
+        ``segment_relevance`` where the model has token types, ``target`` ({``id``, ``label``}), ``score``
+        (the explained logit), ``conservation_gap``, ``top_tokens``; for images ``patch_map`` /
+        ``pixel_map`` (numpy) and ``tokens`` naming the CLS / patch positions.
+    """
+
+    _load_tokenizer = None
+    _load_image_processor = None
+    _load_feature_extractor = False
+    _load_processor = False
+    _load_video_processor = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        adapter_for(self.model)  # an unsupported architecture fails here, not at the first call
+        self.kind = head_kind(self.model)
+        self._find_components()
+        if self._batch_size is None:
+            self._batch_size = _DEFAULT_BATCH_SIZE
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+
+    def _find_components(self) -> None:
+        """Load the tokenizer / image processor from the model's own folder when the caller passed a model
+        object (``pipeline()`` only looks where a model *path* points)."""
+        source = getattr(self.model, "name_or_path", None) or getattr(
+            self.model.config, "_name_or_path", None
+        )
+        local = isinstance(source, str) and os.path.isdir(source)
+        if self.kind == IMAGE_CLASSIFICATION:
+            if self.image_processor is None and local:
+                from transformers import AutoImageProcessor
+
+                self.image_processor = AutoImageProcessor.from_pretrained(source)
+            if self.image_processor is None:
+                raise AttributionInputError(
+                    f"no image processor for {type(self.model).__name__}: pass image_processor=... to pipeline()"
+                )
+            return
+        if self.tokenizer is None and local:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        if self.tokenizer is None:
+            raise AttributionInputError(
+                f"no tokenizer for {type(self.model).__name__}: pass tokenizer=... to pipeline()"
+            )
+
+    def get_inference_context(self):
+        # relevance is a gradient: transformers' default (torch.no_grad) would leave nothing to read
+        return torch.enable_grad
+
+    def _sanitize_parameters(
+        self,
+        target: int | str | None = None,
+        foil: int | str | None = None,
+        mode: str | None = None,
+        positional: bool | None = None,
+        position: int | None = None,
+        top_k: int | None = None,
+        continuation: str | None = None,
+        max_new_tokens: int | None = None,
+        span_reduce: str | None = None,
+        return_attribution: bool | None = None,
+        truncation: bool | None = None,
+        **unknown: Any,
+    ) -> tuple[dict, dict, dict]:
+        if unknown:
+            raise AttributionInputError(
+                f"unknown parameter(s) {sorted(unknown)} for the {TASK} pipeline; it takes target, foil, mode, "
+                "positional, position, top_k, continuation, max_new_tokens, span_reduce, return_attribution, "
+                "truncation, batch_size"
+            )
+        preprocess: dict[str, Any] = {}
+        forward: dict[str, Any] = {}
+        post: dict[str, Any] = {}
+        if truncation is not None:
+            preprocess["truncation"] = truncation
+        if continuation is not None:
+            preprocess["continuation"] = continuation
+        for name, value in (
+            ("target", target),
+            ("foil", foil),
+            ("mode", mode),
+            ("positional", positional),
+            ("position", position),
+            ("max_new_tokens", max_new_tokens),
+            ("span_reduce", span_reduce),
+        ):
+            if value is not None:
+                forward[name] = value
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+                raise AttributionInputError(f"top_k must be a non-negative int, got {top_k!r}")
+            post["top_k"] = top_k
+        if return_attribution is not None:
+            post["return_attribution"] = bool(return_attribution)
+        return preprocess, forward, post
+
+    # ---- batching -----------------------------------------------------------------------------------------
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad a list of preprocessed inputs into one batch; the per-input metadata becomes a list."""
+        batch: dict[str, Any] = {"meta": [m for item in items for m in item["meta"]]}
+        side = getattr(self.tokenizer, "padding_side", "right") if self.tokenizer is not None else "right"
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
+        for key in items[0]:
+            if key == "meta":
+                continue
+            tensors = [item[key] for item in items]
+            if key == "pixel_values" or tensors[0].dim() != 2:
+                batch[key] = torch.cat(tensors)
+                continue
+            # padding ids are masked out: any id will do when the tokenizer defines no pad token
+            value = _PAD_VALUES.get(key, pad_id if pad_id is not None else 0)
+            length = max(t.shape[1] for t in tensors)
+            out = torch.full((len(tensors), length), value, dtype=tensors[0].dtype)
+            for i, t in enumerate(tensors):
+                if side == "left":
+                    out[i, length - t.shape[1] :] = t[0]
+                else:
+                    out[i, : t.shape[1]] = t[0]
+            batch[key] = out
+        return batch
+
+    def get_iterator(
+        self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params, postprocess_params
+    ):
+        # our own collate: padding needs no pad token (padding is masked out) and metadata travels as a list
+        from torch.utils.data import DataLoader
+
+        if not hasattr(inputs, "__len__"):
+            inputs = list(inputs)
+        dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=self._collate)
+        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
+
+    # ---- the three steps ----------------------------------------------------------------------------------
+
+    def preprocess(
+        self, inputs: Any, truncation: bool | None = None, continuation: str | None = None
+    ) -> dict[str, Any]:
+        if self.kind == IMAGE_CLASSIFICATION:
+            return self._preprocess_image(inputs)
+        if not isinstance(inputs, str):
+            raise AttributionInputError(
+                f"the {TASK} pipeline takes a string (or a list of strings) for {type(self.model).__name__}, "
+                f"got {type(inputs).__name__}"
+            )
+        encoded = self.tokenizer(inputs, return_tensors="pt", truncation=bool(truncation))
+        model_inputs = {
+            k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        meta: dict[str, Any] = {"text": inputs, "continuation_ids": None}
+        if continuation is not None:
+            if self.kind != CAUSAL_LM:
+                raise AttributionInputError("continuation= is only meaningful for causal language models")
+            if not isinstance(continuation, str) or not continuation:
+                raise AttributionInputError(f"continuation must be a non-empty string, got {continuation!r}")
+            ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise AttributionInputError(f"continuation {continuation!r} tokenizes to no tokens")
+            meta["continuation_ids"] = torch.tensor(ids, dtype=torch.long)
+        return {**model_inputs, "meta": [meta]}
+
+    def _preprocess_image(self, image: Any) -> dict[str, Any]:
+        from transformers.image_utils import load_image
+
+        if isinstance(image, np.ndarray | torch.Tensor):
+            from PIL import Image
+
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+            image = Image.fromarray(array)
+        if not isinstance(image, str) and not hasattr(image, "convert"):
+            raise AttributionInputError(
+                f"the {TASK} pipeline takes a PIL image, an image path or a HxW(xC) uint8 array for "
+                f"{type(self.model).__name__}, got {type(image).__name__}"
+            )
+        image = load_image(image)
+        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "meta": [{"image_size": image.size}]}
+
+    def _resolve_id(self, value: int | str | None, what: str) -> int | None:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if not isinstance(value, str):
+            raise AttributionInputError(f"{what} must be an int or a string, got {type(value).__name__}")
+        if self.kind in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION):
+            return _label_id_of(self.model.config, value, what)
+        return _token_id_of(self.tokenizer, value, what)
+
+    def _label_of(self, target_id: int) -> str:
+        if self.kind in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION):
+            id2label = getattr(self.model.config, "id2label", None) or {}
+            return str(id2label.get(target_id, id2label.get(str(target_id), target_id)))
+        return self.tokenizer.decode([target_id])
+
+    def _explained_position(self, position: int | None, mask: torch.Tensor, ids: torch.Tensor | None) -> Any:
+        """Per-row padded index of the explained position, from an index into the unpadded input."""
+        if self.kind == MASKED_LM and position is None:
+            mask_id = getattr(self.tokenizer, "mask_token_id", None)
+            found = (
+                (ids == mask_id) & mask.bool() if mask_id is not None else torch.zeros_like(mask, dtype=bool)
+            )
+            if not found.any(-1).all():
+                raise AttributionInputError(
+                    f"no mask token ({getattr(self.tokenizer, 'mask_token', None)!r}) in the input: put one where "
+                    "the prediction should be explained, or pass position="
+                )
+            return found.long().argmax(-1)
+        if position is None:
+            return None
+        if self.kind not in (CAUSAL_LM, MASKED_LM):
+            raise AttributionInputError("position= is only meaningful for causal and masked language models")
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise AttributionInputError(f"position must be an int, got {position!r}")
+        rows = []
+        for row in mask.bool():
+            real = row.nonzero().flatten()
+            if not -len(real) <= position < len(real):
+                raise AttributionInputError(f"position {position} is outside an input of {len(real)} tokens")
+            rows.append(real[position])
+        return torch.stack(rows)
+
+    def _forward(self, model_inputs: dict[str, Any], **params: Any) -> dict[str, Any]:
+        meta = model_inputs.pop("meta")
+        target = self._resolve_id(params.get("target"), "target")
+        foil = self._resolve_id(params.get("foil"), "foil")
+        rules = {"mode": params.get("mode"), "positional": params.get("positional")}
+        continuations = [m.get("continuation_ids") for m in meta]
+        max_new_tokens = params.get("max_new_tokens")
+        if max_new_tokens is not None or any(c is not None for c in continuations):
+            return {"rows": self._forward_continuations(model_inputs, meta, foil, rules, params)}
+        if params.get("span_reduce") is not None:
+            raise AttributionInputError("span_reduce= needs continuation= or max_new_tokens=")
+        if self.kind == IMAGE_CLASSIFICATION:
+            attr = attribute(self.model, target=target, foil=foil, **rules, **model_inputs)
+            return {"rows": [{"attribution": attr[i], "meta": m} for i, m in enumerate(meta)]}
+        mask = model_inputs["attention_mask"]
+        position = self._explained_position(params.get("position"), mask, model_inputs.get("input_ids"))
+        if self.kind == MASKED_LM:
+            model_inputs = {**model_inputs, "mask_token_id": self.tokenizer.mask_token_id}
+        attr = attribute(self.model, target=target, foil=foil, position=position, **rules, **model_inputs)
+        return {"rows": [{"attribution": _unpad(attr[i]), "meta": m} for i, m in enumerate(meta)]}
+
+    def _forward_continuations(
+        self, model_inputs: dict[str, Any], meta: list[dict], foil: int | None, rules: dict, params: dict
+    ) -> list[dict[str, Any]]:
+        if self.kind != CAUSAL_LM:
+            raise AttributionInputError("continuation= / max_new_tokens= are only meaningful for causal LMs")
+        if params.get("target") is not None or params.get("position") is not None:
+            raise AttributionInputError(
+                "target= and position= do not apply to a continuation: each of its tokens is explained"
+            )
+        max_new_tokens = params.get("max_new_tokens")
+        rows = []
+        for i, m in enumerate(meta):
+            cont = m.get("continuation_ids")
+            if cont is not None and max_new_tokens is not None:
+                raise AttributionInputError("pass either continuation= or max_new_tokens=, not both")
+            gen = explain_continuation(
+                self.model,
+                model_inputs["input_ids"][i : i + 1],
+                cont,
+                attention_mask=model_inputs["attention_mask"][i : i + 1],
+                generate=cont is None,
+                max_new_tokens=max_new_tokens,
+                foil=foil,
+                span_reduce=params.get("span_reduce"),
+                **rules,
+            )
+            rows.append({"attribution": gen, "meta": m})
+        return rows
+
+    def postprocess(
+        self, model_outputs: dict[str, Any], top_k: int = 5, return_attribution: bool = False
+    ) -> dict[str, Any]:
+        rows = model_outputs["rows"]
+        # unbatched by transformers' iterator: a list element; run singly: the list of one
+        row = rows[0] if isinstance(rows, list) else rows
+        attr, meta = row["attribution"], row["meta"]
+        if isinstance(attr, GenerationAttribution):
+            out = self._generation_dict(attr)
+        else:
+            out = self._attribution_dict(attr, meta)
+        relevance = out["relevance"] if out["relevance"].ndim == 1 else out["relevance"].sum(0)
+        order = np.argsort(-relevance, kind="stable")[:top_k]
+        out["top_tokens"] = [
+            {"index": int(i), "token": out["tokens"][i], "relevance": float(relevance[i])} for i in order
+        ]
+        if return_attribution:
+            out["attribution"] = attr
+        return out
+
+    def _attribution_dict(self, attr: Attribution, meta: dict[str, Any]) -> dict[str, Any]:
+        target_id = int(attr.target[0])
+        out: dict[str, Any] = {
+            "tokens": self._tokens(attr),
+            "token_relevance": _np(attr.token[0]),
+            "position_relevance": _np(attr.position[0]),
+            "relevance": _np(attr.relevance[0]),
+            "target": {"id": target_id, "label": self._label_of(target_id)},
+            "score": float(attr.target_value[0]),
+            "conservation_gap": float(attr.conservation_gap[0]),
+            "mode": attr.mode,
+            "positional": attr.positional,
+        }
+        if attr.position_by_layer is not None:
+            out["position_relevance_by_layer"] = _np(attr.position_by_layer[0])
+        if attr.segment is not None:
+            out["segment_relevance"] = _np(attr.segment[0])
+        if attr.position_index is not None:
+            out["position"] = int(attr.position_index[0])
+        foil = attr.extras.get("foil")
+        if foil is not None:
+            out["foil"] = {"id": int(foil[0]), "label": self._label_of(int(foil[0]))}
+        for name, value in attr.extras.items():
+            if name != "foil" and isinstance(value, torch.Tensor):
+                out[name] = _np(value[0])
+        return out
+
+    def _generation_dict(self, gen: GenerationAttribution) -> dict[str, Any]:
+        ids = gen.input_ids.tolist()
+        out: dict[str, Any] = {
+            "tokens": self.tokenizer.convert_ids_to_tokens(ids),
+            "prompt_length": gen.prompt_length,
+            "generated_text": self.tokenizer.decode(gen.generated_ids.tolist()),
+            "token_relevance": _np(gen.token),
+            "position_relevance": _np(gen.position),
+            "relevance": _np(gen.relevance),
+            "target": [{"id": int(t), "label": self._label_of(int(t))} for t in gen.target],
+            "score": [float(v) for v in gen.target_value],
+            "conservation_gap": [float(v) for v in gen.conservation_gap],
+            "mode": gen.mode,
+            "positional": gen.positional,
+            "span_reduce": gen.span_reduce,
+        }
+        if gen.position_by_layer is not None:
+            out["position_relevance_by_layer"] = _np(gen.position_by_layer)
+        if gen.foil is not None:
+            out["foil"] = [{"id": int(f), "label": self._label_of(int(f))} for f in gen.foil]
+        return out
+
+    def _tokens(self, attr: Attribution) -> list[str]:
+        if attr.input_ids is not None and self.tokenizer is not None:
+            return self.tokenizer.convert_ids_to_tokens(attr.input_ids[0].tolist())
+        # vision: the sequence is [CLS] (+ [DIST]) followed by the patches in raster order
+        length = attr.token.shape[-1]
+        grid = getattr(attr, "extras", {}).get("patch_map")
+        num_patches = int(np.prod(grid.shape[1:])) if isinstance(grid, torch.Tensor) else length - 1
+        specials = ["[CLS]", "[DIST]"][: max(length - num_patches, 0)]
+        specials += [f"[SPECIAL{i}]" for i in range(len(specials), length - num_patches)]
+        return specials + [f"patch {i}" for i in range(num_patches)]
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+def _unpad(attr: Attribution) -> Attribution:
+    """One row of an attribution with its padding positions removed (so a batch equals single inputs)."""
+    if attr.attention_mask is None or bool(attr.attention_mask.all()):
+        return attr
+    keep = attr.attention_mask[0].bool()
+
+    def seq(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[..., keep.to(x.device)]
+
+    position_index = attr.position_index
+    if position_index is not None:
+        # the explained position counted among the real tokens only
+        position_index = keep[: int(position_index[0])].sum()[None]
+    return Attribution(
+        token=seq(attr.token),
+        position=seq(attr.position),
+        target=attr.target,
+        target_value=attr.target_value,
+        position_by_layer=seq(attr.position_by_layer),
+        segment=seq(attr.segment),
+        position_index=position_index,
+        input_ids=seq(attr.input_ids),
+        attention_mask=seq(attr.attention_mask),
+        mode=attr.mode,
+        positional=attr.positional,
+        model_type=attr.model_type,
+        extras=dict(attr.extras),
+    )
+
+
+def register() -> None:
+    """Register the ``lrp-attribution`` task with transformers (done on ``import hf_pelrp``).
+
+    No default model and no model classes are given: a checkpoint path is loaded with the class named in
+    its ``config.architectures``, so the head it was saved with is the one explained.
+    """
+    if TASK in PIPELINE_REGISTRY.supported_tasks:
+        return
+    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=LRPAttributionPipeline, pt_model=())
+
+
+register()
