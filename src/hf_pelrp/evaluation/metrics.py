@@ -1,0 +1,147 @@
+"""Faithfulness metrics on perturbation curves and relevance maps (method.md section 4), with their statistics.
+
+Every function works on plain tensors / sequences and knows nothing about models, so each one can be checked on
+hand-made curves and maps with known answers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+# two-sided 95% quantile of the standard normal; used for the confidence interval of a mean over samples
+_Z95 = 1.959963984540054
+
+
+def fractions(steps: int = 11, start: float = 0.0, stop: float = 1.0) -> list[float]:
+    """``steps`` evenly spaced perturbation fractions from ``start`` to ``stop`` (0, 0.1, ..., 1 by default)."""
+    if steps < 2:
+        raise ValueError(f"a perturbation curve needs at least 2 steps, got {steps}")
+    if not 0.0 <= start < stop <= 1.0:
+        raise ValueError(f"fractions must satisfy 0 <= start < stop <= 1, got start={start}, stop={stop}")
+    return [round(start + (stop - start) * i / (steps - 1), 10) for i in range(steps)]
+
+
+def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Area under the curve ``ys(xs)`` by the trapezoidal rule, divided by the x-range.
+
+    Dividing by ``xs[-1] - xs[0]`` makes the area the mean height of the curve, so a curve measured at 10%..90%
+    and one at 0%..100% are on the same scale (a constant curve at ``c`` has area ``c``).
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"xs and ys must have the same length, got {len(xs)} and {len(ys)}")
+    if len(xs) < 2:
+        raise ValueError("the area under a curve needs at least two points")
+    if any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+        raise ValueError(f"xs must be strictly increasing, got {list(xs)}")
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False))
+    return float(area / (xs[-1] - xs[0]))
+
+
+def perturbation_order(relevance: torch.Tensor, allowed: torch.Tensor, most_relevant_first: bool) -> torch.Tensor:
+    """Indices of the ``allowed`` units of a 1-D relevance vector, most (or least) relevant first.
+
+    Ties keep their index order (a stable sort), so the order is deterministic.
+    """
+    if relevance.dim() != 1 or allowed.shape != relevance.shape:
+        raise ValueError(
+            f"relevance and allowed must be 1-D of one shape, got {tuple(relevance.shape)}, {tuple(allowed.shape)}"
+        )
+    idx = torch.nonzero(allowed.bool(), as_tuple=False).squeeze(1)
+    values = relevance[idx].double()
+    order = torch.sort(-values if most_relevant_first else values, stable=True).indices
+    return idx[order]
+
+
+def removal_masks(order: torch.Tensor, length: int, fracs: Sequence[float]) -> torch.Tensor:
+    """Boolean [len(fracs), length] masks: row i marks the first ``round(fracs[i] * len(order))`` units of ``order``."""
+    n = order.numel()
+    masks = torch.zeros(len(fracs), length, dtype=torch.bool)
+    for i, f in enumerate(fracs):
+        k = int(math.floor(f * n + 0.5))
+        masks[i, order[:k]] = True
+    return masks
+
+
+def threshold_at_mean(relevance_map: torch.Tensor) -> torch.Tensor:
+    """The binary map ``relevance > mean(relevance)`` (the segmentation test's threshold)."""
+    return relevance_map > relevance_map.float().mean()
+
+
+def pixel_accuracy(prediction: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of pixels where the binary prediction equals the binary ground-truth mask."""
+    _check_same_shape(prediction, mask)
+    return float((prediction.bool() == mask.bool()).float().mean())
+
+
+def mean_iou(prediction: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over the two classes (object, background) of intersection over union; a class absent from both
+    prediction and mask counts as IoU 1."""
+    _check_same_shape(prediction, mask)
+    p, m = prediction.bool(), mask.bool()
+    ious = []
+    for a, b in ((p, m), (~p, ~m)):
+        union = (a | b).sum().item()
+        ious.append(1.0 if union == 0 else (a & b).sum().item() / union)
+    return float(sum(ious) / 2)
+
+
+def average_precision(scores: torch.Tensor, mask: torch.Tensor) -> float:
+    """Average precision of a soft map as a ranking of the mask's pixels.
+
+    ``AP = sum_k (recall_k - recall_{k-1}) * precision_k`` over the distinct score thresholds, highest first
+    (pixels with equal scores enter together, as in scikit-learn's ``average_precision_score``).
+    """
+    _check_same_shape(scores, mask)
+    s = scores.flatten().double()
+    y = mask.flatten().bool()
+    positives = int(y.sum())
+    if positives == 0:
+        raise ValueError("average precision is undefined for a mask without object pixels")
+    order = torch.sort(-s, stable=True).indices
+    s, y = s[order], y[order].double()
+    tp = torch.cumsum(y, 0)
+    # the last index of each run of equal scores is where a threshold lands
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]
+    tp_at = tp[last]
+    count_at = torch.nonzero(last).squeeze(1).double() + 1
+    precision = tp_at / count_at
+    recall = tp_at / positives
+    previous = torch.cat([recall.new_zeros(1), recall[:-1]])
+    return float(((recall - previous) * precision).sum())
+
+
+def relevance_mass_inside(relevance_map: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the positive relevance that lies inside the mask (relevance mass accuracy, Arras et al. 2022).
+
+    Returns 0 for a map without positive relevance.
+    """
+    _check_same_shape(relevance_map, mask)
+    positive = relevance_map.double().clamp(min=0)
+    total = positive.sum()
+    if total <= 0:
+        return 0.0
+    return float(positive[mask.bool()].sum() / total)
+
+
+def mean_confidence_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% confidence interval (normal approximation, sample standard deviation).
+
+    The half-width is ``nan`` for fewer than two values.
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to summarise")
+    mean = sum(values) / n
+    if n < 2:
+        return float(mean), float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return float(mean), float(_Z95 * math.sqrt(var / n))
+
+
+def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"map and mask must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")

@@ -1,0 +1,161 @@
+"""Run a configuration: every task, every method, every sample; data-parallel, resumable.
+
+Each process (``accelerate launch`` starts several; a plain ``python`` run is one) explains the samples whose
+index is congruent to its rank and appends one JSON line per (sample, method) to its own file, flushed at once.
+A rerun reads every process's file first and skips what is done, so an interrupted run resumes where it
+stopped, whatever the number of processes. Each sample is explained alone (batch of 1) and the random baseline
+is seeded by the sample id, so the results do not depend on how the samples were split between processes.
+The main process then merges the files and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .methods import MethodSettings, available_methods, explain
+from .metrics import fractions
+from .perturbation import patch_perturbation, token_flip
+from .report import write_report
+from .segmentation import segmentation_scores
+from .tasks import TEXT, Task, build_task
+
+RESULTS_GLOB = "samples.rank*.jsonl"
+
+
+def load_config(config_path: str | Path) -> dict[str, Any]:
+    """Read and check a YAML configuration."""
+    path = Path(config_path)
+    if not path.exists():
+        raise FileNotFoundError(f"configuration {path} does not exist")
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict) or not config.get("tasks"):
+        raise ValueError(f"{path}: a configuration needs a `tasks` list")
+    methods = config.get("methods", "all")
+    names = available_methods() if methods == "all" else list(methods)
+    unknown = [m for m in names if m not in available_methods()]
+    if unknown:
+        raise ValueError(f"{path}: unknown methods {unknown}; registered: {available_methods()}")
+    config["methods"] = names
+    return config
+
+
+def read_records(task_dir: Path) -> list[dict[str, Any]]:
+    """Every per-sample record of a task, from all process files, one per (sample, method), sorted."""
+    records: dict[tuple[int, str], dict] = {}
+    for path in sorted(task_dir.glob(RESULTS_GLOB)):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interruption: recomputed on resume
+            records[(rec["sample"], rec["method"])] = rec
+    return [records[k] for k in sorted(records)]
+
+
+def evaluate_sample(task: Task, sample, method: str, settings: MethodSettings, config: dict) -> dict[str, Any]:
+    """All metrics of one method on one sample."""
+    model = task.model
+    with torch.no_grad():
+        logits = model(**sample.inputs).logits
+        if sample.position is not None:
+            logits = logits[:, sample.position]
+    target = int(logits[0].argmax())
+    exp = explain(method, model, sample, target, settings)
+    rec: dict[str, Any] = {"sample": sample.id, "method": method, "target": target, "label": sample.label}
+    if task.kind == TEXT:
+        fr = fractions(int(config.get("steps", 11)))
+        result = token_flip(model, sample, target, exp.units, task.replacement_id, fr)
+    else:
+        fr = fractions(int(config.get("vision_steps", 9)), 0.1, 0.9)
+        patch = int(model.config.patch_size)
+        result = patch_perturbation(model, sample, target, exp.units, patch, task.image_replacement, fr)
+        pixels = exp.pixels
+        if pixels is None:
+            from .methods import _spread
+
+            h, w = sample.mask.shape
+            pixels = _spread(exp.units, patch, (h // patch, w // patch))
+        result.update(segmentation_scores(pixels, sample.mask))
+    rec["scores"] = {k: v for k, v in result.items() if not k.endswith("_curve")}
+    rec["curves"] = {k: v for k, v in result.items() if k.endswith("_curve")}
+    rec["fractions"] = fr
+    return rec
+
+
+def run_task(task: Task, config: dict, out_dir: Path, rank: int = 0, world: int = 1) -> Path:
+    """Explain this process's share of ``task.samples`` with every configured method; returns the task folder."""
+    task_dir = out_dir / task.name
+    task_dir.mkdir(parents=True, exist_ok=True)
+    done = {(r["sample"], r["method"]) for r in read_records(task_dir)}
+    settings = MethodSettings(ig_steps=int(config.get("ig_steps", 32)), seed=int(config.get("seed", 0)))
+    methods = config["methods"]
+    mine = [s for s in task.samples if s.id % world == rank]
+    todo = [(s, m) for s in mine for m in methods if (s.id, m) not in done]
+    path = task_dir / f"samples.rank{rank}.jsonl"
+    with path.open("a") as f, tqdm(total=len(todo), desc=f"{task.name} [{rank}/{world}]", position=rank,
+                                   disable=config.get("quiet", False)) as bar:
+        for sample, method in todo:
+            rec = evaluate_sample(task, sample, method, settings, config)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            bar.update(1)
+    return task_dir
+
+
+def _state():
+    """(rank, world, barrier) from accelerate when launched by it, else a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.wait_for_everyone
+    return 0, 1, lambda: None
+
+
+def run(config_path: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run every task of a configuration and write per-sample JSON lines, Markdown tables, JSON and plots.
+
+    Parameters
+    ----------
+    config_path
+        A YAML configuration (see ``configs/``).
+    output_dir
+        Where results go (default: the configuration's ``output_dir``, else ``runs/<config name>``).
+
+    Returns
+    -------
+    dict
+        The summary of each task (on the main process; an empty dict on the others).
+    """
+    config_path = Path(config_path)
+    config = load_config(config_path)
+    root = Path(config.get("root", Path.cwd()))
+    out_dir = Path(output_dir or config.get("output_dir") or Path("runs") / config_path.stem)
+    if not out_dir.is_absolute():
+        out_dir = root / out_dir
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    rank, world, barrier = _state()
+    summaries = {}
+    for spec in config["tasks"]:
+        task = build_task(spec, root, seed=int(config.get("seed", 0)))
+        if len(task.samples) < int(spec.get("min_samples", 1)):
+            raise ValueError(
+                f"task {task.name}: only {len(task.samples)} samples, the configuration asks for at least "
+                f"{spec['min_samples']}"
+            )
+        task_dir = run_task(task, {**config, **spec.get("overrides", {})}, out_dir, rank, world)
+        barrier()
+        if rank == 0:
+            summaries[task.name] = write_report(task, read_records(task_dir), task_dir, config["methods"])
+        barrier()
+    return summaries

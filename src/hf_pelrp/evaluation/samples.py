@@ -1,0 +1,47 @@
+"""One evaluation sample: the model inputs (batch of 1) and what the tests need to know about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Sample:
+    """A single input to explain.
+
+    Attributes
+    ----------
+    id : int
+        Stable index within the task; seeds the random baseline and keys the per-sample results.
+    inputs : dict
+        Model inputs with a batch dimension of 1 (``input_ids`` + ``attention_mask``, or ``pixel_values``).
+    allowed : BoolTensor [N]
+        Units (tokens / patches) the perturbation tests may replace; special tokens (CLS, SEP) stay.
+    position : int or None
+        Causal language models: the position whose next-token logit is explained.
+    readout : int
+        The sequence row the output head reads (CLS = 0, or the last / explained token); used by rollout.
+    label : int or None
+        Ground-truth class, where there is one (accuracy curves).
+    mask : BoolTensor [H, W] or None
+        Ground-truth object mask (vision).
+    text : str or None
+        The text, for display.
+    """
+
+    id: int
+    inputs: dict[str, Any]
+    allowed: torch.Tensor
+    position: int | None = None
+    readout: int = 0
+    label: int | None = None
+    mask: torch.Tensor | None = None
+    text: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of tokens (text) or patches (vision) the explanation covers."""
+        return int(self.allowed.numel())

@@ -1,0 +1,278 @@
+"""Evaluation tasks: a model and the samples it explains, built from one entry of a YAML configuration.
+
+A task entry has a ``model`` section (``tiny`` random model, a ``checkpoint`` folder, or ``smollm2``) and a
+``data`` section (random tokens / images for smoke runs, the movie-review sentences, Fashion-MNIST).
+Builders are registered by name, like the methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as datasets
+from .samples import Sample
+
+TEXT = "text"
+VISION = "vision"
+
+
+@dataclass
+class Task:
+    """A loaded task: the model (eval mode), its samples and how to perturb them."""
+
+    name: str
+    kind: str
+    model: torch.nn.Module
+    samples: list[Sample]
+    replacement_id: int | None = None
+    image_replacement: str = "zero"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_MODELS: dict[str, Callable[..., tuple[torch.nn.Module, Any]]] = {}
+_DATA: dict[str, Callable[..., list[Sample]]] = {}
+
+
+def model_builder(name: str):
+    def deco(fn):
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def data_builder(name: str):
+    def deco(fn):
+        _DATA[name] = fn
+        return fn
+
+    return deco
+
+
+def _resolve(root: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+# -------------------------------------------------------------------------------------------------- models
+def tiny_model(family: str, head: str, seed: int = 0, num_labels: int = 2, **overrides: Any) -> torch.nn.Module:
+    """A tiny randomly initialised model of ``family`` (llama, gpt2, bert, vit) with a ``head``, for smoke runs."""
+    import transformers as tf
+
+    specs = {
+        "llama": (
+            tf.LlamaConfig,
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, pad_token_id=0),
+            {"causal_lm": tf.LlamaForCausalLM, "sequence_classification": tf.LlamaForSequenceClassification},
+        ),
+        "gpt2": (
+            tf.GPT2Config,
+            dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=101, n_positions=64, pad_token_id=0),
+            {"causal_lm": tf.GPT2LMHeadModel, "sequence_classification": tf.GPT2ForSequenceClassification},
+        ),
+        "bert": (
+            tf.BertConfig,
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=101, max_position_embeddings=64, pad_token_id=0),
+            {"sequence_classification": tf.BertForSequenceClassification},
+        ),
+        "vit": (
+            tf.ViTConfig,
+            dict(image_size=16, patch_size=4, num_channels=1, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4),
+            {"image_classification": tf.ViTForImageClassification},
+        ),
+    }
+    if family not in specs:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(specs)}")
+    config_cls, kwargs, heads = specs[family]
+    if head not in heads:
+        raise ValueError(f"tiny {family} models have heads {sorted(heads)}, not {head!r}")
+    kwargs = {**kwargs, "num_labels": num_labels, **overrides}
+    torch.manual_seed(seed)
+    model = heads[head](config_cls(**kwargs))
+    with torch.no_grad():
+        # random-init norms are all-ones; perturb them so the norm rules matter
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@model_builder("tiny")
+def _tiny(spec: dict, root: Path, seed: int):
+    return tiny_model(spec["family"], spec["head"], seed=spec.get("seed", seed), num_labels=spec.get("num_labels", 2)), None
+
+
+@model_builder("checkpoint")
+def _checkpoint(spec: dict, root: Path, seed: int):
+    import transformers as tf
+
+    path = _resolve(root, spec["path"])
+    if not (path / "config.json").exists():
+        script = spec.get("train_script", "the task's training script (scripts/train_*.py)")
+        raise FileNotFoundError(f"no trained checkpoint at {path}: run {script} first")
+    head = spec["head"]
+    classes = {
+        "sequence_classification": tf.AutoModelForSequenceClassification,
+        "image_classification": tf.AutoModelForImageClassification,
+        "causal_lm": tf.AutoModelForCausalLM,
+    }
+    model = classes[head].from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer
+
+
+@model_builder("smollm2")
+def _smollm2(spec: dict, root: Path, seed: int):
+    from ..assets import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return model.float().eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _readout(model: torch.nn.Module, length: int) -> int:
+    """The row the classification head reads: CLS (0) for encoders, the last token for decoders."""
+    return 0 if model.config.model_type in ("bert", "roberta", "vit", "deit") else length - 1
+
+
+@data_builder("random_tokens")
+def _random_tokens(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    out = []
+    for i in range(spec["num_samples"]):
+        length = int(spec.get("length", 12))
+        ids = torch.randint(2, vocab, (1, length), generator=gen)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        out.append(
+            Sample(i, inputs, torch.ones(length, dtype=torch.bool), position=length - 1 if causal else None,
+                   readout=length - 1 if causal else _readout(model, length))
+        )
+    return out
+
+
+@data_builder("random_images")
+def _random_images(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    """Black images with one bright random rectangle: the rectangle is the object mask."""
+    gen = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    patch = model.config.patch_size
+    out = []
+    for i in range(spec["num_samples"]):
+        h0, w0 = torch.randint(0, size // 2, (2,), generator=gen).tolist()
+        h1, w1 = h0 + size // 3, w0 + size // 3
+        img = torch.zeros(1, model.config.num_channels, size, size)
+        img[..., h0:h1, w0:w1] = 0.2 + 0.8 * torch.rand(1, model.config.num_channels, h1 - h0, w1 - w0, generator=gen)
+        label = int(torch.randint(0, model.config.num_labels, (1,), generator=gen))
+        n = (size // patch) ** 2
+        out.append(Sample(i, {"pixel_values": img}, torch.ones(n, dtype=torch.bool), label=label,
+                          mask=img[0].amax(0) > 0))
+    return out
+
+
+def _text_sample(i: int, tokenizer, text: str, max_length: int, model, causal: bool, label=None) -> Sample:
+    enc = tokenizer(text, truncation=True, max_length=max_length, return_special_tokens_mask=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    special = enc["special_tokens_mask"][0].bool()
+    length = ids.shape[-1]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return Sample(i, inputs, ~special, position=length - 1 if causal else None,
+                  readout=_readout(model, length) if not causal else length - 1, label=label, text=text)
+
+
+@data_builder("sentiment_test")
+def _sentiment_test(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    """Held-out movie-review sentences (the test split of :func:`data.sentiment_splits`)."""
+    test = datasets.sentiment_splits(seed=spec.get("split_seed", 0))["test"][: spec["num_samples"]]
+    max_length = int(spec.get("max_length", 64))
+    return [_text_sample(i, tokenizer, s.text, max_length, model, causal, s.label) for i, s in enumerate(test)]
+
+
+@data_builder("review_windows")
+def _review_windows(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    """Windows of real text for next-token prediction: the first ``window`` tokens of held-out sentences that
+    are longer than the window (so the next token is a real continuation)."""
+    window = int(spec.get("window", 16))
+    out = []
+    for s in datasets.sentiment_splits(min_abs_score=0.0, seed=spec.get("split_seed", 0))["test"]:
+        ids = tokenizer(s.text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= window:
+            continue
+        ids_t = torch.tensor([ids[:window]])
+        inputs = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
+        out.append(Sample(len(out), inputs, torch.ones(window, dtype=torch.bool), position=window - 1,
+                          readout=window - 1, text=tokenizer.decode(ids[:window])))
+        if len(out) == spec["num_samples"]:
+            break
+    return out
+
+
+@data_builder("fashion_mnist_test")
+def _fashion_mnist_test(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    """The first ``num_samples`` Fashion-MNIST test images; the object mask is ``pixel > 0``."""
+    images, labels = datasets.fashion_mnist("test")
+    n_patches = (model.config.image_size // model.config.patch_size) ** 2
+    out = []
+    for i in range(spec["num_samples"]):
+        x = datasets.image_tensor(images[i : i + 1])
+        out.append(Sample(i, {"pixel_values": x}, torch.ones(n_patches, dtype=torch.bool), label=int(labels[i]),
+                          mask=images[i] > 0))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ building
+def resolve_replacement(name: str | int, tokenizer, neutral: str | None = None) -> int:
+    """The token id that replaces removed tokens: ``unk``, ``pad``, ``mask``, ``neutral`` (the single token of
+    the ``neutral_token`` string) or an explicit id."""
+    if isinstance(name, int):
+        return name
+    if tokenizer is None:
+        raise ValueError(f"replacement {name!r} needs a tokenizer; give an explicit token id for tokenizer-less models")
+    if name == "neutral":
+        if not neutral:
+            raise ValueError("replacement 'neutral' needs `neutral_token` (e.g. ' the') in the task configuration")
+        ids = tokenizer(neutral, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"neutral_token {neutral!r} is {len(ids)} tokens; choose a string that is one token")
+        return ids[0]
+    attr = {"unk": "unk_token_id", "pad": "pad_token_id", "mask": "mask_token_id"}.get(name)
+    if attr is None:
+        raise ValueError(f"unknown replacement {name!r}; choose unk, pad, mask, neutral or a token id")
+    token_id = getattr(tokenizer, attr, None)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {name} token; choose another replacement")
+    return int(token_id)
+
+
+def build_task(spec: dict, root: Path, seed: int = 0) -> Task:
+    """Load the model and samples of one task entry of a configuration."""
+    for key in ("name", "model", "data"):
+        if key not in spec:
+            raise ValueError(f"task entry {spec.get('name', spec)!r} lacks the `{key}` section")
+    model_spec, data_spec = spec["model"], spec["data"]
+    if model_spec.get("kind") not in _MODELS:
+        raise ValueError(f"task {spec['name']}: model kind must be one of {sorted(_MODELS)}")
+    if data_spec.get("kind") not in _DATA:
+        raise ValueError(f"task {spec['name']}: data kind must be one of {sorted(_DATA)}")
+    model, tokenizer = _MODELS[model_spec["kind"]](model_spec, root, seed)
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    samples = _DATA[data_spec["kind"]](data_spec, model, tokenizer, seed, causal)
+    kind = VISION if samples and "pixel_values" in samples[0].inputs else TEXT
+    replacement_id = None
+    if kind == TEXT:
+        replacement_id = resolve_replacement(spec.get("replacement", "unk"), tokenizer, spec.get("neutral_token"))
+    info = dict(spec.get("info", {}))
+    metrics_file = model_spec.get("metrics_file")
+    if metrics_file and _resolve(root, metrics_file).exists():
+        import json
+
+        info["training"] = json.loads(_resolve(root, metrics_file).read_text())
+    return Task(spec["name"], kind, model, samples, replacement_id, spec.get("image_replacement", "zero"), info)
