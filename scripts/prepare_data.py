@@ -35,7 +35,19 @@ def movie_reviews() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"downloading the {VADER} source distribution ...")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp, VADER],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                tmp,
+                VADER,
+            ],
             check=True,
         )
         sdist = next(Path(tmp).glob("vaderSentiment-*.tar.gz"))

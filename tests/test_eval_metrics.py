@@ -121,7 +121,9 @@ def test_token_flip_on_additive_model():
     weights = [0.0, 3.0, 2.0, 1.0, -1.0]  # id 0 is the replacement token (weight 0)
     model = _SumModel(weights)
     ids = torch.tensor([[1, 2, 3, 4]])
-    sample = Sample(0, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.ones(4, dtype=torch.bool))
+    sample = Sample(
+        0, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.ones(4, dtype=torch.bool)
+    )
     exact = torch.tensor([3.0, 2.0, 1.0, -1.0])
     out = token_flip(model, sample, 0, exact, 0, [0.0, 0.25, 0.5, 0.75, 1.0])
     assert out["morf_logit_curve"] == pytest.approx([5, 2, 0, -1, 0])
@@ -147,8 +149,13 @@ class _PatchModel(torch.nn.Module):
 
 def test_patch_perturbation_on_known_model():
     img = torch.ones(1, 1, 4, 4)
-    sample = Sample(0, {"pixel_values": img}, torch.ones(4, dtype=torch.bool), label=0,
-                    mask=torch.ones(4, 4, dtype=torch.bool))
+    sample = Sample(
+        0,
+        {"pixel_values": img},
+        torch.ones(4, dtype=torch.bool),
+        label=0,
+        mask=torch.ones(4, 4, dtype=torch.bool),
+    )
     relevance = torch.tensor([4.0, 0.0, 0.0, 0.0])
     out = patch_perturbation(_PatchModel(), sample, 0, relevance, 2, "zero", [0.25, 0.5, 0.75])
     assert out["positive_acc_curve"] == [0.0, 0.0, 0.0]
@@ -186,8 +193,17 @@ def test_paired_summary_directions():
         {"sample": s, "method": m, "scores": {"morf_prob_auc": v, **{k: 0.0 for k in keys}}}
         for s, (a, b) in enumerate([(0.1, 0.3), (0.2, 0.5), (0.15, 0.35)])
         for m, v in (("attnlrp_pe", a), ("attnlrp", b))
-        for keys in [["lerf_prob_auc", "lerf_minus_morf_prob_auc", "morf_logit_auc", "lerf_logit_auc",
-                      "lerf_minus_morf_logit_auc", "insertion_prob_auc", "insertion_logit_auc"]]
+        for keys in [
+            [
+                "lerf_prob_auc",
+                "lerf_minus_morf_prob_auc",
+                "morf_logit_auc",
+                "lerf_logit_auc",
+                "lerf_minus_morf_logit_auc",
+                "insertion_prob_auc",
+                "insertion_logit_auc",
+            ]
+        ]
     ]
     summary = summarise(records, ["attnlrp_pe", "attnlrp"], "text")
     diff = summary["paired"]["attnlrp_pe - attnlrp"]["morf_prob_auc"]

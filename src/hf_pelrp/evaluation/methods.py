@@ -68,7 +68,9 @@ def method_description(name: str) -> str:
     return _get(name)[1]
 
 
-def explain(name: str, model: torch.nn.Module, sample: Sample, target: int, settings: MethodSettings) -> Explanation:
+def explain(
+    name: str, model: torch.nn.Module, sample: Sample, target: int, settings: MethodSettings
+) -> Explanation:
     """Run method ``name`` on one sample; the result is detached float32 on the CPU."""
     fn = _get(name)[0]
     exp = fn(model, sample, target, settings)
@@ -157,9 +159,13 @@ def _vision_grid(model: torch.nn.Module, sample: Sample) -> tuple[int, tuple[int
 # ---------------------------------------------------------------------------------------------- hf_pelrp LRP
 def _lrp_units(model, sample, target, mode: str, positional: bool) -> Explanation:
     if _is_vision(sample):
-        attr = attribute(model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=positional)
+        attr = attribute(
+            model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=positional
+        )
         return Explanation(attr.patch_map[0].reshape(-1), attr.pixel_map[0])
-    attr = attribute(model, **sample.inputs, target=target, mode=mode, positional=positional, position=sample.position)
+    attr = attribute(
+        model, **sample.inputs, target=target, mode=mode, positional=positional, position=sample.position
+    )
     return Explanation(attr.relevance[0])
 
 
@@ -167,7 +173,9 @@ def _lrp_paper(model, sample, target, mode: str) -> Explanation:
     """The paper's aggregation: token map plus the absolute position relevance of every layer (rotary) or of
     every additive positional part; for ViT, the position relevance spread over the patch pixels, clamped at 0."""
     if _is_vision(sample):
-        attr = attribute(model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=True)
+        attr = attribute(
+            model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=True
+        )
         patch, _ = _vision_grid(model, sample)
         # the adapter's pixel_map already holds the position relevance spread over each patch's pixels
         pixels = attr.pixel_map[0].clamp(min=0)
@@ -306,12 +314,17 @@ def _integrated_gradients(model, sample, target, settings: MethodSettings) -> Ex
         emb = model.get_input_embeddings()(sample.inputs["input_ids"]).detach()
         rest = {k: v.expand(steps, *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"}
         ig = integrated_gradients(
-            lambda e: _select_logit(model, sample, target, inputs_embeds=e, **rest), emb, torch.zeros_like(emb), steps
+            lambda e: _select_logit(model, sample, target, inputs_embeds=e, **rest),
+            emb,
+            torch.zeros_like(emb),
+            steps,
         )
     return Explanation(ig.sum(-1))
 
 
-register_method("ig", "Integrated Gradients on the token embeddings / pixels, zero baseline")(_integrated_gradients)
+register_method("ig", "Integrated Gradients on the token embeddings / pixels, zero baseline")(
+    _integrated_gradients
+)
 
 
 # ------------------------------------------------------------------------------------------- attention rollout

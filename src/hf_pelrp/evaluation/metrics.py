@@ -40,7 +40,9 @@ def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(area / (xs[-1] - xs[0]))
 
 
-def perturbation_order(relevance: torch.Tensor, allowed: torch.Tensor, most_relevant_first: bool) -> torch.Tensor:
+def perturbation_order(
+    relevance: torch.Tensor, allowed: torch.Tensor, most_relevant_first: bool
+) -> torch.Tensor:
     """Indices of the ``allowed`` units of a 1-D relevance vector, most (or least) relevant first.
 
     Ties keep their index order (a stable sort), so the order is deterministic.

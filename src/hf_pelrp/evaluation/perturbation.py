@@ -64,7 +64,9 @@ def token_flip(
     }
     stacked = torch.cat(list(removed.values()))
     batch_ids = torch.where(stacked, torch.as_tensor(replacement_id), ids.expand(stacked.shape[0], -1))
-    batch = {k: v.expand(stacked.shape[0], *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"}
+    batch = {
+        k: v.expand(stacked.shape[0], *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"
+    }
     batch["input_ids"] = batch_ids
     probs, logits, _ = _scores(model, sample, target, batch, chunk)
     result: dict[str, object] = {}
@@ -126,7 +128,7 @@ def patch_perturbation(
     fill = replacement_image(pixels, replacement)
     result: dict[str, object] = {}
     masks = []
-    for name, first in (("positive", True), ("negative", False)):
+    for first in (True, False):
         order = perturbation_order(relevance, sample.allowed, most_relevant_first=first)
         masks.append(removal_masks(order, n, fracs))
     stacked = torch.cat(masks).float().view(-1, 1, *grid)

@@ -74,7 +74,12 @@ def summarise(records: list[dict[str, Any]], methods: list[str], kind: str) -> d
             mean, ci = mean_confidence_interval(diffs)
             better = mean > 0 if direction == UP else mean < 0
             significant = abs(mean) > ci if ci == ci else False
-            paired[f"{a} - {b}"][key] = {"mean": mean, "ci95": ci, "better": better, "significant": significant}
+            paired[f"{a} - {b}"][key] = {
+                "mean": mean,
+                "ci95": ci,
+                "better": better,
+                "significant": significant,
+            }
     return {"methods": table, "paired": paired}
 
 
@@ -153,7 +158,9 @@ def plot_curves(records: list[dict[str, Any]], methods: list[str], kind: str, pa
     plt.close(fig)
 
 
-def write_report(task: Task, records: list[dict[str, Any]], task_dir: Path, methods: list[str]) -> dict[str, Any]:
+def write_report(
+    task: Task, records: list[dict[str, Any]], task_dir: Path, methods: list[str]
+) -> dict[str, Any]:
     """Write ``summary.json``, ``table.md`` and ``curves.png`` for one task; returns the summary."""
     summary = summarise(records, methods, task.kind)
     summary.update(task=task.name, kind=task.kind, num_samples=len(task.samples), info=task.info)

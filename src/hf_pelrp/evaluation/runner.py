@@ -61,7 +61,9 @@ def read_records(task_dir: Path) -> list[dict[str, Any]]:
     return [records[k] for k in sorted(records)]
 
 
-def evaluate_sample(task: Task, sample, method: str, settings: MethodSettings, config: dict) -> dict[str, Any]:
+def evaluate_sample(
+    task: Task, sample, method: str, settings: MethodSettings, config: dict
+) -> dict[str, Any]:
     """All metrics of one method on one sample."""
     model = task.model
     with torch.no_grad():
@@ -101,8 +103,15 @@ def run_task(task: Task, config: dict, out_dir: Path, rank: int = 0, world: int 
     mine = [s for s in task.samples if s.id % world == rank]
     todo = [(s, m) for s in mine for m in methods if (s.id, m) not in done]
     path = task_dir / f"samples.rank{rank}.jsonl"
-    with path.open("a") as f, tqdm(total=len(todo), desc=f"{task.name} [{rank}/{world}]", position=rank,
-                                   disable=config.get("quiet", False)) as bar:
+    with (
+        path.open("a") as f,
+        tqdm(
+            total=len(todo),
+            desc=f"{task.name} [{rank}/{world}]",
+            position=rank,
+            disable=config.get("quiet", False),
+        ) as bar,
+    ):
         for sample, method in todo:
             rec = evaluate_sample(task, sample, method, settings, config)
             f.write(json.dumps(rec) + "\n")

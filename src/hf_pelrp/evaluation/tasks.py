@@ -60,15 +60,25 @@ def _resolve(root: Path, path: str) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------- models
-def tiny_model(family: str, head: str, seed: int = 0, num_labels: int = 2, **overrides: Any) -> torch.nn.Module:
+def tiny_model(
+    family: str, head: str, seed: int = 0, num_labels: int = 2, **overrides: Any
+) -> torch.nn.Module:
     """A tiny randomly initialised model of ``family`` (llama, gpt2, bert, vit) with a ``head``, for smoke runs."""
     import transformers as tf
 
     specs = {
         "llama": (
             tf.LlamaConfig,
-            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, pad_token_id=0),
+            dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=101,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            ),
             {"causal_lm": tf.LlamaForCausalLM, "sequence_classification": tf.LlamaForSequenceClassification},
         ),
         "gpt2": (
@@ -78,14 +88,28 @@ def tiny_model(family: str, head: str, seed: int = 0, num_labels: int = 2, **ove
         ),
         "bert": (
             tf.BertConfig,
-            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 vocab_size=101, max_position_embeddings=64, pad_token_id=0),
+            dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=101,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            ),
             {"sequence_classification": tf.BertForSequenceClassification},
         ),
         "vit": (
             tf.ViTConfig,
-            dict(image_size=16, patch_size=4, num_channels=1, hidden_size=32, intermediate_size=64,
-                 num_hidden_layers=2, num_attention_heads=4),
+            dict(
+                image_size=16,
+                patch_size=4,
+                num_channels=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            ),
             {"image_classification": tf.ViTForImageClassification},
         ),
     }
@@ -107,7 +131,9 @@ def tiny_model(family: str, head: str, seed: int = 0, num_labels: int = 2, **ove
 
 @model_builder("tiny")
 def _tiny(spec: dict, root: Path, seed: int):
-    return tiny_model(spec["family"], spec["head"], seed=spec.get("seed", seed), num_labels=spec.get("num_labels", 2)), None
+    return tiny_model(
+        spec["family"], spec["head"], seed=spec.get("seed", seed), num_labels=spec.get("num_labels", 2)
+    ), None
 
 
 @model_builder("checkpoint")
@@ -153,8 +179,13 @@ def _random_tokens(spec: dict, model, tokenizer, seed: int, causal: bool) -> lis
         ids = torch.randint(2, vocab, (1, length), generator=gen)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         out.append(
-            Sample(i, inputs, torch.ones(length, dtype=torch.bool), position=length - 1 if causal else None,
-                   readout=length - 1 if causal else _readout(model, length))
+            Sample(
+                i,
+                inputs,
+                torch.ones(length, dtype=torch.bool),
+                position=length - 1 if causal else None,
+                readout=length - 1 if causal else _readout(model, length),
+            )
         )
     return out
 
@@ -170,22 +201,40 @@ def _random_images(spec: dict, model, tokenizer, seed: int, causal: bool) -> lis
         h0, w0 = torch.randint(0, size // 2, (2,), generator=gen).tolist()
         h1, w1 = h0 + size // 3, w0 + size // 3
         img = torch.zeros(1, model.config.num_channels, size, size)
-        img[..., h0:h1, w0:w1] = 0.2 + 0.8 * torch.rand(1, model.config.num_channels, h1 - h0, w1 - w0, generator=gen)
+        img[..., h0:h1, w0:w1] = 0.2 + 0.8 * torch.rand(
+            1, model.config.num_channels, h1 - h0, w1 - w0, generator=gen
+        )
         label = int(torch.randint(0, model.config.num_labels, (1,), generator=gen))
         n = (size // patch) ** 2
-        out.append(Sample(i, {"pixel_values": img}, torch.ones(n, dtype=torch.bool), label=label,
-                          mask=img[0].amax(0) > 0))
+        out.append(
+            Sample(
+                i,
+                {"pixel_values": img},
+                torch.ones(n, dtype=torch.bool),
+                label=label,
+                mask=img[0].amax(0) > 0,
+            )
+        )
     return out
 
 
 def _text_sample(i: int, tokenizer, text: str, max_length: int, model, causal: bool, label=None) -> Sample:
-    enc = tokenizer(text, truncation=True, max_length=max_length, return_special_tokens_mask=True, return_tensors="pt")
+    enc = tokenizer(
+        text, truncation=True, max_length=max_length, return_special_tokens_mask=True, return_tensors="pt"
+    )
     ids = enc["input_ids"]
     special = enc["special_tokens_mask"][0].bool()
     length = ids.shape[-1]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return Sample(i, inputs, ~special, position=length - 1 if causal else None,
-                  readout=_readout(model, length) if not causal else length - 1, label=label, text=text)
+    return Sample(
+        i,
+        inputs,
+        ~special,
+        position=length - 1 if causal else None,
+        readout=_readout(model, length) if not causal else length - 1,
+        label=label,
+        text=text,
+    )
 
 
 @data_builder("sentiment_test")
@@ -193,7 +242,9 @@ def _sentiment_test(spec: dict, model, tokenizer, seed: int, causal: bool) -> li
     """Held-out movie-review sentences (the test split of :func:`data.sentiment_splits`)."""
     test = datasets.sentiment_splits(seed=spec.get("split_seed", 0))["test"][: spec["num_samples"]]
     max_length = int(spec.get("max_length", 64))
-    return [_text_sample(i, tokenizer, s.text, max_length, model, causal, s.label) for i, s in enumerate(test)]
+    return [
+        _text_sample(i, tokenizer, s.text, max_length, model, causal, s.label) for i, s in enumerate(test)
+    ]
 
 
 @data_builder("review_windows")
@@ -208,8 +259,16 @@ def _review_windows(spec: dict, model, tokenizer, seed: int, causal: bool) -> li
             continue
         ids_t = torch.tensor([ids[:window]])
         inputs = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
-        out.append(Sample(len(out), inputs, torch.ones(window, dtype=torch.bool), position=window - 1,
-                          readout=window - 1, text=tokenizer.decode(ids[:window])))
+        out.append(
+            Sample(
+                len(out),
+                inputs,
+                torch.ones(window, dtype=torch.bool),
+                position=window - 1,
+                readout=window - 1,
+                text=tokenizer.decode(ids[:window]),
+            )
+        )
         if len(out) == spec["num_samples"]:
             break
     return out
@@ -223,8 +282,15 @@ def _fashion_mnist_test(spec: dict, model, tokenizer, seed: int, causal: bool) -
     out = []
     for i in range(spec["num_samples"]):
         x = datasets.image_tensor(images[i : i + 1])
-        out.append(Sample(i, {"pixel_values": x}, torch.ones(n_patches, dtype=torch.bool), label=int(labels[i]),
-                          mask=images[i] > 0))
+        out.append(
+            Sample(
+                i,
+                {"pixel_values": x},
+                torch.ones(n_patches, dtype=torch.bool),
+                label=int(labels[i]),
+                mask=images[i] > 0,
+            )
+        )
     return out
 
 
@@ -235,13 +301,19 @@ def resolve_replacement(name: str | int, tokenizer, neutral: str | None = None) 
     if isinstance(name, int):
         return name
     if tokenizer is None:
-        raise ValueError(f"replacement {name!r} needs a tokenizer; give an explicit token id for tokenizer-less models")
+        raise ValueError(
+            f"replacement {name!r} needs a tokenizer; give an explicit token id for tokenizer-less models"
+        )
     if name == "neutral":
         if not neutral:
-            raise ValueError("replacement 'neutral' needs `neutral_token` (e.g. ' the') in the task configuration")
+            raise ValueError(
+                "replacement 'neutral' needs `neutral_token` (e.g. ' the') in the task configuration"
+            )
         ids = tokenizer(neutral, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"neutral_token {neutral!r} is {len(ids)} tokens; choose a string that is one token")
+            raise ValueError(
+                f"neutral_token {neutral!r} is {len(ids)} tokens; choose a string that is one token"
+            )
         return ids[0]
     attr = {"unk": "unk_token_id", "pad": "pad_token_id", "mask": "mask_token_id"}.get(name)
     if attr is None:
@@ -268,11 +340,15 @@ def build_task(spec: dict, root: Path, seed: int = 0) -> Task:
     kind = VISION if samples and "pixel_values" in samples[0].inputs else TEXT
     replacement_id = None
     if kind == TEXT:
-        replacement_id = resolve_replacement(spec.get("replacement", "unk"), tokenizer, spec.get("neutral_token"))
+        replacement_id = resolve_replacement(
+            spec.get("replacement", "unk"), tokenizer, spec.get("neutral_token")
+        )
     info = dict(spec.get("info", {}))
     metrics_file = model_spec.get("metrics_file")
     if metrics_file and _resolve(root, metrics_file).exists():
         import json
 
         info["training"] = json.loads(_resolve(root, metrics_file).read_text())
-    return Task(spec["name"], kind, model, samples, replacement_id, spec.get("image_replacement", "zero"), info)
+    return Task(
+        spec["name"], kind, model, samples, replacement_id, spec.get("image_replacement", "zero"), info
+    )
