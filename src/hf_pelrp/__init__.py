@@ -4,12 +4,21 @@
 >>> attr.token, attr.position, attr.relevance, attr.conservation_gap       # doctest: +SKIP
 """
 
+from . import card, viz  # hf_pelrp.card.attribution_section(...), hf_pelrp.viz.to_html(...)
 from .adapters import Adapter, adapter_for, register_adapter, supported_model_types
 from .attention import LRP_ATTENTION
+from .card import add_attribution_section, attribution_section
 from .config import LRPConfig
 from .engine import LRPContext, attribute, lrp
-from .errors import AttributionInputError, AttributionStateError, HfPelrpError, UnsupportedModelError
+from .errors import (
+    AttributionFileError,
+    AttributionInputError,
+    AttributionStateError,
+    HfPelrpError,
+    UnsupportedModelError,
+)
 from .generation import GenerationAttribution, explain_continuation
+from .io import load_attribution, save_attribution
 from .loading import default_config, enable_attribution, from_pretrained
 from .pipeline import LRPAttributionPipeline  # importing registers the "lrp-attribution" pipeline
 from .result import Attribution
@@ -20,6 +29,7 @@ __all__ = [
     "LRP_ATTENTION",
     "Adapter",
     "Attribution",
+    "AttributionFileError",
     "AttributionInputError",
     "AttributionStateError",
     "GenerationAttribution",
@@ -29,12 +39,18 @@ __all__ = [
     "LRPContext",
     "UnsupportedModelError",
     "adapter_for",
+    "add_attribution_section",
     "attribute",
+    "attribution_section",
+    "card",
     "default_config",
     "enable_attribution",
     "explain_continuation",
     "from_pretrained",
+    "load_attribution",
     "lrp",
     "register_adapter",
+    "save_attribution",
     "supported_model_types",
+    "viz",
 ]

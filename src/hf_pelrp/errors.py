@@ -17,3 +17,7 @@ class AttributionInputError(HfPelrpError, ValueError):
 
 class AttributionStateError(HfPelrpError, RuntimeError):
     """The model is in a state where attribution cannot run (e.g. already inside an attribution context)."""
+
+
+class AttributionFileError(HfPelrpError, ValueError):
+    """A saved attribution file is truncated, tampered with, of an unknown format version, or not an attribution."""

@@ -109,3 +109,52 @@ class Attribution:
             f"batch={self.batch_size}, seq_len={self.token.shape[-1]}, target={self.target.tolist()[:4]}, "
             f"conservation_gap=[{gap}])"
         )
+
+    # Display and persistence live in hf_pelrp.viz and hf_pelrp.io; these methods only delegate (imported
+    # lazily: the viewers pull in matplotlib and rich, which plain attribution does not need).
+
+    def to_html(self, tokens: Any = None, path: str | None = None, **kwargs: Any) -> str:
+        """Self-contained HTML view (see :func:`hf_pelrp.viz.to_html`); written to ``path`` if given.
+
+        ``tokens=`` display strings or ``tokenizer=`` to decode ``input_ids``; ``labels=`` class names.
+        """
+        from .viz import to_html
+
+        return to_html(self, tokens, path, **kwargs)
+
+    def _repr_html_(self) -> str:
+        from .viz import to_html
+
+        return to_html(self, full_page=False)
+
+    def show(self, tokens: Any = None, **kwargs: Any) -> None:
+        """HTML in a notebook, a coloured table in a terminal (see :func:`hf_pelrp.viz.show`)."""
+        from .viz import show
+
+        show(self, tokens, **kwargs)
+
+    def plot(self, image: Any = None, **kwargs: Any) -> Any:
+        """A matplotlib figure: image overlays for vision models, bars for text (see :func:`hf_pelrp.viz.plot`)."""
+        from .viz import plot
+
+        return plot(self, image, **kwargs)
+
+    def save_png(self, path: str, image: Any = None, **kwargs: Any) -> Any:
+        """Write :meth:`plot` to ``path`` as PNG (see :func:`hf_pelrp.viz.save_png`); returns the path."""
+        from .viz import save_png
+
+        return save_png(self, path, image, **kwargs)
+
+    def save(self, path: str) -> Any:
+        """Write the attribution to ``path`` (safetensors + JSON metadata, no pickle); returns the path."""
+        from .io import save_attribution
+
+        return save_attribution(self, path)
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device = "cpu") -> Attribution:
+        """Read an attribution written by :meth:`save`; raises :class:`hf_pelrp.errors.AttributionFileError`
+        for truncated, tampered or unknown files."""
+        from .io import load_attribution
+
+        return load_attribution(path, device=device)

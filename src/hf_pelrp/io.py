@@ -1,0 +1,302 @@
+"""Attributions that last: :func:`save_attribution` / :func:`load_attribution` in one safetensors file.
+
+The tensors (every tensor field of :class:`~hf_pelrp.Attribution` and every tensor in ``extras``) are stored
+as safetensors; everything else (mode, model type, JSON-serialisable extras, the declared shape and dtype of
+each tensor, a SHA-256 of the tensor bytes) is one JSON document in the file's header metadata. Nothing is
+pickled, so loading a file cannot run code. Loading checks the format name and version, the JSON, that the
+tensors are exactly the declared ones with the declared shapes, that the shapes fit together, and the digest;
+anything else raises :class:`~hf_pelrp.errors.AttributionFileError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import MODES
+from .errors import AttributionFileError
+
+FORMAT_NAME = "hf_pelrp.attribution"
+#: version 1: fields/<name> and extras/<key> tensors, JSON under the "hf_pelrp" metadata key
+FORMAT_VERSION = 1
+METADATA_KEY = "hf_pelrp"
+_FIELD_PREFIX = "fields/"
+_EXTRA_PREFIX = "extras/"
+
+#: expected shape of each known tensor field, in terms of B (batch), T (sequence) and L (layers)
+_FIELD_SHAPES = {
+    "token": ("B", "T"),
+    "position": ("B", "T"),
+    "target": ("B",),
+    "target_value": ("B",),
+    "position_by_layer": ("B", "L", "T"),
+    "segment": ("B", "T"),
+    "position_index": ("B",),
+    "input_ids": ("B", "T"),
+    "attention_mask": ("B", "T"),
+}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors (detects edited or swapped data)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_shapes(shapes: dict[str, list[int]], where: str) -> None:
+    """The known fields must agree on B, T and L (e.g. ``position`` has the shape of ``token``)."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for field, dims in _FIELD_SHAPES.items():
+        if field not in shapes:
+            continue
+        shape = shapes[field]
+        if len(shape) != len(dims):
+            raise AttributionFileError(
+                f"{where}: field {field!r} has shape {shape}, expected {len(dims)} dimensions {list(dims)}"
+            )
+        for dim, size in zip(dims, shape, strict=True):
+            if dim in sizes and sizes[dim][0] != size:
+                first, origin = sizes[dim]
+                raise AttributionFileError(
+                    f"{where}: shapes do not fit together: {dim} is {first} in {origin!r} but {size} in {field!r}"
+                )
+            sizes.setdefault(dim, (size, field))
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def save_attribution(attr: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``attr`` to ``path`` (safetensors + JSON metadata); returns the path.
+
+    Tensors are saved as they are (dtype kept, moved to CPU). ``extras`` may hold tensors, numpy arrays
+    (restored as numpy arrays) and JSON-serialisable values.
+
+    Raises
+    ------
+    AttributionFileError
+        An extra (or a non-tensor field) cannot be stored without pickling.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(attr):
+        if f.name == "extras":
+            continue
+        value = getattr(attr, f.name)
+        if isinstance(value, torch.Tensor):
+            tensors[_FIELD_PREFIX + f.name] = value.detach().cpu().clone()
+        elif value is None or _jsonable(value):
+            fields[f.name] = value
+        else:
+            raise AttributionFileError(
+                f"field {f.name!r} holds a {type(value).__name__}, which cannot be saved without pickling"
+            )
+    extra_tensors: dict[str, str] = {}
+    extra_values: dict[str, Any] = {}
+    for key, value in attr.extras.items():
+        if not isinstance(key, str):
+            raise AttributionFileError(f"extras keys must be strings to be saved, got {key!r}")
+        if isinstance(value, torch.Tensor):
+            tensors[_EXTRA_PREFIX + key] = value.detach().cpu().clone()
+            extra_tensors[key] = "torch"
+        elif isinstance(value, np.ndarray) and value.dtype != object:
+            tensors[_EXTRA_PREFIX + key] = torch.from_numpy(np.ascontiguousarray(value).copy())
+            extra_tensors[key] = "numpy"
+        elif _jsonable(value):
+            extra_values[key] = value
+        else:
+            raise AttributionFileError(
+                f"extras[{key!r}] holds a {type(value).__name__}: only tensors, numpy arrays and JSON values "
+                "(numbers, strings, lists, dicts) can be saved; convert it or drop it before saving"
+            )
+    shapes = {
+        name.removeprefix(_FIELD_PREFIX): list(t.shape)
+        for name, t in tensors.items()
+        if name.startswith(_FIELD_PREFIX)
+    }
+    _check_shapes(shapes, "cannot save the attribution")
+    from . import __version__
+
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "hf_pelrp_version": __version__,
+        "fields": fields,
+        "extras": {"tensors": extra_tensors, "values": extra_values},
+        "tensors": {
+            name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in tensors.items()
+        },
+        "sha256": _digest(tensors),
+    }
+    path = Path(path)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta, allow_nan=False)})
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no attribution file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as err:  # safetensors raises its own error type (and OSError) for broken files
+        raise AttributionFileError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {err}"
+        ) from err
+    if METADATA_KEY not in header:
+        raise AttributionFileError(
+            f"{path} is a safetensors file but not an hf_pelrp attribution (no {METADATA_KEY!r} metadata); "
+            "attributions are written by Attribution.save()"
+        )
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise AttributionFileError(f"{path}: the attribution metadata is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise AttributionFileError(f"{path}: the attribution metadata must be a JSON object")
+    return meta, tensors
+
+
+def _validate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    if meta.get("format") != FORMAT_NAME:
+        raise AttributionFileError(f"{where}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = (
+            "it was written by a newer hf_pelrp: upgrade hf_pelrp to read it"
+            if isinstance(version, int) and version > FORMAT_VERSION
+            else "the file is damaged or not written by hf_pelrp"
+        )
+        raise AttributionFileError(
+            f"{where}: unsupported format version {version!r} (this hf_pelrp reads version {FORMAT_VERSION}); {hint}"
+        )
+    for key, kind in (("fields", dict), ("extras", dict), ("tensors", dict), ("sha256", str)):
+        if not isinstance(meta.get(key), kind):
+            raise AttributionFileError(f"{where}: metadata entry {key!r} is missing or not a {kind.__name__}")
+    extras = meta["extras"]
+    if not isinstance(extras.get("tensors"), dict) or not isinstance(extras.get("values"), dict):
+        raise AttributionFileError(
+            f"{where}: metadata entry 'extras' must hold 'tensors' and 'values' objects"
+        )
+    declared = meta["tensors"]
+    missing = sorted(set(declared) - set(tensors))
+    unexpected = sorted(set(tensors) - set(declared))
+    if missing:
+        raise AttributionFileError(
+            f"{where}: tensors declared in the metadata are missing from the file: {missing}"
+        )
+    if unexpected:
+        raise AttributionFileError(
+            f"{where}: the file holds tensors its metadata does not declare: {unexpected}"
+        )
+    for name, spec in declared.items():
+        t = tensors[name]
+        if not isinstance(spec, dict) or list(t.shape) != spec.get("shape"):
+            raise AttributionFileError(
+                f"{where}: tensor {name!r} has shape {list(t.shape)}, but the metadata declares {spec!r}"
+            )
+        if str(t.dtype).removeprefix("torch.") != spec.get("dtype"):
+            raise AttributionFileError(
+                f"{where}: tensor {name!r} has dtype {t.dtype}, but the metadata declares {spec.get('dtype')!r}"
+            )
+    for key, kind in extras["tensors"].items():
+        if kind not in ("torch", "numpy"):
+            raise AttributionFileError(f"{where}: extras tensor {key!r} has unknown kind {kind!r}")
+        if _EXTRA_PREFIX + key not in tensors:
+            raise AttributionFileError(f"{where}: extras tensor {key!r} is declared but not stored")
+    stray = [n for n in tensors if not n.startswith((_FIELD_PREFIX, _EXTRA_PREFIX))]
+    stray += [
+        n
+        for n in tensors
+        if n.startswith(_EXTRA_PREFIX) and n.removeprefix(_EXTRA_PREFIX) not in extras["tensors"]
+    ]
+    if stray:
+        raise AttributionFileError(f"{where}: tensors outside the format: {sorted(stray)}")
+    shapes = {
+        n.removeprefix(_FIELD_PREFIX): list(t.shape)
+        for n, t in tensors.items()
+        if n.startswith(_FIELD_PREFIX)
+    }
+    _check_shapes(shapes, where)
+    if _digest(tensors) != meta["sha256"]:
+        raise AttributionFileError(
+            f"{where}: the tensor data does not match its SHA-256 digest (the file was modified)"
+        )
+    fields = meta["fields"]
+    doubled = sorted(n for n in fields if _FIELD_PREFIX + n in tensors)
+    if doubled:
+        raise AttributionFileError(f"{where}: fields {doubled} are stored both as JSON and as tensors")
+    if fields.get("mode") not in MODES:
+        raise AttributionFileError(f"{where}: mode {fields.get('mode')!r} is not one of {MODES}")
+    if not isinstance(fields.get("positional"), bool):
+        raise AttributionFileError(
+            f"{where}: 'positional' must be true or false, got {fields.get('positional')!r}"
+        )
+
+
+def load_attribution(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
+    """Read an attribution written by :func:`save_attribution`.
+
+    Parameters
+    ----------
+    path
+        The file.
+    device
+        Where to put the tensors (default CPU).
+
+    Raises
+    ------
+    FileNotFoundError
+        There is no file at ``path``.
+    AttributionFileError
+        The file is truncated or corrupted, not an attribution, of an unsupported format version, or its
+        metadata and tensors do not agree (missing or extra tensors, shapes, digest).
+    """
+    from .result import Attribution
+
+    path = Path(path)
+    meta, tensors = _read(path)
+    where = str(path)
+    _validate(meta, tensors, where)
+    known = {f.name for f in dataclasses.fields(Attribution)} - {"extras"}
+    kwargs: dict[str, Any] = {}
+    for name, value in meta["fields"].items():
+        kwargs[name] = value
+    for name, t in tensors.items():
+        if name.startswith(_FIELD_PREFIX):
+            kwargs[name.removeprefix(_FIELD_PREFIX)] = t.to(device)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise AttributionFileError(
+            f"{where}: fields {unknown} are unknown to this version of hf_pelrp's Attribution; upgrade hf_pelrp"
+        )
+    extras: dict[str, Any] = dict(meta["extras"]["values"])
+    for key, kind in meta["extras"]["tensors"].items():
+        t = tensors[_EXTRA_PREFIX + key]
+        extras[key] = t.numpy() if kind == "numpy" else t.to(device)
+    try:
+        return Attribution(**kwargs, extras=extras)
+    except TypeError as err:
+        raise AttributionFileError(
+            f"{where}: the file does not describe a complete attribution ({err})"
+        ) from err
