@@ -12,6 +12,8 @@ import hf_pelrp
 from conftest import tiny_llama_family, tiny_word_tokenizer
 from hf_pelrp import AttributionInputError
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TEXTS = ["w1 w2 w3 w4 w5 w6", "w9 w8", "w3 w3 w7 w1"]
 MAP_KEYS = ("token_relevance", "position_relevance", "relevance")
 

@@ -176,6 +176,18 @@ def _continuation_row(continuation_ids: Any, device: torch.device) -> torch.Tens
     return cont.to(device=device, dtype=torch.long)
 
 
+def _check_vocabulary(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None:
+        return
+    bad = ids[(ids < 0) | (ids >= size)]
+    if bad.numel():
+        raise AttributionInputError(
+            f"token id {int(bad[0])} is out of range: the model's vocabulary has {size} ids (0..{size - 1})"
+        )
+
+
 def greedy_continuation(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """The greedy continuation of a 1-D ``prompt`` (``model.generate`` with ``do_sample=False``), 1-D.
 
@@ -305,6 +317,7 @@ def explain_continuation(
         raise AttributionInputError("the model generated no new token: nothing to explain")
 
     full = torch.cat([prompt, continuation])[None]
+    _check_vocabulary(model, full)
     prompt_len, steps = prompt.shape[0], continuation.shape[0]
     positions = torch.arange(prompt_len - 1, prompt_len - 1 + steps, device=device)
     inputs, _ = adapter.validate_inputs(model, {"input_ids": full, "attention_mask": torch.ones_like(full)})
