@@ -34,13 +34,19 @@ _DEFAULT_BATCH_SIZE = 8
 def _token_id_of(tokenizer: Any, text: str, what: str) -> int:
     """The vocabulary id of ``text``, which must be exactly one token (as the tokenizer encodes it)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) == 1:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) == 1 and (ids[0] != unk or text == tokenizer.unk_token):
         return int(ids[0])
     # a raw vocabulary item ("ĠParis", "▁Paris") is accepted as written
     vocab_id = tokenizer.get_vocab().get(text)
     if vocab_id is not None:
         return int(vocab_id)
     pieces = tokenizer.convert_ids_to_tokens(ids)
+    if len(ids) == 1:
+        raise AttributionInputError(
+            f"{what} {text!r} is not in the vocabulary (the tokenizer maps it to the unknown token {pieces[0]!r}); "
+            "give a token of the vocabulary, or its id"
+        )
     raise AttributionInputError(
         f"{what} {text!r} is not a single token: the tokenizer splits it into {len(ids)} tokens {pieces}. "
         "Give one token (mind the leading space, e.g. ' Paris'), or its id; to explain several tokens, use "

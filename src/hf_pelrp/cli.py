@@ -1,0 +1,421 @@
+"""The ``hf-pelrp`` command line: ``explain`` a prediction, and the ``bench`` / ``evaluate`` hooks.
+
+    hf-pelrp explain --model PATH --text "..." [--target ...] [--mode ...] [--no-positional] --out report.html
+    hf-pelrp explain --model PATH --image cat.png --out report.png
+    hf-pelrp bench [ARGS ...]
+    hf-pelrp evaluate CONFIG
+
+Errors in the arguments, a missing or unsupported model and every hf_pelrp error end the program with exit
+code 2 and a one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+PROG = "hf-pelrp"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # one line (argparse prints the whole usage block first); --help still shows the usage
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _mode_choices() -> list[str]:
+    from .config import MODES, PRESETS
+
+    return list(dict.fromkeys([*MODES, *PRESETS]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``hf-pelrp`` (sub-commands ``explain``, ``bench``, ``evaluate``)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Explain Hugging Face transformers predictions with positional-encoding-aware LRP (PE-LRP).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    explain = sub.add_parser(
+        "explain",
+        help="explain a model's prediction on a text or an image and write a report",
+        description=(
+            "Explain the prediction of a sequence classifier, a causal or masked language model, or an image "
+            "classifier (ViT / DeiT) saved in a local folder, and write an HTML (or PNG) report."
+        ),
+    )
+    explain.add_argument(
+        "--model", required=True, metavar="PATH", help="folder of the model and its tokenizer"
+    )
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--text",
+        action="append",
+        metavar="TEXT",
+        help="input text (repeat for several inputs, explained in one padded batch)",
+    )
+    source.add_argument(
+        "--image",
+        action="append",
+        metavar="FILE",
+        help="input image file, for image classifiers (repeatable)",
+    )
+    explain.add_argument(
+        "--target",
+        metavar="T",
+        help="what to explain: class id or label (classifiers), token id or one-token string (LMs); "
+        "default: the prediction",
+    )
+    explain.add_argument("--foil", metavar="F", help="contrast: explain score(target) - score(foil)")
+    explain.add_argument(
+        "--mode",
+        choices=_mode_choices(),
+        help="rules: attnlrp (AttnLRP), cp (CP-LRP) or a preset; default: attnlrp",
+    )
+    explain.add_argument(
+        "--no-positional",
+        dest="positional",
+        action="store_false",
+        default=None,
+        help="treat positional encodings as constants (the classic baseline without position relevance)",
+    )
+    explain.add_argument(
+        "--position",
+        type=int,
+        metavar="N",
+        help="causal LMs: index of the token whose next-token prediction is explained (negative: from the end; "
+        "default the last); masked LMs: the masked position (default the first mask token)",
+    )
+    gen = explain.add_mutually_exclusive_group()
+    gen.add_argument(
+        "--continuation", metavar="TEXT", help="causal LMs: explain each token of this continuation of --text"
+    )
+    gen.add_argument(
+        "--generate", type=int, metavar="N", help="causal LMs: generate N tokens greedily and explain each"
+    )
+    explain.add_argument(
+        "--top-k", type=int, default=5, metavar="K", help="most relevant tokens to print (5)"
+    )
+    explain.add_argument("--batch-size", type=int, default=8, metavar="B", help="inputs per padded batch (8)")
+    explain.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda:0 (cpu)")
+    explain.add_argument(
+        "--out",
+        metavar="FILE",
+        help="report to write: .html (tokens coloured by relevance) or .png (image overlays / bar charts)",
+    )
+    explain.add_argument("--json", metavar="FILE", help="also write the results (relevance arrays) as JSON")
+    explain.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stdout")
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the attribution benchmark (scripts/bench_attribution.py)",
+        description="Run the attribution benchmark; the remaining arguments go to the benchmark script.",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script")
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="run the faithfulness evaluation described by a config file",
+        description="Run the evaluation suite (hf_pelrp.evaluation.run) on a config file.",
+    )
+    evaluate.add_argument("config", metavar="CONFIG", help="evaluation config file (YAML, see configs/)")
+    evaluate.add_argument(
+        "--output-dir", metavar="DIR", help="where the results go (default: the config's output_dir)"
+    )
+    return parser
+
+
+# ---- explain --------------------------------------------------------------------------------------------
+
+
+def _parse_id(value: str | None) -> int | str | None:
+    """``"3"`` is a class / token id; anything else is a label or a token string."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _check_explain_args(args: argparse.Namespace) -> None:
+    model = Path(args.model)
+    if not model.is_dir() or not (model / "config.json").is_file():
+        raise UsageError(f"--model {args.model}: not a folder with a config.json (a save_pretrained folder)")
+    for image in args.image or []:
+        if not Path(image).is_file():
+            raise UsageError(f"--image {image}: no such file")
+    if args.out is not None and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
+        raise UsageError(f"--out {args.out}: the report must end in .html or .png")
+    if args.top_k < 0 or args.batch_size < 1:
+        raise UsageError("--top-k must be >= 0 and --batch-size >= 1")
+    if (args.continuation is not None or args.generate is not None) and len(args.text or []) != 1:
+        raise UsageError("--continuation / --generate explain one --text at a time")
+    if args.generate is not None and args.generate < 1:
+        raise UsageError("--generate needs a positive number of tokens")
+
+
+def _load_pipeline(args: argparse.Namespace):
+    import torch
+    from transformers import AutoConfig, pipeline
+
+    from . import pipeline as _registers_the_task  # noqa: F401
+
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (ValueError, KeyError) as exc:
+        # transformers does not know the model type at all
+        raise UsageError(f"--model {args.model}: {exc}") from None
+    if not getattr(config, "architectures", None):
+        raise UsageError(
+            f"--model {args.model}: config.json names no architecture (save the model with save_pretrained)"
+        )
+    return pipeline(
+        "lrp-attribution", model=args.model, device=torch.device(args.device), dtype=torch.float32
+    )
+
+
+def _stack_rows(rows: list[Any]) -> Any:
+    """Several unpadded single-row attributions as one right-padded batch (for one HTML report)."""
+    import torch
+
+    from .result import Attribution
+
+    if len(rows) == 1:
+        return rows[0]
+    length = max(r.token.shape[-1] for r in rows)
+
+    def pad(x: torch.Tensor | None, value: float = 0) -> torch.Tensor | None:
+        if x is None:
+            return None
+        return torch.nn.functional.pad(x, (0, length - x.shape[-1]), value=value)
+
+    def cat(name: str, value: float = 0) -> torch.Tensor | None:
+        values = [getattr(r, name) for r in rows]
+        if any(v is None for v in values):
+            return None
+        return torch.cat([pad(v, value) for v in values])
+
+    mask = [
+        r.attention_mask if r.attention_mask is not None else torch.ones_like(r.token).long() for r in rows
+    ]
+    extras = {}
+    for key in rows[0].extras:
+        values = [r.extras.get(key) for r in rows]
+        if all(isinstance(v, torch.Tensor) and v.shape == values[0].shape for v in values):
+            extras[key] = torch.cat(values)
+    return Attribution(
+        token=cat("token"),
+        position=cat("position"),
+        target=torch.cat([r.target for r in rows]),
+        target_value=torch.cat([r.target_value for r in rows]),
+        position_by_layer=cat("position_by_layer"),
+        segment=cat("segment"),
+        position_index=cat("position_index") if all(r.position_index is not None for r in rows) else None,
+        input_ids=cat("input_ids"),
+        attention_mask=torch.cat([pad(m) for m in mask]),
+        mode=rows[0].mode,
+        positional=rows[0].positional,
+        model_type=rows[0].model_type,
+        extras=extras,
+    )
+
+
+def _summary_line(index: int, result: dict[str, Any]) -> str:
+    target = result["target"]
+    if isinstance(target, list):  # a continuation: one target per generated token
+        gaps = result["conservation_gap"]
+        return (
+            f"[{index}] continuation {result['generated_text']!r}: {len(target)} tokens explained, "
+            f"conservation gap max {max(abs(g) for g in gaps):.4g}"
+        )
+    top = ", ".join(f"{t['token']!r} {t['relevance']:+.4g}" for t in result["top_tokens"])
+    return (
+        f"[{index}] target {target['label']!r} (id {target['id']}) score {result['score']:.4g} "
+        f"conservation gap {result['conservation_gap']:.4g} | top: {top}"
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    from .generation import GenerationAttribution
+    from .result import Attribution
+
+    if isinstance(value, dict):
+        return {
+            k: _jsonable(v)
+            for k, v in value.items()
+            if not isinstance(v, Attribution | GenerationAttribution)
+        }
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_report(args: argparse.Namespace, pipe: Any, results: list[dict[str, Any]]) -> list[Path]:
+    from .generation import GenerationAttribution
+
+    out = Path(args.out)
+    attrs = [r["attribution"] for r in results]
+    labels = getattr(pipe.model.config, "id2label", None) if pipe.kind != "causal_lm" else None
+    if isinstance(attrs[0], GenerationAttribution):
+        attr, tokens = attrs[0].to_attribution(), None
+    else:
+        attr, tokens = _stack_rows(attrs), [r["tokens"] for r in results]
+    if out.suffix.lower() in (".html", ".htm"):
+        kwargs = {"tokenizer": pipe.tokenizer} if tokens is None else {"tokens": tokens}
+        attr.to_html(path=out, labels=labels, title=f"hf_pelrp: {Path(args.model).name}", **kwargs)
+        return [out]
+    written = []
+    for row in range(attr.batch_size):
+        path = out if attr.batch_size == 1 else out.with_name(f"{out.stem}-{row}{out.suffix}")
+        image = args.image[row] if args.image else None
+        if image is not None:
+            from PIL import Image
+
+            image = Image.open(image).convert("RGB")
+        kwargs = {"tokenizer": pipe.tokenizer} if tokens is None else {"tokens": tokens[row]}
+        attr[row].save_png(path, image, labels=labels, **kwargs)
+        written.append(path)
+    return written
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    _check_explain_args(args)
+    inputs: list[Any] = list(args.text or args.image)
+    params: dict[str, Any] = {
+        "target": _parse_id(args.target),
+        "foil": _parse_id(args.foil),
+        "mode": args.mode,
+        "positional": args.positional,
+        "position": args.position,
+        "top_k": args.top_k,
+        "continuation": args.continuation,
+        "max_new_tokens": args.generate,
+        "return_attribution": True,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+    batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    with tqdm(total=len(inputs) + 1, desc="hf-pelrp explain", unit="input", disable=args.quiet) as bar:
+        bar.set_postfix_str("loading model")
+        pipe = _load_pipeline(args)
+        bar.update()
+        results: list[dict[str, Any]] = []
+        for batch in batches:
+            bar.set_postfix_str("attributing")
+            if args.image:
+                from PIL import Image
+
+                batch = [Image.open(path).convert("RGB") for path in batch]
+            out = pipe(batch, batch_size=args.batch_size, **params)
+            results.extend(out)
+            bar.update(len(batch))
+    if not args.quiet:
+        for i, result in enumerate(results):
+            print(_summary_line(i, result))
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(_jsonable(results), indent=1), encoding="utf-8")
+    if args.out is not None:
+        for path in _write_report(args, pipe, results):
+            if not args.quiet:
+                print(f"wrote {path}")
+    return 0
+
+
+# ---- hooks for the benchmark and the evaluation suite ---------------------------------------------------
+
+
+def _bench_script() -> Path:
+    return Path(__file__).resolve().parents[2] / "scripts" / "bench_attribution.py"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    script = _bench_script()
+    if not script.is_file():
+        raise UsageError(
+            f"the benchmark script {script} is not available (it ships with the source checkout, not the wheel)"
+        )
+    spec = importlib.util.spec_from_file_location("hf_pelrp_bench_attribution", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = getattr(module, "main", None)
+    if not callable(main):
+        raise UsageError(f"{script} has no main() function")
+    if inspect.signature(main).parameters:
+        code = main(list(args.args))
+    else:
+        saved, sys.argv = sys.argv, [str(script), *args.args]
+        try:
+            code = main()
+        finally:
+            sys.argv = saved
+    return int(code or 0)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if not Path(args.config).is_file():
+        raise UsageError(f"evaluation config {args.config}: no such file")
+    if importlib.util.find_spec("hf_pelrp.evaluation") is None:
+        raise UsageError("the evaluation suite (hf_pelrp.evaluation) is not installed in this version")
+    evaluation = importlib.import_module("hf_pelrp.evaluation")
+    run = getattr(evaluation, "run", None)
+    if not callable(run):
+        raise UsageError("this version of hf_pelrp.evaluation has no run(config_path) entry point yet")
+    kwargs = {"output_dir": args.output_dir} if args.output_dir is not None else {}
+    try:
+        result = run(args.config, **kwargs)
+    except (ValueError, KeyError) as exc:
+        # a malformed configuration is bad input, reported like a bad argument
+        raise UsageError(f"evaluation config {args.config}: {exc}") from exc
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-pelrp`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        # everything after "bench" belongs to the benchmark script, options included
+        args.args = [*extra, *args.args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {"explain": _explain, "bench": _bench, "evaluate": _evaluate}
+    from .errors import HfPelrpError
+
+    try:
+        return commands[args.command](args)
+    except (UsageError, HfPelrpError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        # unreadable model files, a tokenizer that is missing, an unwritable report
+        message = " ".join(str(exc).split())
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
