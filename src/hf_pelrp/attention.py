@@ -26,7 +26,8 @@ LRP_ATTENTION = "lrp"
 class AttentionRule:
     """Gradient factors applied to the (already position-encoded) q, k and v of one attention module.
 
-    AttnLRP: q, k get 1/2 and v 1/2 (epsilon + uniform rule at ``Q K^T`` and ``A V``, Prop. 3.3); with a
+    AttnLRP: q, k get 1/4 and v 1/2 (epsilon + uniform rule at ``A V``: 1/2 to A and to v; then at ``Q K^T``:
+    1/2 of A's share to q and to k, Prop. 3.3; the softmax between them is plain Gradient x Input); with a
     rotary embedding made a leaf, q and k get another 1/2 for the product with cos / sin (method.md 2).
     CP-LRP: q, k get 0 (attention probabilities constant) and v gets 1.
     """

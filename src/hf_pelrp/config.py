@@ -36,8 +36,12 @@ class LRPConfig:
 
     @property
     def qk_factor(self) -> float:
-        """Gradient factor on q and k at ``Q K^T``: 1/2 (uniform rule), 0 in CP mode."""
-        return 0.5 if self.mode == "attnlrp" else 0.0
+        """Gradient factor on q and k: 1/4 (uniform rule on A at ``A V``, then on q, k at ``Q K^T``), 0 in CP mode.
+
+        The softmax between the two products passes its share on unchanged (its rule is Gradient x Input), so
+        the 1/2 that A gets at ``A V`` and the 1/2 of the uniform rule at ``Q K^T`` multiply (method.md 1).
+        """
+        return 0.25 if self.mode == "attnlrp" else 0.0
 
     @property
     def v_factor(self) -> float:

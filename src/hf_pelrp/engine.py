@@ -131,7 +131,8 @@ def lrp(
     Inside, the model's forward outputs are unchanged, but its backward pass computes LRP relevance: after
     ``logit.backward()``, ``ctx.maps()`` holds token and position relevance. Leaving the block (normally or by
     an exception) removes every hook and rule, restores the attention implementation and the train / eval
-    state of every module: the model is exactly as it was.
+    state of every module: the model is exactly as it was. Inside, parameters do not require gradients (a
+    backward pass there never touches ``param.grad``); their ``requires_grad`` flags are restored on exit.
 
     Parameters
     ----------
@@ -167,8 +168,13 @@ def lrp(
     attention_modules: list[torch.nn.Module] = []
     swapped: list[tuple[torch.nn.Module, PretrainedConfig]] = []
     training = {m: m.training for m in model.modules()}
+    # the modified backward pass defines no parameter gradients: freeze the parameters so that a backward
+    # pass inside the block cannot write LRP-modified values into param.grad
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     _ACTIVE.add(model)
     try:
+        for p, _ in requires_grad:
+            p.requires_grad_(False)
 
         def start_forward(_module, args, kwargs):
             store.clear()
@@ -197,6 +203,8 @@ def lrp(
             module.__dict__["config"] = cfg_obj
         for module, was_training in training.items():
             module.training = was_training
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
         store.clear()
         _ACTIVE.discard(model)
 

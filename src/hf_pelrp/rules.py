@@ -47,6 +47,11 @@ def stop_gradient(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    # half precision is upcast for the rules' ratios and statistics; float64 must not be cut down to float32
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _IdentityRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,16 +61,17 @@ class _IdentityRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, y = ctx.saved_tensors
-        x32, y32 = x.float(), y.float()
+        dtype = _at_least_float32(x.dtype)
+        x32, y32 = x.to(dtype), y.to(dtype)
         ratio = torch.where(x32 == 0, torch.zeros_like(y32), y32 / torch.where(x32 == 0, 1.0, x32))
-        return (grad.float() * ratio).to(grad.dtype), None
+        return (grad.to(dtype) * ratio).to(grad.dtype), None
 
 
 def identity_rule(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Identity rule for an element-wise map ``y = f(x)`` (AttnLRP Prop. 3.4): ``R_x = R_y``.
 
     In Gradient x Input form the local derivative ``f'(x)`` is replaced by ``f(x) / x`` (0 where ``x == 0``,
-    where ``f(x)`` carries no relevance either). The ratio is formed in float32 so that half-precision
+    where ``f(x)`` carries no relevance either). The ratio is formed in (at least) float32 so that half-precision
     activations do not overflow. ``y`` must be the already computed ``f(x)``; the returned tensor equals it.
     """
     if not x.requires_grad:
@@ -87,9 +93,10 @@ def rms_norm_identity(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm without its weight, identity rule (AttnLRP Prop. 3.4): ``x * rsqrt(mean(x^2) + eps)``.
 
     The normalising scale is a constant of the backward pass, so the map is linear in ``x`` and
-    ``R_x = R_y`` element-wise. Computed in float32, as transformers' LLaMA-family RMSNorm does.
+    ``R_x = R_y`` element-wise. Computed in float32 (float64 for float64 inputs), as transformers'
+    LLaMA-family RMSNorm computes its statistics at least in float32.
     """
-    x32 = x.float()
+    x32 = x.to(_at_least_float32(x.dtype))
     scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps).detach()
     return x32 * scale
 
@@ -102,14 +109,15 @@ def layer_norm_identity(
     The division by the standard deviation is a constant of the backward pass; the mean subtraction stays
     part of it (it is linear). The bias absorbs its share of relevance, as for any epsilon-rule layer.
     """
-    x32 = x.float()
+    dtype = _at_least_float32(x.dtype)
+    x32 = x.to(dtype)
     centred = x32 - x32.mean(-1, keepdim=True)
     inv_std = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps).detach()
     y = centred * inv_std
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(dtype)
     return y.to(x.dtype)
 
 
@@ -121,4 +129,6 @@ def relevance_of(leaf: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Ten
     """
     if leaf.grad is None:
         return torch.zeros(leaf.shape[: len(leaf.shape) - len(dims)], dtype=torch.float32, device=leaf.device)
-    return (leaf.detach().float() * leaf.grad.float()).sum(dim=dims)
+    # products and sum in the leaf's precision (at least float32), only the result is float32
+    dtype = _at_least_float32(leaf.dtype)
+    return (leaf.detach().to(dtype) * leaf.grad.to(dtype)).sum(dim=dims).float()
