@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..engine import attribute, lrp
 from ..rules import relevance_of
-from .samples import Sample
+from .samples import Sample, explained_logits
 
 
 @dataclass
@@ -116,10 +116,7 @@ def _is_vision(sample: Sample) -> bool:
 
 def _select_logit(model: torch.nn.Module, sample: Sample, target: int, **inputs: Any) -> torch.Tensor:
     """The explained logit of each row of a forward pass (rows may repeat the sample, e.g. IG steps)."""
-    logits = model(**inputs).logits
-    if sample.position is not None:
-        logits = logits[:, sample.position]
-    return logits[:, target]
+    return explained_logits(model, sample, inputs)[:, target]
 
 
 def _patch_sum(pixels: torch.Tensor, patch: int) -> torch.Tensor:

@@ -12,10 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import area_under_curve, perturbation_order, removal_masks
-from .samples import Sample
+from .samples import Sample, explained_logits
 
 TEXT_REPLACEMENTS = ("unk", "pad", "mask", "neutral")
 IMAGE_REPLACEMENTS = ("zero", "mean", "blur")
+
+
+def _unique_rows(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows of a boolean [R, N] matrix and, per row, the index of its distinct row.
+
+    The curves share inputs (fraction 0 of MoRF and LeRF, the fully replaced input, ...): each distinct
+    perturbed input runs through the model once.
+    """
+    unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
+    return unique, inverse
 
 
 @torch.no_grad()
@@ -25,9 +35,7 @@ def _scores(model, sample: Sample, target: int, batch_inputs: dict, chunk: int) 
     probs, logits, preds = [], [], []
     for start in range(0, n, chunk):
         part = {k: v[start : start + chunk] for k, v in batch_inputs.items()}
-        out = model(**part).logits.float()
-        if sample.position is not None:
-            out = out[:, sample.position]
+        out = explained_logits(model, sample, part).float()
         probs.append(out.softmax(-1)[:, target])
         logits.append(out[:, target])
         preds.append(out.argmax(-1))
@@ -62,13 +70,12 @@ def token_flip(
         # insertion: everything perturbable replaced, then the most relevant restored first
         "insertion": sample.allowed.bool()[None] & ~removal_masks(morf, length, fracs),
     }
-    stacked = torch.cat(list(removed.values()))
-    batch_ids = torch.where(stacked, torch.as_tensor(replacement_id), ids.expand(stacked.shape[0], -1))
-    batch = {
-        k: v.expand(stacked.shape[0], *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"
-    }
+    unique, inverse = _unique_rows(torch.cat(list(removed.values())))
+    batch_ids = torch.where(unique, torch.as_tensor(replacement_id), ids.expand(unique.shape[0], -1))
+    batch = {k: v.expand(unique.shape[0], *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"}
     batch["input_ids"] = batch_ids
     probs, logits, _ = _scores(model, sample, target, batch, chunk)
+    probs, logits = probs[inverse], logits[inverse]
     result: dict[str, object] = {}
     xs = list(fracs)
     for i, name in enumerate(removed):
@@ -131,10 +138,11 @@ def patch_perturbation(
     for first in (True, False):
         order = perturbation_order(relevance, sample.allowed, most_relevant_first=first)
         masks.append(removal_masks(order, n, fracs))
-    stacked = torch.cat(masks).float().view(-1, 1, *grid)
-    pixel_mask = F.interpolate(stacked, scale_factor=patch, mode="nearest").bool()
+    unique, inverse = _unique_rows(torch.cat(masks))
+    pixel_mask = F.interpolate(unique.float().view(-1, 1, *grid), scale_factor=patch, mode="nearest").bool()
     batch = torch.where(pixel_mask, fill, pixels)
     probs, _, preds = _scores(model, sample, target, {"pixel_values": batch}, chunk)
+    probs, preds = probs[inverse], preds[inverse]
     label = target if sample.label is None else sample.label
     correct = (preds == label).float()
     xs = list(fracs)

@@ -23,6 +23,7 @@ from .methods import MethodSettings, available_methods, explain
 from .metrics import fractions
 from .perturbation import patch_perturbation, token_flip
 from .report import write_report
+from .samples import explained_logits
 from .segmentation import segmentation_scores
 from .tasks import TEXT, Task, build_task
 
@@ -67,9 +68,7 @@ def evaluate_sample(
     """All metrics of one method on one sample."""
     model = task.model
     with torch.no_grad():
-        logits = model(**sample.inputs).logits
-        if sample.position is not None:
-            logits = logits[:, sample.position]
+        logits = explained_logits(model, sample, sample.inputs)
     target = int(logits[0].argmax())
     exp = explain(method, model, sample, target, settings)
     rec: dict[str, Any] = {"sample": sample.id, "method": method, "target": target, "label": sample.label}
@@ -130,7 +129,9 @@ def _state():
     return 0, 1, lambda: None
 
 
-def run(config_path: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
+def run(
+    config_path: str | Path, output_dir: str | Path | None = None, report_only: bool = False
+) -> dict[str, Any]:
     """Run every task of a configuration and write per-sample JSON lines, Markdown tables, JSON and plots.
 
     Parameters
@@ -139,6 +140,9 @@ def run(config_path: str | Path, output_dir: str | Path | None = None) -> dict[s
         A YAML configuration (see ``configs/``).
     output_dir
         Where results go (default: the configuration's ``output_dir``, else ``runs/<config name>``).
+    report_only
+        Compute nothing; rewrite the tables, JSON and plots from the per-sample records written so far
+        (e.g. of an interrupted run; each method's ``n`` column says how many samples it covers).
 
     Returns
     -------
@@ -157,12 +161,15 @@ def run(config_path: str | Path, output_dir: str | Path | None = None) -> dict[s
     summaries = {}
     for spec in config["tasks"]:
         task = build_task(spec, root, seed=int(config.get("seed", 0)))
-        if len(task.samples) < int(spec.get("min_samples", 1)):
+        if not report_only and len(task.samples) < int(spec.get("min_samples", 1)):
             raise ValueError(
                 f"task {task.name}: only {len(task.samples)} samples, the configuration asks for at least "
                 f"{spec['min_samples']}"
             )
-        task_dir = run_task(task, {**config, **spec.get("overrides", {})}, out_dir, rank, world)
+        task_dir = out_dir / task.name
+        task_dir.mkdir(parents=True, exist_ok=True)
+        if not report_only:
+            run_task(task, {**config, **spec.get("overrides", {})}, out_dir, rank, world)
         barrier()
         if rank == 0:
             summaries[task.name] = write_report(task, read_records(task_dir), task_dir, config["methods"])

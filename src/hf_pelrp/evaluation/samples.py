@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,3 +46,15 @@ class Sample:
     def length(self) -> int:
         """Number of tokens (text) or patches (vision) the explanation covers."""
         return int(self.allowed.numel())
+
+
+def explained_logits(model: torch.nn.Module, sample: Sample, inputs: dict[str, Any]) -> torch.Tensor:
+    """The [B, C] logits the sample's explanation is about: the class logits, or for a causal LM the
+    next-token logits at ``sample.position`` (only that position goes through the vocabulary-sized head when
+    it is the last one and the model supports ``logits_to_keep``)."""
+    if sample.position is None:
+        return model(**inputs).logits
+    length = next(v for k, v in inputs.items() if k in ("input_ids", "inputs_embeds")).shape[1]
+    if sample.position == length - 1 and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**inputs, logits_to_keep=1).logits[:, -1]
+    return model(**inputs).logits[:, sample.position]
