@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 MODES = ("attnlrp", "cp")
@@ -19,16 +20,36 @@ class LRPConfig:
     positional
         ``True``: positional tensors (rotary cos/sin, additive position embeddings) are leaves and receive
         relevance (PE-LRP). ``False``: they are constants (the classic AttnLRP / CP-LRP baseline).
+    gamma_linear
+        ``None`` (default): linear layers follow the epsilon rule. A number ``gamma >= 0``: the generalised
+        Gamma rule (:func:`hf_pelrp.rules.gamma_rule`) on the linear layers the adapter declares for it (ViT /
+        DeiT: the MLP and classifier-head linears); other adapters keep the epsilon rule everywhere.
+    gamma_conv
+        The same for convolutions the adapter declares (ViT / DeiT: the patch-embedding convolution).
     """
 
     mode: str = "attnlrp"
     positional: bool = True
+    gamma_linear: float | None = None
+    gamma_conv: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.positional, bool):
             raise TypeError(f"positional must be a bool, got {type(self.positional).__name__}")
+        for name in ("gamma_linear", "gamma_conv"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name} must be None (epsilon rule) or a finite number >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
     def with_(self, **changes) -> LRPConfig:
         """A copy with some fields changed."""
@@ -82,10 +103,35 @@ def model_default_config(model: object) -> LRPConfig | None:
     return vars(model).get(_MODEL_DEFAULT_ATTR) if hasattr(model, "__dict__") else None
 
 
+#: named rule configurations, usable as ``config="NAME"`` or ``mode="NAME"`` wherever the API takes a mode
+PRESETS: dict[str, LRPConfig] = {
+    "attnlrp": LRPConfig(mode="attnlrp"),
+    "cp": LRPConfig(mode="cp"),
+    # the PE-LRP paper's ViT rules (after Zennit / LXT): CP attention, Gamma on MLP + head and on the patch conv
+    "vit-paper": LRPConfig(mode="cp", gamma_linear=0.05, gamma_conv=100.0),
+}
+
+
+def preset(name: str) -> LRPConfig:
+    """The named rule configuration (see :data:`PRESETS`); raises ``ValueError`` naming the known ones."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown mode or preset {name!r}: modes are {', '.join(MODES)}; presets are {', '.join(PRESETS)}"
+        ) from None
+
+
 def resolve_config(config: LRPConfig | str | None, mode: str | None, positional: bool | None) -> LRPConfig:
-    """Merge an optional config object with the ``mode`` / ``positional`` keywords of the public API."""
+    """Merge an optional config object with the ``mode`` / ``positional`` keywords of the public API.
+
+    ``config`` may be a preset name; ``mode`` may be a rule mode (``"attnlrp"``, ``"cp"``: only the attention
+    rules change) or the name of another preset (e.g. ``"vit-paper"``), which replaces ``config`` as a whole.
+    """
     if isinstance(config, str):
-        config = LRPConfig(mode=config)
+        config = preset(config)
+    if mode is not None and mode not in MODES:
+        config, mode = preset(mode), None
     base = config or LRPConfig()
     changes = {}
     if mode is not None:

@@ -25,6 +25,7 @@ from .result import Attribution
 from .rules import relevance_of
 from .targets import (
     CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
     SEQUENCE_CLASSIFICATION,
     accepts_logits_to_keep,
     explained_positions,
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .generation import GenerationAttribution
 
 _ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+#: the maps every family has; anything else LRPContext.maps() returns goes to Attribution.extras
+_CORE_MAPS = frozenset({"token", "position", "position_by_layer", "segment"})
 
 
 class LRPContext:
@@ -85,6 +88,8 @@ class LRPContext:
             )
         if "segment" in additive:
             result["segment"] = relevance_of(additive["segment"]).to(token.device).expand_as(token)
+        # family-specific maps (vision: patch_map, pixel_map), built from the maps above
+        result.update(self.adapter.extra_maps(self.model, self.store, result))
         return result
 
 
@@ -139,11 +144,12 @@ def lrp(
     model
         A transformers model of a supported type (see :func:`hf_pelrp.supported_model_types`).
     mode
-        ``"attnlrp"`` (default) or ``"cp"``.
+        ``"attnlrp"`` (default) or ``"cp"``, or a preset name (``"vit-paper"``, see
+        :data:`hf_pelrp.config.PRESETS`), which replaces ``config``.
     positional
         Make positional tensors leaves (default ``True``).
     config
-        An :class:`LRPConfig` (``mode`` / ``positional`` override its fields).
+        An :class:`LRPConfig` or a preset name (``mode`` / ``positional`` override its fields).
 
     Raises
     ------
@@ -238,7 +244,9 @@ def _explained_logits(
         return logits, positions
     if position is not None:
         raise AttributionInputError("position= is only meaningful for causal language models")
-    if kind == SEQUENCE_CLASSIFICATION:
+    if kind in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION):
+        # DeiTForImageClassificationWithTeacher's logits are the mean of its two heads: a linear map, so the
+        # seed's relevance splits between the heads by the epsilon rule with nothing else to do
         return model(**inputs).logits, None
     raise AttributionInputError(
         f"{type(model).__name__}: heads of kind {kind!r} are not supported by attribute() yet"
@@ -253,7 +261,7 @@ def attribute(
     mode: str | None = None,
     positional: bool | None = None,
     *,
-    config: LRPConfig | None = None,
+    config: LRPConfig | str | None = None,
     inputs_embeds: torch.Tensor | None = None,
     position: int | torch.Tensor | None = None,
     foil: int | torch.Tensor | None = None,
@@ -283,7 +291,8 @@ def attribute(
         ``True`` for PE-LRP (positions are leaves); ``False`` for the classic baseline. Default as ``mode``
         (``True``).
     config
-        An :class:`LRPConfig`; when given, its fields are used and ``mode`` / ``positional`` are ignored.
+        An :class:`LRPConfig` or a preset name (e.g. ``"vit-paper"``: CP attention, Gamma rules); when given,
+        its fields are used and ``mode`` / ``positional`` are ignored. ``mode`` may name a preset too.
     position
         Causal LMs only: the position whose next-token logit is explained (default: each row's last token).
     foil
@@ -303,7 +312,10 @@ def attribute(
         Token / position relevance [B, T], per-layer position relevance for rotary models, the explained
         target ids and logits, and the conservation gap.
     """
-    cfg = config if config is not None else resolve_config(model_default_config(model), mode, positional)
+    if config is not None:
+        cfg = resolve_config(config, None, None)
+    else:
+        cfg = resolve_config(model_default_config(model), mode, positional)
     if continuation_ids is not None or generate or span_reduce is not None:
         # imported here: generation builds on this module (lrp, the frozen parameters), not the reverse
         from .generation import explain_continuation
@@ -350,6 +362,7 @@ def attribute(
         leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
         torch.autograd.backward(seed.sum(), inputs=leaves)
         maps = ctx.maps()
+        extras.update({k: v for k, v in maps.items() if k not in _CORE_MAPS})
     result = Attribution(
         token=maps["token"],
         position=maps["position"],

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .rules import identity_rule, scale_gradient, straight_through
+from .rules import gamma_rule, identity_rule, scale_gradient, straight_through
 
 
 @dataclass
@@ -22,15 +22,18 @@ class LeafStore:
     """The leaves of the relevance computation created during the most recent forward pass.
 
     ``additive`` maps a name (``"token"``, ``"position"``, ``"segment"``, ...) to the output of an embedding
-    module made a leaf; ``rotary`` maps a layer index to its own ``(cos, sin)`` leaves.
+    module made a leaf; ``rotary`` maps a layer index to its own ``(cos, sin)`` leaves; ``aux`` holds tensors
+    an adapter needs for its own maps (e.g. the pixels behind a ViT's patch tokens), not leaves of the pass.
     """
 
     additive: dict[str, torch.Tensor] = field(default_factory=dict)
     rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.additive.clear()
         self.rotary.clear()
+        self.aux.clear()
 
     def tensors(self) -> list[torch.Tensor]:
         leaves = list(self.additive.values())
@@ -155,3 +158,47 @@ class RotaryLeaves(HookRule):
             return args, kwargs
 
         return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def layer_map_of(
+    module: torch.nn.Module,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``module`` as a function ``f(x, weight, bias)`` of its parameters, for the parameter-modifying rules.
+
+    Supports ``nn.Linear``, ``nn.Conv1d/2d/3d`` (the module's own stride, padding, dilation and groups) and
+    transformers' ``Conv1D`` (GPT-2: ``x @ W + b`` with ``W`` stored as [in, out]).
+    """
+    if isinstance(module, torch.nn.Linear):
+        return torch.nn.functional.linear
+    if isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
+        return module._conv_forward
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+
+        def conv1d_gpt2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            out = x @ weight
+            return out + bias if bias is not None else out
+
+        return conv1d_gpt2
+    raise TypeError(
+        f"the Gamma rule applies to Linear, Conv1d/2d/3d and Conv1D layers, not to {type(module).__name__}"
+    )
+
+
+@dataclass
+class Gamma(HookRule):
+    """Generalised LRP-Gamma rule (:func:`hf_pelrp.rules.gamma_rule`) on a linear or convolution layer.
+
+    The forward value is the module's own output; only the backward pass changes. Adapters opt in per layer
+    type (the vision adapter: ``LRPConfig.gamma_linear`` on MLP and head linears, ``gamma_conv`` on the patch
+    convolution).
+    """
+
+    gamma: float
+
+    def attach(self, module: torch.nn.Module) -> RemovableHandle:
+        layer_map = layer_map_of(module)
+
+        def hook(mod, args, output):
+            return gamma_rule(args[0], output, mod.weight, mod.bias, self.gamma, layer_map)
+
+        return module.register_forward_hook(hook)

@@ -7,6 +7,8 @@ Only torch is imported here: these functions know nothing about models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -132,3 +134,66 @@ def relevance_of(leaf: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Ten
     # products and sum in the leaf's precision (at least float32), only the result is float32
     dtype = _at_least_float32(leaf.dtype)
     return (leaf.detach().to(dtype) * leaf.grad.to(dtype)).sum(dim=dims).float()
+
+
+def gamma_rule(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: float,
+    layer_map: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """Generalised LRP-Gamma rule (Montavon et al. 2019, Andeol et al. 2021; Zennit's ``Gamma``), straight-through.
+
+    With ``z_ij = x_i w_ij`` the contribution of input ``i`` to output ``j``, ``z_j = sum_i z_ij + b_j`` the
+    output, ``s = sign(z_j)``, ``(a)^+ = max(a, 0)`` and ``(a)^- = min(a, 0)``:
+
+    ``R_i = sum_j (z_ij + gamma (z_ij)^s) / (z_j + gamma (sum_k (z_kj)^s + (b_j)^s)) R_j``
+
+    Contributions that agree in sign with their output (positive ones for a positive output, negative ones for
+    a negative output) are amplified by ``1 + gamma``; an output ``z_j = 0`` passes on nothing; the bias
+    absorbs its (amplified) share. This is Zennit's four-term form: weights ``W + gamma W+`` on positive and
+    ``W + gamma W-`` on negative inputs for positive outputs, the reverse for negative outputs. The
+    denominator has the sign of ``z_j`` and ``|denominator| >= |z_j|``, so no stabiliser is needed;
+    ``gamma = 0`` is the epsilon rule with eps -> 0.
+
+    Gradient x Input form (``R_j = z_j g_j``): with ``P = L(x+, W+, b+) + L(x-, W-)`` and
+    ``N = L(x+, W-, b-) + L(x-, W+)`` (``L`` the layer, ``x+ = x [x > 0]``, ``x- = x [x < 0]``) and the
+    detached per-output factors ``c+ = [z > 0] z / (z + gamma P)``, ``c- = [z < 0] z / (z + gamma N)``, the
+    backward is that of ``(c+ + c-) (P + N) + gamma (c+ P + c- N)``, which gives ``x * x.grad = R_x``. The
+    returned tensor is ``y`` itself (:func:`straight_through`): forward values are unchanged.
+
+    Parameters
+    ----------
+    x
+        The layer's input.
+    y
+        The layer's output ``layer_map(x, weight, bias)`` as the module computed it.
+    weight, bias
+        The layer's parameters, used detached (the rule defines no relevance for parameters).
+    gamma
+        Non-negative amplification of the contributions that agree in sign with their output.
+    layer_map
+        ``layer_map(x, w, b)``: the layer as a function of its parameters (``F.linear``, the layer's own
+        convolution with its stride and padding, ...); ``b`` may be ``None``.
+    """
+    if not x.requires_grad:
+        return y
+    w = weight.detach()
+    w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+    b_pos = b_neg = None
+    if bias is not None:
+        b_pos, b_neg = bias.detach().clamp(min=0), bias.detach().clamp(max=0)
+    # masks rather than clamp: an input of exactly 0 carries no relevance and passes on no gradient
+    x_pos = x * (x > 0)
+    x_neg = x * (x < 0)
+    agree_pos = layer_map(x_pos, w_pos, b_pos) + layer_map(x_neg, w_neg, None)
+    agree_neg = layer_map(x_pos, w_neg, b_neg) + layer_map(x_neg, w_pos, None)
+    with torch.no_grad():
+        z = y.detach()
+        c_pos = torch.where(z > 0, z / torch.where(z > 0, z + gamma * agree_pos, 1.0), 0.0)
+        c_neg = torch.where(z < 0, z / torch.where(z < 0, z + gamma * agree_neg, 1.0), 0.0)
+    # the biases inside agree_* are constants: they change the surrogate's value, never its gradient
+    surrogate = (c_pos + c_neg) * (agree_pos + agree_neg) + gamma * (c_pos * agree_pos + c_neg * agree_neg)
+    return straight_through(y, surrogate)

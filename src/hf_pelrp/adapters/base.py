@@ -112,6 +112,16 @@ class Adapter(ABC):
     def num_layers(self, model: torch.nn.Module) -> int:
         return len(self.layers(model))
 
+    def extra_maps(
+        self, model: torch.nn.Module, store: LeafStore, maps: dict[str, torch.Tensor | None]
+    ) -> dict[str, torch.Tensor]:
+        """Family-specific maps derived after the backward pass (vision: ``patch_map``, ``pixel_map``).
+
+        ``maps`` holds the standard ``token`` / ``position`` / ... maps already read from ``store``. They end up
+        in :attr:`hf_pelrp.Attribution.extras`. The default adds nothing.
+        """
+        return {}
+
 
 def register_adapter(adapter: Adapter) -> Adapter:
     """Register ``adapter`` for each of its ``model_types`` (a later registration replaces an earlier one)."""
