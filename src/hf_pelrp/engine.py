@@ -26,10 +26,12 @@ from .rules import relevance_of
 from .targets import (
     CAUSAL_LM,
     IMAGE_CLASSIFICATION,
+    MASKED_LM,
     SEQUENCE_CLASSIFICATION,
     accepts_logits_to_keep,
     explained_positions,
     head_kind,
+    masked_positions,
     resolve_target,
 )
 
@@ -229,9 +231,14 @@ def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _explained_logits(
-    model: torch.nn.Module, kind: str, inputs: dict[str, Any], attention_mask: torch.Tensor, position
+    model: torch.nn.Module,
+    kind: str,
+    inputs: dict[str, Any],
+    attention_mask: torch.Tensor,
+    position,
+    mask_token_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the forward pass and return the [B, C] logits to explain and, for causal LMs, their positions."""
+    """Run the forward pass; return the [B, C] logits to explain and, for causal / masked LMs, their positions."""
     if kind == CAUSAL_LM:
         batch = attention_mask.shape[0]
         positions = explained_positions(position, attention_mask, batch)
@@ -242,8 +249,13 @@ def _explained_logits(
             logits = model(**inputs).logits
             logits = logits[torch.arange(batch, device=logits.device), positions.to(logits.device)]
         return logits, positions
+    if kind == MASKED_LM:
+        positions = masked_positions(position, inputs.get("input_ids"), attention_mask, mask_token_id)
+        logits = model(**inputs).logits
+        batch = torch.arange(logits.shape[0], device=logits.device)
+        return logits[batch, positions.to(logits.device)], positions
     if position is not None:
-        raise AttributionInputError("position= is only meaningful for causal language models")
+        raise AttributionInputError("position= is only meaningful for causal and masked language models")
     if kind in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION):
         # DeiTForImageClassificationWithTeacher's logits are the mean of its two heads: a linear map, so the
         # seed's relevance splits between the heads by the epsilon rule with nothing else to do
@@ -264,6 +276,7 @@ def attribute(
     config: LRPConfig | str | None = None,
     inputs_embeds: torch.Tensor | None = None,
     position: int | torch.Tensor | None = None,
+    mask_token_id: int | None = None,
     foil: int | torch.Tensor | None = None,
     continuation_ids: torch.Tensor | None = None,
     generate: bool = False,
@@ -276,7 +289,7 @@ def attribute(
     Parameters
     ----------
     model
-        A supported transformers model with a causal-LM or sequence-classification head.
+        A supported transformers model with a causal-LM, masked-LM or sequence-classification head.
     input_ids : LongTensor [B, T]
         Token ids (or ``inputs_embeds`` [B, T, H], not both).
     attention_mask : LongTensor [B, T], optional
@@ -294,7 +307,11 @@ def attribute(
         An :class:`LRPConfig` or a preset name (e.g. ``"vit-paper"``: CP attention, Gamma rules); when given,
         its fields are used and ``mode`` / ``positional`` are ignored. ``mode`` may name a preset too.
     position
-        Causal LMs only: the position whose next-token logit is explained (default: each row's last token).
+        Causal LMs: the position whose next-token logit is explained (default: each row's last token).
+        Masked LMs (required): the ``[MASK]`` position whose vocabulary logits are explained.
+    mask_token_id
+        Masked LMs with ``input_ids``: the tokenizer's ``mask_token_id`` (model configs do not store it); the
+        token at ``position`` must be this id.
     foil
         Contrastive explanation: an id (or LongTensor [B]) whose logit is subtracted, so the explained value
         is ``logit(target) - logit(foil)`` (stored in ``extras["foil"]``).
@@ -351,7 +368,7 @@ def attribute(
     )
     input_ids = inputs.get("input_ids")
     with _frozen_parameters(model), lrp(model, config=cfg) as ctx, torch.enable_grad():
-        logits, positions = _explained_logits(model, kind, inputs, attention_mask, position)
+        logits, positions = _explained_logits(model, kind, inputs, attention_mask, position, mask_token_id)
         target_ids = resolve_target(target, logits)
         seed = logits.gather(1, target_ids[:, None].to(logits.device)).squeeze(1)
         extras = {}

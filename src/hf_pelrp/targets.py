@@ -64,6 +64,42 @@ def explained_positions(
     return pos
 
 
+def masked_positions(
+    position: int | torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    mask_token_id: int | None,
+) -> torch.Tensor:
+    """The ``[MASK]`` position whose vocabulary logits a masked LM explains, per row ([B] long).
+
+    ``position`` is required (an int or one index per row). With ``input_ids`` the token there must be
+    ``mask_token_id`` (the tokenizer's ``mask_token_id``: model configs do not store it); with
+    ``inputs_embeds`` there is no token to check and ``mask_token_id`` is not needed.
+    """
+    if position is None:
+        raise AttributionInputError(
+            "a masked language model explains the prediction at one [MASK] token: pass position= (an int, or one "
+            "index per row), e.g. position=(input_ids == tokenizer.mask_token_id).nonzero()[:, 1]"
+        )
+    pos = explained_positions(position, attention_mask, attention_mask.shape[0])
+    if input_ids is None:
+        return pos
+    if mask_token_id is None:
+        raise AttributionInputError(
+            "pass mask_token_id=tokenizer.mask_token_id: the model config does not store the [MASK] id, and "
+            "the explained position must be checked to hold a mask token"
+        )
+    tokens = input_ids.gather(1, pos[:, None].to(input_ids.device)).squeeze(1)
+    wrong = (tokens != mask_token_id).nonzero().flatten().tolist()
+    if wrong:
+        row = wrong[0]
+        raise AttributionInputError(
+            f"position {pos[row].item()} of row {row} holds token id {tokens[row].item()}, not the mask token "
+            f"{mask_token_id}: a masked LM predicts the token at a [MASK] position; name one (or mask that token)"
+        )
+    return pos
+
+
 def resolve_target(target: int | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
     """Target ids [B] from ``target`` (None = argmax) with range and batch-size checks; logits are [B, C]."""
     batch, num = logits.shape
