@@ -1,9 +1,9 @@
 """ViT / DeiT adapter (``vit``, ``deit``): patch convolution, CLS (+ distillation) token, learned positions.
 
 Rules (method.md sections 1-2): the identity rule on every LayerNorm and on the MLP activation, the ``"lrp"``
-attention (q, k: 1/2 and v: 1/2 in AttnLRP; 0 and 1 in CP-LRP), the epsilon rule on every other linear map,
-and, where the configuration asks for them, the generalised Gamma rule on the MLP and head linears
-(``gamma_linear``) and on the patch convolution (``gamma_conv``), as the PE-LRP paper does for ViT.
+attention (AttnLRP: gradient factors 1/4 on q, k and 1/2 on v; CP-LRP: 0 and 1), the epsilon rule on every
+other linear map and, where the configuration asks for them, the generalised Gamma rule on the MLP and head
+linears (``gamma_linear``) and on the patch convolution (``gamma_conv``), as the PE-LRP paper does for ViT.
 
 The embedding sum ``e = t + p`` (ViT: ``t = [CLS, conv(patches)]``, DeiT: ``[CLS, DIST, conv(patches)]``) is
 rebuilt by a hook on the embeddings module from two leaves with the module's own values:
