@@ -57,7 +57,7 @@ def test_default_example_is_deterministic_and_text_needs_a_tokenizer(llama):
     text = attribution_section(llama, example="the capital of france is", tokenizer=tok)
     assert "the text `the capital of france is`" in _row(text, "Measured on")
     target = int(hf_pelrp.attribute(llama, **tok("the capital of france is", return_tensors="pt")).target[0])
-    assert f"{target} (`{tok.decode([target])}`)" in _row(text, "Explained target")
+    assert f"{target} (`{tok.decode([target])!r}`)" in _row(text, "Explained target")
     with pytest.raises(AttributionInputError, match="needs tokenizer="):
         attribution_section(llama, example="no tokenizer")
     with pytest.raises(AttributionInputError, match="example must be"):

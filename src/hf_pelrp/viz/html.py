@@ -180,8 +180,10 @@ def layer_chart_svg(view: RowView, max_width: int = 760) -> str:
         return ""
     e = html.escape
     layers, columns = len(grid), len(view.positions)
-    left, top, cell_h, bar_w, gap = 64, 8, 16, 120, 16
-    cell_w = max(4, min(28, (max_width - left - bar_w - gap) // max(columns, 1)))
+    left, top, bar_w, gap = 64, 8, 120, 16
+    # deep models get flatter rows, short inputs wider columns, so the chart stays about one screen
+    cell_h = max(9, min(16, 360 // max(layers, 1)))
+    cell_w = max(4, min(48, (max_width - left - bar_w - gap) // max(columns, 1)))
     width = left + columns * cell_w + gap + bar_w + 8
     height = top + layers * cell_h + 34
     scale = color_scale([v for row in grid for v in row])
@@ -195,7 +197,8 @@ def layer_chart_svg(view: RowView, max_width: int = 760) -> str:
     ]
     for layer, row in enumerate(grid):
         y = top + layer * cell_h
-        parts.append(f'<text x="{left - 6}" y="{y + cell_h - 4}" text-anchor="end">layer {layer}</text>')
+        if cell_h >= 11 or layer % 2 == 0:
+            parts.append(f'<text x="{left - 6}" y="{y + cell_h - 2}" text-anchor="end">layer {layer}</text>')
         for i, value in enumerate(row):
             colour = css_hex(diverging_rgb(value, scale))
             tip = f"layer {layer}, position {view.positions[i]} {view.tokens[i]!r}: {_fmt(value)}"
