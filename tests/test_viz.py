@@ -294,3 +294,24 @@ def test_image_plot_of_a_real_vit():
     )
     page = attr.to_html()
     assert "[CLS]" in page and "patch 15" in page
+
+
+def test_show_in_a_notebook_displays_the_html_fragment(llama_attr, monkeypatch):
+    import sys
+    import types
+
+    shown = []
+
+    class ZMQInteractiveShell:  # the class name is how a Jupyter kernel is recognised
+        pass
+
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = lambda: ZMQInteractiveShell()
+    display = types.ModuleType("IPython.display")
+    display.HTML = lambda text: ("html", text)
+    display.display = shown.append
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    llama_attr.show(tokenizer=word_tokenizer())
+    assert len(shown) == 1 and shown[0][0] == "html"
+    assert shown[0][1].startswith('<div class="hfp-root') and "hfp-special" in shown[0][1]
