@@ -98,6 +98,9 @@ class GPT2Adapter(Adapter):
         mask = inputs.get("attention_mask")
         if inputs.get("position_ids") is None and mask is not None and mask.dim() == 2:
             inputs["position_ids"] = causal_position_ids(mask)
+        # one forward pass needs no key/value cache; a cache filled twice breaks gradient checkpointing's
+        # recomputation (GPT-2 hands the cache to its blocks even then)
+        inputs.setdefault("use_cache", False)
         return inputs
 
 
