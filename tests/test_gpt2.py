@@ -174,14 +174,43 @@ def test_matches_explicit_reference(head, mode):
 
 
 def test_inputs_embeds_gives_the_same_maps():
+    """With inputs_embeds, wte's only call embeds the token types: it must become the segment leaf."""
     model = tiny_gpt2("lm")
     ids, mask = padded_batch("right")
-    from_ids = hf_pelrp.attribute(model, ids, mask)
+    token_types = torch.randint(0, VOCAB, ids.shape, generator=torch.Generator().manual_seed(6))
     embeds = model.transformer.wte(ids).detach()
-    from_embeds = hf_pelrp.attribute(model, inputs_embeds=embeds, attention_mask=mask)
-    assert from_embeds.segment is None
-    torch.testing.assert_close(from_embeds.token, from_ids.token)
-    torch.testing.assert_close(from_embeds.position, from_ids.position)
+    for types in (None, token_types):
+        from_ids = hf_pelrp.attribute(model, ids, mask, token_type_ids=types)
+        from_embeds = hf_pelrp.attribute(
+            model, inputs_embeds=embeds, attention_mask=mask, token_type_ids=types
+        )
+        assert (from_embeds.segment is None) == (types is None)
+        for name in ("token", "position", "segment"):
+            if getattr(from_ids, name) is not None:
+                torch.testing.assert_close(getattr(from_embeds, name), getattr(from_ids, name))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_causal_structural_zeros(mode):
+    """Explaining the prediction at position i: tokens and positions after i get exactly 0."""
+    model = tiny_gpt2("lm")
+    ids, mask = padded_batch("right", lengths=(7, 7))
+    attr = hf_pelrp.attribute(model, ids, mask, mode=mode, position=3)
+    assert (attr.token[:, 4:] == 0).all() and (attr.position[:, 4:] == 0).all()
+    assert (attr.token[:, :4] != 0).all() and (attr.position[:, :4] != 0).all()
+
+
+def test_linearity_in_the_seed():
+    model = tiny_gpt2("cls")
+    ids, mask = padded_batch("left")
+    maps = []
+    for scale in (1.0, -2.5):
+        with hf_pelrp.lrp(model) as ctx:
+            logits = model(ids, attention_mask=mask, position_ids=causal_position_ids(mask)).logits
+            (scale * logits[:, 1]).sum().backward()
+            maps.append(ctx.maps())
+    for name in ("token", "position"):
+        torch.testing.assert_close(maps[1][name], -2.5 * maps[0][name])
 
 
 def test_bad_token_type_ids_shape():
