@@ -241,3 +241,33 @@ def test_image_classifier(tmp_path):
             np.testing.assert_allclose(row[key], single[key], atol=1e-5)
     with pytest.raises(AttributionInputError, match="takes a PIL image"):
         pipe(3.5)
+
+
+def test_gpt2_byte_level_tokenizer_without_pad_token():
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    from hf_pelrp.assets import MissingAssetError, gpt2_tokenizer_files
+
+    try:
+        files = gpt2_tokenizer_files()
+    except MissingAssetError as exc:
+        pytest.skip(str(exc))
+    # positional arguments: in transformers 5 the keyword form builds an empty vocabulary
+    tokenizer = GPT2TokenizerFast(str(files.vocab), str(files.merges))
+    assert tokenizer.pad_token is None
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=32)).eval()
+    pipe = pipeline("lrp-attribution", model=model, tokenizer=tokenizer, device="cpu")
+    text = "The capital of France is"
+    out = pipe(text, target=" Paris")
+    assert out["target"] == {"id": 6342, "label": " Paris"}
+    assert out["tokens"] == ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]
+    assert pipe(text, target="ĠParis")["score"] == out["score"]  # the raw vocabulary item is accepted too
+    ref = hf_pelrp.attribute(model, tokenizer(text, return_tensors="pt")["input_ids"], target=6342)
+    np.testing.assert_allclose(out["position_relevance"], ref.position[0].numpy(), atol=1e-6)
+    assert np.abs(out["position_relevance"]).sum() > 0  # learned absolute positions receive relevance
+    texts = [text, "Hi", "One two three four five six"]
+    for row, single in zip(pipe(texts, target=" Paris"), texts, strict=True):
+        np.testing.assert_allclose(row["relevance"], pipe(single, target=" Paris")["relevance"], atol=1e-5)
+    with pytest.raises(AttributionInputError, match="not a single token"):
+        pipe(text, target="Paris is")

@@ -8,6 +8,7 @@ found the usual way (from the model's folder, or passed explicitly).
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -120,6 +121,11 @@ class LRPAttributionPipeline(Pipeline):
         adapter_for(self.model)  # an unsupported architecture fails here, not at the first call
         self.kind = head_kind(self.model)
         self._find_components()
+        # a tokenizer may produce token_type_ids for a model that has no segment embedding (DistilBERT, GPT-2)
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._text_keys = ("input_ids", "attention_mask") + (
+            ("token_type_ids",) if "token_type_ids" in forward_params else ()
+        )
         if self._batch_size is None:
             self._batch_size = _DEFAULT_BATCH_SIZE
 
@@ -254,9 +260,7 @@ class LRPAttributionPipeline(Pipeline):
                 f"got {type(inputs).__name__}"
             )
         encoded = self.tokenizer(inputs, return_tensors="pt", truncation=bool(truncation))
-        model_inputs = {
-            k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")
-        }
+        model_inputs = {k: v for k, v in encoded.items() if k in self._text_keys}
         meta: dict[str, Any] = {"text": inputs, "continuation_ids": None}
         if continuation is not None:
             if self.kind != CAUSAL_LM:
