@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +18,11 @@ from transformers import PretrainedConfig
 from .adapters import adapter_for
 from .adapters.base import Adapter
 from .attention import LRP_ATTENTION, set_attention_rule
+from .checkpointing import checkpoint_layers, wants_checkpointing
 from .config import LRPConfig, model_default_config, resolve_config
 from .errors import AttributionInputError, AttributionStateError, UnsupportedModelError
 from .hooks import LeafStore, make_leaf
+from .precision import half_precision_hint, watch_non_finite
 from .result import Attribution
 from .rules import relevance_of
 from .targets import (
@@ -132,6 +134,7 @@ def lrp(
     positional: bool | None = None,
     *,
     config: LRPConfig | str | None = None,
+    gradient_checkpointing: bool | None = None,
 ) -> Iterator[LRPContext]:
     """Attach the LRP rules to ``model`` for the duration of a ``with`` block.
 
@@ -152,6 +155,11 @@ def lrp(
         Make positional tensors leaves (default ``True``).
     config
         An :class:`LRPConfig` or a preset name (``mode`` / ``positional`` override its fields).
+    gradient_checkpointing
+        Recompute each transformer block in the backward pass (non-reentrant activation checkpointing, eval
+        semantics) instead of keeping its activations: the same relevance for a fraction of the memory, at
+        the cost of one more forward pass. Default ``None``: on when the user called
+        ``model.gradient_checkpointing_enable()``.
 
     Raises
     ------
@@ -196,6 +204,8 @@ def lrp(
         handles.append(model.register_forward_pre_hook(start_forward, with_kwargs=True))
         for module, rule in adapter.module_rules(model, cfg, store):
             handles.append(rule.attach(module))
+        if wants_checkpointing(model, gradient_checkpointing):
+            handles.extend(checkpoint_layers(adapter.layers(model)))
         for module, rule in adapter.attention_rules(model, cfg):
             set_attention_rule(module, rule)
             attention_modules.append(module)
@@ -282,6 +292,7 @@ def attribute(
     generate: bool = False,
     max_new_tokens: int | None = None,
     span_reduce: str | None = None,
+    gradient_checkpointing: bool | None = None,
     **model_inputs: Any,
 ) -> Attribution | GenerationAttribution:
     """Explain one logit per row with PE-LRP: one forward and one backward pass.
@@ -320,6 +331,9 @@ def attribute(
         ``generate=True, max_new_tokens=N``) by teacher forcing; ``span_reduce="sum"`` explains the sum of
         the continuation's logits in one backward pass. Returns a
         :class:`hf_pelrp.generation.GenerationAttribution` (see :func:`hf_pelrp.generation.explain_continuation`).
+    gradient_checkpointing
+        Recompute each block in the backward pass to save activation memory (long contexts); the relevance is
+        the same. Default: on when ``model.gradient_checkpointing_enable()`` was called (see :func:`lrp`).
     **model_inputs
         Passed on to the model's forward (e.g. ``position_ids``).
 
@@ -367,7 +381,11 @@ def attribute(
         },
     )
     input_ids = inputs.get("input_ids")
-    with _frozen_parameters(model), lrp(model, config=cfg) as ctx, torch.enable_grad():
+    with (
+        _frozen_parameters(model),
+        lrp(model, config=cfg, gradient_checkpointing=gradient_checkpointing) as ctx,
+        torch.enable_grad(),
+    ):
         logits, positions = _explained_logits(model, kind, inputs, attention_mask, position, mask_token_id)
         target_ids = resolve_target(target, logits)
         seed = logits.gather(1, target_ids[:, None].to(logits.device)).squeeze(1)
@@ -377,7 +395,12 @@ def attribute(
             seed = seed - logits.gather(1, foil_ids[:, None].to(logits.device)).squeeze(1)
             extras["foil"] = foil_ids.detach()
         leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
+        if not seed.requires_grad:
+            raise _cut_graph_error(model)
         torch.autograd.backward(seed.sum(), inputs=leaves)
+        token_leaf = ctx.store.additive.get("token")
+        if token_leaf is not None and token_leaf.grad is None:
+            raise _cut_graph_error(model)
         maps = ctx.maps()
         extras.update({k: v for k, v in maps.items() if k not in _CORE_MAPS})
     result = Attribution(
@@ -395,17 +418,39 @@ def attribute(
         model_type=model.config.model_type,
         extras=extras,
     )
-    _check_finite(result, model)
+
+    def locate() -> str:
+        with (
+            _frozen_parameters(model),
+            lrp(model, config=cfg, gradient_checkpointing=False),
+            watch_non_finite(model) as watch,
+            torch.enable_grad(),
+        ):
+            again, _ = _explained_logits(model, kind, inputs, attention_mask, position, mask_token_id)
+            again.gather(1, target_ids[:, None].to(again.device)).sum().backward()
+        return watch.describe() + half_precision_hint(watch.dtype)
+
+    _check_finite(result, model, locate)
     return result
 
 
-def _check_finite(result: Attribution, model: torch.nn.Module) -> None:
+def _cut_graph_error(model: torch.nn.Module) -> AttributionStateError:
+    """The explained logit does not depend on the token leaf: refuse to report all-zero maps."""
+    return AttributionStateError(
+        f"no gradient reached the token embedding of {type(model).__name__}: something in the model (a hook "
+        "running under torch.no_grad, a detached tensor, a custom forward) cut the backward pass, so every "
+        "map would be 0. Attribute the unmodified transformers model."
+    )
+
+
+def _check_finite(
+    result: Attribution, model: torch.nn.Module, locate: Callable[[], str] | None = None
+) -> None:
+    """Raise if the relevance is NaN / inf; ``locate()`` re-runs the pass and names the module that overflowed."""
     if torch.isfinite(result.relevance).all() and torch.isfinite(result.target_value).all():
         return
     dtype = next(model.parameters()).dtype
-    hint = (
-        " Half precision overflowed: load the model in bfloat16 or float32." if dtype == torch.float16 else ""
-    )
+    where = locate() if locate is not None else half_precision_hint(dtype).strip()
     raise AttributionStateError(
-        f"relevance is not finite (NaN or inf) for {type(model).__name__} in {dtype}.{hint}"
+        f"relevance is not finite (NaN or inf) for {type(model).__name__} in {dtype}: {where}"
     )

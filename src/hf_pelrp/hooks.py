@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from .devices import execution_device, weights_on_device
 from .rules import gamma_rule, identity_rule, scale_gradient, straight_through
 
 
@@ -84,7 +85,7 @@ class Activation(HookRule):
 
     def attach(self, module: torch.nn.Module) -> RemovableHandle:
         def hook(_module, args, output):
-            return scale_gradient(identity_rule(args[0], output), self.product_factor)
+            return scale_gradient(identity_rule(args[0].to(output.device), output), self.product_factor)
 
         return module.register_forward_hook(hook)
 
@@ -104,7 +105,9 @@ class Norm(HookRule):
             x = args[0]
             if not x.requires_grad:
                 return output
-            return straight_through(output, self.surrogate(mod, x))
+            # under accelerate offload the weights are back on `meta` once the module's forward has returned
+            with weights_on_device(mod):
+                return straight_through(output, self.surrogate(mod, x.to(output.device)))
 
         return module.register_forward_hook(hook)
 
@@ -149,6 +152,9 @@ class RotaryLeaves(HookRule):
                 # shared position ids: give every row its own copy, so maps are per row
                 cos = cos.expand(hidden.shape[0], *cos.shape[1:])
                 sin = sin.expand(hidden.shape[0], *sin.shape[1:])
+            # the leaves live where their layer computes (device_map models: each layer's own device)
+            device = execution_device(_module) or cos.device
+            cos, sin = cos.to(device), sin.to(device)
             existing = self.store.rotary.get(self.layer)
             if existing is None or existing[0].shape != cos.shape or existing[0].device != cos.device:
                 existing = (make_leaf(cos), make_leaf(sin))
@@ -199,6 +205,9 @@ class Gamma(HookRule):
         layer_map = layer_map_of(module)
 
         def hook(mod, args, output):
-            return gamma_rule(args[0], output, mod.weight, mod.bias, self.gamma, layer_map)
+            with weights_on_device(mod):  # accelerate offload: weights are on `meta` after the forward
+                return gamma_rule(
+                    args[0].to(output.device), output, mod.weight, mod.bias, self.gamma, layer_map
+                )
 
         return module.register_forward_hook(hook)

@@ -13,6 +13,7 @@ import torch
 
 from ..attention import AttentionRule
 from ..config import LRPConfig
+from ..devices import check_dispatch_hooks
 from ..errors import UnsupportedModelError
 from ..hooks import HookRule, LeafStore
 from ..inputs import validate_text_inputs
@@ -83,6 +84,7 @@ class Adapter(ABC):
                     "the instance (hub kernels, torch.compile or another patching library); the LRP rules need the "
                     "original transformers modules. Load a fresh model without that patch."
                 )
+        check_dispatch_hooks(model)
 
     def validate_inputs(
         self, model: torch.nn.Module, inputs: dict[str, Any]

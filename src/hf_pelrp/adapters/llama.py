@@ -13,7 +13,7 @@ import torch
 
 from ..attention import AttentionRule
 from ..config import LRPConfig
-from ..errors import UnsupportedModelError
+from ..errors import AttributionInputError, UnsupportedModelError
 from ..hooks import Activation, EmbeddingLeaf, HookRule, LeafStore, Norm, OutputGradient, RotaryLeaves
 from ..rules import rms_norm_identity
 from .base import Adapter, register_adapter
@@ -28,6 +28,21 @@ def causal_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens, so a left-padded row sees the positions of the unpadded row."""
     mask = attention_mask.long()
     return (mask.cumsum(-1) - 1).clamp(min=0) * mask
+
+
+def check_rotary_length(model: torch.nn.Module, position_ids: torch.Tensor) -> None:
+    """Refuse positions beyond ``config.max_position_embeddings``: rotary embeddings would extrapolate silently
+    into a regime the model never saw, and the explanation would describe that, not the model."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None or position_ids.numel() == 0:
+        return
+    longest = int(position_ids.max()) + 1
+    if longest > limit:
+        raise AttributionInputError(
+            f"the input reaches position {longest} but {type(model).__name__} supports at most {limit} positions "
+            "(config.max_position_embeddings): truncate the input (tokenizer(..., truncation=True, "
+            f"max_length={limit})) or split it into windows."
+        )
 
 
 class LlamaAdapter(Adapter):
@@ -82,6 +97,13 @@ class LlamaAdapter(Adapter):
             qk *= 0.5
         rule = AttentionRule(q=qk, k=qk, v=config.v_factor)
         return [(layer.self_attn, rule) for layer in self.layers(model)]
+
+    def validate_inputs(
+        self, model: torch.nn.Module, inputs: dict[str, Any]
+    ) -> tuple[dict[str, Any], torch.Tensor]:
+        inputs, mask = super().validate_inputs(model, inputs)
+        check_rotary_length(model, inputs["position_ids"])
+        return inputs, mask
 
     def prepare_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         inputs = dict(inputs)

@@ -1,0 +1,78 @@
+"""Gradient checkpointing during attribution: recompute each transformer block in the backward pass.
+
+transformers only checkpoints a layer when ``layer.gradient_checkpointing and layer.training``; attribution runs
+in eval semantics (no dropout), so the model's own checkpointing is inactive there. Here each block's forward
+is wrapped, for the duration of one ``lrp()`` context, in non-reentrant :func:`torch.utils.checkpoint.checkpoint`:
+only the block inputs are kept, everything inside is recomputed when the backward pass reaches the block.
+
+Why the rules survive the recomputation: with ``use_reentrant=False`` the backward pass runs through the graph
+of the *original* forward (the recomputation only refills its saved tensors), so every rule acts exactly once;
+the rule hooks of the sub-modules re-run deterministically, and :class:`hf_pelrp.hooks.RotaryLeaves` hands the
+recomputed block the leaves it created in the first pass instead of new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+#: keyword arguments of transformers blocks that write to a KV cache: a recomputation would write twice
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class _CheckpointHandle:
+    """Undoes :func:`checkpoint_layers` for one block (the ``RemovableHandle`` interface of the rules)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.previous = module.__dict__.get("forward")  # accelerate's dispatch wrapper, if any
+
+    def remove(self) -> None:
+        if self.previous is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.previous
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        for key in _CACHE_KWARGS:
+            if kwargs.get(key) is not None:
+                kwargs[key] = None
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def checkpoint_layers(layers: Iterable[torch.nn.Module]) -> list[_CheckpointHandle]:
+    """Run each of ``layers`` under non-reentrant activation checkpointing until the handles are removed.
+
+    The block's own forward (or accelerate's dispatch wrapper around it) is what is recomputed, so module hooks
+    on the block itself stay outside the checkpoint and hooks on its sub-modules run again in the
+    recomputation. KV-cache arguments are dropped (a recomputation would append to the cache twice).
+    """
+    handles = []
+    for layer in layers:
+        handle = _CheckpointHandle(layer)
+        layer.__dict__["forward"] = _checkpointed(layer.forward)
+        handles.append(handle)
+    return handles
+
+
+def wants_checkpointing(model: torch.nn.Module, requested: bool | None) -> bool:
+    """``requested`` if given, else whether the user enabled checkpointing on the model
+    (``model.gradient_checkpointing_enable()``)."""
+    if requested is not None:
+        return bool(requested)
+    # transformers 5 renamed the property; the old name warns
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            flag = getattr(model, name)
+            return bool(flag() if callable(flag) else flag)
+    return False
