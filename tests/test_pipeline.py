@@ -78,6 +78,15 @@ def test_causal_lm_from_path_matches_attribute(lm_pipe, lm_dir):
     assert [t["relevance"] for t in top] == sorted((t["relevance"] for t in top), reverse=True)
     assert top[0]["relevance"] == pytest.approx(float(out["relevance"].max()))
     assert len(lm_pipe(TEXTS[0], top_k=2)["top_tokens"]) == 2
+    # a model object loaded from a folder: its tokenizer is found in that folder
+    from transformers import AutoModelForCausalLM
+
+    from_object = pipeline(
+        "lrp-attribution", model=AutoModelForCausalLM.from_pretrained(lm_dir), device="cpu"
+    )
+    np.testing.assert_allclose(from_object(TEXTS[0], target="w7")["relevance"], out["relevance"], atol=1e-6)
+    with pytest.raises(AttributionInputError, match="pass tokenizer="):
+        pipeline("lrp-attribution", model=tiny_llama_family(), device="cpu")
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -121,7 +121,7 @@ class LRPAttributionPipeline(Pipeline):
         adapter_for(self.model)  # an unsupported architecture fails here, not at the first call
         self.kind = head_kind(self.model)
         self._find_components()
-        # a tokenizer may produce token_type_ids for a model that has no segment embedding (DistilBERT, GPT-2)
+        # a tokenizer may produce token_type_ids for a model that has no segment embedding (DistilBERT, LLaMA)
         forward_params = inspect.signature(self.model.forward).parameters
         self._text_keys = ("input_ids", "attention_mask") + (
             ("token_type_ids",) if "token_type_ids" in forward_params else ()
