@@ -210,3 +210,16 @@ def test_paired_summary_directions():
     assert diff["mean"] == pytest.approx(-0.2333333)
     assert diff["better"] and diff["significant"]
     assert summary["methods"]["attnlrp"]["morf_prob_auc"]["mean"] == pytest.approx(0.38333333)
+
+
+def test_insertion_curve_mirrors_lerf_with_the_same_replacement():
+    # restoring the top-k equals removing the bottom n-k: the insertion curve is the LeRF curve read backwards,
+    # so its area is the same (a property of the protocol, pinned here so nobody reads it as two results)
+    model = _SumModel([0.0, 3.0, 2.0, 1.0, -1.0])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    sample = Sample(
+        0, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.ones(4, dtype=torch.bool)
+    )
+    out = token_flip(model, sample, 0, torch.tensor([0.3, -2.0, 1.0, 0.5]), 0, [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert out["insertion_logit_curve"] == pytest.approx(out["lerf_logit_curve"][::-1])
+    assert out["insertion_logit_auc"] == pytest.approx(out["lerf_logit_auc"])

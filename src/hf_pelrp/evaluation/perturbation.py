@@ -57,6 +57,10 @@ def token_flip(
     most relevant first (``morf``, lower area is better), least relevant first (``lerf``, higher is better);
     the ``insertion`` curve starts from all tokens replaced and restores the most relevant first (higher is
     better). Returns the curves (probability and logit of ``target``) and their areas.
+
+    With one replacement token for both, the insertion curve at fraction f is the LeRF curve at 1 - f (the
+    same tokens are kept), so the two areas coincide up to the rounding of ``f * n``; the insertion variant is
+    reported because the protocol names it, not as independent evidence.
     """
     ids = sample.inputs["input_ids"]
     length = ids.shape[-1]
