@@ -1,0 +1,412 @@
+"""Cost of one PE-LRP attribution against one plain Gradient x Input pass on SmolLM2-135M-Instruct.
+
+Both methods run on the same model, inputs and attention kernel (SDPA), with the parameters frozen and only
+the explained position sent through the LM head (``logits_to_keep``); the baseline seeds the same arg-max
+logit and back-propagates to ``inputs_embeds``. The table gives, per sequence length and batch size, the
+median wall time and the peak extra memory of each method and their ratios.
+
+Time: one warm-up pass per method, then ``--repeats`` rounds that run both methods back to back (alternating
+which goes first), median per method. Interleaving matters on a shared machine: a burst of load from other
+processes hits both methods instead of one.
+
+Memory on CPU: every measurement runs in a fresh subprocess that loads the model, builds the inputs, pages
+in the memory-mapped weights with a short no-grad forward, returns freed heap pages to the OS
+(``malloc_trim``), reads its resident set size (``VmRSS``), resets the kernel's high-water mark
+(``echo 5 > /proc/self/clear_refs``), runs one pass and reads the high-water mark (``VmHWM``). Peak extra
+memory = ``VmHWM - VmRSS before the pass``: what the operating system had to provide, and nothing earlier in
+the process (model loading, a previous measurement, the other method's cached blocks) leaks into it.
+
+Resident memory also counts glibc heap fragmentation, which depends on allocation order more than on what is
+alive: glibc raises its mmap threshold as blocks are freed, after which medium-sized tensors share heap
+pages that cannot be returned while any neighbour lives (measured: one PE-LRP pass at 256 tokens peaked at
+406 MiB with the default allocator settings and at 241 MiB with a fixed threshold, for the same live tensors).
+So each method is measured twice: with ``MALLOC_MMAP_THRESHOLD_=65536`` (every tensor of 64 KiB or more is its
+own mapping, unmapped when freed: the peak then follows the live tensors, the algorithm's memory; the "MiB"
+and "mem ratio" columns) and with the default allocator (what a user sees; the "RSS ratio" column).
+
+torch's profiler was the alternative: it reports allocations per operator, but not a peak over the pass (it
+would have to be re-summed from the event timeline, which misses memory freed by the autograd engine outside
+profiled operators). On CUDA the fresh process uses ``torch.cuda.max_memory_allocated()`` minus the
+allocation before the pass (the caching allocator has no fragmentation question for this purpose).
+
+A parent-side watchdog kills a worker whose resident memory exceeds ``--max-memory-gb`` (default 70% of the
+memory available at start) and reports that configuration as not measured: the machine is shared.
+
+Run ``python scripts/bench_attribution.py --help`` for the options; ``make bench`` runs the default grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = ("gradient_x_input", "pe_lrp")
+
+
+# ---- the two methods ----
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module):
+    # attribute() freezes the parameters too: no weight gradients in either method
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def gradient_x_input(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Plain Gradient x Input of the arg-max next-token logit at the last position, [B, T]."""
+    from hf_pelrp.adapters.llama import causal_position_ids
+    from hf_pelrp.targets import last_token_positions
+
+    positions = last_token_positions(attention_mask)
+    with _frozen(model), torch.enable_grad():
+        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+        logits = model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=causal_position_ids(attention_mask),
+            logits_to_keep=positions[:, None],
+        ).logits[:, 0]
+        target = logits.detach().argmax(-1)
+        seed = logits.gather(1, target[:, None]).squeeze(1)
+        torch.autograd.backward(seed.sum(), inputs=[embeds])
+    return (embeds.detach() * embeds.grad).sum(-1)
+
+
+def pe_lrp(model, input_ids, attention_mask, mode: str = "attnlrp", positional: bool = True):
+    """One ``hf_pelrp.attribute`` call (arg-max next token at the last position)."""
+    import hf_pelrp
+
+    return hf_pelrp.attribute(model, input_ids, attention_mask, mode=mode, positional=positional)
+
+
+# ---- one worker process: one measurement ----
+
+
+def _status_kib(field: str, pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/{pid}/status")
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    # not glibc: freed pages may stay resident and the baseline is then a little high
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _worker(spec: dict) -> dict:
+    from hf_pelrp.assets import load_smollm2
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    model, _ = load_smollm2(dtype=dtype, attn_implementation="sdpa")
+    model.to(device)
+    generator = torch.Generator().manual_seed(spec["seed"])
+    # token ids of the ordinary vocabulary (SmolLM2's first ids are special tokens)
+    input_ids = torch.randint(
+        100, model.config.vocab_size, (spec["batch"], spec["length"]), generator=generator
+    )
+    input_ids = input_ids.to(device)
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        # page in the weights (safetensors are memory-mapped: untouched pages are not resident yet, and the
+        # first pass would count the whole model as its own memory) and initialise the kernels
+        model(input_ids[:, :8])
+    runs = {
+        "gradient_x_input": lambda: gradient_x_input(model, input_ids, mask),
+        "pe_lrp": lambda: pe_lrp(model, input_ids, mask, spec["mode"], spec["positional"]),
+    }
+    out: dict = {}
+    if spec["task"] == "memory":
+        run = runs[spec["method"]]
+        _trim_heap()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            result = run()
+            _sync(device)
+            out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            base = _status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            result = run()
+            out["peak_mib"] = (_status_kib("VmHWM") - base) / 1024
+        del result
+    else:
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        for method in METHODS:  # warm-up: lazy initialisation, kernel selection, allocator growth
+            runs[method]()
+        for r in range(spec["repeats"]):
+            order = METHODS if r % 2 == 0 else METHODS[::-1]
+            for method in order:
+                _sync(device)
+                start = time.perf_counter()
+                runs[method]()
+                _sync(device)
+                times[method].append(time.perf_counter() - start)
+        out["times"] = times
+    return out
+
+
+# ---- the parent: grid, watchdog, table ----
+
+
+def _mem_available_gib() -> float:
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def _memory_key(method: str, kind: str) -> str:
+    return f"{method}_peak_mib" if kind == "tensors" else f"{method}_rss_peak_mib"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def _estimate_mib(rows: list[dict], key: str, batch: int, length: int) -> float | None:
+    """Peak memory extrapolated linearly in the token count from the longest measured row of this batch."""
+    measured = [r for r in rows if r["batch"] == batch and r.get(key)]
+    if not measured:
+        return None
+    ref = max(measured, key=lambda r: r["length"])
+    return ref[key] * length / ref["length"]
+
+
+def _run_worker(spec: dict, limit_gib: float, fixed_mmap_threshold: bool = False) -> tuple[dict | None, str]:
+    """Run one measurement in a fresh process; (result, "") or (None, why it was not measured)."""
+    env = dict(os.environ)
+    if fixed_mmap_threshold:
+        # glibc: every block >= 64 KiB is its own mapping, unmapped on free: RSS follows the live tensors
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    while proc.poll() is None:
+        try:
+            rss = _status_kib("VmRSS", str(proc.pid))
+        except (OSError, RuntimeError):  # the process is just exiting
+            rss = 0
+        if rss > limit_gib * 2**20:
+            proc.kill()
+            proc.wait()
+            return None, f"over the {limit_gib:.1f} GiB memory budget"
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        tail = stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        return None, f"worker failed (exit {proc.returncode}): {tail[0]}"
+    return json.loads(stdout.strip().splitlines()[-1]), ""
+
+
+def _machine(args) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    info = {
+        "commit": commit,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": args.threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "mode": args.mode,
+        "positional": not args.no_positional,
+    }
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    return info
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048], help="sequence lengths")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (median)")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--mode", default="attnlrp", choices=["attnlrp", "cp"])
+    parser.add_argument("--no-positional", action="store_true", help="benchmark the AttnLRP baseline rules")
+    parser.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="kill a worker above this resident size (default: 70%% of the memory available at start)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("lengths", "batches"):
+        if any(v < 1 for v in getattr(args, name)):
+            parser.error(f"--{name} must be positive integers")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    from hf_pelrp.assets import smollm2_checkpoint
+
+    smollm2_checkpoint()  # convert once here, not inside a timed worker
+    limit = args.max_memory_gb or 0.7 * _mem_available_gib()
+    console = Console(width=max(Console().width, 120))
+    machine = _machine(args)
+    console.print(f"machine: {json.dumps(machine)}; worker memory budget {limit:.1f} GiB")
+    base = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "mode": args.mode,
+        "positional": not args.no_positional,
+        "seed": args.seed,
+        "repeats": args.repeats,
+    }
+    # CPU: live tensor memory (fixed mmap threshold) and what the default allocator takes (see the docstring)
+    memory_kinds = ("tensors", "rss") if args.device == "cpu" else ("tensors",)
+    rows = []
+    for batch in args.batches:
+        for length in args.lengths:
+            row: dict = {"length": length, "batch": batch, "notes": []}
+            for kind in memory_kinds:
+                for method in METHODS:
+                    key = _memory_key(method, kind)
+                    row[key] = None
+                    estimate = _estimate_mib(rows, key, batch, length)
+                    if estimate is not None and estimate > limit * 1024:
+                        # not started: linear in tokens from the longest measured input of this batch size
+                        row["notes"].append(
+                            f"{key}: estimated {estimate / 1024:.1f} GiB > {limit:.1f} GiB budget"
+                        )
+                        continue
+                    spec = {**base, "task": "memory", "method": method, "length": length, "batch": batch}
+                    result, why = _run_worker(spec, limit, fixed_mmap_threshold=kind == "tensors")
+                    if result:
+                        row[key] = result["peak_mib"]
+                    else:
+                        row["notes"].append(f"{key}: {why}")
+            if not row["notes"]:
+                result, why = _run_worker({**base, "task": "time", "length": length, "batch": batch}, limit)
+                for method in METHODS:
+                    times = result["times"][method] if result else None
+                    row[f"{method}_times_s"] = times
+                    row[f"{method}_time_s"] = statistics.median(times) if times else None
+                if why:
+                    row["notes"].append(f"time: {why}")
+            row["time_ratio"] = _ratio(row.get("pe_lrp_time_s"), row.get("gradient_x_input_time_s"))
+            for kind in memory_kinds:
+                row[f"{kind}_memory_ratio"] = _ratio(
+                    row[_memory_key("pe_lrp", kind)], row[_memory_key("gradient_x_input", kind)]
+                )
+            lrp_mib = row[_memory_key("pe_lrp", "tensors")]
+            row["pe_lrp_kib_per_token"] = lrp_mib * 1024 / (batch * length) if lrp_mib else None
+            rows.append(row)
+            console.print(
+                f"L={length} B={batch}: time ratio {_fmt(row['time_ratio'], '.2f')}, memory ratio "
+                f"{_fmt(row['tensors_memory_ratio'], '.2f')} {'; '.join(row['notes'])}"
+            )
+            if args.json:  # after every row: a long run that is stopped keeps what it measured
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump({"machine": machine, "settings": base, "rows": rows}, f, indent=2)
+
+    table = Table(
+        title=f"PE-LRP ({args.mode}) vs Gradient x Input (GxI), SmolLM2-135M, {args.device}, {args.dtype}"
+    )
+    columns = ["seq len", "batch", "GxI s", "PE-LRP s", "time ratio", "GxI MiB", "PE-LRP MiB", "mem ratio"]
+    if "rss" in memory_kinds:
+        columns.append("RSS ratio")
+    columns.append("PE-LRP KiB/token")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for r in rows:
+        cells = [
+            str(r["length"]),
+            str(r["batch"]),
+            _fmt(r.get("gradient_x_input_time_s"), ".3f"),
+            _fmt(r.get("pe_lrp_time_s"), ".3f"),
+            _fmt(r["time_ratio"], ".2f"),
+            _fmt(r[_memory_key("gradient_x_input", "tensors")], ".0f"),
+            _fmt(r[_memory_key("pe_lrp", "tensors")], ".0f"),
+            _fmt(r["tensors_memory_ratio"], ".2f"),
+        ]
+        if "rss" in memory_kinds:
+            cells.append(_fmt(r["rss_memory_ratio"], ".2f"))
+        cells.append(_fmt(r["pe_lrp_kib_per_token"], ".0f"))
+        table.add_row(*cells)
+    console.print(table)
+    for r in rows:
+        for note in r["notes"]:
+            console.print(f"L={r['length']} B={r['batch']}: not measured: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
