@@ -9,6 +9,7 @@ from .adapters import Adapter, adapter_for, register_adapter, supported_model_ty
 from .attention import LRP_ATTENTION
 from .card import add_attribution_section, attribution_section
 from .config import LRPConfig
+from .dataset import attribute_dataset, load_dataset_attributions
 from .engine import LRPContext, attribute, lrp
 from .errors import (
     AttributionFileError,
@@ -41,6 +42,7 @@ __all__ = [
     "adapter_for",
     "add_attribution_section",
     "attribute",
+    "attribute_dataset",
     "attribution_section",
     "card",
     "default_config",
@@ -48,6 +50,7 @@ __all__ = [
     "explain_continuation",
     "from_pretrained",
     "load_attribution",
+    "load_dataset_attributions",
     "lrp",
     "register_adapter",
     "save_attribution",
