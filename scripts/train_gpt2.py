@@ -37,7 +37,7 @@ def main() -> None:
     gen = set_determinism(args.seed, args.threads)
     splits = sentiment_splits()
     files = gpt2_tokenizer_files()
-    tokenizer = GPT2TokenizerFast(vocab_file=str(files.vocab), merges_file=str(files.merges))
+    tokenizer = GPT2TokenizerFast(str(files.vocab), str(files.merges))
     tokenizer.pad_token = tokenizer.eos_token
     config = GPT2Config(
         vocab_size=len(tokenizer),
