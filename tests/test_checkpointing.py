@@ -107,3 +107,47 @@ def test_checkpointing_keeps_fewer_activations(ids):
     # the checkpoints keep each block's input hidden states themselves (not through the saved-tensor hooks)
     block_inputs = 4 * long_ids.numel() * model.config.hidden_size * 4
     assert checkpointed + block_inputs < plain / 3
+
+
+def test_input_longer_than_the_model_maximum_is_refused():
+    model = tiny_llama_family("llama", num_layers=1, max_position_embeddings=16)
+    ids = torch.randint(1, 101, (2, 17))
+    assert hf_pelrp.attribute(model, ids[:, :16]).relevance.shape == (2, 16)
+    with pytest.raises(hf_pelrp.AttributionInputError, match=r"position 17 .* at most 16 positions"):
+        hf_pelrp.attribute(model, ids)
+    # left padding counts real tokens only: 16 real tokens in 17 columns fit
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0
+    assert torch.isfinite(hf_pelrp.attribute(model, ids, mask).relevance).all()
+
+
+def _cuda_peak_mib(model, length: int, checkpointing: bool) -> float:
+    ids = torch.randint(1, 101, (1, length), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    hf_pelrp.attribute(model, ids, gradient_checkpointing=checkpointing)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_grows_linearly_with_length_on_cuda(checkpointing):
+    # SDPA keeps no N x N attention matrix: doubling the length doubles the extra memory (4x if quadratic)
+    model = tiny_llama_family(
+        "llama",
+        num_layers=4,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+    )
+    model = model.to("cuda", torch.bfloat16)
+    _cuda_peak_mib(model, 256, checkpointing)  # warm-up: kernels, allocator
+    peaks = [_cuda_peak_mib(model, n, checkpointing) for n in (4096, 8192, 16384)]
+    growth = (peaks[2] - peaks[1]) / (peaks[1] - peaks[0])
+    assert 1.5 < growth < 2.6, peaks

@@ -177,3 +177,30 @@ def test_a_hook_that_cuts_the_backward_pass_raises_instead_of_zero_maps(ids, lay
         hf_pelrp.attribute(model, ids)
     handle.remove()
     assert torch.isfinite(hf_pelrp.attribute(model, ids).relevance).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_split_between_cuda_and_cpu(ids, tmp_path):
+    reference = hf_pelrp.attribute(tiny_llama_family("llama", num_layers=2), ids)
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "disk",
+    }
+    model = accelerate.dispatch_model(
+        tiny_llama_family("llama", num_layers=2), device_map=device_map, offload_dir=str(tmp_path / "off")
+    )
+    with hf_pelrp.lrp(model) as ctx:
+        model(ids.cuda())
+        assert ctx.store.rotary[0][0].device.type == "cuda"
+        assert ctx.store.rotary[1][0].device.type == "cpu"
+    result = hf_pelrp.attribute(model, ids.cuda())
+    devices = {
+        t.device for t in (result.token, result.position, result.position_by_layer, result.target_value)
+    }
+    assert len(devices) == 1
+    assert _relative(result.relevance.cpu(), reference.relevance) <= 1e-4

@@ -89,3 +89,22 @@ def test_watch_locates_a_backward_overflow():
     assert watch.backward_module == "0"
     assert "backward pass overflowed" in watch.describe()
     assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_half_precision_sdpa_on_cuda_matches_cpu_fp32(mode, dtype):
+    torch.manual_seed(11)
+    ids = torch.randint(1, 101, (2, 96))
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0
+    model = tiny_llama_family("llama", num_layers=2, hidden_size=128, intermediate_size=256).to(dtype)
+    reference = hf_pelrp.attribute(copy.deepcopy(model).float(), ids, mask, mode=mode)
+    result = hf_pelrp.attribute(
+        model.cuda(), ids.cuda(), mask.cuda(), target=reference.target.cuda(), mode=mode
+    )
+    assert result.relevance.device.type == "cuda"
+    assert torch.isfinite(result.relevance).all()
+    assert relative_l1(result.relevance.cpu(), reference.relevance) <= 2e-2
