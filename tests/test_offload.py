@@ -204,3 +204,32 @@ def test_layers_split_between_cuda_and_cpu(ids, tmp_path):
     }
     assert len(devices) == 1
     assert _relative(result.relevance.cpu(), reference.relevance) <= 1e-4
+
+
+def _other_family(name: str):
+    """Tiny models of the other families, from their own test modules; returns (model factory, inputs)."""
+    if name in ("gpt2", "bert"):
+        from test_bert import tiny_bert_family
+        from test_gpt2 import tiny_gpt2
+
+        torch.manual_seed(2)
+        inputs = {"input_ids": torch.randint(1, 50, (2, 9))}
+        return (tiny_gpt2 if name == "gpt2" else lambda: tiny_bert_family("bert")), inputs
+    from test_vit import tiny_vision
+
+    config = tiny_vision("vit").config
+    torch.manual_seed(2)
+    pixels = torch.randn(2, config.num_channels, config.image_size, config.image_size)
+    return (lambda: tiny_vision("vit")), {"pixel_values": pixels, "config": "vit-paper"}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "vit"])
+def test_disk_offload_of_the_other_families(family, tmp_path):
+    # their rules read weights too (LayerNorm surrogates, the Gamma rule, ViT's class token and positions)
+    make, inputs = _other_family(family)
+    reference = hf_pelrp.attribute(make(), **inputs)
+    model = accelerate.disk_offload(make(), str(tmp_path / "disk"), execution_device="cpu")
+    result = hf_pelrp.attribute(model, **inputs)
+    assert _relative(result.relevance, reference.relevance) <= 1e-5
+    for name, value in reference.extras.items():
+        assert _relative(result.extras[name], value) <= 1e-5

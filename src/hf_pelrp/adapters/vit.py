@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..attention import AttentionRule
 from ..config import LRPConfig
+from ..devices import weights_on_device
 from ..errors import AttributionInputError, AttributionStateError, UnsupportedModelError
 from ..hooks import Gamma, HookRule, LeafStore, make_leaf
 from .additive import check_activation, norm_and_activation_rules
@@ -87,6 +88,11 @@ class VisionEmbeddingLeaves(HookRule):
             store.aux["patches"] = output
 
         def embeddings_out(emb, args, kwargs, output):
+            # accelerate offload: the class token and the positions are on `meta` once the forward returned
+            with weights_on_device(emb):
+                return rebuild(emb, args, kwargs, output)
+
+        def rebuild(emb, args, kwargs, output):
             masked = kwargs.get("bool_masked_pos", args[1] if len(args) > 1 else None)
             if masked is not None:
                 raise AttributionInputError(
