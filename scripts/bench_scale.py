@@ -19,6 +19,10 @@ so that freed tensors leave the resident set and the peak follows the live tenso
 size exceeds ``--budget-gb``. GPU: one process, ``torch.cuda.max_memory_allocated`` around each pass,
 out-of-memory caught.
 
+Time: the single timed pass of each memory measurement; on a shared machine also ``--time-lengths``, which
+times all methods in one process, interleaved over ``--repeats`` rounds (median), as ``bench_attribution.py``
+does.
+
 ``--search`` finds, per method, the largest length (multiple of ``--step``) whose whole pass (weights
 included) fits in ``--budget-gb``: the first probe is the linear extrapolation of the measured lengths, then
 bisection, so a linear memory curve is settled in two or three probes. ``--precision`` compares bf16 and fp16
@@ -37,6 +41,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -185,11 +190,32 @@ def measure(model, method: str, length: int, batch: int, device: torch.device) -
     return out
 
 
+def interleaved_times(model, methods: list[str], length: int, batch: int, device, repeats: int) -> dict:
+    """Median time per method over ``repeats`` rounds that run every method back to back, alternating the
+    order: a burst of load from other processes on a shared machine then hits all methods alike."""
+    ids, mask = _inputs(model, batch, length, device)
+    for method in methods:  # warm-up
+        run_method(method, model, *_inputs(model, batch, 32, device))
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(repeats):
+        for method in methods if r % 2 == 0 else methods[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            run_method(method, model, ids, mask)
+            _sync(device)
+            times[method].append(time.perf_counter() - start)
+    return {m: {"median_s": statistics.median(t), "times_s": t} for m, t in times.items()}
+
+
 def _worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     model = build_model(spec["model"], getattr(torch, spec["dtype"]), device)
+    if spec.get("task") == "time":
+        return interleaved_times(
+            model, spec["methods"], spec["length"], spec["batch"], device, spec["repeats"]
+        )
     return measure(model, spec["method"], spec["length"], spec["batch"], device)
 
 
@@ -219,7 +245,7 @@ def _spawn(spec: dict, budget_gib: float) -> tuple[dict | None, str]:
         tail = stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         return None, f"worker failed (exit {proc.returncode}): {tail[0]}"
     result = json.loads(stdout.strip().splitlines()[-1])
-    if result["total_mib"] > budget_gib * 1024:
+    if result.get("total_mib", 0) > budget_gib * 1024:
         return None, f"over the {budget_gib:.1f} GiB budget"
     return result, ""
 
@@ -379,7 +405,7 @@ def _print_table(rows: list[dict], methods: list[str]) -> None:
 def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", choices=MODELS)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -392,6 +418,14 @@ def _parse(argv):
         help="memory budget of one pass, weights included (default: 70%% of available memory / GPU memory)",
     )
     parser.add_argument("--search", action="store_true", help="find the largest length that fits the budget")
+    parser.add_argument(
+        "--time-lengths",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time all methods interleaved in one process at these lengths (median of --repeats rounds)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of --time-lengths")
     parser.add_argument("--step", type=int, default=256, help="length granularity of --search")
     parser.add_argument(
         "--search-budget-gb", type=float, default=None, help="budget of --search (default: --budget-gb)"
@@ -439,6 +473,31 @@ def main(argv: list[str] | None = None) -> int:
                 row["notes"][method] = why
             print(f"L={length} {method}: {result if result else why}", flush=True)
         report["rows"].append(row)
+        save()
+
+    for length in args.time_lengths:
+        spec = {
+            "task": "time",
+            "model": args.model,
+            "device": args.device,
+            "dtype": args.dtype,
+            "methods": args.methods,
+            "length": length,
+            "batch": args.batch,
+            "threads": args.threads,
+            "repeats": args.repeats,
+        }
+        if runner.model is None:
+            result, why = _spawn(spec, args.budget_gb)
+        else:
+            result, why = (
+                interleaved_times(
+                    runner.model, args.methods, length, args.batch, runner.device, args.repeats
+                ),
+                "",
+            )
+        report.setdefault("interleaved_times", {})[str(length)] = result or why
+        print(f"interleaved times L={length}: {result or why}", flush=True)
         save()
 
     if args.search:
