@@ -151,3 +151,17 @@ def test_memory_grows_linearly_with_length_on_cuda(checkpointing):
     peaks = [_cuda_peak_mib(model, n, checkpointing) for n in (4096, 8192, 16384)]
     growth = (peaks[2] - peaks[1]) / (peaks[1] - peaks[0])
     assert 1.5 < growth < 2.6, peaks
+
+
+def test_continuation_attribution_with_checkpointing(ids):
+    # several backward passes over one checkpointed forward: each recomputes the blocks it needs
+    model = tiny_llama_family("llama", num_layers=2)
+    prompt, continuation = ids[:1, :8], ids[1:, :3]
+    plain = hf_pelrp.attribute(model, prompt, continuation_ids=continuation)
+    calls, handle = _count_calls(model.model.layers[0].input_layernorm)
+    checkpointed = hf_pelrp.attribute(
+        model, prompt, continuation_ids=continuation, gradient_checkpointing=True
+    )
+    handle.remove()
+    assert len(calls) == 1 + 3
+    torch.testing.assert_close(checkpointed.relevance, plain.relevance, rtol=0, atol=1e-6)

@@ -367,6 +367,7 @@ def attribute(
             foil=foil,
             span_reduce=span_reduce,
             config=cfg,
+            gradient_checkpointing=gradient_checkpointing,
             **model_inputs,
         )
     adapter = adapter_for(model)

@@ -238,6 +238,7 @@ def explain_continuation(
     positional: bool | None = None,
     config: LRPConfig | None = None,
     progress: bool = False,
+    gradient_checkpointing: bool | None = None,
     **model_inputs: Any,
 ) -> GenerationAttribution:
     """Explain each token of a continuation of one prompt (teacher forcing), or of a greedy generation.
@@ -268,6 +269,9 @@ def explain_continuation(
         positions.
     progress
         Show a progress bar over the backward passes.
+    gradient_checkpointing
+        Recompute each block in the backward passes instead of keeping its activations (see
+        :func:`hf_pelrp.lrp`); default: on when ``model.gradient_checkpointing_enable()`` was called.
 
     Returns
     -------
@@ -322,7 +326,11 @@ def explain_continuation(
     positions = torch.arange(prompt_len - 1, prompt_len - 1 + steps, device=device)
     inputs, _ = adapter.validate_inputs(model, {"input_ids": full, "attention_mask": torch.ones_like(full)})
 
-    with _frozen_parameters(model), lrp(model, config=cfg) as ctx, torch.enable_grad():
+    with (
+        _frozen_parameters(model),
+        lrp(model, config=cfg, gradient_checkpointing=gradient_checkpointing) as ctx,
+        torch.enable_grad(),
+    ):
         if accepts_logits_to_keep(model):
             # only the continuation's positions go through the (vocabulary-sized) LM head
             logits = model(**inputs, logits_to_keep=positions[None]).logits[0]
