@@ -1,10 +1,10 @@
-"""Train a small ViT on Fashion-MNIST (28x28 grey images, 4x4 patches, learned absolute positions).
+"""Train a small ViT on Fashion-MNIST (28x28 grey images, 7x7 patches by default, learned absolute positions).
 
 Pixels are fed in [0, 1] (not standardised) so the black background is exactly 0: the ``pixel > 0`` object
 masks of the segmentation-style test and the zero replacement both mean "background". Writes the checkpoint
 and ``metrics.json`` (test accuracy) to ``.cache/models/vit-fashion-mnist``.
 
-Usage: ``nice -n 15 python scripts/train_vit.py [--epochs 4] [--seed 0]``
+Usage: ``nice -n 15 python scripts/train_vit.py [--epochs 3] [--patch 7] [--seed 0]``
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / ".cache" / "models" / "vit-fashion-mnist")
-    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--patch", type=int, default=7, help="patch size (28 must be a multiple of it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -38,7 +39,7 @@ def main() -> None:
     x_train, x_test = image_tensor(x_train), image_tensor(x_test)
     config = ViTConfig(
         image_size=28,
-        patch_size=4,
+        patch_size=args.patch,
         num_channels=1,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
@@ -63,7 +64,7 @@ def main() -> None:
     save_metrics(
         args.out,
         {
-            "model": f"ViT ({args.layers} layers, hidden {args.hidden}, 4x4 patches) trained from scratch",
+            "model": f"ViT ({args.layers} layers, hidden {args.hidden}, {args.patch}x{args.patch} patches) trained from scratch",
             "test_accuracy": acc,
             "test_size": len(y_test),
             "train_size": len(y_train),

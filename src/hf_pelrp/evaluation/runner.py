@@ -120,12 +120,15 @@ def run_task(task: Task, config: dict, out_dir: Path, rank: int = 0, world: int 
 
 
 def _state():
-    """(rank, world, barrier) from accelerate when launched by it, else a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """(rank, world, barrier): from the launcher's environment (``accelerate launch``, ``torchrun``), else a
+    single process. The barrier is a gloo process group, so CPU-only processes can wait for each other."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
 
-        state = PartialState()
-        return state.process_index, state.num_processes, state.wait_for_everyone
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
     return 0, 1, lambda: None
 
 
