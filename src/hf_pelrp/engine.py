@@ -227,19 +227,6 @@ def lrp(
         _ACTIVE.discard(model)
 
 
-@contextmanager
-def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """No parameter gradients during attribution: faster, leaner, and ``param.grad`` is left untouched."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _explained_logits(
     model: torch.nn.Module,
     kind: str,
@@ -383,7 +370,6 @@ def attribute(
     )
     input_ids = inputs.get("input_ids")
     with (
-        _frozen_parameters(model),
         lrp(model, config=cfg, gradient_checkpointing=gradient_checkpointing) as ctx,
         torch.enable_grad(),
     ):
@@ -422,7 +408,6 @@ def attribute(
 
     def locate() -> str:
         with (
-            _frozen_parameters(model),
             lrp(model, config=cfg, gradient_checkpointing=False),
             watch_non_finite(model) as watch,
             torch.enable_grad(),

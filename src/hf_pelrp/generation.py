@@ -16,7 +16,7 @@ import torch
 
 from .adapters import adapter_for
 from .config import LRPConfig, model_default_config, resolve_config
-from .engine import _check_finite, _frozen_parameters, lrp
+from .engine import _check_finite, lrp
 from .errors import AttributionInputError, AttributionStateError
 from .inputs import as_batch
 from .result import Attribution
@@ -327,7 +327,6 @@ def explain_continuation(
     inputs, _ = adapter.validate_inputs(model, {"input_ids": full, "attention_mask": torch.ones_like(full)})
 
     with (
-        _frozen_parameters(model),
         lrp(model, config=cfg, gradient_checkpointing=gradient_checkpointing) as ctx,
         torch.enable_grad(),
     ):
