@@ -165,3 +165,20 @@ def test_continuation_attribution_with_checkpointing(ids):
     handle.remove()
     assert len(calls) == 1 + 3
     torch.testing.assert_close(checkpointed.relevance, plain.relevance, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "vit"])
+def test_checkpointing_the_other_families(family):
+    from test_offload import _other_family
+
+    make, inputs = _other_family(family)
+    model = make()
+    plain = hf_pelrp.attribute(model, **inputs)
+    first_block = hf_pelrp.adapter_for(model).layers(model)[0]
+    calls, handle = _count_calls(next(iter(first_block.children())))
+    checkpointed = hf_pelrp.attribute(model, **inputs, gradient_checkpointing=True)
+    handle.remove()
+    assert len(calls) == 2
+    torch.testing.assert_close(checkpointed.relevance, plain.relevance, rtol=0, atol=1e-6)
+    for name, value in plain.extras.items():
+        torch.testing.assert_close(checkpointed.extras[name], value, rtol=0, atol=1e-6)
