@@ -38,7 +38,7 @@ fi
 
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
-OUT=${OUT:-gpu_check_out}
+OUT=${OUT:-/tmp/hf_pelrp_gpu_check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
