@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -276,6 +277,10 @@ class Runner:
         try:
             result = measure(self.model, method, length, args.batch, self.device)
         except torch.cuda.OutOfMemoryError:
+            result = None
+        if result is None:
+            # outside the except block: the traceback no longer holds the pass's tensors
+            gc.collect()
             torch.cuda.empty_cache()
             return None, "out of GPU memory"
         if result["total_mib"] > budget_gib * 1024:
@@ -514,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
             def fits(length, method=method, probes=probes):
                 result, _ = runner(method, length, budget)
                 probes[length] = result
+                report["largest_fit"][method] = {"probes": {str(k): v for k, v in probes.items()}}
+                save()  # a search stopped at a time limit keeps its probes
                 print(f"search {method} L={length}: {'fits' if result else 'does not fit'}", flush=True)
                 return result is not None
 
