@@ -29,7 +29,7 @@ would have to be re-summed from the event timeline, which misses memory freed by
 profiled operators). On CUDA the fresh process uses ``torch.cuda.max_memory_allocated()`` minus the
 allocation before the pass (the caching allocator has no fragmentation question for this purpose).
 
-A parent-side watchdog kills a worker whose resident memory exceeds ``--max-memory-gb`` (default 70% of the
+A parent-side watchdog kills a worker whose resident memory exceeds ``--max-memory-gb`` (default 50% of the
 memory available at start) and reports that configuration as not measured: the machine is shared.
 
 Run ``python scripts/bench_attribution.py --help`` for the options; ``make bench`` runs the default grid.
@@ -289,7 +289,7 @@ def _parse(argv):
         "--max-memory-gb",
         type=float,
         default=None,
-        help="kill a worker above this resident size (default: 70%% of the memory available at start)",
+        help="kill a worker above this resident size (default: 50%% of the memory available at start)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_pelrp.assets import smollm2_checkpoint
 
     smollm2_checkpoint()  # convert once here, not inside a timed worker
-    limit = args.max_memory_gb or 0.7 * _mem_available_gib()
+    limit = args.max_memory_gb or 0.5 * _mem_available_gib()
     console = Console(width=max(Console().width, 120))
     machine = _machine(args)
     console.print(f"machine: {json.dumps(machine)}; worker memory budget {limit:.1f} GiB")
