@@ -64,9 +64,7 @@ class NonFiniteWatch:
                 "the forward pass is finite; the backward pass overflowed where the gradient reaches the output "
                 f"of module {self.backward_module!r}."
             )
-        return (
-            "no single module could be blamed (the forward and the module gradients of the re-run are finite)."
-        )
+        return "no single module could be blamed (the forward and the module gradients of the re-run are finite)."
 
 
 @contextmanager
