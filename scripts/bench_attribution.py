@@ -292,6 +292,10 @@ def _parse(argv):
         help="kill a worker above this resident size (default: 50%% of the memory available at start)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--from-json", metavar="IN", help="print the table of a saved --json run, measure nothing"
+    )
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("lengths", "batches"):
@@ -306,19 +310,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
+def _measure(args, console) -> dict:
+    """Run the grid; returns ``{"machine", "settings", "rows"}`` (also written to ``--json`` row by row)."""
     from hf_pelrp.assets import smollm2_checkpoint
 
     smollm2_checkpoint()  # convert once here, not inside a timed worker
     limit = args.max_memory_gb or 0.5 * _mem_available_gib()
-    console = Console(width=max(Console().width, 120))
     machine = _machine(args)
     console.print(f"machine: {json.dumps(machine)}; worker memory budget {limit:.1f} GiB")
     base = {
@@ -330,13 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "repeats": args.repeats,
     }
-    # CPU: live tensor memory (fixed mmap threshold) and what the default allocator takes (see the docstring)
-    memory_kinds = ("tensors", "rss") if args.device == "cpu" else ("tensors",)
-    rows = []
+    rows: list[dict] = []
+    report = {"machine": machine, "settings": base, "rows": rows}
     for batch in args.batches:
         for length in args.lengths:
             row: dict = {"length": length, "batch": batch, "notes": []}
-            for kind in memory_kinds:
+            for kind in _memory_kinds(args.device):
                 for method in METHODS:
                     key = _memory_key(method, kind)
                     row[key] = None
@@ -356,55 +352,112 @@ def main(argv: list[str] | None = None) -> int:
             if not row["notes"]:
                 result, why = _run_worker({**base, "task": "time", "length": length, "batch": batch}, limit)
                 for method in METHODS:
-                    times = result["times"][method] if result else None
-                    row[f"{method}_times_s"] = times
-                    row[f"{method}_time_s"] = statistics.median(times) if times else None
+                    row[f"{method}_times_s"] = result["times"][method] if result else None
                 if why:
                     row["notes"].append(f"time: {why}")
-            row["time_ratio"] = _ratio(row.get("pe_lrp_time_s"), row.get("gradient_x_input_time_s"))
-            for kind in memory_kinds:
-                row[f"{kind}_memory_ratio"] = _ratio(
-                    row[_memory_key("pe_lrp", kind)], row[_memory_key("gradient_x_input", kind)]
-                )
-            lrp_mib = row[_memory_key("pe_lrp", "tensors")]
-            row["pe_lrp_kib_per_token"] = lrp_mib * 1024 / (batch * length) if lrp_mib else None
             rows.append(row)
+            _derive(row)
             console.print(
                 f"L={length} B={batch}: time ratio {_fmt(row['time_ratio'], '.2f')}, memory ratio "
                 f"{_fmt(row['tensors_memory_ratio'], '.2f')} {'; '.join(row['notes'])}"
             )
             if args.json:  # after every row: a long run that is stopped keeps what it measured
                 with open(args.json, "w", encoding="utf-8") as f:
-                    json.dump({"machine": machine, "settings": base, "rows": rows}, f, indent=2)
+                    json.dump(report, f, indent=2)
+    return report
 
-    table = Table(
-        title=f"PE-LRP ({args.mode}) vs Gradient x Input (GxI), SmolLM2-135M, {args.device}, {args.dtype}"
+
+def _memory_kinds(device: str) -> tuple[str, ...]:
+    # CPU: live tensor memory (fixed mmap threshold) and what the default allocator takes (see the docstring)
+    return ("tensors", "rss") if device == "cpu" else ("tensors",)
+
+
+def _derive(row: dict) -> None:
+    """Medians, ratios and memory per token of one row (from its raw times and peaks)."""
+    for method in METHODS:
+        times = row.get(f"{method}_times_s")
+        row[f"{method}_time_s"] = statistics.median(times) if times else None
+        row[f"{method}_min_time_s"] = min(times) if times else None
+    row["time_ratio"] = _ratio(row["pe_lrp_time_s"], row["gradient_x_input_time_s"])
+    # the fastest run is the least disturbed by other processes on a shared machine
+    row["min_time_ratio"] = _ratio(row["pe_lrp_min_time_s"], row["gradient_x_input_min_time_s"])
+    for kind in ("tensors", "rss"):
+        row[f"{kind}_memory_ratio"] = _ratio(
+            row.get(_memory_key("pe_lrp", kind)), row.get(_memory_key("gradient_x_input", kind))
+        )
+    lrp_mib = row.get(_memory_key("pe_lrp", "tensors"))
+    row["pe_lrp_kib_per_token"] = lrp_mib * 1024 / (row["batch"] * row["length"]) if lrp_mib else None
+
+
+def _render(report: dict, console, markdown: bool) -> None:
+    settings = report["settings"]
+    columns = [
+        "seq len",
+        "batch",
+        "GxI s",
+        "PE-LRP s",
+        "time ratio",
+        "min-time ratio",
+        "GxI MiB",
+        "PE-LRP MiB",
+    ]
+    columns += ["mem ratio", "RSS ratio", "PE-LRP KiB/token"]
+    body = []
+    for r in report["rows"]:
+        _derive(r)
+        body.append(
+            [
+                str(r["length"]),
+                str(r["batch"]),
+                _fmt(r["gradient_x_input_time_s"], ".2f"),
+                _fmt(r["pe_lrp_time_s"], ".2f"),
+                _fmt(r["time_ratio"], ".2f"),
+                _fmt(r["min_time_ratio"], ".2f"),
+                _fmt(r.get(_memory_key("gradient_x_input", "tensors")), ".0f"),
+                _fmt(r.get(_memory_key("pe_lrp", "tensors")), ".0f"),
+                _fmt(r["tensors_memory_ratio"], ".2f"),
+                _fmt(r["rss_memory_ratio"], ".2f"),
+                _fmt(r["pe_lrp_kib_per_token"], ".0f"),
+            ]
+        )
+    title = (
+        f"PE-LRP ({settings['mode']}, positional={settings['positional']}) vs Gradient x Input (GxI), "
+        f"SmolLM2-135M, {settings['device']}, {settings['dtype']}"
     )
-    columns = ["seq len", "batch", "GxI s", "PE-LRP s", "time ratio", "GxI MiB", "PE-LRP MiB", "mem ratio"]
-    if "rss" in memory_kinds:
-        columns.append("RSS ratio")
-    columns.append("PE-LRP KiB/token")
-    for name in columns:
-        table.add_column(name, justify="right")
-    for r in rows:
-        cells = [
-            str(r["length"]),
-            str(r["batch"]),
-            _fmt(r.get("gradient_x_input_time_s"), ".3f"),
-            _fmt(r.get("pe_lrp_time_s"), ".3f"),
-            _fmt(r["time_ratio"], ".2f"),
-            _fmt(r[_memory_key("gradient_x_input", "tensors")], ".0f"),
-            _fmt(r[_memory_key("pe_lrp", "tensors")], ".0f"),
-            _fmt(r["tensors_memory_ratio"], ".2f"),
-        ]
-        if "rss" in memory_kinds:
-            cells.append(_fmt(r["rss_memory_ratio"], ".2f"))
-        cells.append(_fmt(r["pe_lrp_kib_per_token"], ".0f"))
-        table.add_row(*cells)
-    console.print(table)
-    for r in rows:
+    if markdown:
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---:|" * len(columns))
+        for cells in body:
+            print("| " + " | ".join(cells) + " |")
+    else:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for name in columns:
+            table.add_column(name, justify="right")
+        for cells in body:
+            table.add_row(*cells)
+        console.print(table)
+    for r in report["rows"]:
         for note in r["notes"]:
             console.print(f"L={r['length']} B={r['batch']}: not measured: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 120))
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            report = json.load(f)
+        console.print(f"machine: {json.dumps(report['machine'])}")
+    else:
+        report = _measure(args, console)
+    _render(report, console, args.markdown)
     return 0
 
 
