@@ -201,7 +201,6 @@ def convert_smollm2(destination: Path, progress: bool = True) -> Path:
             # the weights are de-quantized now: a config still naming GGUF would send from_pretrained back to it
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
-            config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
             model = LlamaForCausalLM(config).to(torch.float32)
             missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
             # the LM head is tied to the embedding: it may be the only key load_state_dict reports
