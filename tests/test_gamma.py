@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import tiny_llama_family
+from hf_pelrp import attribute, lrp
 from hf_pelrp.config import PRESETS, LRPConfig, preset, resolve_config
+from hf_pelrp.errors import UnsupportedModelError
 from hf_pelrp.hooks import Gamma
 from hf_pelrp.rules import gamma_rule
 
@@ -171,3 +174,18 @@ def test_config_gamma_fields_and_presets():
         resolve_config(None, "vit-papr", None)
     with pytest.raises(ValueError, match="unknown mode or preset"):
         resolve_config("nope", None, None)
+
+
+@pytest.mark.parametrize("fields", [{"gamma_linear": 0.05}, {"gamma_conv": 100.0}])
+def test_gamma_on_a_family_without_gamma_layers_is_refused(fields):
+    model = tiny_llama_family("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = model(ids).logits
+    message = f"{next(iter(fields))}.*LlamaAdapter.*epsilon rule"
+    with pytest.raises(UnsupportedModelError, match=message), lrp(model, config=LRPConfig(**fields)):
+        pass
+    with pytest.raises(UnsupportedModelError, match="vit-paper|gamma"):
+        attribute(model, ids, config="vit-paper")
+    # refused before anything was attached: the model is exactly as it was
+    assert torch.equal(model(ids).logits, before)
+    assert all(p.requires_grad for p in model.parameters())

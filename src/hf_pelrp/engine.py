@@ -177,6 +177,7 @@ def lrp(
         )
     adapter = adapter_for(model)
     adapter.check_model(model)
+    adapter.check_config(model, cfg)
     _check_attention_interface(model)
 
     store = LeafStore()

@@ -50,6 +50,9 @@ class Adapter(ABC):
     positional_kind: str = ""
     #: names of the additive leaves this family produces, in the order they are reported
     additive_leaves: tuple[str, ...] = ("token",)
+    #: the :class:`LRPConfig` Gamma fields this family applies (``"gamma_linear"``, ``"gamma_conv"``); a
+    #: configuration that sets another one is refused rather than silently run with the epsilon rule
+    gamma_fields: frozenset[str] = frozenset()
 
     @abstractmethod
     def module_rules(
@@ -66,6 +69,22 @@ class Adapter(ABC):
     @abstractmethod
     def layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The transformer blocks, in order (for per-layer maps and checks)."""
+
+    def check_config(self, model: torch.nn.Module, config: LRPConfig) -> None:
+        """Raise :class:`UnsupportedModelError` if ``config`` asks for rules this family does not apply."""
+        unsupported = [
+            name
+            for name in ("gamma_linear", "gamma_conv")
+            if getattr(config, name) is not None and name not in self.gamma_fields
+        ]
+        if unsupported:
+            supported = ", ".join(sorted(self.gamma_fields)) or "none"
+            raise UnsupportedModelError(
+                f"LRPConfig sets {', '.join(unsupported)}, but the {type(self).__name__} "
+                f"({getattr(getattr(model, 'config', None), 'model_type', '?')}) does not apply that Gamma rule "
+                f"(Gamma fields it applies: {supported}); the result would silently use the epsilon rule. "
+                "Set those fields to None (or pick a preset meant for this architecture, e.g. 'attnlrp' / 'cp')."
+            )
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` if the model was modified in a way the rules cannot see through."""

@@ -135,6 +135,7 @@ class VisionEmbeddingLeaves(HookRule):
 class ViTAdapter(Adapter):
     model_types = ("vit", "deit")
     positional_kind = "absolute"
+    gamma_fields = frozenset({"gamma_linear", "gamma_conv"})
     additive_leaves = ("token", "position")
 
     def _base(self, model: nn.Module) -> nn.Module:
