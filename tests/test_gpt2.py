@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import hf_pelrp
-from hf_pelrp import AttributionInputError
+from hf_pelrp import AttributionInputError, UnsupportedModelError
 from hf_pelrp.adapters.llama import causal_position_ids
 from reference_absolute import gpt2_reference
 
@@ -227,3 +227,16 @@ def test_input_longer_than_the_position_table():
     ids = torch.randint(2, VOCAB, (1, model.config.n_positions + 1))
     with pytest.raises(AttributionInputError, match="position_ids holds"):
         hf_pelrp.attribute(model, ids)
+
+
+def test_cross_attention_is_refused():
+    config = GPT2Config(
+        n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=24, add_cross_attention=True
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(2, VOCAB, (1, 5))
+    with pytest.raises(UnsupportedModelError, match="cross-attention.*add_cross_attention"):
+        hf_pelrp.attribute(model, ids)
+    with pytest.raises(UnsupportedModelError, match="cross-attention"), hf_pelrp.lrp(model):
+        pass

@@ -65,6 +65,15 @@ class GPT2Adapter(Adapter):
 
     def check_model(self, model: nn.Module) -> None:
         super().check_model(model)
+        if getattr(model.config, "add_cross_attention", False) or any(
+            hasattr(block, "crossattention") for block in self.layers(model)
+        ):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has cross-attention layers (add_cross_attention=True, e.g. the decoder "
+                "of an EncoderDecoderModel): relevance flowing into encoder_hidden_states would be lost and "
+                "conservation broken. hf_pelrp supports GPT-2 as a stand-alone decoder; load it without "
+                "add_cross_attention."
+            )
         for i, block in enumerate(self.layers(model)):
             if not hasattr(block, "attn") or not hasattr(getattr(block, "mlp", None), "act"):
                 raise UnsupportedModelError(f"block {i} of {type(model).__name__} is not a GPT-2 block")
