@@ -34,7 +34,7 @@ def _equal(a: Attribution, b: Attribution) -> None:
             assert y is None, name
             continue
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), name
-    assert (a.mode, a.positional, a.model_type) == (b.mode, b.positional, b.model_type)
+    assert (a.mode, a.positional, a.model_type, a.gamma) == (b.mode, b.positional, b.model_type, b.gamma)
     assert a.extras.keys() == b.extras.keys()
     for key, value in a.extras.items():
         other = b.extras[key]
@@ -76,8 +76,12 @@ def test_round_trip_is_exact(llama_attr, tmp_path):
     _equal(llama_attr, loaded)
     assert loaded.position_by_layer is not None and loaded.mode == "cp"
     torch.testing.assert_close(loaded.conservation_gap, llama_attr.conservation_gap, rtol=0, atol=0)
-    # slicing and display still work on the loaded result
-    assert loaded[1].token.shape == (1, 7)
+    # slicing and display still work on the loaded result; per-row extras are sliced with the rows
+    row = loaded[1]
+    assert row.token.shape == (1, 7)
+    assert torch.equal(row.extras["foil"], torch.tensor([6]))
+    assert np.array_equal(row.extras["grid"], np.array([[3, 4, 5]], dtype=np.int16))
+    assert row.extras["note"] == llama_attr.extras["note"]  # not per-row: shared
 
 
 def test_round_trip_of_a_hand_built_attribution_with_segments(tmp_path):
@@ -89,6 +93,7 @@ def test_round_trip_of_a_hand_built_attribution_with_segments(tmp_path):
         target_value=torch.tensor([0.75]),
         model_type="bert",
         positional=False,
+        gamma={"gamma_linear": 0.25},
         extras={"patch_map": torch.randn(1, 2, 2)},
     )
     _equal(attr, Attribution.load(attr.save(tmp_path / "a.st")))

@@ -500,6 +500,9 @@ def test_preset_name_through_the_public_api_and_gamma_changes_maps():
     plain_cp = hf_pelrp.attribute(model, pixel_values=images(), mode="cp")
     torch.testing.assert_close(by_mode.pixel_map, by_config.pixel_map)
     assert by_mode.mode == "cp"
+    # the Gamma parameters in effect travel with the result, through slicing and a saved file
+    assert by_mode.gamma == {"gamma_linear": 0.05, "gamma_conv": 100.0} and plain_cp.gamma == {}
+    assert by_mode[1].gamma == by_mode.gamma and "gamma=" in repr(by_mode)
     assert (by_mode.pixel_map - plain_cp.pixel_map).abs().max() > 0.05 * plain_cp.pixel_map.abs().max()
 
 

@@ -232,6 +232,7 @@ def _stack_rows(rows: list[Any]) -> Any:
         mode=rows[0].mode,
         positional=rows[0].positional,
         model_type=rows[0].model_type,
+        gamma=dict(rows[0].gamma),
         extras=extras,
     )
 

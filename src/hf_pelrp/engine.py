@@ -404,6 +404,7 @@ def attribute(
         mode=cfg.mode,
         positional=cfg.positional,
         model_type=model.config.model_type,
+        gamma={k: v for k in ("gamma_linear", "gamma_conv") if (v := getattr(cfg, k)) is not None},
         extras=extras,
     )
 

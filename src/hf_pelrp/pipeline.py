@@ -493,6 +493,7 @@ def _unpad(attr: Attribution) -> Attribution:
         mode=attr.mode,
         positional=attr.positional,
         model_type=attr.model_type,
+        gamma=dict(attr.gamma),
         extras=dict(attr.extras),
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -36,6 +37,9 @@ class Attribution:
         The inputs, kept for display.
     mode, positional, model_type : str, bool, str
         The rules and the architecture that produced the maps.
+    gamma : dict
+        The generalised Gamma rule parameters in effect (``{"gamma_linear": 0.05, "gamma_conv": 100.0}`` for
+        the ``vit-paper`` preset); empty when every linear and convolution layer followed the epsilon rule.
     extras : dict
         Family-specific maps (e.g. ``patch_map`` / ``pixel_map`` for vision models).
     """
@@ -52,6 +56,7 @@ class Attribution:
     mode: str = "attnlrp"
     positional: bool = True
     model_type: str = ""
+    gamma: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -79,12 +84,20 @@ class Attribution:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __getitem__(self, index: int | slice) -> Attribution:
-        """The attribution of some rows of the batch."""
+        """The attribution of some rows of the batch.
+
+        Extras that are tensors or numpy arrays with the batch as their leading axis are sliced with the rows;
+        other extras (lists, dicts, scalars) are passed on unchanged.
+        """
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
 
+        batch = self.batch_size
+
         def take(x):
-            return x[index] if isinstance(x, torch.Tensor) else x
+            # per-row extras (tensors or arrays with the batch as leading axis) are sliced, the rest is shared
+            rows = isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim > 0 and x.shape[0] == batch
+            return x[index] if rows else x
 
         return Attribution(
             token=take(self.token),
@@ -99,13 +112,15 @@ class Attribution:
             mode=self.mode,
             positional=self.positional,
             model_type=self.model_type,
+            gamma=dict(self.gamma),
             extras={k: take(v) for k, v in self.extras.items()},
         )
 
     def __repr__(self) -> str:
         gap = ", ".join(f"{g:.4g}" for g in self.conservation_gap.tolist()[:4])
+        gamma = f", gamma={self.gamma}" if self.gamma else ""
         return (
-            f"Attribution(model_type={self.model_type!r}, mode={self.mode!r}, positional={self.positional}, "
+            f"Attribution(model_type={self.model_type!r}, mode={self.mode!r}, positional={self.positional}{gamma}, "
             f"batch={self.batch_size}, seq_len={self.token.shape[-1]}, target={self.target.tolist()[:4]}, "
             f"conservation_gap=[{gap}])"
         )
