@@ -6,6 +6,7 @@ no dropout randomness outside the seeded generator. Progress is shown with tqdm.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -93,6 +94,55 @@ def accuracy(
         pred = model(**make_batch(idx.tolist())).logits.argmax(-1)
         correct += int((pred == labels[idx]).sum())
     return correct / len(labels)
+
+
+def training_parser(
+    doc: str, out: Path, *, epochs: float, batch_size: int, lr: float
+) -> argparse.ArgumentParser:
+    """The options every training script shares (output folder, schedule, seed, threads), with its defaults."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--epochs", type=float, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def run_metrics(
+    model: str,
+    accuracy: float,
+    test_size: int,
+    train_size: int,
+    args,
+    losses: Sequence[float],
+    seconds: float,
+) -> dict:
+    """The ``metrics.json`` fields every training script writes (extend the dict for more)."""
+    tail = list(losses[-50:])
+    return {
+        "model": model,
+        "test_accuracy": accuracy,
+        "test_size": test_size,
+        "train_size": train_size,
+        "epochs": args.epochs,
+        "final_loss": sum(tail) / len(tail),
+        "seed": args.seed,
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def text_batches(tokenizer, sentences: Sequence, max_length: int) -> Callable[[torch.Tensor], dict]:
+    """Batch maker for :func:`train_classifier` / :func:`accuracy`: indices -> tokenized, padded
+    ``sentences[i].text`` (truncated to ``max_length``)."""
+
+    def make(idx: torch.Tensor) -> dict:
+        texts = [sentences[i].text for i in idx]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return dict(enc)
+
+    return make
 
 
 def save_metrics(folder: Path, metrics: dict) -> None:
