@@ -104,3 +104,40 @@ def test_model_is_unchanged_by_the_evaluation(smoke_run):
     with torch.no_grad():
         assert torch.equal(task.model(**sample.inputs).logits, before)
     assert all(not p.requires_grad or p.grad is None for p in task.model.parameters())
+
+
+def test_collect_results_writes_tables_and_plots_into_docs_and_readme(smoke_run, tmp_path):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("collect_results", ROOT / "scripts" / "collect_results.py")
+    collect_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect_results)
+
+    out, summaries = smoke_run
+    shutil.copytree(out, tmp_path / "runs" / "example")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text(
+        "# R\n\nanalysis stays\n\n## Tables and curves\n\nold tables\n"
+    )
+    readme = "# P\n\nintro\n<!-- results:tables -->\nold\n<!-- /results:tables -->\nafter\n"
+    (tmp_path / "README.md").write_text(readme)
+
+    tasks = collect_results.collect(tmp_path)
+    collect_results.write_docs(tasks, tmp_path)
+    assert [t["name"] for t in tasks] == sorted(summaries)
+    docs = (tmp_path / "docs" / "results.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert "analysis stays" in docs and "old tables" not in docs
+    assert readme.startswith("# P\n\nintro\n<!-- results:tables -->\n") and readme.endswith(
+        "<!-- /results:tables -->\nafter\n"
+    )
+    assert "\nold\n" not in readme
+    for name in summaries:
+        assert (tmp_path / "docs" / "results" / f"{name}.png").stat().st_size > 0
+        assert f"### Task: {name}" in docs and f"](results/{name}.png)" in docs
+        assert f"**{name}**" in readme and f"](docs/results/{name}.png)" in readme
+        # the README gets the main table only; docs/results.md also the paired differences
+        main = collect_results.main_table((out / name / "table.md").read_text())
+        assert main in readme and main in docs and main.count("\n") >= 3
+    assert "Paired differences" in docs and "Paired differences" not in readme
