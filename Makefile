@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench results
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -22,3 +22,17 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_attribution.py
+
+# The evaluation of issue 5 from scratch: data, the three trained models (skipped when their checkpoint
+# exists), the four tasks (resumable: finished samples are not recomputed), then the tables into docs/ and
+# the README. Hours on two CPU cores; see docs/results.md.
+MODELS := .cache/models
+EVAL_CONFIGS := smollm2_next_token minilm_sentiment gpt2_sentiment vit_fashion_mnist
+
+results: $(STAMP)
+	$(PY) scripts/prepare_data.py
+	test -f $(MODELS)/minilm-sentiment/config.json || nice -n 15 $(PY) scripts/train_minilm.py
+	test -f $(MODELS)/gpt2-sentiment/config.json || nice -n 15 $(PY) scripts/train_gpt2.py
+	test -f $(MODELS)/vit-fashion-mnist/config.json || nice -n 15 $(PY) scripts/train_vit.py
+	for c in $(EVAL_CONFIGS); do nice -n 15 .venv/bin/hf-pelrp evaluate configs/$$c.yaml || exit 1; done
+	$(PY) scripts/collect_results.py
