@@ -48,6 +48,17 @@ def make_leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
+class Handles:
+    """Several hook handles removed as one (what :meth:`HookRule.attach` returns for a multi-hook rule)."""
+
+    def __init__(self, *handles: RemovableHandle):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class HookRule(ABC):
     """A rule applied to one module through a hook; subclasses implement :meth:`attach`."""
 

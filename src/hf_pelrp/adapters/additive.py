@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import activations as hf_act
 
 from ..errors import AttributionInputError, UnsupportedModelError
-from ..hooks import Activation, HookRule, LeafStore, Norm, make_leaf
+from ..hooks import Activation, Handles, HookRule, LeafStore, Norm, make_leaf
 from ..inputs import as_batch
 from ..rules import identity_rule, layer_norm_identity
 
@@ -75,17 +75,6 @@ class AdditiveLeaf(HookRule):
         return module.register_forward_hook(hook)
 
 
-class _Handles:
-    """Several hook handles removed as one (what :meth:`HookRule.attach` returns for a two-hook rule)."""
-
-    def __init__(self, *handles: RemovableHandle):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 @dataclass
 class FunctionalActivation(HookRule):
     """Identity rule (AttnLRP Prop. 3.4) for an activation a model applies as a function between two modules.
@@ -98,7 +87,7 @@ class FunctionalActivation(HookRule):
 
     producer: nn.Module
 
-    def attach(self, module: nn.Module) -> _Handles:
+    def attach(self, module: nn.Module) -> Handles:
         seen: dict[str, torch.Tensor] = {}
 
         def remember(_module, _args, output):
@@ -110,7 +99,7 @@ class FunctionalActivation(HookRule):
                 return None
             return (identity_rule(x, args[0]), *args[1:])
 
-        return _Handles(
+        return Handles(
             self.producer.register_forward_hook(remember), module.register_forward_pre_hook(replace)
         )
 

@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..attention import AttentionRule
 from ..config import LRPConfig
 from ..devices import weights_on_device
 from ..errors import AttributionInputError, AttributionStateError, UnsupportedModelError
-from ..hooks import Gamma, HookRule, LeafStore, make_leaf
+from ..hooks import Gamma, Handles, HookRule, LeafStore, make_leaf
 from .additive import check_activation, norm_and_activation_rules
 from .base import Adapter, register_adapter
 
@@ -51,17 +50,6 @@ def num_special_tokens(embeddings: nn.Module) -> int:
     return 2 if getattr(embeddings, "distillation_token", None) is not None else 1
 
 
-class _Handles:
-    """Several hook handles removed as one."""
-
-    def __init__(self, *handles: RemovableHandle):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 @dataclass
 class VisionEmbeddingLeaves(HookRule):
     """Leaves ``"token"`` and ``"position"`` at the embedding sum of a ViT / DeiT, and the pixels behind them.
@@ -76,7 +64,7 @@ class VisionEmbeddingLeaves(HookRule):
     store: LeafStore
     positional: bool
 
-    def attach(self, module: nn.Module) -> _Handles:
+    def attach(self, module: nn.Module) -> Handles:
         store = self.store
 
         def pixels_in(_module, args):
@@ -125,7 +113,7 @@ class VisionEmbeddingLeaves(HookRule):
             return rebuilt
 
         patch = module.patch_embeddings
-        return _Handles(
+        return Handles(
             patch.register_forward_pre_hook(pixels_in),
             patch.register_forward_hook(patches_out),
             module.register_forward_hook(embeddings_out, with_kwargs=True),
