@@ -141,3 +141,22 @@ def test_collect_results_writes_tables_and_plots_into_docs_and_readme(smoke_run,
         main = collect_results.main_table((out / name / "table.md").read_text())
         assert main in readme and main in docs and main.count("\n") >= 3
     assert "Paired differences" in docs and "Paired differences" not in readme
+
+
+def test_positional_diagnostics_on_every_smoke_task(capsys):
+    from hf_pelrp.evaluation.diagnostics import main, positional_diagnostics
+
+    results = positional_diagnostics(SMOKE, num_samples=2)
+    assert set(results) == {t["name"] for t in load_config(SMOKE)["tasks"]}
+    for name, stats in results.items():
+        assert 0 < stats["position_share"][0] < 1, name
+        assert -1 <= stats["spearman"][0] <= 1 and 0 <= stats["top20_overlap"][0] <= 1, name
+        assert -1 <= stats["token_spearman"][0] <= 1, name
+        if "llama" not in name:
+            # additive positions: the token map does not depend on `positional`
+            assert stats["token_spearman"] == (1.0, 0.0), name
+    # CP rules give rotary positions nothing: ranking and token map are the positional=False ones
+    cp = positional_diagnostics(SMOKE, num_samples=2, mode="cp")["tiny-llama-classifier"]
+    assert cp["position_share"][0] == 0 and cp["spearman"][0] == 1 and cp["token_spearman"][0] == 1
+    main([str(SMOKE), "1"])
+    assert "token_spearman" in capsys.readouterr().out

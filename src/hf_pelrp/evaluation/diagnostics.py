@@ -29,15 +29,17 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def positional_diagnostics(config_path: str | Path, num_samples: int = 50, mode: str = "attnlrp") -> dict:
     """Means (with 95% CI) over samples of: the position map's share of the total absolute relevance, the
-    rank correlation of the ranking with and without positions, the overlap of their top-20% sets, and the
-    conservation gap with and without positions (in units of the explained logit)."""
+    rank correlation of the ranking with and without positions, the rank correlation of the token maps alone
+    with and without positions, the overlap of the rankings' top-20% sets, and the conservation gap with and
+    without positions (in units of the explained logit)."""
     config = load_config(config_path)
     root = Path(config.get("root", Path.cwd()))
     results = {}
     for spec in config["tasks"]:
         task = build_task(spec, root, seed=int(config.get("seed", 0)))
         stats: dict[str, list[float]] = {
-            k: [] for k in ("position_share", "spearman", "top20_overlap", "gap_pe", "gap_nope")
+            k: []
+            for k in ("position_share", "spearman", "token_spearman", "top20_overlap", "gap_pe", "gap_nope")
         }
         for sample in task.samples[:num_samples]:
             with torch.no_grad():
@@ -52,15 +54,20 @@ def positional_diagnostics(config_path: str | Path, num_samples: int = 50, mode:
                 n_special = pe.position.shape[-1] - with_pos.numel()
                 position = pe.position[0, n_special:]
                 token = with_pos - position
+                token_nope = without
             else:
                 with_pos, without = pe.relevance[0], nope.relevance[0]
                 position, token = pe.position[0], pe.token[0]
+                token_nope = nope.token[0]
             allowed = sample.allowed
             share = position[allowed].abs().sum() / (
                 position[allowed].abs().sum() + token[allowed].abs().sum()
             )
             stats["position_share"].append(float(share))
             stats["spearman"].append(_spearman(with_pos[allowed], without[allowed]))
+            # 1 for additive positions (the token map does not depend on `positional`); < 1 for RoPE, where
+            # PE-LRP moves part of the q / k relevance from the tokens to the positions
+            stats["token_spearman"].append(_spearman(token[allowed], token_nope[allowed]))
             k = max(1, int(0.2 * int(allowed.sum()) + 0.5))
             top_a = set(with_pos[allowed].topk(k).indices.tolist())
             top_b = set(without[allowed].topk(k).indices.tolist())
