@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_pelrp.evaluation.methods import integrated_gradients
+from hf_pelrp.evaluation.methods import captum_integrated_gradients, integrated_gradients
 from hf_pelrp.evaluation.metrics import (
     area_under_curve,
     average_precision,
@@ -186,6 +186,18 @@ def test_integrated_gradients_completeness_nonlinear():
     x, base = torch.randn(1, 6), torch.randn(1, 6)
     ig = integrated_gradients(f, x, base, steps=64)
     assert ig.sum().item() == pytest.approx((f(x) - f(base)).item(), abs=1e-3)
+
+
+def test_captum_integrated_gradients_equals_the_explicit_midpoint_rule():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3)
+    f = lambda p: torch.tanh(p @ w).pow(2).sum(-1)  # noqa: E731
+    x, base = torch.randn(1, 6), torch.randn(1, 6)
+    for steps in (2, 7, 16):
+        ours = integrated_gradients(f, x, base, steps)
+        torch.testing.assert_close(captum_integrated_gradients(f, x, base, steps), ours, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="steps >= 2"):
+        captum_integrated_gradients(f, x, base, 1)
 
 
 def test_paired_summary_directions():

@@ -160,3 +160,34 @@ def test_positional_diagnostics_on_every_smoke_task(capsys):
     assert cp["position_share"][0] == 0 and cp["spearman"][0] == 1 and cp["token_spearman"][0] == 1
     main([str(SMOKE), "1"])
     assert "token_spearman" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task_name", ["tiny-llama-next-token", "tiny-bert-classifier", "tiny-vit"])
+def test_ig_method_matches_the_explicit_integrated_gradients(task_name):
+    from hf_pelrp.evaluation.methods import MethodSettings, explain, integrated_gradients
+    from hf_pelrp.evaluation.samples import explained_logits
+
+    spec = next(t for t in load_config(SMOKE)["tasks"] if t["name"] == task_name)
+    task = build_task(spec, ROOT, seed=0)
+    model, sample = task.model, task.samples[0]
+    steps = 6
+    with torch.no_grad():
+        target = int(explained_logits(model, sample, sample.inputs)[0].argmax())
+    got = explain("ig", model, sample, target, MethodSettings(ig_steps=steps))
+
+    def logit(**inputs):
+        return explained_logits(model, sample, inputs)[:, target]
+
+    if "pixel_values" in sample.inputs:
+        x = sample.inputs["pixel_values"]
+        pixels = integrated_gradients(lambda p: logit(pixel_values=p), x, torch.zeros_like(x), steps).sum(0)
+        torch.testing.assert_close(got.pixels, pixels, rtol=1e-4, atol=1e-6)
+        patch = model.config.patch_size
+        per_patch = torch.nn.functional.avg_pool2d(pixels[None, None], patch).flatten() * patch**2
+        torch.testing.assert_close(got.units, per_patch, rtol=1e-4, atol=1e-6)
+    else:
+        emb = model.get_input_embeddings()(sample.inputs["input_ids"]).detach()
+        rest = {k: v.expand(steps, *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"}
+        ig = integrated_gradients(lambda e: logit(inputs_embeds=e, **rest), emb, torch.zeros_like(emb), steps)
+        torch.testing.assert_close(got.units, ig.sum(-1), rtol=1e-4, atol=1e-6)
+    assert all(p.requires_grad for p in model.parameters())

@@ -297,29 +297,50 @@ def integrated_gradients(
     return (x - baseline)[0] * grad.mean(0)
 
 
+def captum_integrated_gradients(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, baseline: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Captum's ``IntegratedGradients`` with the same midpoint rule as :func:`integrated_gradients` (its
+    ``riemann_middle``: nodes ``(k + 1/2) / steps``, weights ``1 / steps``); ``x`` is one row [1, ...], the
+    result drops that axis. ``f`` maps [S, ...] to [S]."""
+    try:
+        from captum.attr import IntegratedGradients
+    except ImportError as err:  # pragma: no cover - captum is a dependency of the eval / test extras
+        raise ImportError(
+            "the 'ig' method uses Captum's IntegratedGradients: pip install 'hf_pelrp[eval]' (or captum)"
+        ) from err
+    if steps < 2:
+        raise ValueError(f"Captum's Riemann rules need steps >= 2, got {steps}")
+    with torch.enable_grad():
+        attr = IntegratedGradients(f).attribute(
+            x, baselines=baseline, n_steps=steps, method="riemann_middle", internal_batch_size=steps
+        )
+    return attr.detach()[0]
+
+
 def _integrated_gradients(model, sample, target, settings: MethodSettings) -> Explanation:
     steps = settings.ig_steps
     with _frozen(model):
         if _is_vision(sample):
             x = sample.inputs["pixel_values"]
-            ig = integrated_gradients(
+            ig = captum_integrated_gradients(
                 lambda p: _select_logit(model, sample, target, pixel_values=p), x, torch.zeros_like(x), steps
             )
             pixels = ig.sum(0)
             patch, _ = _vision_grid(model, sample)
             return Explanation(_patch_sum(pixels, patch), pixels)
         emb = model.get_input_embeddings()(sample.inputs["input_ids"]).detach()
-        rest = {k: v.expand(steps, *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"}
-        ig = integrated_gradients(
-            lambda e: _select_logit(model, sample, target, inputs_embeds=e, **rest),
-            emb,
-            torch.zeros_like(emb),
-            steps,
-        )
+        rest = {k: v for k, v in sample.inputs.items() if k != "input_ids"}
+
+        def f(e: torch.Tensor) -> torch.Tensor:
+            expanded = {k: v.expand(e.shape[0], *v.shape[1:]) for k, v in rest.items()}
+            return _select_logit(model, sample, target, inputs_embeds=e, **expanded)
+
+        ig = captum_integrated_gradients(f, emb, torch.zeros_like(emb), steps)
     return Explanation(ig.sum(-1))
 
 
-register_method("ig", "Integrated Gradients on the token embeddings / pixels, zero baseline")(
+register_method("ig", "Integrated Gradients (Captum) on the token embeddings / pixels, zero baseline")(
     _integrated_gradients
 )
 
