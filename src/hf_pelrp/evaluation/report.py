@@ -127,31 +127,39 @@ def paired_table(summary: dict[str, Any], kind: str) -> str:
 
 
 def plot_curves(records: list[dict[str, Any]], methods: list[str], kind: str, path: Path) -> None:
-    """Mean perturbation curves per method (one panel per curve type) as a PNG."""
+    """Mean perturbation curves per method (one panel per curve type) as a PNG: text tasks get a row of
+    probability and a row of logit curves, vision tasks one row of probability and accuracy curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (
-        ["morf_prob_curve", "lerf_prob_curve", "insertion_prob_curve"]
+    grid = (
+        [
+            ["morf_prob_curve", "lerf_prob_curve", "insertion_prob_curve"],
+            ["morf_logit_curve", "lerf_logit_curve", "insertion_logit_curve"],
+        ]
         if kind == TEXT
-        else ["positive_prob_curve", "negative_prob_curve", "positive_acc_curve", "negative_acc_curve"]
+        else [["positive_prob_curve", "negative_prob_curve", "positive_acc_curve", "negative_acc_curve"]]
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        for m in methods:
+    rows, cols = len(grid), len(grid[0])
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    # one colour per method (the default cycle repeats after ten)
+    colours = plt.get_cmap("tab20")
+    for ax, panel in zip(axes.flat, [p for row in grid for p in row], strict=True):
+        for i, m in enumerate(methods):
             curves = [r["curves"][panel] for r in records if r["method"] == m]
             if not curves:
                 continue
             xs = next(r["fractions"] for r in records if r["method"] == m)
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(xs))]
             style = "--" if not m.endswith(("_pe", "_pe_abs")) else "-"
-            ax.plot(xs, mean, style, label=m, linewidth=1.4)
+            ax.plot(xs, mean, style, label=m, linewidth=1.4, color=colours(i % 20))
         ax.set_title(panel.replace("_curve", "").replace("_", " "))
         ax.set_xlabel("fraction perturbed")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean over samples")
+    for row in axes:
+        row[0].set_ylabel("mean over samples")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
