@@ -191,3 +191,89 @@ def test_ig_method_matches_the_explicit_integrated_gradients(task_name):
         ig = integrated_gradients(lambda e: logit(inputs_embeds=e, **rest), emb, torch.zeros_like(emb), steps)
         torch.testing.assert_close(got.units, ig.sum(-1), rtol=1e-4, atol=1e-6)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_device_resolution(monkeypatch):
+    from hf_pelrp.evaluation.runner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == resolve_device(" CPU ") == torch.device("cpu")
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            resolve_device(spec)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    # with CUDA, `auto` / `cuda` give each accelerate process the GPU of its local rank
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="cuda:2 does not exist"):
+        resolve_device("auto", local_rank=2)
+    with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
+        resolve_device("cuda:x")
+
+
+def test_task_to_moves_model_and_inputs_only():
+    spec = next(t for t in load_config(SMOKE)["tasks"] if t["name"] == "tiny-vit")
+    task = build_task(spec, ROOT, seed=0)
+    assert task.to("cpu") is task
+    sample = task.samples[0]
+    assert sample.inputs["pixel_values"].device.type == "cpu" and sample.mask.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_run_on_cuda_matches_the_cpu_run(smoke_run, tmp_path):
+    out, cpu = smoke_run
+    config = load_config(SMOKE)
+    config["device"] = "cuda"
+    path = tmp_path / "smoke_cuda.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    gpu = run(path, output_dir=tmp_path / "runs")
+    assert set(gpu) == set(cpu)
+    for name in cpu:
+        gpu_records = {(r["sample"], r["method"]): r for r in read_records(tmp_path / "runs" / name)}
+        for rec in read_records(out / name):
+            other = gpu_records[(rec["sample"], rec["method"])]
+            assert other["target"] == rec["target"]
+            if rec["method"] == "random":  # the same ranking: only the forward passes differ
+                for key, value in rec["scores"].items():
+                    assert other["scores"][key] == pytest.approx(value, abs=2e-3), (name, key)
+
+
+def test_verify_results_recomputes_recorded_samples(smoke_run, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("verify_results", ROOT / "scripts" / "verify_results.py")
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
+    out, _ = smoke_run
+    config = load_config(SMOKE)
+    config["output_dir"] = str(out)
+    config["tasks"] = [t for t in config["tasks"] if t["name"] == "tiny-gpt2-classifier"]
+    path = tmp_path / "verify.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("sys.argv", ["verify_results.py", str(path), "1"])
+    assert verify.main() == 0
+    report = capsys.readouterr().out
+    assert "tiny-gpt2-classifier" in report and "differs" not in report
+    # a tampered record is caught
+    records = out / "tiny-gpt2-classifier" / "samples.rank0.jsonl"
+    lines = records.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["scores"] = {k: v + 0.5 for k, v in first["scores"].items()}
+    tampered = tmp_path / "tampered"
+    (tampered / "tiny-gpt2-classifier").mkdir(parents=True)
+    (tampered / "tiny-gpt2-classifier" / "samples.rank0.jsonl").write_text(
+        "\n".join([json.dumps(first), *lines[1:]]) + "\n"
+    )
+    config["output_dir"] = str(tampered)
+    path.write_text(yaml.safe_dump(config))
+    assert verify.main() == 1
+    assert "differs" in capsys.readouterr().out

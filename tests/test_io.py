@@ -269,3 +269,12 @@ def test_other_files_are_refused(tmp_path):
         Attribution.load(text)
     with pytest.raises(FileNotFoundError):
         Attribution.load(tmp_path / "missing.safetensors")
+
+
+def test_to_moves_every_tensor_and_refuses_a_dtype(llama_attr):
+    moved = llama_attr.to("cpu")
+    _equal(llama_attr, moved)
+    assert moved is not llama_attr and moved.extras is not llama_attr.extras
+    assert moved.target.dtype == torch.long and moved.extras["note"] == llama_attr.extras["note"]
+    with pytest.raises((TypeError, RuntimeError)):
+        llama_attr.to(torch.float64)

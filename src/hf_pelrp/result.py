@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,17 @@ class Attribution:
             gamma=dict(self.gamma),
             extras={k: take(v) for k, v in self.extras.items()},
         )
+
+    def to(self, device: str | torch.device) -> Attribution:
+        """A copy with every tensor (fields and tensor extras) on ``device``, e.g. ``attr.to("cpu")``."""
+        device = torch.device(device)  # a device only: a dtype would turn the integer ids into floats
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        extras = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()}
+        return replace(self, **moved, gamma=dict(self.gamma), extras=extras)
 
     def __repr__(self) -> str:
         gap = ", ".join(f"{g:.4g}" for g in self.conservation_gap.tolist()[:4])

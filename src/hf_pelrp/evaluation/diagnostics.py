@@ -47,8 +47,9 @@ def positional_diagnostics(config_path: str | Path, num_samples: int = 50, mode:
             kwargs = dict(sample.inputs, target=target, mode=mode)
             if sample.position is not None:
                 kwargs["position"] = sample.position
-            pe = attribute(task.model, positional=True, **kwargs)
-            nope = attribute(task.model, positional=False, **kwargs)
+            # maps on the CPU, where the sample's `allowed` units are
+            pe = attribute(task.model, positional=True, **kwargs).to("cpu")
+            nope = attribute(task.model, positional=False, **kwargs).to("cpu")
             if "pixel_values" in sample.inputs:
                 with_pos, without = pe.patch_map[0].flatten(), nope.patch_map[0].flatten()
                 n_special = pe.position.shape[-1] - with_pos.numel()

@@ -360,7 +360,7 @@ def _attention_rollout(model, sample, target, settings) -> Explanation:
     rollout = None
     for att in out.attentions:
         a = att[0].float().mean(0)
-        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1])
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device)
         a = a / a.sum(-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
     if _is_vision(sample):

@@ -36,9 +36,10 @@ def _scores(model, sample: Sample, target: int, batch_inputs: dict, chunk: int) 
     for start in range(0, n, chunk):
         part = {k: v[start : start + chunk] for k, v in batch_inputs.items()}
         out = explained_logits(model, sample, part).float()
-        probs.append(out.softmax(-1)[:, target])
-        logits.append(out[:, target])
-        preds.append(out.argmax(-1))
+        # scores are collected on the CPU, where the curves are indexed and the masks live
+        probs.append(out.softmax(-1)[:, target].cpu())
+        logits.append(out[:, target].cpu())
+        preds.append(out.argmax(-1).cpu())
     return torch.cat(probs), torch.cat(logits), torch.cat(preds)
 
 
@@ -75,7 +76,8 @@ def token_flip(
         "insertion": sample.allowed.bool()[None] & ~removal_masks(morf, length, fracs),
     }
     unique, inverse = _unique_rows(torch.cat(list(removed.values())))
-    batch_ids = torch.where(unique, torch.as_tensor(replacement_id), ids.expand(unique.shape[0], -1))
+    replace = torch.as_tensor(replacement_id, device=ids.device)
+    batch_ids = torch.where(unique.to(ids.device), replace, ids.expand(unique.shape[0], -1))
     batch = {k: v.expand(unique.shape[0], *v.shape[1:]) for k, v in sample.inputs.items() if k != "input_ids"}
     batch["input_ids"] = batch_ids
     probs, logits, _ = _scores(model, sample, target, batch, chunk)
@@ -97,7 +99,7 @@ def token_flip(
 def gaussian_blur(images: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
     """Separable Gaussian blur of [B, C, H, W] images (reflect padding, kernel radius 3 sigma)."""
     radius = max(1, int(3 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     c = images.shape[1]
@@ -144,6 +146,7 @@ def patch_perturbation(
         masks.append(removal_masks(order, n, fracs))
     unique, inverse = _unique_rows(torch.cat(masks))
     pixel_mask = F.interpolate(unique.float().view(-1, 1, *grid), scale_factor=patch, mode="nearest").bool()
+    pixel_mask = pixel_mask.to(pixels.device)
     batch = torch.where(pixel_mask, fill, pixels)
     probs, _, preds = _scores(model, sample, target, {"pixel_values": batch}, chunk)
     probs, preds = probs[inverse], preds[inverse]

@@ -132,6 +132,39 @@ def _state():
     return 0, 1, lambda: None
 
 
+def resolve_device(spec: str | None = "auto", local_rank: int | None = None) -> torch.device:
+    """The device one evaluation process runs its models on.
+
+    ``"auto"`` (the default): ``cuda:<local rank>`` when CUDA is available (``accelerate launch`` gives each
+    process its own GPU), else the CPU. ``"cpu"``, ``"cuda"`` (= ``cuda:<local rank>``) or ``"cuda:N"`` pick
+    one explicitly; asking for CUDA on a machine without it is an error, not a silent CPU run.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    spec = "auto" if spec is None else str(spec).strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"the configuration asks for device {spec!r}, but CUDA is not available here: use "
+                "device: cpu (or auto)"
+            )
+        suffix = spec.split(":", 1)[1] if ":" in spec else str(local_rank)
+        if not suffix.isdigit():
+            raise ValueError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N")
+        index = int(suffix)
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device cuda:{index} does not exist ({torch.cuda.device_count()} CUDA devices); start at most "
+                "that many processes, or name the devices explicitly"
+            )
+        return torch.device("cuda", index)
+    raise ValueError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N")
+
+
 def run(
     config_path: str | Path, output_dir: str | Path | None = None, report_only: bool = False
 ) -> dict[str, Any]:
@@ -161,9 +194,10 @@ def run(
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     rank, world, barrier = _state()
+    device = resolve_device(config.get("device", "auto"))
     summaries = {}
     for spec in config["tasks"]:
-        task = build_task(spec, root, seed=int(config.get("seed", 0)))
+        task = build_task(spec, root, seed=int(config.get("seed", 0))).to(device)
         if not report_only and len(task.samples) < int(spec.get("min_samples", 1)):
             raise ValueError(
                 f"task {task.name}: only {len(task.samples)} samples, the configuration asks for at least "

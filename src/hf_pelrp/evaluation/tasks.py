@@ -33,6 +33,14 @@ class Task:
     image_replacement: str = "zero"
     info: dict[str, Any] = field(default_factory=dict)
 
+    def to(self, device: str | torch.device) -> Task:
+        """Move the model and the samples' model inputs to ``device`` (in place; returns the task). The
+        samples' ``allowed`` units and object masks stay on the CPU, where relevance is ranked and scored."""
+        self.model.to(device)
+        for sample in self.samples:
+            sample.inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in sample.inputs.items()}
+        return self
+
 
 _MODELS: dict[str, Callable[..., tuple[torch.nn.Module, Any]]] = {}
 _DATA: dict[str, Callable[..., list[Sample]]] = {}
