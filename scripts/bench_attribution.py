@@ -208,8 +208,11 @@ def _estimate_mib(rows: list[dict], key: str, batch: int, length: int) -> float 
     return ref[key] * length / ref["length"]
 
 
-def _run_worker(spec: dict, limit_gib: float, fixed_mmap_threshold: bool = False) -> tuple[dict | None, str]:
-    """Run one measurement in a fresh process; (result, "") or (None, why it was not measured)."""
+def run_watched_worker(
+    script: str, spec: dict, limit_gib: float, fixed_mmap_threshold: bool
+) -> tuple[dict | None, str]:
+    """Run ``script --worker SPEC`` in a fresh process, killed if its resident memory passes ``limit_gib``;
+    (its JSON result, "") or (None, why it was not measured). Shared by the benchmark scripts."""
     env = dict(os.environ)
     if fixed_mmap_threshold:
         # glibc: every block >= 64 KiB is its own mapping, unmapped on free: RSS follows the live tensors
@@ -217,17 +220,16 @@ def _run_worker(spec: dict, limit_gib: float, fixed_mmap_threshold: bool = False
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
     while proc.poll() is None:
-        try:
+        rss = 0
+        with contextlib.suppress(OSError, RuntimeError):  # the process may be exiting
             rss = _status_kib("VmRSS", str(proc.pid))
-        except (OSError, RuntimeError):  # the process is just exiting
-            rss = 0
         if rss > limit_gib * 2**20:
             proc.kill()
             proc.wait()
@@ -238,6 +240,11 @@ def _run_worker(spec: dict, limit_gib: float, fixed_mmap_threshold: bool = False
         tail = stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         return None, f"worker failed (exit {proc.returncode}): {tail[0]}"
     return json.loads(stdout.strip().splitlines()[-1]), ""
+
+
+def _run_worker(spec: dict, limit_gib: float, fixed_mmap_threshold: bool = False) -> tuple[dict | None, str]:
+    """Run one measurement in a fresh process; (result, "") or (None, why it was not measured)."""
+    return run_watched_worker(__file__, spec, limit_gib, fixed_mmap_threshold)
 
 
 def _machine(args) -> dict:

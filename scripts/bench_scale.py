@@ -43,7 +43,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -57,6 +56,7 @@ from bench_attribution import (  # noqa: E402  (a sibling script, not a package)
     _sync,
     _trim_heap,
     gradient_x_input,
+    run_watched_worker,
 )
 
 METHODS = ("gxi", "pe_lrp", "gxi_ckpt", "pe_lrp_ckpt")
@@ -222,30 +222,11 @@ def _worker(spec: dict) -> dict:
 
 def _spawn(spec: dict, budget_gib: float) -> tuple[dict | None, str]:
     """Run one CPU measurement in a fresh process under a resident-memory watchdog."""
-    # glibc: every block >= 64 KiB is its own mapping, returned on free, so the high-water mark follows the
-    # live tensors rather than the heap's fragmentation (bench_attribution.py's "tensors" measurement)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    peak = 0
-    while proc.poll() is None:
-        with contextlib.suppress(OSError, RuntimeError):  # the process may be exiting
-            peak = max(peak, _status_kib("VmRSS", str(proc.pid)))
-        if peak > budget_gib * 2**20:
-            proc.kill()
-            proc.wait()
-            return None, f"over the {budget_gib:.1f} GiB budget"
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate()
-    if proc.returncode != 0:
-        tail = stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-        return None, f"worker failed (exit {proc.returncode}): {tail[0]}"
-    result = json.loads(stdout.strip().splitlines()[-1])
+    # fixed mmap threshold: the high-water mark follows the live tensors rather than the heap's fragmentation
+    # (bench_attribution.py's "tensors" measurement)
+    result, why = run_watched_worker(__file__, spec, budget_gib, fixed_mmap_threshold=True)
+    if result is None:
+        return None, why
     if result.get("total_mib", 0) > budget_gib * 1024:
         return None, f"over the {budget_gib:.1f} GiB budget"
     return result, ""
