@@ -98,7 +98,7 @@ def test_contrastive_targets(lm, prompt, continuation):
     with torch.no_grad():
         logits = lm(prompt).logits[0, -1]
     assert attr.target_value.item() == pytest.approx((logits[7] - logits[9]).item(), abs=1e-5)
-    assert attr.extras["foil"].tolist() == [9]
+    assert attr.foil.tolist() == [9]
     plain_t = hf_pelrp.attribute(lm, prompt, target=7)
     plain_f = hf_pelrp.attribute(lm, prompt, target=9)
     torch.testing.assert_close(attr.relevance, plain_t.relevance - plain_f.relevance, atol=1e-6, rtol=1e-5)

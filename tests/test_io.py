@@ -227,7 +227,7 @@ def test_edited_values_with_a_recomputed_digest_still_load(saved):
     edited = edit(stored)
 
     def redigest(doc):
-        doc["sha256"] = _digest(edited)
+        doc["sha256"] = _digest(edited, doc)
 
     loaded = Attribution.load(_rewrite(saved, meta=redigest, tensors=lambda _: edited))
     assert torch.equal(loaded.token, edited["fields/token"])
@@ -278,3 +278,39 @@ def test_to_moves_every_tensor_and_refuses_a_dtype(llama_attr):
     assert moved.target.dtype == torch.long and moved.extras["note"] == llama_attr.extras["note"]
     with pytest.raises((TypeError, RuntimeError)):
         llama_attr.to(torch.float64)
+
+
+def test_edited_metadata_is_refused(saved):
+    # an edit of a JSON field (the rules that made the maps) is caught by the digest, like an edit of a tensor
+    with pytest.raises(AttributionFileError, match="SHA-256"):
+        Attribution.load(_rewrite(saved, meta=lambda d: d["fields"].update(mode="attnlrp")))
+    with pytest.raises(AttributionFileError, match="SHA-256"):
+        Attribution.load(_rewrite(saved, meta=lambda d: d["extras"]["values"]["note"].update(k=[0])))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["fields"].update(model_type=3), "'model_type' must be a string"),
+        (lambda d: d["fields"].update(gamma={"gamma_linear": "big"}), "'gamma' must map"),
+        (lambda d: d["fields"].update(labels={"x": "cat"}), "'labels' must map ids to strings"),
+        (lambda d: d["fields"].update(tokens=[["a"] * 7]), "'tokens' must be one list of strings per row"),
+        (lambda d: d["fields"].update(tokens=[["a"] * 7, ["b"] * 6]), "'tokens' must be one list"),
+        (lambda d: d["fields"].update(tokens="abc"), "'tokens' must be one list"),
+    ],
+)
+def test_field_types_are_validated(saved, change, message):
+    with pytest.raises(AttributionFileError, match=message):
+        Attribution.load(_rewrite(saved, meta=change))
+
+
+def test_tokens_labels_and_special_mask_round_trip(llama_attr, tmp_path):
+    attr = llama_attr.replace(
+        tokens=[[f"t{i}" for i in range(7)], [" x"] * 7],
+        labels={5: " Paris", 17: "<b>"},
+        special_tokens_mask=torch.zeros(2, 7, dtype=torch.bool),
+    )
+    loaded = Attribution.load(attr.save(tmp_path / "labelled.safetensors"))
+    assert loaded.tokens == attr.tokens and loaded.labels == {5: " Paris", 17: "<b>"}
+    assert torch.equal(loaded.special_tokens_mask, attr.special_tokens_mask)
+    assert loaded[1].tokens == [[" x"] * 7] and loaded.label_of(5) == " Paris"

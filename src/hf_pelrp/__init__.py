@@ -19,12 +19,13 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generation import GenerationAttribution, explain_continuation
-from .io import load_attribution, save_attribution
+from .io import save_attribution
 from .loading import default_config, enable_attribution, from_pretrained
 from .pipeline import LRPAttributionPipeline  # importing registers the "lrp-attribution" pipeline
-from .result import Attribution
+from .result import Attribution, load_attribution
+from .version import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 __all__ = [
     "LRP_ATTENTION",

@@ -190,53 +190,6 @@ def _load_pipeline(args: argparse.Namespace):
     )
 
 
-def _stack_rows(rows: list[Any]) -> Any:
-    """Several unpadded single-row attributions as one right-padded batch (for one HTML report)."""
-    import torch
-
-    from .result import Attribution
-
-    if len(rows) == 1:
-        return rows[0]
-    length = max(r.token.shape[-1] for r in rows)
-
-    def pad(x: torch.Tensor | None, value: float = 0) -> torch.Tensor | None:
-        if x is None:
-            return None
-        return torch.nn.functional.pad(x, (0, length - x.shape[-1]), value=value)
-
-    def cat(name: str, value: float = 0) -> torch.Tensor | None:
-        values = [getattr(r, name) for r in rows]
-        if any(v is None for v in values):
-            return None
-        return torch.cat([pad(v, value) for v in values])
-
-    mask = [
-        r.attention_mask if r.attention_mask is not None else torch.ones_like(r.token).long() for r in rows
-    ]
-    extras = {}
-    for key in rows[0].extras:
-        values = [r.extras.get(key) for r in rows]
-        if all(isinstance(v, torch.Tensor) and v.shape == values[0].shape for v in values):
-            extras[key] = torch.cat(values)
-    return Attribution(
-        token=cat("token"),
-        position=cat("position"),
-        target=torch.cat([r.target for r in rows]),
-        target_value=torch.cat([r.target_value for r in rows]),
-        position_by_layer=cat("position_by_layer"),
-        segment=cat("segment"),
-        position_index=cat("position_index") if all(r.position_index is not None for r in rows) else None,
-        input_ids=cat("input_ids"),
-        attention_mask=torch.cat([pad(m) for m in mask]),
-        mode=rows[0].mode,
-        positional=rows[0].positional,
-        model_type=rows[0].model_type,
-        gamma=dict(rows[0].gamma),
-        extras=extras,
-    )
-
-
 def _summary_line(index: int, result: dict[str, Any]) -> str:
     target = result["target"]
     if isinstance(target, list):  # a continuation: one target per generated token
@@ -274,7 +227,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_report(args: argparse.Namespace, pipe: Any, results: list[dict[str, Any]]) -> list[Path]:
-    from .generation import GenerationAttribution
+    from .result import Attribution, GenerationAttribution
 
     out = Path(args.out)
     attrs = [r["attribution"] for r in results]
@@ -282,7 +235,7 @@ def _write_report(args: argparse.Namespace, pipe: Any, results: list[dict[str, A
     if isinstance(attrs[0], GenerationAttribution):
         attr, tokens = attrs[0].to_attribution(), None
     else:
-        attr, tokens = _stack_rows(attrs), [r["tokens"] for r in results]
+        attr, tokens = Attribution.stack(attrs), [r["tokens"] for r in results]
     if out.suffix.lower() in (".html", ".htm"):
         kwargs = {"tokenizer": pipe.tokenizer} if tokens is None else {"tokens": tokens}
         attr.to_html(path=out, labels=labels, title=f"hf_pelrp: {Path(args.model).name}", **kwargs)

@@ -313,7 +313,7 @@ def attribute(
         token at ``position`` must be this id.
     foil
         Contrastive explanation: an id (or LongTensor [B]) whose logit is subtracted, so the explained value
-        is ``logit(target) - logit(foil)`` (stored in ``extras["foil"]``).
+        is ``logit(target) - logit(foil)`` (stored in ``Attribution.foil``).
     continuation_ids, generate, max_new_tokens, span_reduce
         Causal LMs: explain every token of a continuation of ``input_ids`` (given, or generated greedily with
         ``generate=True, max_new_tokens=N``) by teacher forcing; ``span_reduce="sum"`` explains the sum of
@@ -378,10 +378,10 @@ def attribute(
         target_ids = resolve_target(target, logits)
         seed = logits.gather(1, target_ids[:, None].to(logits.device)).squeeze(1)
         extras = {}
+        foil_ids = None
         if foil is not None:
             foil_ids = resolve_target(foil, logits)
             seed = seed - logits.gather(1, foil_ids[:, None].to(logits.device)).squeeze(1)
-            extras["foil"] = foil_ids.detach()
         leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
         if not seed.requires_grad:
             raise _cut_graph_error(model)
@@ -396,6 +396,7 @@ def attribute(
         position=maps["position"],
         position_by_layer=maps["position_by_layer"],
         segment=maps["segment"],
+        foil=None if foil_ids is None else foil_ids.detach(),
         target=target_ids.detach(),
         target_value=seed.detach().float().to(maps["token"].device),
         position_index=positions,

@@ -9,7 +9,6 @@ options.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,123 +16,12 @@ import torch
 from .adapters import adapter_for
 from .config import LRPConfig, model_default_config, resolve_config
 from .engine import _check_finite, lrp
-from .errors import AttributionInputError, AttributionStateError
+from .errors import AttributionInputError
 from .inputs import as_batch
-from .result import Attribution
+from .result import GenerationAttribution
 from .targets import CAUSAL_LM, accepts_logits_to_keep, head_kind, resolve_target
 
 SPAN_REDUCTIONS = ("sum",)
-
-
-@dataclass
-class GenerationAttribution:
-    """Relevance of every continuation token over the prompt and the tokens generated before it.
-
-    Rows are generated (continuation) tokens, columns are sequence positions of ``input_ids`` (prompt +
-    continuation). Row ``s`` explains the logit of continuation token ``s`` read at position
-    ``prompt_length + s - 1``: columns from ``prompt_length + s`` on are exactly 0 (causality).
-
-    Attributes
-    ----------
-    token, position : FloatTensor [S, T]
-        Token-content and position relevance (position summed over layers for rotary models).
-    relevance : FloatTensor [S, T]
-        ``token + position``.
-    position_by_layer : FloatTensor [S, L, T] or None
-        Per-layer position relevance for rotary models.
-    target : LongTensor [S]
-        The explained continuation token ids (= ``generated_ids``).
-    target_value : FloatTensor [S] (or [1] with ``span_reduce``)
-        The explained value per row: the logit, ``logit - logit(foil)`` with a foil, or their sum over the
-        span with ``span_reduce="sum"``.
-    conservation_gap : FloatTensor [rows]
-        ``target_value - relevance.sum(-1)``.
-    input_ids : LongTensor [T]
-        Prompt followed by the continuation.
-    prompt_length : int
-        Number of prompt tokens ``P``; ``generated_ids = input_ids[P:]``.
-    foil : LongTensor [S] or None
-        The contrast token of each row, if any.
-    span_reduce : str or None
-        ``"sum"``: a single row explaining the sum over the continuation.
-    mode, positional, model_type
-        The rules and the architecture that produced the maps.
-    """
-
-    token: torch.Tensor
-    position: torch.Tensor
-    target: torch.Tensor
-    target_value: torch.Tensor
-    input_ids: torch.Tensor
-    prompt_length: int
-    position_by_layer: torch.Tensor | None = None
-    foil: torch.Tensor | None = None
-    span_reduce: str | None = None
-    mode: str = "attnlrp"
-    positional: bool = True
-    model_type: str = ""
-
-    @property
-    def relevance(self) -> torch.Tensor:
-        """``token + position`` per (row, position), [rows, T]."""
-        return self.token + self.position
-
-    @property
-    def conservation_gap(self) -> torch.Tensor:
-        """``target_value - relevance.sum(-1)``, [rows]."""
-        return self.target_value - self.relevance.sum(-1)
-
-    @property
-    def generated_ids(self) -> torch.Tensor:
-        """The continuation token ids, [S]."""
-        return self.input_ids[self.prompt_length :]
-
-    @property
-    def explained_positions(self) -> torch.Tensor:
-        """The position whose next-token logit each continuation token is read from, [S]."""
-        steps = torch.arange(self.generated_ids.shape[0], device=self.input_ids.device)
-        return self.prompt_length - 1 + steps
-
-    def to_attribution(self) -> Attribution:
-        """The rows as a batched :class:`hf_pelrp.Attribution` (one row per continuation token), e.g. to
-        render them with the :class:`Attribution` views. Row ``s`` sees the whole sequence as input, with
-        ``position_index`` at the position its logit was read from.
-
-        Raises
-        ------
-        AttributionStateError
-            For a ``span_reduce`` result: its single row explains a sum, not one target id.
-        """
-        if self.span_reduce is not None:
-            raise AttributionStateError(
-                f"a span_reduce={self.span_reduce!r} result has one row for the whole continuation, not one "
-                "target per row; read .token / .position / .relevance directly."
-            )
-        rows = self.token.shape[0]
-        ids = self.input_ids[None].expand(rows, -1)
-        return Attribution(
-            token=self.token,
-            position=self.position,
-            target=self.target,
-            target_value=self.target_value,
-            position_by_layer=self.position_by_layer,
-            position_index=self.explained_positions,
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mode=self.mode,
-            positional=self.positional,
-            model_type=self.model_type,
-            extras={} if self.foil is None else {"foil": self.foil},
-        )
-
-    def __repr__(self) -> str:
-        gap = ", ".join(f"{g:.4g}" for g in self.conservation_gap.tolist()[:4])
-        return (
-            f"GenerationAttribution(model_type={self.model_type!r}, mode={self.mode!r}, "
-            f"positional={self.positional}, prompt_length={self.prompt_length}, "
-            f"generated={self.generated_ids.tolist()[:8]}, rows={self.token.shape[0]}, "
-            f"span_reduce={self.span_reduce!r}, conservation_gap=[{gap}])"
-        )
 
 
 def _prompt_row(input_ids: Any, attention_mask: Any) -> torch.Tensor:

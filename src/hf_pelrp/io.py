@@ -1,11 +1,12 @@
 """Attributions that last: :func:`save_attribution` / :func:`load_attribution` in one safetensors file.
 
 The tensors (every tensor field of :class:`~hf_pelrp.Attribution` and every tensor in ``extras``) are stored
-as safetensors; everything else (mode, model type, JSON-serialisable extras, the declared shape and dtype of
-each tensor, a SHA-256 of the tensor bytes) is one JSON document in the file's header metadata. Nothing is
-pickled, so loading a file cannot run code. Loading checks the format name and version, the JSON, that the
-tensors are exactly the declared ones with the declared shapes, that the shapes fit together, and the digest;
-anything else raises :class:`~hf_pelrp.errors.AttributionFileError`.
+as safetensors; everything else (mode, model type, token strings, labels, JSON-serialisable extras, the
+declared shape and dtype of each tensor, a SHA-256 over the tensor bytes *and* the metadata) is one JSON
+document in the file's header metadata. Nothing is pickled, so loading a file cannot run code. Loading checks
+the format name and version, the JSON, the type of every field, that the tensors are exactly the declared ones
+with the declared shapes, that the shapes fit together, and the digest; anything else raises
+:class:`~hf_pelrp.errors.AttributionFileError`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from safetensors.torch import save_file
 
 from .config import MODES
 from .errors import AttributionFileError
+from .version import package_version
 
 FORMAT_NAME = "hf_pelrp.attribution"
-#: version 1: fields/<name> and extras/<key> tensors, JSON under the "hf_pelrp" metadata key
-FORMAT_VERSION = 1
+#: version 1: fields/<name> and extras/<key> tensors, JSON under the "hf_pelrp" metadata key, digest of the
+#: tensors; version 2: the digest covers the JSON fields and extras too (an edited "mode" is detected)
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "hf_pelrp"
 _FIELD_PREFIX = "fields/"
 _EXTRA_PREFIX = "extras/"
@@ -43,16 +47,22 @@ _FIELD_SHAPES = {
     "position_index": ("B",),
     "input_ids": ("B", "T"),
     "attention_mask": ("B", "T"),
+    "foil": ("B",),
+    "special_tokens_mask": ("B", "T"),
 }
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the tensors (detects edited or swapped data)."""
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors and, from format version 2 on, over the
+    JSON ``fields`` and ``extras`` of ``meta`` (detects edited or swapped data and edited metadata)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if meta is not None:
+        described = {"fields": meta.get("fields"), "extras": meta.get("extras")}
+        h.update(json.dumps(described, sort_keys=True, allow_nan=False).encode())
     return h.hexdigest()
 
 
@@ -101,6 +111,8 @@ def save_attribution(attr: Any, path: str | os.PathLike[str]) -> Path:
         if f.name == "extras":
             continue
         value = getattr(attr, f.name)
+        if f.name == "labels":
+            value = {str(int(k)): str(v) for k, v in value.items()}
         if isinstance(value, torch.Tensor):
             tensors[_FIELD_PREFIX + f.name] = value.detach().cpu().clone()
         elif value is None or _jsonable(value):
@@ -133,20 +145,21 @@ def save_attribution(attr: Any, path: str | os.PathLike[str]) -> Path:
         if name.startswith(_FIELD_PREFIX)
     }
     _check_shapes(shapes, "cannot save the attribution")
-    from . import __version__
-
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "hf_pelrp_version": __version__,
+        "hf_pelrp_version": package_version(),
         "fields": fields,
         "extras": {"tensors": extra_tensors, "values": extra_values},
         "tensors": {
             name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             for name, t in tensors.items()
         },
-        "sha256": _digest(tensors),
     }
+    _check_fields(
+        fields, {n.removeprefix(_FIELD_PREFIX): list(t.shape) for n, t in tensors.items()}, "cannot save"
+    )
+    meta["sha256"] = _digest(tensors, meta)
     path = Path(path)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta, allow_nan=False)})
     return path
@@ -181,7 +194,7 @@ def _validate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
     if meta.get("format") != FORMAT_NAME:
         raise AttributionFileError(f"{where}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         hint = (
             "it was written by a newer hf_pelrp: upgrade hf_pelrp to read it"
             if isinstance(version, int) and version > FORMAT_VERSION
@@ -238,64 +251,106 @@ def _validate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
         if n.startswith(_FIELD_PREFIX)
     }
     _check_shapes(shapes, where)
-    if _digest(tensors) != meta["sha256"]:
-        raise AttributionFileError(
-            f"{where}: the tensor data does not match its SHA-256 digest (the file was modified)"
-        )
     fields = meta["fields"]
     doubled = sorted(n for n in fields if _FIELD_PREFIX + n in tensors)
     if doubled:
         raise AttributionFileError(f"{where}: fields {doubled} are stored both as JSON and as tensors")
+    _check_fields(fields, shapes, where)
+    expected = _digest(tensors, meta if version >= 2 else None)
+    if expected != meta["sha256"]:
+        raise AttributionFileError(
+            f"{where}: the tensor data or the metadata does not match its SHA-256 digest (the file was modified)"
+        )
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_fields(fields: dict[str, Any], shapes: dict[str, list[int]], where: str) -> None:
+    """Every JSON field has the type (and, for ``tokens``, the shape) the result class gives it."""
     if fields.get("mode") not in MODES:
         raise AttributionFileError(f"{where}: mode {fields.get('mode')!r} is not one of {MODES}")
     if not isinstance(fields.get("positional"), bool):
         raise AttributionFileError(
             f"{where}: 'positional' must be true or false, got {fields.get('positional')!r}"
         )
+    if not isinstance(fields.get("model_type", ""), str):
+        raise AttributionFileError(
+            f"{where}: 'model_type' must be a string, got {fields.get('model_type')!r}"
+        )
+    gamma = fields.get("gamma", {})
+    if not isinstance(gamma, dict) or not all(
+        k in ("gamma_linear", "gamma_conv") and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in gamma.items()
+    ):
+        raise AttributionFileError(
+            f"{where}: 'gamma' must map gamma_linear / gamma_conv to numbers, got {gamma!r}"
+        )
+    labels = fields.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and k.lstrip("-").isdigit() and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise AttributionFileError(f"{where}: 'labels' must map ids to strings, got {labels!r}")
+    tokens = fields.get("tokens")
+    if tokens is not None:
+        token_shape = shapes.get("token")
+        if (
+            not isinstance(tokens, list)
+            or not all(_is_str_list(row) for row in tokens)
+            or (token_shape is not None and [len(tokens), *{len(r) for r in tokens}] != token_shape)
+        ):
+            raise AttributionFileError(
+                f"{where}: 'tokens' must be one list of strings per row with one string per position "
+                f"(shape {token_shape})"
+            )
 
 
-def load_attribution(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
-    """Read an attribution written by :func:`save_attribution`.
-
-    Parameters
-    ----------
-    path
-        The file.
-    device
-        Where to put the tensors (default CPU).
+def read_attribution(
+    path: str | os.PathLike[str], result_class: type, device: str | torch.device = "cpu"
+) -> Any:
+    """Read a file written by :func:`save_attribution` into an instance of ``result_class`` (a dataclass with
+    an ``extras`` field, e.g. :class:`hf_pelrp.Attribution`; :meth:`hf_pelrp.Attribution.load` is the public
+    entry point).
 
     Raises
     ------
     FileNotFoundError
         There is no file at ``path``.
     AttributionFileError
-        The file is truncated or corrupted, not an attribution, of an unsupported format version, or its
-        metadata and tensors do not agree (missing or extra tensors, shapes, digest).
+        The file is truncated or corrupted, not an attribution, of an unsupported format version, its
+        metadata and tensors do not agree (missing or extra tensors, shapes, types, digest), or it names
+        fields ``result_class`` does not have.
     """
-    from .result import Attribution
-
     path = Path(path)
     meta, tensors = _read(path)
     where = str(path)
+    known = {f.name for f in dataclasses.fields(result_class)} - {"extras"}
+    unknown = sorted(set(meta.get("fields") or {}) - known) if isinstance(meta.get("fields"), dict) else []
+    if unknown:
+        raise AttributionFileError(
+            f"{where}: fields {unknown} are unknown to this version of hf_pelrp's {result_class.__name__}; "
+            "upgrade hf_pelrp"
+        )
     _validate(meta, tensors, where)
-    known = {f.name for f in dataclasses.fields(Attribution)} - {"extras"}
     kwargs: dict[str, Any] = {}
     for name, value in meta["fields"].items():
-        kwargs[name] = value
+        kwargs[name] = {int(k): v for k, v in value.items()} if name == "labels" else value
     for name, t in tensors.items():
         if name.startswith(_FIELD_PREFIX):
             kwargs[name.removeprefix(_FIELD_PREFIX)] = t.to(device)
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise AttributionFileError(
-            f"{where}: fields {unknown} are unknown to this version of hf_pelrp's Attribution; upgrade hf_pelrp"
+            f"{where}: fields {unknown} are unknown to this version of hf_pelrp's {result_class.__name__}; "
+            "upgrade hf_pelrp"
         )
     extras: dict[str, Any] = dict(meta["extras"]["values"])
     for key, kind in meta["extras"]["tensors"].items():
         t = tensors[_EXTRA_PREFIX + key]
         extras[key] = t.numpy() if kind == "numpy" else t.to(device)
     try:
-        return Attribution(**kwargs, extras=extras)
+        return result_class(**kwargs, extras=extras)
     except TypeError as err:
         raise AttributionFileError(
             f"{where}: the file does not describe a complete attribution ({err})"

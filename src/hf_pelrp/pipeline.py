@@ -351,7 +351,7 @@ class LRPAttributionPipeline(Pipeline):
         if self.kind == MASKED_LM:
             model_inputs = {**model_inputs, "mask_token_id": self.tokenizer.mask_token_id}
         attr = attribute(self.model, target=target, foil=foil, position=position, **rules, **model_inputs)
-        return {"rows": [{"attribution": _unpad(attr[i]), "meta": m} for i, m in enumerate(meta)]}
+        return {"rows": [{"attribution": attr[i].unpad(), "meta": m} for i, m in enumerate(meta)]}
 
     def _forward_continuations(
         self, model_inputs: dict[str, Any], meta: list[dict], foil: int | None, rules: dict, params: dict
@@ -421,11 +421,11 @@ class LRPAttributionPipeline(Pipeline):
             out["segment_relevance"] = _np(attr.segment[0])
         if attr.position_index is not None:
             out["position"] = int(attr.position_index[0])
-        foil = attr.extras.get("foil")
+        foil = attr.foil
         if foil is not None:
             out["foil"] = {"id": int(foil[0]), "label": self._label_of(int(foil[0]))}
         for name, value in attr.extras.items():
-            if name != "foil" and isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor):
                 out[name] = _np(value[0])
         return out
 
@@ -465,37 +465,6 @@ class LRPAttributionPipeline(Pipeline):
 
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
-
-
-def _unpad(attr: Attribution) -> Attribution:
-    """One row of an attribution with its padding positions removed (so a batch equals single inputs)."""
-    if attr.attention_mask is None or bool(attr.attention_mask.all()):
-        return attr
-    keep = attr.attention_mask[0].bool()
-
-    def seq(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x[..., keep.to(x.device)]
-
-    position_index = attr.position_index
-    if position_index is not None:
-        # the explained position counted among the real tokens only
-        position_index = keep[: int(position_index[0])].sum()[None]
-    return Attribution(
-        token=seq(attr.token),
-        position=seq(attr.position),
-        target=attr.target,
-        target_value=attr.target_value,
-        position_by_layer=seq(attr.position_by_layer),
-        segment=seq(attr.segment),
-        position_index=position_index,
-        input_ids=seq(attr.input_ids),
-        attention_mask=seq(attr.attention_mask),
-        mode=attr.mode,
-        positional=attr.positional,
-        model_type=attr.model_type,
-        gamma=dict(attr.gamma),
-        extras=dict(attr.extras),
-    )
 
 
 def register() -> None:

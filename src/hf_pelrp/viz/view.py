@@ -93,12 +93,7 @@ def _target_label(
         return str(labels[target_id]) if 0 <= target_id < len(labels) else None
     if tokenizer is not None and attr.position_index is not None:
         return token_text(tokenizer, target_id)
-    stored = attr.extras.get("target_label")
-    if isinstance(stored, str) and attr.batch_size == 1:
-        return stored
-    if isinstance(stored, list | tuple) and len(stored) == attr.batch_size and isinstance(stored[row], str):
-        return stored[row]
-    return None
+    return getattr(attr, "labels", {}).get(target_id)
 
 
 def row_views(
@@ -133,14 +128,14 @@ def row_views(
     keep = keep.detach().cpu().bool()
     ids = attr.input_ids.detach().cpu() if attr.input_ids is not None else None
 
-    given = tokens if tokens is not None else attr.extras.get("tokens")
+    given = tokens if tokens is not None else getattr(attr, "tokens", None)
     token_rows = _per_row_tokens(given, batch) if given is not None else None
     if token_rows is None and tokenizer is not None and ids is None:
         raise AttributionInputError(
             "tokenizer= needs the token ids, but this attribution kept no input_ids; pass tokens= instead"
         )
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
-    stored_special = attr.extras.get("special_tokens_mask")
+    stored_special = getattr(attr, "special_tokens_mask", None)
 
     maps_full = {"relevance": attr.relevance, "token": attr.token, "position": attr.position}
     if attr.segment is not None:
