@@ -207,9 +207,9 @@ def attribution_section(
     target_id = int(attr.target[0])
     target_label = None
     if kind in (CAUSAL_LM, MASKED_LM) and tokenizer is not None:
-        from .viz.view import token_text
+        from .tokens import display_token
 
-        target_label = repr(token_text(tokenizer, target_id))  # quoted: a token's leading space matters
+        target_label = repr(display_token(tokenizer, target_id))  # quoted: a token's leading space matters
     elif getattr(model.config, "id2label", None):
         target_label = model.config.id2label.get(target_id)
     target_text = f"{target_id}" + (f" ({_code_span(str(target_label))})" if target_label else "")

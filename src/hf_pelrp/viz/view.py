@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import AttributionInputError
+from ..tokens import display_token
 
 #: map key -> the name shown to the user
 MAP_TITLES = {"relevance": "combined", "token": "token", "position": "position", "segment": "segment"}
@@ -56,14 +57,7 @@ class RowView:
     position_by_layer: list[list[float]] | None
 
 
-def token_text(tokenizer: Any, token_id: int) -> str:
-    """A readable string for one token id: decoded text, keeping the leading space that sub-word markers
-    (``Ġ`` of byte-level BPE, ``▁`` of SentencePiece) stand for but single-id decoding drops."""
-    text = tokenizer.decode([token_id])
-    piece = tokenizer.convert_ids_to_tokens(token_id)
-    if isinstance(piece, str) and piece[:1] in ("Ġ", "▁") and not text.startswith(" "):
-        text = " " + text
-    return text
+token_text = display_token  # the name the renderers used before hf_pelrp.tokens existed
 
 
 def _per_row_tokens(tokens: Any, batch: int) -> list[list[str]]:
