@@ -74,8 +74,8 @@ def gradient_x_input(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Plain Gradient x Input of the arg-max next-token logit at the last position, [B, T]."""
-    from hf_pelrp.adapters.llama import causal_position_ids
-    from hf_pelrp.targets import last_token_positions
+    from hf_pelrp.heads import last_token_positions
+    from hf_pelrp.inputs import causal_position_ids
 
     positions = last_token_positions(attention_mask)
     with _frozen(model), torch.enable_grad():

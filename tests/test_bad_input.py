@@ -117,7 +117,10 @@ def test_nested_attribution_on_one_model_is_refused():
     with hf_pelrp.lrp(model):
         with pytest.raises(AttributionStateError, match="already inside an hf_pelrp.lrp"):
             hf_pelrp.attribute(model, _ids())
-        with pytest.raises(AttributionStateError, match="leave the outer context first"), hf_pelrp.lrp(model):
+        with (
+            pytest.raises(AttributionStateError, match="already inside an hf_pelrp.lrp"),
+            hf_pelrp.lrp(model),
+        ):
             pass
     hf_pelrp.attribute(model, _ids())  # fine again once the context is left
 
@@ -135,7 +138,7 @@ def test_target_out_of_range():
 
 
 def test_target_batch_size_mismatch():
-    with pytest.raises(AttributionInputError, match=r"target has shape \(3,\) but the batch has 2 rows"):
+    with pytest.raises(AttributionInputError, match=r"target has shape \(3,\) but 2 row\(s\) are explained"):
         hf_pelrp.attribute(_lm(), _ids(), target=torch.tensor([1, 2, 3]))
 
 

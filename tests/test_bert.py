@@ -148,15 +148,8 @@ def test_split_completeness_at_embedding_sum(family, head, mode):
         args[0].retain_grad()
         seen["e"] = args[0]
 
-    def keep_token_type(_module, _args, output):
-        # parameters are frozen inside lrp(): a copy that requires grad reads the gradient at this addend
-        seen["s"] = output.detach().requires_grad_(True)
-        return seen["s"]
-
     emb = model.base_model.embeddings
     handles = [emb.LayerNorm.register_forward_pre_hook(keep)]
-    if family == "roberta":
-        handles.append(emb.token_type_embeddings.register_forward_hook(keep_token_type))
     try:
         with hf_pelrp.lrp(model, mode) as ctx:
             logits = model(ids, attention_mask=mask, **kwargs).logits
@@ -170,14 +163,13 @@ def test_split_completeness_at_embedding_sum(family, head, mode):
     e = seen["e"]
     r_e = (e * e.grad).sum(-1)
     total = maps["token"] + maps["position"]
-    if family == "bert":
+    # BERT's token types and RoBERTa's single token-type vector are both the segment leaf
+    if not family.startswith("distilbert"):
         assert maps["segment"] is not None and maps["segment"].abs().sum() > 0
-        total = total + maps["segment"]
-    else:
+    if family.startswith("distilbert"):
         assert maps["segment"] is None
-    if family == "roberta":
-        # the single token-type vector is no leaf (a bias): its share is the third addend of e
-        total = total + (seen["s"] * seen["s"].grad).sum(-1)
+    else:
+        total = total + maps["segment"]
     torch.testing.assert_close(total, r_e, rtol=1e-5, atol=1e-6 * r_e.abs().max().item())
 
 
@@ -260,37 +252,39 @@ def test_distilbert_sinusoidal_table_receives_relevance_and_is_unchanged():
     model.zero_grad(set_to_none=True)
 
 
-def test_segment_map_only_for_models_with_token_types():
+def test_segment_map_for_models_with_a_token_type_table():
     assert hf_pelrp.attribute(tiny_bert_family("bert"), *right_padded("bert")).segment is not None
-    assert hf_pelrp.attribute(tiny_bert_family("roberta"), *right_padded("roberta")).segment is None
+    assert hf_pelrp.attribute(tiny_bert_family("roberta"), *right_padded("roberta")).segment is not None
     assert hf_pelrp.attribute(tiny_bert_family("distilbert"), *right_padded("distilbert")).segment is None
 
 
-def test_roberta_single_token_type_is_absorbed_like_a_bias():
-    """RoBERTa's one token-type vector is no leaf: with every other bias zero, the gap is exactly its share."""
+def test_roberta_single_token_type_is_a_leaf_so_bias_free_cp_is_exact():
+    """RoBERTa's one token-type vector (added at every position) is the segment leaf: its share is reported,
+    not absorbed, so with every bias zero the CP gap is 0 and the segment map is exactly that share."""
     model = tiny_bert_family("roberta", biases=False)
     with torch.no_grad():
         model.roberta.embeddings.token_type_embeddings.weight.normal_()
     ids, mask = right_padded("roberta")
     seen = {}
-
-    def keep(_module, _args, output):
-        # parameters are frozen inside lrp(): a copy that requires grad reads the gradient at this addend
-        seen["s"] = output.detach().requires_grad_(True)
-        return seen["s"]
-
-    handle = model.roberta.embeddings.token_type_embeddings.register_forward_hook(keep)
-    try:
-        with hf_pelrp.lrp(model, "cp") as ctx:
+    with hf_pelrp.lrp(model, "cp") as ctx:
+        # registered after lrp()'s own hook: it sees the leaf the rules made of the token-type vector
+        handle = model.roberta.embeddings.token_type_embeddings.register_forward_hook(
+            lambda _m, _a, out: seen.update(s=out)
+        )
+        try:
             logit = model(ids, attention_mask=mask).logits[:, 0]
             logit.sum().backward()
             maps = ctx.maps()
-    finally:
-        handle.remove()
-    absorbed = (seen["s"] * seen["s"].grad).sum((-1, -2))
-    gap = logit.detach() - (maps["token"] + maps["position"]).sum(-1)
-    assert absorbed.abs().min() > 1e-4
-    torch.testing.assert_close(gap, absorbed, rtol=1e-4, atol=1e-6)
+        finally:
+            handle.remove()
+    share = (seen["s"] * seen["s"].grad).sum(-1)
+    gap = logit.detach() - (maps["token"] + maps["position"] + maps["segment"]).sum(-1)
+    assert share.sum(-1).abs().min() > 1e-4
+    torch.testing.assert_close(maps["segment"], share.detach(), rtol=1e-5, atol=1e-8)
+    # float32: exact up to rounding (a bias left out would leave a gap of the size of `share`)
+    torch.testing.assert_close(
+        gap, torch.zeros_like(gap), rtol=0, atol=1e-4 * float(logit.detach().abs().max())
+    )
 
 
 def test_masked_lm_position_checks():
@@ -349,7 +343,7 @@ def test_relative_position_models_are_refused():
     )
     ids = torch.randint(3, VOCAB, (1, 5))
     for model in (t5, deberta):
-        with pytest.raises(UnsupportedModelError, match="relative attention biases.*not support yet"):
+        with pytest.raises(UnsupportedModelError, match="relative attention biases.*not explain yet"):
             hf_pelrp.attribute(model, ids)
-        with pytest.raises(UnsupportedModelError, match="not support yet"), hf_pelrp.lrp(model):
+        with pytest.raises(UnsupportedModelError, match="not explain yet"), hf_pelrp.lrp(model):
             pass

@@ -11,7 +11,7 @@ from conftest import tiny_llama_family
 from hf_pelrp import attribute, lrp
 from hf_pelrp.config import PRESETS, LRPConfig, preset, resolve_config
 from hf_pelrp.errors import UnsupportedModelError
-from hf_pelrp.hooks import Gamma
+from hf_pelrp.hooks import Gamma, Handles
 from hf_pelrp.rules import gamma_rule
 
 F64 = torch.float64
@@ -117,7 +117,8 @@ def test_forward_values_unchanged_and_hook_removed(gamma):
     inputs = [torch.randn(3, 6), torch.randn(2, 3, 4, 4)]
     for layer, x in zip(layers, inputs, strict=True):
         before = layer(x)
-        handle = Gamma(gamma).attach(layer)
+        handle = Handles()
+        Gamma(gamma).attach(layer, handle)
         leaf = x.clone().requires_grad_(True)
         during = layer(leaf)
         assert torch.equal(during, before)
@@ -136,7 +137,7 @@ def test_gamma_hook_on_gpt2_conv1d_matches_formula():
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
-    Gamma(0.5).attach(layer)
+    Gamma(0.5).attach(layer, Handles())
     x = torch.randn(2, 3, 6, dtype=F64, requires_grad=True)
     y = layer(x)
     upstream = torch.randn_like(y)
@@ -153,7 +154,7 @@ def test_gamma_hook_on_gpt2_conv1d_matches_formula():
 
 def test_gamma_hook_refuses_other_modules():
     with pytest.raises(TypeError, match="Linear, Conv1d/2d/3d"):
-        Gamma(0.1).attach(nn.LayerNorm(4))
+        Gamma(0.1).attach(nn.LayerNorm(4), Handles())
 
 
 def test_config_gamma_fields_and_presets():
@@ -167,8 +168,12 @@ def test_config_gamma_fields_and_presets():
     assert resolve_config("vit-paper", None, None) == paper
     assert resolve_config(None, "vit-paper", None) == paper
     assert resolve_config(None, "vit-paper", False) == paper.with_(positional=False)
-    # a rule mode changes only the attention rules of the given config
-    assert resolve_config(paper, "attnlrp", None) == paper.with_(mode="attnlrp")
+    # one precedence rule: an explicit config and a mode= that contradicts it is an error, not a silent choice
+    with pytest.raises(ValueError, match="config= says mode 'cp' but mode='attnlrp'"):
+        resolve_config(paper, "attnlrp", None)
+    with pytest.raises(ValueError, match="config= says positional=True but positional=False"):
+        resolve_config(paper, None, False)
+    assert resolve_config(paper, "cp", True) == paper  # agreeing arguments are fine
     assert resolve_config(None, "cp", None) == LRPConfig(mode="cp") == PRESETS["cp"]
     with pytest.raises(ValueError, match="unknown mode or preset 'vit-papr'.*vit-paper"):
         resolve_config(None, "vit-papr", None)
@@ -181,7 +186,7 @@ def test_gamma_on_a_family_without_gamma_layers_is_refused(fields):
     model = tiny_llama_family("llama")
     ids = torch.tensor([[5, 6, 7, 8]])
     before = model(ids).logits
-    message = f"{next(iter(fields))}.*LlamaAdapter.*epsilon rule"
+    message = f"{next(iter(fields))}.*llama adapter.*epsilon rule"
     with pytest.raises(UnsupportedModelError, match=message), lrp(model, config=LRPConfig(**fields)):
         pass
     with pytest.raises(UnsupportedModelError, match="vit-paper|gamma"):

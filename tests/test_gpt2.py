@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 
 import hf_pelrp
 from hf_pelrp import AttributionInputError, UnsupportedModelError
-from hf_pelrp.adapters.llama import causal_position_ids
+from hf_pelrp.inputs import causal_position_ids
 from reference_absolute import gpt2_reference
 
 VOCAB = 60
@@ -225,7 +225,7 @@ def test_bad_token_type_ids_shape():
 def test_input_longer_than_the_position_table():
     model = tiny_gpt2("lm")
     ids = torch.randint(2, VOCAB, (1, model.config.n_positions + 1))
-    with pytest.raises(AttributionInputError, match="position_ids holds"):
+    with pytest.raises(AttributionInputError, match="supports at most 24 positions"):
         hf_pelrp.attribute(model, ids)
 
 

@@ -145,8 +145,8 @@ def test_sin_relevance_at_position_zero_is_zero():
     with hf_pelrp.lrp(model, mode="attnlrp", positional=True) as ctx:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
         logits.gather(1, logits.argmax(-1, keepdim=True)).sum().backward()
-        assert sorted(ctx.store.rotary) == [0, 1]
-        for layer, (cos, sin) in ctx.store.rotary.items():
+        assert sorted(ctx.store.layers) == [0, 1]
+        for layer, (cos, sin) in ((i, (v["cos"], v["sin"])) for i, v in ctx.store.layers.items()):
             sin_rel, cos_rel = relevance_of(sin), relevance_of(cos)
             # sin(0) = 0 at the first real token of each row (position id 0): row 0 at 0, row 1 at 3
             assert sin_rel[0, 0] == 0 and sin_rel[1, 3] == 0, f"layer {layer}"

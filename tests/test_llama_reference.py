@@ -13,7 +13,7 @@ import torch
 
 import hf_pelrp
 from conftest import tiny_llama_family
-from hf_pelrp.adapters.llama import causal_position_ids
+from hf_pelrp.inputs import causal_position_ids
 from reference_lrp import reference_lrp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -51,7 +51,7 @@ def _fast_float64(model, ids, mask, mode, positional, target, position):
         token_leaf = ctx.store.additive["token"]
         token = (token_leaf.detach() * token_leaf.grad).sum(-1)
         by_layer = torch.zeros(ids.shape[0], len(model.model.layers), ids.shape[1], dtype=torch.float64)
-        for layer, (cos, sin) in ctx.store.rotary.items():
+        for layer, (cos, sin) in ((i, (v["cos"], v["sin"])) for i, v in ctx.store.layers.items()):
             for leaf in (cos, sin):
                 if leaf.grad is not None:
                     by_layer[:, layer] += (leaf.detach() * leaf.grad).sum(-1)

@@ -124,7 +124,7 @@ def test_rotary_leaves_live_on_the_device_of_their_layer(ids, tmp_path):
     model = _dispatch(tiny_llama_family("llama", num_layers=2), tmp_path)
     with hf_pelrp.lrp(model) as ctx:
         model(ids)
-        for layer, (cos, sin) in ctx.store.rotary.items():
+        for layer, (cos, sin) in ((i, (v["cos"], v["sin"])) for i, v in ctx.store.layers.items()):
             device = execution_device(model.model.layers[layer].self_attn)
             assert device is not None
             assert cos.device == sin.device == device
@@ -196,8 +196,8 @@ def test_layers_split_between_cuda_and_cpu(ids, tmp_path):
     )
     with hf_pelrp.lrp(model) as ctx:
         model(ids.cuda())
-        assert ctx.store.rotary[0][0].device.type == "cuda"
-        assert ctx.store.rotary[1][0].device.type == "cpu"
+        assert ctx.store.layers[0]["cos"].device.type == "cuda"
+        assert ctx.store.layers[1]["cos"].device.type == "cpu"
     result = hf_pelrp.attribute(model, ids.cuda())
     devices = {
         t.device for t in (result.token, result.position, result.position_by_layer, result.target_value)

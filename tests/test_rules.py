@@ -242,7 +242,7 @@ def test_relevance_of_is_the_summed_product():
 def test_relevance_of_leaf_without_gradient_is_zero():
     leaf = _randn(2, 4, 3).requires_grad_(True)
     rel = relevance_of(leaf)
-    assert rel.dtype == torch.float32 and torch.equal(rel, torch.zeros(2, 4))
+    assert rel.dtype == torch.float64 and torch.equal(rel, torch.zeros(2, 4, dtype=torch.float64))
 
 
 def test_relevance_of_sums_float64_leaves_in_float64():

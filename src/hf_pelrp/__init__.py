@@ -8,9 +8,10 @@ from . import card, viz  # hf_pelrp.card.attribution_section(...), hf_pelrp.viz.
 from .adapters import Adapter, adapter_for, register_adapter, supported_model_types
 from .attention import LRP_ATTENTION
 from .card import add_attribution_section, attribution_section
+from .check import AdapterCheckError, check_adapter
 from .config import LRPConfig
 from .dataset import attribute_dataset, load_dataset_attributions
-from .engine import LRPContext, attribute, lrp
+from .engine import LRPContext, attribute, explain_continuation, lrp
 from .errors import (
     AttributionFileError,
     AttributionInputError,
@@ -18,11 +19,10 @@ from .errors import (
     HfPelrpError,
     UnsupportedModelError,
 )
-from .generation import GenerationAttribution, explain_continuation
 from .io import save_attribution
 from .loading import default_config, enable_attribution, from_pretrained
 from .pipeline import LRPAttributionPipeline  # importing registers the "lrp-attribution" pipeline
-from .result import Attribution, load_attribution
+from .result import Attribution, GenerationAttribution, load_attribution
 from .version import package_version
 
 __version__ = package_version()
@@ -30,6 +30,7 @@ __version__ = package_version()
 __all__ = [
     "LRP_ATTENTION",
     "Adapter",
+    "AdapterCheckError",
     "Attribution",
     "AttributionFileError",
     "AttributionInputError",
@@ -45,6 +46,7 @@ __all__ = [
     "attribute",
     "attribute_dataset",
     "attribution_section",
+    "check_adapter",
     "card",
     "default_config",
     "enable_attribution",

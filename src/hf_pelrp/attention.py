@@ -22,19 +22,43 @@ from .rules import scale_gradient
 LRP_ATTENTION = "lrp"
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttentionRule:
     """Gradient factors applied to the (already position-encoded) q, k and v of one attention module.
 
     AttnLRP: q, k get 1/4 and v 1/2 (epsilon + uniform rule at ``A V``: 1/2 to A and to v; then at ``Q K^T``:
-    1/2 of A's share to q and to k, Prop. 3.3; the softmax between them is plain Gradient x Input); with a
-    rotary embedding made a leaf, q and k get another 1/2 for the product with cos / sin (method.md 2).
+    1/2 of A's share to q and to k, Prop. 3.3; the softmax between them is plain Gradient x Input).
     CP-LRP: q, k get 0 (attention probabilities constant) and v gets 1.
+
+    With rotary positions made leaves, the rotated channels of q and k get ``rotary`` (1/2: the uniform rule
+    at ``q * cos`` and ``rotate(q) * sin``, method.md 2) on top; which channels rotate (``rotated``: how many,
+    and whether they are the ``"first"`` or ``"last"`` channels of a head) is recorded by the rotary leaves at
+    each forward pass, so that a partially rotary head keeps the full factor on its pass-through channels.
+    ``calls`` counts the forward calls, so the engine can tell that the module really ran through this
+    implementation.
     """
 
     q: float
     k: float
     v: float
+    rotary: float = 1.0
+    rotated: tuple[int, str] | None = None
+    calls: int = 0
+
+    def channel_factors(self, base: float, x: torch.Tensor) -> float | torch.Tensor:
+        """``base`` for every channel of ``x`` [..., D], times ``rotary`` on the rotated ones."""
+        if self.rotary == 1.0 or self.rotated is None or base == 0.0:
+            return base
+        count, where = self.rotated
+        dim = x.shape[-1]
+        if count >= dim:
+            return base * self.rotary
+        factors = torch.full((dim,), base, dtype=torch.float32)
+        if where == "first":
+            factors[:count] *= self.rotary
+        else:
+            factors[dim - count :] *= self.rotary
+        return factors
 
 
 _RULES: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRule] = weakref.WeakKeyDictionary()
@@ -64,8 +88,9 @@ def lrp_attention_forward(
     """Scaled-dot-product attention with LRP gradient factors; forward identical to ``"sdpa"``."""
     rule = _RULES.get(module)
     if rule is not None:
-        query = scale_gradient(query, rule.q)
-        key = scale_gradient(key, rule.k)
+        rule.calls += 1
+        query = scale_gradient(query, rule.channel_factors(rule.q, query))
+        key = scale_gradient(key, rule.channel_factors(rule.k, key))
         value = scale_gradient(value, rule.v)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

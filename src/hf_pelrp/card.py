@@ -16,7 +16,7 @@ import torch
 from .adapters import adapter_for
 from .config import resolve_config
 from .errors import AttributionInputError, UnsupportedModelError
-from .targets import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, head_kind
+from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, head_kind
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -37,10 +37,6 @@ _RULES = {
         "CP-LRP: attention probabilities (and MLP gates) are constants of the backward pass; epsilon and "
         "identity rules elsewhere"
     ),
-}
-_POSITIONS = {
-    "rotary": "rotary (RoPE): each layer's cos / sin are leaves, so every layer gets a position map",
-    "absolute": "absolute, added to the token embeddings: the position embedding is a leaf of its own",
 }
 
 
@@ -221,7 +217,7 @@ def attribution_section(
     ]
     if gammas:
         rules += "; generalised Gamma rule: " + ", ".join(gammas)
-    kind_text = _POSITIONS.get(adapter.positional_kind, adapter.positional_kind or "none")
+    kind_text = adapter.positions.describe()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     lines = [
         SECTION_BEGIN,

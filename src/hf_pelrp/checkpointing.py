@@ -50,18 +50,21 @@ def _checkpointed(forward):
     return run
 
 
-def checkpoint_layers(layers: Iterable[torch.nn.Module]) -> list[_CheckpointHandle]:
+def checkpoint_layers(
+    layers: Iterable[torch.nn.Module], handles: list | None = None
+) -> list[_CheckpointHandle]:
     """Run each of ``layers`` under non-reentrant activation checkpointing until the handles are removed.
 
     The block's own forward (or accelerate's dispatch wrapper around it) is what is recomputed, so module hooks
     on the block itself stay outside the checkpoint and hooks on its sub-modules run again in the
-    recomputation. KV-cache arguments are dropped (a recomputation would append to the cache twice).
+    recomputation. KV-cache arguments are dropped (a recomputation would append to the cache twice). Each
+    handle is appended to ``handles`` (if given) *before* its block is changed, so an interrupt never leaves a
+    changed block without its handle.
     """
-    handles = []
+    handles = [] if handles is None else handles
     for layer in layers:
-        handle = _CheckpointHandle(layer)
+        handles.append(_CheckpointHandle(layer))
         layer.__dict__["forward"] = _checkpointed(layer.forward)
-        handles.append(handle)
     return handles
 
 

@@ -208,8 +208,7 @@ def _summary_line(index: int, result: dict[str, Any]) -> str:
 def _jsonable(value: Any) -> Any:
     import numpy as np
 
-    from .generation import GenerationAttribution
-    from .result import Attribution
+    from .result import Attribution, GenerationAttribution
 
     if isinstance(value, dict):
         return {

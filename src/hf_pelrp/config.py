@@ -123,19 +123,70 @@ def preset(name: str) -> LRPConfig:
 
 
 def resolve_config(config: LRPConfig | str | None, mode: str | None, positional: bool | None) -> LRPConfig:
-    """Merge an optional config object with the ``mode`` / ``positional`` keywords of the public API.
+    """Merge an optional config object (or preset name) with the ``mode`` / ``positional`` keywords.
 
-    ``config`` may be a preset name; ``mode`` may be a rule mode (``"attnlrp"``, ``"cp"``: only the attention
-    rules change) or the name of another preset (e.g. ``"vit-paper"``), which replaces ``config`` as a whole.
+    The one precedence rule (also :func:`resolve_rules`): an explicit ``config`` is taken as it is, and a
+    ``mode`` or ``positional`` that contradicts it is an error, not a silent choice; without ``config``,
+    ``mode`` (a rule mode or a preset name) and ``positional`` change the fields of the defaults.
     """
+    from .errors import AttributionInputError
+
+    if mode is not None and not isinstance(mode, str):
+        raise AttributionInputError(f"mode must be a string ({', '.join(MODES)} or a preset), got {mode!r}")
+    if positional is not None and not isinstance(positional, bool):
+        raise AttributionInputError(f"positional must be True or False, got {positional!r}")
     if isinstance(config, str):
         config = preset(config)
+    if config is not None and not isinstance(config, LRPConfig):
+        raise AttributionInputError(
+            f"config must be an LRPConfig or a preset name, got {type(config).__name__}"
+        )
     if mode is not None and mode not in MODES:
-        config, mode = preset(mode), None
-    base = config or LRPConfig()
+        # a preset named through mode= is a starting point, like LRPConfig(): positional= may change it
+        named = preset(mode)
+        if config is not None and config != named:
+            raise AttributionInputError(
+                f"config= and the preset mode={mode!r} name different rules: give one of them"
+            )
+        return named.with_(positional=positional) if positional is not None else named
+    if config is not None:
+        if mode is not None and mode != config.mode:
+            raise AttributionInputError(
+                f"config= says mode {config.mode!r} but mode={mode!r} was passed as well: give one of them "
+                "(or config.with_(mode=...))"
+            )
+        if positional is not None and positional != config.positional:
+            raise AttributionInputError(
+                f"config= says positional={config.positional} but positional={positional} was passed as well: "
+                "give one of them (or config.with_(positional=...))"
+            )
+        return config
+    base = LRPConfig()
     changes = {}
     if mode is not None:
         changes["mode"] = mode
     if positional is not None:
         changes["positional"] = positional
     return base.with_(**changes) if changes else base
+
+
+def resolve_rules(
+    model: object, config: LRPConfig | str | None, mode: str | None, positional: bool | None
+) -> LRPConfig:
+    """The rules of one attribution of ``model``: explicit ``config`` / ``mode`` / ``positional`` arguments
+    (see :func:`resolve_config`) over the model's own default (:func:`set_model_default_config`, set by
+    :func:`hf_pelrp.enable_attribution`), over ``LRPConfig()``."""
+    if config is None:
+        default = model_default_config(model)
+        if default is not None:
+            if mode is not None and mode not in MODES:
+                return resolve_config(None, mode, positional)
+            changes = {}
+            if mode is not None:
+                changes["mode"] = mode
+            if positional is not None:
+                if not isinstance(positional, bool):
+                    resolve_config(None, None, positional)  # raises the type error
+                changes["positional"] = positional
+            return default.with_(**changes) if changes else default
+    return resolve_config(config, mode, positional)

@@ -157,29 +157,27 @@ def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, t
 def _records(result: Attribution, rows: Sequence[int], token_rows: list[list[int]]) -> list[dict]:
     """One record per dataset row, padding removed."""
     records = []
-    for i, (row, ids) in enumerate(zip(rows, token_rows, strict=True)):
-        keep = result.attention_mask[i].bool().cpu()
+    for row, ids, one in zip(rows, token_rows, result.rows(), strict=True):
+        one = one.unpad()
 
-        def take(m, i=i, keep=keep):
-            return m[i][..., keep].cpu().tolist() if m is not None else None
+        def take(m):
+            return m[0].cpu().tolist() if m is not None else None
 
-        record = {
-            "row": int(row),
-            "input_ids": ids,
-            "token": take(result.token),
-            "position": take(result.position),
-            "relevance": take(result.relevance),
-            "position_by_layer": take(result.position_by_layer),
-            "segment": take(result.segment),
-            "target": int(result.target[i]),
-            "target_value": float(result.target_value[i]),
-            "conservation_gap": float(result.conservation_gap[i]),
-            "position_index": None,
-        }
-        if result.position_index is not None:
-            # index into the unpadded row
-            record["position_index"] = int(keep[: int(result.position_index[i]) + 1].sum()) - 1
-        records.append(record)
+        records.append(
+            {
+                "row": int(row),
+                "input_ids": ids,
+                "token": take(one.token),
+                "position": take(one.position),
+                "relevance": take(one.relevance),
+                "position_by_layer": take(one.position_by_layer),
+                "segment": take(one.segment),
+                "target": int(one.target[0]),
+                "target_value": float(one.target_value[0]),
+                "conservation_gap": float(one.conservation_gap[0]),
+                "position_index": None if one.position_index is None else int(one.position_index[0]),
+            }
+        )
     return records
 
 

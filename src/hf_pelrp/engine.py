@@ -1,48 +1,54 @@
-"""The attribution engine: the reversible :func:`lrp` context and the one-call :func:`attribute`.
+"""The attribution engine: the reversible :func:`lrp` context and the one flow behind every entry point.
 
-Data flows one way: pick the adapter, attach its rules to this model instance, run one forward, seed the
-explained logit with gradient 1, run one backward, read ``leaf * leaf.grad`` (method.md section 1).
+Data flows one way (architecture.md): resolve the rules once, check the inputs, attach the adapter's rules to
+this model instance, run one forward pass, seed the explained logit(s) with gradient 1, run the backward
+pass(es), read ``leaf * leaf.grad`` through the positional kind, build the result once. :func:`attribute`,
+:func:`explain_continuation`, the pipeline, the CLI, the dataset runner and the evaluation all call
+:func:`explain`.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig
 
 from .adapters import adapter_for
 from .adapters.base import Adapter
-from .attention import LRP_ATTENTION, set_attention_rule
+from .attention import LRP_ATTENTION, AttentionRule, set_attention_rule
 from .checkpointing import checkpoint_layers, wants_checkpointing
-from .config import LRPConfig, model_default_config, resolve_config
-from .errors import AttributionInputError, AttributionStateError, UnsupportedModelError
-from .hooks import LeafStore, make_leaf
-from .precision import half_precision_hint, watch_non_finite
-from .result import Attribution
-from .rules import relevance_of
-from .targets import (
+from .config import LRPConfig, resolve_rules
+from .errors import AttributionInputError, AttributionStateError
+from .generation import continuation_inputs, greedy_continuation
+from .heads import (
     CAUSAL_LM,
-    IMAGE_CLASSIFICATION,
-    MASKED_LM,
     SEQUENCE_CLASSIFICATION,
-    accepts_logits_to_keep,
+    Request,
+    check_pooled_position,
     explained_positions,
-    head_kind,
-    masked_positions,
     resolve_target,
+    select,
+    target_id_of,
 )
+from .hooks import Handles, LeafStore, make_leaf
+from .precision import half_precision_hint, watch_non_finite
+from .result import Attribution, GenerationAttribution
+from .rules import relevance_of
+from .tokens import display_token, display_tokens, special_ids
 
-if TYPE_CHECKING:
-    from .generation import GenerationAttribution
-
+#: the models inside an lrp() context; checked and changed only under _BUSY_LOCK
 _ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_BUSY_LOCK = threading.Lock()
 #: the maps every family has; anything else LRPContext.maps() returns goes to Attribution.extras
 _CORE_MAPS = frozenset({"token", "position", "position_by_layer", "segment"})
+SPAN_REDUCTIONS = ("sum",)
 
 
 class LRPContext:
@@ -53,14 +59,22 @@ class LRPContext:
     same way: ``h.retain_grad()`` on ``output.hidden_states[l]`` before the backward, then ``h * h.grad``.
     """
 
-    def __init__(self, model: torch.nn.Module, adapter: Adapter, config: LRPConfig, store: LeafStore):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        adapter: Adapter,
+        config: LRPConfig,
+        store: LeafStore,
+        attention: list[AttentionRule],
+    ):
         self.model = model
         self.adapter = adapter
         self.config = config
         self.store = store
+        self._attention = attention
 
     def leaves(self) -> list[torch.Tensor]:
-        """Every leaf (token, additive positions, per-layer cos/sin) of the latest forward pass."""
+        """Every leaf (token, additive positions, per-layer positional leaves) of the latest forward pass."""
         return self.store.tensors()
 
     def zero_grad(self) -> None:
@@ -69,42 +83,94 @@ class LRPContext:
             leaf.grad = None
 
     def maps(self) -> dict[str, torch.Tensor | None]:
-        """Relevance per position of the latest backward pass: ``token``, ``position``, ``position_by_layer``,
-        ``segment`` ([B, T] float32 tensors, ``position_by_layer`` [B, L, T] for rotary models)."""
+        """Relevance per position of the latest backward pass: ``token``, ``position``, ``position_by_layer``
+        ([B, L, T] where every layer has its own positional leaves), ``segment`` and family-specific extras
+        ([B, T] tensors in float32, float64 for float64 models)."""
         additive = self.store.additive
         if "token" not in additive:
             raise AttributionStateError("no forward pass has run inside this hf_pelrp.lrp() context yet")
         token = relevance_of(additive["token"])
         result: dict[str, torch.Tensor | None] = {"token": token, "segment": None, "position_by_layer": None}
-        if self.adapter.positional_kind == "rotary":
-            num_layers = self.adapter.num_layers(self.model)
-            by_layer = torch.zeros(token.shape[0], num_layers, token.shape[1], device=token.device)
-            for layer, (cos, sin) in self.store.rotary.items():
-                by_layer[:, layer] = (relevance_of(cos) + relevance_of(sin)).to(token.device).expand_as(token)
-            result["position_by_layer"] = by_layer
-            result["position"] = by_layer.sum(1)
-        else:
-            pos = additive.get("position")
-            result["position"] = (
-                relevance_of(pos).to(token.device).expand_as(token)
-                if pos is not None
-                else torch.zeros_like(token)
-            )
+        result.update(self.adapter.positions.read(self.store, token, self.adapter.num_layers(self.model)))
         if "segment" in additive:
-            result["segment"] = relevance_of(additive["segment"]).to(token.device).expand_as(token)
-        # family-specific maps (vision: patch_map, pixel_map), built from the maps above
-        result.update(self.adapter.extra_maps(self.model, self.store, result))
+            result["segment"] = relevance_of(additive["segment"]).to(token).expand_as(token)
+        if self.adapter.extra_maps is not None:
+            result.update(self.adapter.extra_maps(self.model, self.store, result))
         return result
 
+    def _start_forward(self) -> None:
+        self.store.clear()
+        for rule in self._attention:
+            rule.calls = 0
+            rule.rotated = None
 
-def _lrp_configs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, PretrainedConfig]]:
+    def check_attention_ran(self) -> None:
+        """Refuse when an attention module with rules did not run through the ``"lrp"`` attention."""
+        idle = [i for i, rule in enumerate(self._attention) if rule.calls == 0]
+        if idle:
+            raise AttributionStateError(
+                f"the attention of layer(s) {idle} of {type(self.model).__name__} did not run through hf_pelrp's "
+                "'lrp' attention implementation (a custom or eager attention path), so the attention rules were "
+                "not applied and the maps would be wrong. Load the model without a custom attention kernel."
+            )
+
+
+class _Undo:
+    """What a set-up changed, undone in reverse order. Each undo step is recorded *before* its change and is
+    safe to run when the change did not happen (or happened already undone), so an interrupt between any two
+    statements leaves nothing behind."""
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[], None]] = []
+
+    def push(self, step: Callable[[], None]) -> None:
+        self.steps.append(step)
+
+    def run(self) -> None:
+        pending: BaseException | None = None
+        while self.steps:
+            try:
+                while self.steps:
+                    self.steps[-1]()
+                    self.steps.pop()
+            except BaseException as exc:  # noqa: BLE001 - finish restoring, then re-raise the first problem
+                if pending is None:
+                    pending = exc
+                if self.steps:
+                    self.steps.pop()
+        if pending is not None:
+            raise pending
+
+
+def _release(model: torch.nn.Module) -> None:
+    with _BUSY_LOCK:
+        _ACTIVE.discard(model)
+
+
+def _claim(model: torch.nn.Module, undo: _Undo) -> None:
+    """Mark ``model`` busy, atomically: a second thread (or a nested call) is refused, never let through."""
+    with _BUSY_LOCK:
+        if model in _ACTIVE:
+            raise AttributionStateError(
+                f"this {type(model).__name__} is already inside an hf_pelrp.lrp() context (or an attribute() call, "
+                "maybe in another thread); nested or concurrent attribution on one model is not possible: wait for "
+                "the other one or use a copy of the model (copy.deepcopy) per thread."
+            )
+        undo.push(lambda: _release(model))
+        _ACTIVE.add(model)
+
+
+def _restore_config(module: torch.nn.Module, config: PretrainedConfig) -> None:
+    module.__dict__["config"] = config
+
+
+def _lrp_configs(model: torch.nn.Module, undo: _Undo) -> None:
     """Point every module of this instance that holds a config at a copy selecting the ``"lrp"`` attention.
 
     Copies (not the shared config object) keep the change to this model: two models built from one config
-    object stay independent. Returns what to put back.
+    object stay independent.
     """
     copies: dict[int, PretrainedConfig] = {}
-    swapped = []
     for module in model.modules():
         cfg = module.__dict__.get("config")
         if not isinstance(cfg, PretrainedConfig):
@@ -113,18 +179,18 @@ def _lrp_configs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Pretrain
             new = copy.copy(cfg)
             new._attn_implementation_internal = LRP_ATTENTION
             copies[id(cfg)] = new
-        swapped.append((module, cfg))
+        undo.push(lambda m=module, c=cfg: _restore_config(m, c))
         module.__dict__["config"] = copies[id(cfg)]
-    return swapped
 
 
-def _check_attention_interface(model: torch.nn.Module) -> None:
-    can_set = getattr(type(model), "_can_set_attn_implementation", None)
-    if can_set is not None and not can_set():
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so "
-            "the LRP attention rules cannot be attached to it."
-        )
+def _restore_flags(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def _restore_training(training: list[tuple[torch.nn.Module, bool]]) -> None:
+    for module, was_training in training:
+        module.training = was_training
 
 
 @contextmanager
@@ -139,22 +205,24 @@ def lrp(
     """Attach the LRP rules to ``model`` for the duration of a ``with`` block.
 
     Inside, the model's forward outputs are unchanged, but its backward pass computes LRP relevance: after
-    ``logit.backward()``, ``ctx.maps()`` holds token and position relevance. Leaving the block (normally or by
-    an exception) removes every hook and rule, restores the attention implementation and the train / eval
-    state of every module: the model is exactly as it was. Inside, parameters do not require gradients (a
-    backward pass there never touches ``param.grad``); their ``requires_grad`` flags are restored on exit.
+    ``logit.backward()``, ``ctx.maps()`` holds token and position relevance. Leaving the block (normally, by an
+    exception or by an interrupt at any point of the set-up or the tear-down) removes every hook and rule,
+    restores the attention implementation, the config objects, the train / eval state of every module and the
+    ``requires_grad`` flags: the model is exactly as it was. Inside, parameters do not require gradients (a
+    backward pass there never touches ``param.grad``).
 
     Parameters
     ----------
     model
         A transformers model of a supported type (see :func:`hf_pelrp.supported_model_types`).
     mode
-        ``"attnlrp"`` (default) or ``"cp"``, or a preset name (``"vit-paper"``, see
-        :data:`hf_pelrp.config.PRESETS`), which replaces ``config``.
+        ``"attnlrp"`` or ``"cp"``, or a preset name (``"vit-paper"``, see :data:`hf_pelrp.config.PRESETS`).
     positional
         Make positional tensors leaves (default ``True``).
     config
-        An :class:`LRPConfig` or a preset name (``mode`` / ``positional`` override its fields).
+        An :class:`LRPConfig` or a preset name. Explicit ``config`` / ``mode`` / ``positional`` win over the
+        model's own default rules (:func:`hf_pelrp.enable_attribution`); ``config`` together with a ``mode`` or
+        ``positional`` that contradicts it is an error.
     gradient_checkpointing
         Recompute each transformer block in the backward pass (non-reentrant activation checkpointing, eval
         semantics) instead of keeping its activations: the same relevance for a fraction of the memory, at
@@ -164,37 +232,35 @@ def lrp(
     Raises
     ------
     UnsupportedModelError
-        The model type has no adapter, or the model was modified (hub kernels) in a way the rules cannot see.
+        The model type has no adapter, the model is not what its declaration covers, or it was modified (hub
+        kernels) in a way the rules cannot see.
     AttributionStateError
-        The model is already inside an ``lrp()`` context.
+        The model is already inside an ``lrp()`` context (in this thread or another one).
     """
-    # a model loaded with hf_pelrp.from_pretrained(..., mode=...) carries its own default rules
-    cfg = resolve_config(config if config is not None else model_default_config(model), mode, positional)
-    if model in _ACTIVE:
-        raise AttributionStateError(
-            f"this {type(model).__name__} is already inside an hf_pelrp.lrp() context (or an attribute() call); "
-            "nested attribution on one model is not possible: leave the outer context first."
-        )
+    cfg = resolve_rules(model, config, mode, positional)
     adapter = adapter_for(model)
     adapter.check_model(model)
     adapter.check_config(model, cfg)
-    _check_attention_interface(model)
-
-    store = LeafStore()
-    handles = []
-    attention_modules: list[torch.nn.Module] = []
-    swapped: list[tuple[torch.nn.Module, PretrainedConfig]] = []
-    training = {m: m.training for m in model.modules()}
-    # the modified backward pass defines no parameter gradients: freeze the parameters so that a backward
-    # pass inside the block cannot write LRP-modified values into param.grad
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    _ACTIVE.add(model)
+    undo = _Undo()
     try:
-        for p, _ in requires_grad:
+        _claim(model, undo)
+        store = LeafStore()
+        handles = Handles()
+        undo.push(handles.remove)
+        undo.push(store.clear)
+        training = [(m, m.training) for m in model.modules()]
+        undo.push(lambda: _restore_training(training))
+        # the modified backward pass defines no parameter gradients: freeze the parameters so that a backward
+        # pass inside the block cannot write LRP-modified values into param.grad
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        undo.push(lambda: _restore_flags(flags))
+        for p, _ in flags:
             p.requires_grad_(False)
+        rules = adapter.attention_rules(model, cfg)
+        ctx = LRPContext(model, adapter, cfg, store, [rule for _, rule in rules])
 
         def start_forward(_module, args, kwargs):
-            store.clear()
+            ctx._start_forward()
             embeds = kwargs.get("inputs_embeds")
             if embeds is not None:
                 leaf = make_leaf(embeds)
@@ -204,70 +270,237 @@ def lrp(
 
         handles.append(model.register_forward_pre_hook(start_forward, with_kwargs=True))
         for module, rule in adapter.module_rules(model, cfg, store):
-            handles.append(rule.attach(module))
+            rule.attach(module, handles)
         if wants_checkpointing(model, gradient_checkpointing):
-            handles.extend(checkpoint_layers(adapter.layers(model)))
-        for module, rule in adapter.attention_rules(model, cfg):
+            checkpoint_layers(adapter.blocks(model), handles)
+        for module, rule in rules:
+            undo.push(lambda m=module: set_attention_rule(m, None))
             set_attention_rule(module, rule)
-            attention_modules.append(module)
-        swapped = _lrp_configs(model)
+        _lrp_configs(model, undo)
         model.eval()
-        yield LRPContext(model, adapter, cfg, store)
+        yield ctx
     finally:
-        for handle in reversed(handles):
-            handle.remove()
-        for module in attention_modules:
-            set_attention_rule(module, None)
-        for module, cfg_obj in swapped:
-            module.__dict__["config"] = cfg_obj
-        for module, was_training in training.items():
-            module.training = was_training
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
-        store.clear()
-        _ACTIVE.discard(model)
+        undo.run()
 
 
-def _explained_logits(
+# ---- the one flow ----------------------------------------------------------------------------------------------
+
+
+def _check_grad_mode() -> None:
+    if torch.is_inference_mode_enabled():
+        raise AttributionStateError(
+            "hf_pelrp was called inside torch.inference_mode(): relevance is computed by a backward pass, which "
+            "inference mode forbids (this is not a problem of the model). Call it outside the inference_mode block "
+            "(torch.no_grad() around it is fine: attribution enables gradients itself)."
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Inference tensors (made under torch.inference_mode) cannot take part in autograd: use a normal copy."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return value.clone()
+    return value
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """The maps of one explained pass, in the user's token order, one row per explained logit."""
+
+    maps: dict[str, torch.Tensor | None]
+    targets: torch.Tensor
+    values: torch.Tensor
+    foils: torch.Tensor | None
+    positions: torch.Tensor | None
+    inputs: dict[str, Any]
+    attention_mask: torch.Tensor
+
+
+def explain(
     model: torch.nn.Module,
-    kind: str,
-    inputs: dict[str, Any],
-    attention_mask: torch.Tensor,
-    position,
+    model_inputs: dict[str, Any],
+    *,
+    config: LRPConfig | str | None = None,
+    mode: str | None = None,
+    positional: bool | None = None,
+    target: Any = None,
+    foil: Any = None,
+    position: Any = None,
+    positions: torch.Tensor | None = None,
     mask_token_id: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the forward pass; return the [B, C] logits to explain and, for causal / masked LMs, their positions."""
-    if kind == CAUSAL_LM:
-        batch = attention_mask.shape[0]
-        positions = explained_positions(position, attention_mask, batch)
-        if accepts_logits_to_keep(model):
-            # only the explained positions go through the (vocabulary-sized) LM head
-            logits = model(**inputs, logits_to_keep=positions[:, None]).logits[:, 0]
-        else:
-            logits = model(**inputs).logits
-            logits = logits[torch.arange(batch, device=logits.device), positions.to(logits.device)]
-        return logits, positions
-    if kind == MASKED_LM:
-        positions = masked_positions(position, inputs.get("input_ids"), attention_mask, mask_token_id)
-        logits = model(**inputs).logits
-        batch = torch.arange(logits.shape[0], device=logits.device)
-        return logits[batch, positions.to(logits.device)], positions
-    if position is not None:
-        raise AttributionInputError("position= is only meaningful for causal and masked language models")
-    if kind in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION):
-        # DeiTForImageClassificationWithTeacher's logits are the mean of its two heads: a linear map, so the
-        # seed's relevance splits between the heads by the epsilon rule with nothing else to do
-        return model(**inputs).logits, None
-    raise AttributionInputError(
-        f"{type(model).__name__}: heads of kind {kind!r} are not supported by attribute() yet"
+    span_reduce: str | None = None,
+    tokenizer: Any = None,
+    gradient_checkpointing: bool | None = None,
+    progress: bool = False,
+) -> _Pass:
+    """The whole attribution flow, shared by every entry point.
+
+    Rules resolved once (:func:`hf_pelrp.config.resolve_rules`), inputs checked by the family's declaration,
+    one forward pass inside :func:`lrp`, the explained logits read by the head kind, one backward pass per
+    group of independent seeds (one per batch row: all rows at once; several positions of one row: one after
+    the other over the same graph; ``span_reduce="sum"``: their sum), maps read by the positional kind, padding
+    alignment undone, finiteness and cut-graph checks.
+    """
+    _check_grad_mode()
+    if span_reduce is not None and span_reduce not in SPAN_REDUCTIONS:
+        raise AttributionInputError(
+            f"span_reduce must be one of {SPAN_REDUCTIONS} or None, got {span_reduce!r}"
+        )
+    cfg = resolve_rules(model, config, mode, positional)
+    adapter = adapter_for(model)
+    kind = adapter.head(model)
+    prepared = adapter.validate_inputs(model, {k: _plain(v) for k, v in model_inputs.items()})
+    inputs, mask, alignment = prepared.inputs, prepared.attention_mask, prepared.alignment
+    target = target_id_of(target, model, tokenizer, "target")
+    foil = target_id_of(foil, model, tokenizer, "foil")
+    if alignment is not None and position is not None:
+        position = alignment.align_positions(explained_positions(position, mask, mask.shape[0])[:, None])[
+            :, 0
+        ]
+    run_mask = inputs.get("attention_mask", mask)
+    if (
+        kind.name == SEQUENCE_CLASSIFICATION
+        and adapter.inputs.kind == "text"
+        and adapter.inputs.padding == "any"
+    ):
+        check_pooled_position(model, inputs, run_mask)
+    if "use_cache" in _forward_parameters(model):
+        inputs = {**inputs, "use_cache": False}
+    request = Request(position=position, positions=positions, mask_token_id=mask_token_id)
+
+    def forward_and_seeds(ctx: LRPContext):
+        selection = select(model, kind, model, inputs, run_mask, request)
+        ctx.check_attention_ran()
+        logits = selection.logits
+        targets = resolve_target(target, logits)
+        values = logits.gather(-1, targets[..., None].to(logits.device)).squeeze(-1)
+        foils = None
+        if foil is not None:
+            foils = resolve_target(foil, logits, "foil")
+            values = values - logits.gather(-1, foils[..., None].to(logits.device)).squeeze(-1)
+        return selection, targets, values, foils
+
+    with lrp(model, config=cfg, gradient_checkpointing=gradient_checkpointing) as ctx, torch.enable_grad():
+        selection, targets, values, foils = forward_and_seeds(ctx)
+        count = values.shape[1]
+        seeds = [values.sum(1)] if span_reduce == "sum" else [values[:, k] for k in range(count)]
+        leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
+        rows: list[dict[str, torch.Tensor | None]] = []
+        iterator = seeds
+        if progress and len(seeds) > 1:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(seeds, desc="explaining tokens", unit="token")
+        for i, seed in enumerate(iterator):
+            if not seed.requires_grad:
+                raise _cut_graph_error(model)
+            ctx.zero_grad()
+            torch.autograd.backward(seed.sum(), inputs=leaves, retain_graph=i < len(seeds) - 1)
+            token_leaf = ctx.store.additive.get("token")
+            if token_leaf is not None and token_leaf.grad is None:
+                raise _cut_graph_error(model)
+            rows.append(ctx.maps())
+        ctx.zero_grad()
+
+    maps = _stack_rows(rows)
+    if span_reduce == "sum":
+        values = values.sum(1, keepdim=True)
+    out_positions = selection.positions
+    if alignment is not None:
+        maps = {k: alignment.restore(v) if _is_sequence_map(k, v, mask) else v for k, v in maps.items()}
+        if out_positions is not None:
+            out_positions = alignment.restore_positions(out_positions)
+    result = _Pass(
+        maps=maps,
+        targets=targets.detach(),
+        values=values.detach(),
+        foils=None if foils is None else foils.detach(),
+        positions=None if out_positions is None else out_positions.detach(),
+        inputs=inputs,
+        attention_mask=mask,
     )
+
+    def locate() -> str:
+        with (
+            lrp(model, config=cfg, gradient_checkpointing=False) as again,
+            watch_non_finite(model) as watch,
+            torch.enable_grad(),
+        ):
+            _, _, seeds_again, _ = forward_and_seeds(again)
+            seeds_again.sum().backward()
+        return watch.describe() + half_precision_hint(watch.dtype)
+
+    _check_finite(result, model, locate)
+    return result
+
+
+def _forward_parameters(model: torch.nn.Module) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(model.forward).parameters)
+
+
+def _is_sequence_map(name: str, value: Any, mask: torch.Tensor) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() >= 2
+        and value.shape[-1] == mask.shape[-1]
+        and (name in _CORE_MAPS or value.shape[0] == mask.shape[0])
+    )
+
+
+def _stack_rows(rows: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+    """One backward pass per seed group: [B, ...] maps of each, stacked as [B * groups, ...] (for one row with
+    several seeds, the rows are the seeds)."""
+    if len(rows) == 1:
+        return {k: None if v is None else v.detach() for k, v in rows[0].items()}
+    out: dict[str, torch.Tensor | None] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        out[key] = None if values[0] is None else torch.cat([v.detach() for v in values])
+    return out
+
+
+def _cut_graph_error(model: torch.nn.Module) -> AttributionStateError:
+    """The explained logit does not depend on the token leaf: refuse to report all-zero maps."""
+    return AttributionStateError(
+        f"no gradient reached the token embedding of {type(model).__name__}: something in the model (a hook "
+        "running under torch.no_grad, a detached tensor, a custom forward) cut the backward pass, so every "
+        "map would be 0. Attribute the unmodified transformers model."
+    )
+
+
+def _check_finite(result: _Pass, model: torch.nn.Module, locate: Callable[[], str] | None = None) -> None:
+    """Raise if the relevance is NaN / inf; ``locate()`` re-runs the pass and names the module that overflowed."""
+    maps = [v for v in result.maps.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if all(bool(torch.isfinite(m).all()) for m in maps) and bool(torch.isfinite(result.values).all()):
+        return
+    dtype = next(model.parameters()).dtype
+    where = locate() if locate is not None else half_precision_hint(dtype).strip()
+    raise AttributionStateError(
+        f"relevance is not finite (NaN or inf) for {type(model).__name__} in {dtype}: {where}"
+    )
+
+
+def _gamma_of(cfg: LRPConfig) -> dict[str, float]:
+    return {k: v for k in ("gamma_linear", "gamma_conv") if (v := getattr(cfg, k)) is not None}
+
+
+def _labels(model: torch.nn.Module, tokenizer: Any, ids: list[int], vocabulary: bool) -> dict[int, str]:
+    """Readable names of ``ids``: decoded tokens for LMs (with a tokenizer), else the model's class names."""
+    if vocabulary:
+        return {int(i): display_token(tokenizer, int(i)) for i in ids} if tokenizer is not None else {}
+    names = getattr(getattr(model, "config", None), "id2label", None) or {}
+    return {int(k): str(v) for k, v in names.items()}
+
+
+# ---- entry points ------------------------------------------------------------------------------------------------
 
 
 def attribute(
     model: torch.nn.Module,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    target: int | torch.Tensor | None = None,
+    target: int | str | torch.Tensor | None = None,
     mode: str | None = None,
     positional: bool | None = None,
     *,
@@ -275,7 +508,8 @@ def attribute(
     inputs_embeds: torch.Tensor | None = None,
     position: int | torch.Tensor | None = None,
     mask_token_id: int | None = None,
-    foil: int | torch.Tensor | None = None,
+    foil: int | str | torch.Tensor | None = None,
+    tokenizer: Any = None,
     continuation_ids: torch.Tensor | None = None,
     generate: bool = False,
     max_new_tokens: int | None = None,
@@ -288,42 +522,42 @@ def attribute(
     Parameters
     ----------
     model
-        A supported transformers model with a causal-LM, masked-LM or sequence-classification head.
+        A supported transformers model with a causal-LM, masked-LM, sequence- or image-classification head.
     input_ids : LongTensor [B, T]
-        Token ids (or ``inputs_embeds`` [B, T, H], not both).
+        Token ids (or ``inputs_embeds`` [B, T, H], not both; ``pixel_values`` for image classifiers).
     attention_mask : LongTensor [B, T], optional
         1 for tokens, 0 for padding (left or right).
     target
         ``None``: the arg-max class / next token; an int or LongTensor [B]: the class id (classifiers) or
-        vocabulary id (LMs) to explain.
+        vocabulary id (LMs); a string: a class label, or exactly one token of the vocabulary (``" Paris"``,
+        with ``tokenizer=``).
     mode
-        ``"attnlrp"`` or ``"cp"`` (attention probabilities constant). Default: the model's own default
-        (:func:`hf_pelrp.from_pretrained`), else ``"attnlrp"``.
+        ``"attnlrp"`` or ``"cp"`` (attention probabilities constant), or a preset name. Default: the model's own
+        default (:func:`hf_pelrp.from_pretrained`), else ``"attnlrp"``.
     positional
-        ``True`` for PE-LRP (positions are leaves); ``False`` for the classic baseline. Default as ``mode``
-        (``True``).
+        ``True`` for PE-LRP (positions are leaves); ``False`` for the classic baseline. Default as ``mode``.
     config
-        An :class:`LRPConfig` or a preset name (e.g. ``"vit-paper"``: CP attention, Gamma rules); when given,
-        its fields are used and ``mode`` / ``positional`` are ignored. ``mode`` may name a preset too.
+        An :class:`LRPConfig` or a preset name (e.g. ``"vit-paper"``). A ``mode`` / ``positional`` that
+        contradicts it is an error.
     position
         Causal LMs: the position whose next-token logit is explained (default: each row's last token).
         Masked LMs (required): the ``[MASK]`` position whose vocabulary logits are explained.
     mask_token_id
-        Masked LMs with ``input_ids``: the tokenizer's ``mask_token_id`` (model configs do not store it); the
-        token at ``position`` must be this id.
+        Masked LMs with ``input_ids``: the tokenizer's ``mask_token_id``; the token at ``position`` must be it.
     foil
-        Contrastive explanation: an id (or LongTensor [B]) whose logit is subtracted, so the explained value
-        is ``logit(target) - logit(foil)`` (stored in ``Attribution.foil``).
+        Contrastive explanation: an id (or LongTensor [B], or a string like ``target``) whose logit is
+        subtracted, so the explained value is ``logit(target) - logit(foil)`` (``Attribution.foil``).
+    tokenizer
+        Optional: turns string targets / foils into ids, and gives the result its display ``tokens``, the
+        ``labels`` of the explained ids and the ``special_tokens_mask``.
     continuation_ids, generate, max_new_tokens, span_reduce
         Causal LMs: explain every token of a continuation of ``input_ids`` (given, or generated greedily with
-        ``generate=True, max_new_tokens=N``) by teacher forcing; ``span_reduce="sum"`` explains the sum of
-        the continuation's logits in one backward pass. Returns a
-        :class:`hf_pelrp.generation.GenerationAttribution` (see :func:`hf_pelrp.generation.explain_continuation`).
+        ``generate=True, max_new_tokens=N``); see :func:`explain_continuation`.
     gradient_checkpointing
-        Recompute each block in the backward pass to save activation memory (long contexts); the relevance is
-        the same. Default: on when ``model.gradient_checkpointing_enable()`` was called (see :func:`lrp`).
+        Recompute each block in the backward pass to save activation memory; the relevance is the same.
     **model_inputs
-        Passed on to the model's forward (e.g. ``position_ids``).
+        Other inputs the family accepts (``position_ids``, ``token_type_ids``, ``pixel_values``,
+        ``interpolate_pos_encoding``); anything else is refused with a clear error.
 
     Returns
     -------
@@ -331,14 +565,7 @@ def attribute(
         Token / position relevance [B, T], per-layer position relevance for rotary models, the explained
         target ids and logits, and the conservation gap.
     """
-    if config is not None:
-        cfg = resolve_config(config, None, None)
-    else:
-        cfg = resolve_config(model_default_config(model), mode, positional)
-    if continuation_ids is not None or generate or span_reduce is not None:
-        # imported here: generation builds on this module (lrp, the frozen parameters), not the reverse
-        from .generation import explain_continuation
-
+    if continuation_ids is not None or generate or span_reduce is not None or max_new_tokens is not None:
         if target is not None or position is not None:
             raise AttributionInputError(
                 "target= and position= do not apply to a continuation: each continuation token is the target "
@@ -354,92 +581,209 @@ def attribute(
             max_new_tokens=max_new_tokens,
             foil=foil,
             span_reduce=span_reduce,
-            config=cfg,
+            mode=mode,
+            positional=positional,
+            config=config,
+            tokenizer=tokenizer,
             gradient_checkpointing=gradient_checkpointing,
             **model_inputs,
         )
-    adapter = adapter_for(model)
-    kind = head_kind(model)
-    inputs, attention_mask = adapter.validate_inputs(
+    cfg = resolve_rules(model, config, mode, positional)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "inputs_embeds": inputs_embeds,
+        **model_inputs,
+    }
+    done = explain(
         model,
-        {
-            "input_ids": input_ids,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            **model_inputs,
-        },
+        inputs,
+        config=cfg,
+        target=target,
+        foil=foil,
+        position=position,
+        mask_token_id=mask_token_id,
+        tokenizer=tokenizer,
+        gradient_checkpointing=gradient_checkpointing,
     )
-    input_ids = inputs.get("input_ids")
-    with (
-        lrp(model, config=cfg, gradient_checkpointing=gradient_checkpointing) as ctx,
-        torch.enable_grad(),
-    ):
-        logits, positions = _explained_logits(model, kind, inputs, attention_mask, position, mask_token_id)
-        target_ids = resolve_target(target, logits)
-        seed = logits.gather(1, target_ids[:, None].to(logits.device)).squeeze(1)
-        extras = {}
-        foil_ids = None
-        if foil is not None:
-            foil_ids = resolve_target(foil, logits)
-            seed = seed - logits.gather(1, foil_ids[:, None].to(logits.device)).squeeze(1)
-        leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
-        if not seed.requires_grad:
-            raise _cut_graph_error(model)
-        torch.autograd.backward(seed.sum(), inputs=leaves)
-        token_leaf = ctx.store.additive.get("token")
-        if token_leaf is not None and token_leaf.grad is None:
-            raise _cut_graph_error(model)
-        maps = ctx.maps()
-        extras.update({k: v for k, v in maps.items() if k not in _CORE_MAPS})
-    result = Attribution(
+    maps = done.maps
+    kind = adapter_for(model).head(model)
+    input_ids_out = as_user_ids(inputs.get("input_ids"), done.attention_mask)
+    targets = done.targets[:, 0]
+    foils = None if done.foils is None else done.foils[:, 0]
+    ids = targets.tolist() + ([] if foils is None else foils.tolist())
+    tokens = special = None
+    if tokenizer is not None and input_ids_out is not None:
+        tokens = [display_tokens(tokenizer, row) for row in input_ids_out.tolist()]
+        specials = special_ids(tokenizer)
+        special = torch.tensor(
+            [[int(i) in specials for i in row] for row in input_ids_out.tolist()], dtype=torch.bool
+        )
+    token_map = maps["token"]
+    return Attribution(
+        token=token_map,
+        position=maps["position"],
+        position_by_layer=maps["position_by_layer"],
+        segment=maps["segment"],
+        foil=foils,
+        target=targets,
+        target_value=done.values[:, 0].to(token_map),
+        position_index=None if done.positions is None else done.positions[:, 0],
+        input_ids=input_ids_out,
+        attention_mask=done.attention_mask,
+        tokens=tokens,
+        special_tokens_mask=special,
+        labels=_labels(model, tokenizer, ids, kind.vocabulary_targets),
+        mode=cfg.mode,
+        positional=cfg.positional,
+        model_type=model.config.model_type,
+        gamma=_gamma_of(cfg),
+        extras={k: v for k, v in maps.items() if k not in _CORE_MAPS},
+    )
+
+
+def as_user_ids(input_ids: Any, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The user's ``input_ids`` as a [B, T] tensor (for display), or ``None``."""
+    if input_ids is None:
+        return None
+    ids = torch.as_tensor(input_ids)
+    return ids.unsqueeze(0) if ids.dim() == 1 else ids
+
+
+def explain_continuation(
+    model: torch.nn.Module,
+    input_ids: Any,
+    continuation_ids: Any = None,
+    *,
+    attention_mask: Any = None,
+    inputs_embeds: torch.Tensor | None = None,
+    generate: bool = False,
+    max_new_tokens: int | None = None,
+    foil: int | str | torch.Tensor | None = None,
+    span_reduce: str | None = None,
+    mode: str | None = None,
+    positional: bool | None = None,
+    config: LRPConfig | str | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
+    gradient_checkpointing: bool | None = None,
+    **model_inputs: Any,
+) -> GenerationAttribution:
+    """Explain each token of a continuation of one prompt (teacher forcing), or of a greedy generation.
+
+    One forward pass over ``prompt + continuation`` with the LRP rules attached, then one backward pass per
+    continuation token from its logit (read at the position before it), over the same graph. Row ``s`` is
+    therefore what :func:`hf_pelrp.attribute` gives for ``target = continuation[s]`` on the prefix
+    ``prompt + continuation[:s]``, padded with zeros to the full length.
+
+    Parameters
+    ----------
+    model
+        A supported causal LM (``*ForCausalLM``).
+    input_ids : LongTensor [T] or [1, T]
+        The prompt (one sequence; padding marked in ``attention_mask`` is removed).
+    continuation_ids : LongTensor [S] or [1, S], optional
+        The tokens to explain. Exactly one of ``continuation_ids`` and ``generate=True``.
+    generate, max_new_tokens
+        Generate ``max_new_tokens`` tokens greedily (stopping early at end-of-sequence), then explain them.
+    foil
+        Contrastive rows: an id, LongTensor [S] (one per continuation token) or a one-token string; each row
+        explains ``logit(token) - logit(foil)``.
+    span_reduce
+        ``"sum"``: explain the sum of the (contrastive) logits of the whole continuation in one backward
+        pass; the result has a single row.
+    mode, positional, config
+        The rules (see :func:`hf_pelrp.attribute`).
+    tokenizer
+        Optional: display tokens and labels of the result, string foils.
+    progress
+        Show a progress bar over the backward passes.
+    gradient_checkpointing
+        Recompute each block in the backward passes instead of keeping its activations (see :func:`lrp`).
+
+    Returns
+    -------
+    GenerationAttribution
+        Matrices [S, P + S] (or [1, P + S] with ``span_reduce``), the explained values and their gaps.
+
+    Raises
+    ------
+    AttributionInputError
+        Not a causal LM, a batch of several prompts, both or neither of ``continuation_ids`` and
+        ``generate``, an unknown ``span_reduce``, out-of-range ids.
+    """
+    _check_grad_mode()
+    cfg = resolve_rules(model, config, mode, positional)
+    kind = adapter_for(model).head(model)
+    if kind.name != CAUSAL_LM:
+        raise AttributionInputError(
+            f"explaining a continuation needs a causal language model (*ForCausalLM), got {type(model).__name__}"
+        )
+    if inputs_embeds is not None:
+        raise AttributionInputError(
+            "explaining a continuation needs input_ids (token ids), not inputs_embeds"
+        )
+    if model_inputs:
+        raise AttributionInputError(
+            f"extra model inputs {sorted(model_inputs)} are not supported when explaining a continuation "
+            "(positions are derived from the prompt and the continuation)"
+        )
+    device = next(model.parameters()).device
+    if generate:
+        if continuation_ids is not None:
+            raise AttributionInputError("pass either continuation_ids or generate=True, not both")
+    elif continuation_ids is None:
+        raise AttributionInputError(
+            "no continuation to explain: pass continuation_ids, or generate=True with max_new_tokens"
+        )
+    elif max_new_tokens is not None:
+        raise AttributionInputError("max_new_tokens= only applies with generate=True")
+    prompt, continuation = continuation_inputs(model, input_ids, attention_mask, continuation_ids, device)
+    if generate:
+        continuation = greedy_continuation(model, prompt, max_new_tokens)
+        if continuation.numel() == 0:
+            raise AttributionInputError("the model generated no new token: nothing to explain")
+    full = torch.cat([prompt, continuation])[None]
+    prompt_len, steps = prompt.shape[0], continuation.shape[0]
+    positions = torch.arange(prompt_len - 1, prompt_len - 1 + steps, device=device)[None]
+    if isinstance(foil, torch.Tensor) and foil.numel() == 1 and not foil.is_floating_point():
+        foil = foil.reshape(()).item()
+    if isinstance(foil, torch.Tensor | list | tuple):
+        foil = torch.as_tensor(foil).reshape(-1)
+        if foil.numel() != steps:
+            raise AttributionInputError(
+                f"foil must be one id or one per continuation token ({steps}), got {foil.numel()}"
+            )
+    done = explain(
+        model,
+        {"input_ids": full, "attention_mask": torch.ones_like(full)},
+        config=cfg,
+        target=continuation[None],
+        foil=foil,
+        positions=positions,
+        span_reduce=span_reduce,
+        tokenizer=tokenizer,
+        gradient_checkpointing=gradient_checkpointing,
+        progress=progress,
+    )
+    maps = done.maps
+    foils = None if done.foils is None else done.foils[0]
+    ids = continuation.tolist() + ([] if foils is None else foils.tolist())
+    return GenerationAttribution(
         token=maps["token"],
         position=maps["position"],
         position_by_layer=maps["position_by_layer"],
         segment=maps["segment"],
-        foil=None if foil_ids is None else foil_ids.detach(),
-        target=target_ids.detach(),
-        target_value=seed.detach().float().to(maps["token"].device),
-        position_index=positions,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        target=done.targets[0],
+        target_value=done.values[0].to(maps["token"]),
+        input_ids=full[0].detach(),
+        prompt_length=prompt_len,
+        foil=foils,
+        span_reduce=span_reduce,
+        tokens=display_tokens(tokenizer, full[0].tolist()) if tokenizer is not None else None,
+        labels=_labels(model, tokenizer, ids, True),
         mode=cfg.mode,
         positional=cfg.positional,
         model_type=model.config.model_type,
-        gamma={k: v for k in ("gamma_linear", "gamma_conv") if (v := getattr(cfg, k)) is not None},
-        extras=extras,
-    )
-
-    def locate() -> str:
-        with (
-            lrp(model, config=cfg, gradient_checkpointing=False),
-            watch_non_finite(model) as watch,
-            torch.enable_grad(),
-        ):
-            again, _ = _explained_logits(model, kind, inputs, attention_mask, position, mask_token_id)
-            again.gather(1, target_ids[:, None].to(again.device)).sum().backward()
-        return watch.describe() + half_precision_hint(watch.dtype)
-
-    _check_finite(result, model, locate)
-    return result
-
-
-def _cut_graph_error(model: torch.nn.Module) -> AttributionStateError:
-    """The explained logit does not depend on the token leaf: refuse to report all-zero maps."""
-    return AttributionStateError(
-        f"no gradient reached the token embedding of {type(model).__name__}: something in the model (a hook "
-        "running under torch.no_grad, a detached tensor, a custom forward) cut the backward pass, so every "
-        "map would be 0. Attribute the unmodified transformers model."
-    )
-
-
-def _check_finite(
-    result: Attribution, model: torch.nn.Module, locate: Callable[[], str] | None = None
-) -> None:
-    """Raise if the relevance is NaN / inf; ``locate()`` re-runs the pass and names the module that overflowed."""
-    if torch.isfinite(result.relevance).all() and torch.isfinite(result.target_value).all():
-        return
-    dtype = next(model.parameters()).dtype
-    where = locate() if locate is not None else half_precision_hint(dtype).strip()
-    raise AttributionStateError(
-        f"relevance is not finite (NaN or inf) for {type(model).__name__} in {dtype}: {where}"
+        gamma=_gamma_of(cfg),
     )

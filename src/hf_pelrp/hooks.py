@@ -1,8 +1,10 @@
 """Declarative, reversible module rules: each applies one primitive of :mod:`hf_pelrp.rules` through a torch hook.
 
-A rule object says *what* happens to a module's output (or inputs) in the backward pass; ``attach`` returns a
-``RemovableHandle``. Hooks (not replaced ``forward`` methods, not patched classes) keep every change scoped to
-one model instance, undoable, and composable with accelerate's own per-module hooks.
+A rule object says *what* happens to a module's output (or inputs) in the backward pass; ``attach(module,
+handles)`` registers its hooks and appends each handle to ``handles`` in the same statement that registers it,
+so that an interrupt (``KeyboardInterrupt``) between two statements never leaves a hook nobody can remove.
+Hooks (not replaced ``forward`` methods, not patched classes) keep every change scoped to one model instance,
+undoable, and composable with accelerate's own per-module hooks.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .devices import execution_device, weights_on_device
+from .devices import weights_on_device
+from .errors import UnsupportedModelError
 from .rules import gamma_rule, identity_rule, scale_gradient, straight_through
 
 
@@ -22,25 +25,32 @@ from .rules import gamma_rule, identity_rule, scale_gradient, straight_through
 class LeafStore:
     """The leaves of the relevance computation created during the most recent forward pass.
 
-    ``additive`` maps a name (``"token"``, ``"position"``, ``"segment"``, ...) to the output of an embedding
-    module made a leaf; ``rotary`` maps a layer index to its own ``(cos, sin)`` leaves; ``aux`` holds tensors
-    an adapter needs for its own maps (e.g. the pixels behind a ViT's patch tokens), not leaves of the pass.
+    ``additive`` maps a name (``"token"``, ``"position"``, ``"segment"``, ...) to a [B, T, ...] leaf whose
+    relevance is summed over its trailing axes; ``layers`` maps a layer index to that layer's own named leaves
+    (rotary ``"cos"`` / ``"sin"``, an attention ``"bias"``); ``aux`` holds tensors a positional kind or an
+    adapter needs for its own maps (e.g. the pixels behind a ViT's patch tokens), not leaves of the pass.
     """
 
     additive: dict[str, torch.Tensor] = field(default_factory=dict)
-    rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    aux: dict[str, object] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.additive.clear()
-        self.rotary.clear()
+        self.layers.clear()
         self.aux.clear()
 
     def tensors(self) -> list[torch.Tensor]:
+        """Every leaf, additive ones first."""
         leaves = list(self.additive.values())
-        for cos, sin in self.rotary.values():
-            leaves.extend((cos, sin))
+        for named in self.layers.values():
+            leaves.extend(named.values())
         return leaves
+
+    @property
+    def batch_size(self) -> int | None:
+        token = self.additive.get("token")
+        return None if token is None else token.shape[0]
 
 
 def make_leaf(x: torch.Tensor) -> torch.Tensor:
@@ -49,22 +59,32 @@ def make_leaf(x: torch.Tensor) -> torch.Tensor:
 
 
 class Handles:
-    """Several hook handles removed as one (what :meth:`HookRule.attach` returns for a multi-hook rule)."""
+    """Hook handles removed as one; ``remove()`` may be called any number of times."""
 
-    def __init__(self, *handles: RemovableHandle):
-        self.handles = handles
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+
+    def append(self, handle: RemovableHandle) -> None:
+        self.handles.append(handle)
+
+    def extend(self, handles: list[RemovableHandle]) -> None:
+        self.handles.extend(handles)
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        while self.handles:
+            self.handles[-1].remove()
+            self.handles.pop()
+
+    def __len__(self) -> int:
+        return len(self.handles)
 
 
 class HookRule(ABC):
-    """A rule applied to one module through a hook; subclasses implement :meth:`attach`."""
+    """A rule applied to one module through hooks; subclasses implement :meth:`attach`."""
 
     @abstractmethod
-    def attach(self, module: torch.nn.Module) -> RemovableHandle:
-        """Register the hook on ``module`` and return its handle."""
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        """Register the hooks on ``module``, appending each handle to ``handles`` as it is registered."""
 
 
 @dataclass
@@ -72,16 +92,22 @@ class OutputGradient(HookRule):
     """Scale the gradient of the module's output by ``factor`` (0 = stop-gradient).
 
     Used on one factor of a relevance-carrying product, e.g. the up projection of a gated MLP (uniform rule,
-    AttnLRP Prop. 3.2: ``factor = 1/2``; CP-LRP keeps the full gradient).
+    AttnLRP Prop. 3.2: ``factor = 1/2``; CP-LRP keeps the full gradient). ``channels`` restricts the factor
+    to a slice of the last axis (a fused ``gate_up_proj`` whose second half is the up projection).
     """
 
     factor: float
+    channels: slice | None = None
 
-    def attach(self, module: torch.nn.Module) -> RemovableHandle:
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
         def hook(_module, _args, output):
-            return scale_gradient(output, self.factor)
+            if self.channels is None:
+                return scale_gradient(output, self.factor)
+            factors = torch.ones(output.shape[-1], dtype=output.dtype, device=output.device)
+            factors[self.channels] = self.factor
+            return scale_gradient(output, factors)
 
-        return module.register_forward_hook(hook)
+        handles.append(module.register_forward_hook(hook))
 
 
 @dataclass
@@ -94,11 +120,11 @@ class Activation(HookRule):
 
     product_factor: float = 1.0
 
-    def attach(self, module: torch.nn.Module) -> RemovableHandle:
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
         def hook(_module, args, output):
             return scale_gradient(identity_rule(args[0].to(output.device), output), self.product_factor)
 
-        return module.register_forward_hook(hook)
+        handles.append(module.register_forward_hook(hook))
 
 
 @dataclass
@@ -106,75 +132,85 @@ class Norm(HookRule):
     """Identity rule for a normalisation layer (AttnLRP Prop. 3.4): its scale is a constant of the backward.
 
     ``surrogate(module, x)`` re-computes the layer with the scale detached; the module's own output is kept
-    as the forward value (:func:`hf_pelrp.rules.straight_through`), so outputs stay bit-identical.
+    as the forward value (:func:`hf_pelrp.rules.straight_through`), so outputs stay bit-identical. The
+    surrogate must reproduce the output (up to rounding): if it does not, the declared surrogate is not the
+    function this class computes (a ``(1 + w)`` norm declared as ``w * x / std``) and the rule refuses, naming
+    the module, instead of propagating relevance through the wrong function.
     """
 
     surrogate: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    name: str = ""
 
-    def attach(self, module: torch.nn.Module) -> RemovableHandle:
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
         def hook(mod, args, output):
             x = args[0]
             if not x.requires_grad:
                 return output
             # under accelerate offload the weights are back on `meta` once the module's forward has returned
             with weights_on_device(mod):
-                return straight_through(output, self.surrogate(mod, x.to(output.device)))
+                surrogate = self.surrogate(mod, x.to(output.device))
+            check_reproduces(surrogate, output, self.name or type(mod).__name__, "norm surrogate")
+            return straight_through(output, surrogate.to(output.dtype))
 
-        return module.register_forward_hook(hook)
+        handles.append(module.register_forward_hook(hook))
+
+
+def check_reproduces(value: torch.Tensor, reference: torch.Tensor, where: str, what: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``value`` equals ``reference`` up to rounding.
+
+    The tolerance is that of float32 at least (norms compute their statistics in float32 even in float64
+    models), relative to the largest output: far below the difference a wrongly declared function makes.
+    """
+    with torch.no_grad():
+        a, b = value.detach().to(reference.dtype), reference.detach()
+        if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+            return  # an overflow: the engine's finiteness check names the module, with advice
+        if a.shape != b.shape:
+            ok = False
+        else:
+            eps = torch.finfo(b.dtype).eps if b.is_floating_point() else 0.0
+            scale = b.abs().amax().clamp(min=1.0)
+            tol = max(16 * eps, 1e-5)
+            ok = bool(((a - b).abs().amax() <= tol * scale).item()) if a.numel() else True
+    if not ok:
+        raise UnsupportedModelError(
+            f"the {what} declared for {where} does not reproduce the module's output: the adapter declaration "
+            "does not describe this module (e.g. a (1 + w) RMSNorm declared as w * x / std). Fix the declaration "
+            "(and run hf_pelrp.check_adapter) before attributing this model."
+        )
 
 
 @dataclass
 class EmbeddingLeaf(HookRule):
-    """Make the module's output a leaf named ``name`` in ``store`` (token, position or segment embedding)."""
+    """Make the output of an embedding module a leaf of ``store`` — the one rule for every additive input part.
 
-    store: LeafStore
-    name: str
-
-    def attach(self, module: torch.nn.Module) -> RemovableHandle:
-        def hook(_module, _args, output):
-            leaf = make_leaf(output)
-            self.store.additive[self.name] = leaf
-            return leaf
-
-        return module.register_forward_hook(hook)
-
-
-@dataclass
-class RotaryLeaves(HookRule):
-    """Give one attention layer its own ``(cos, sin)`` leaves (PE-LRP, method.md section 2).
-
-    A forward pre-hook replaces the ``position_embeddings`` keyword of the attention module by fresh leaves
-    stored under ``layer``; re-running the same layer within one forward (gradient-checkpointing
-    recomputation) reuses them, so no leaf is created twice.
+    The k-th call of the module in one forward pass becomes the leaf ``names[k]`` (GPT-2 embeds tokens and,
+    when given, token types with one table: ``names=("token", "segment")``; a name already taken, e.g. a
+    ``"token"`` leaf made from ``inputs_embeds``, moves the call on to the next name). With ``per_row`` a
+    ``[1, T, H]`` output (position ids shared by the batch) is expanded to the batch of the token leaf first,
+    so each row gets its own leaf and its own map. The module's table is never modified: the leaf is a copy.
     """
 
     store: LeafStore
-    layer: int
-    keyword: str = "position_embeddings"
+    names: tuple[str, ...] = ("token",)
+    per_row: bool = True
 
-    def attach(self, module: torch.nn.Module) -> RemovableHandle:
-        def hook(_module, args, kwargs):
-            pe = kwargs.get(self.keyword)
-            if pe is None:
-                return None
-            cos, sin = pe
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if hidden is not None and cos.shape[0] == 1 and hidden.shape[0] > 1:
-                # shared position ids: give every row its own copy, so maps are per row
-                cos = cos.expand(hidden.shape[0], *cos.shape[1:])
-                sin = sin.expand(hidden.shape[0], *sin.shape[1:])
-            # the leaves live where their layer computes (device_map models: each layer's own device)
-            device = execution_device(_module) or cos.device
-            cos, sin = cos.to(device), sin.to(device)
-            existing = self.store.rotary.get(self.layer)
-            if existing is None or existing[0].shape != cos.shape or existing[0].device != cos.device:
-                existing = (make_leaf(cos), make_leaf(sin))
-                self.store.rotary[self.layer] = existing
-            kwargs = dict(kwargs)
-            kwargs[self.keyword] = existing
-            return args, kwargs
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        def hook(_module, _args, output):
+            name = next((n for n in self.names if n not in self.store.additive), None)
+            if name is None:
+                raise UnsupportedModelError(
+                    f"{type(_module).__name__} was called more often in one forward pass than its declared "
+                    f"leaves {self.names}: the adapter declaration does not describe this model."
+                )
+            batch = self.store.batch_size
+            if self.per_row and batch is not None and output.shape[0] == 1 and batch > 1:
+                output = output.expand(batch, *output.shape[1:])
+            leaf = make_leaf(output)
+            self.store.additive[name] = leaf
+            return leaf
 
-        return module.register_forward_pre_hook(hook, with_kwargs=True)
+        handles.append(module.register_forward_hook(hook))
 
 
 def layer_map_of(
@@ -206,13 +242,13 @@ class Gamma(HookRule):
     """Generalised LRP-Gamma rule (:func:`hf_pelrp.rules.gamma_rule`) on a linear or convolution layer.
 
     The forward value is the module's own output; only the backward pass changes. Adapters opt in per layer
-    type (the vision adapter: ``LRPConfig.gamma_linear`` on MLP and head linears, ``gamma_conv`` on the patch
+    type (the vision adapters: ``LRPConfig.gamma_linear`` on MLP and head linears, ``gamma_conv`` on the patch
     convolution).
     """
 
     gamma: float
 
-    def attach(self, module: torch.nn.Module) -> RemovableHandle:
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
         layer_map = layer_map_of(module)
 
         def hook(mod, args, output):
@@ -221,4 +257,39 @@ class Gamma(HookRule):
                     args[0].to(output.device), output, mod.weight, mod.bias, self.gamma, layer_map
                 )
 
-        return module.register_forward_hook(hook)
+        handles.append(module.register_forward_hook(hook))
+
+
+@dataclass
+class FunctionalActivation(HookRule):
+    """Identity rule (AttnLRP Prop. 3.4) for an activation a model applies as a function between two modules.
+
+    ``x = producer(...)``, ``y = f(x)`` (e.g. ``torch.tanh`` in RoBERTa's classification head, ``gelu`` in its
+    LM head), then ``consumer(y)``: a forward hook remembers ``x``, a pre-hook on the consumer (the module this
+    rule is attached to) replaces ``y`` by ``identity_rule(x, y)`` (same value, local gradient ``f(x) / x``).
+    Only dropout (off in attribution) may sit between them; a shape mismatch means the layout is not the
+    expected one and is refused.
+    """
+
+    producer: torch.nn.Module
+
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        seen: dict[str, torch.Tensor] = {}
+
+        def remember(_module, _args, output):
+            seen["x"] = output
+
+        def replace(_module, args):
+            x = seen.pop("x", None)
+            if x is None or not args:
+                return None
+            if args[0].shape != x.shape:
+                raise UnsupportedModelError(
+                    f"{type(_module).__name__} receives a tensor of shape {tuple(args[0].shape)} from "
+                    f"{type(self.producer).__name__} ({tuple(x.shape)}): not the element-wise activation the "
+                    "adapter declares between them."
+                )
+            return (identity_rule(x, args[0]), *args[1:])
+
+        handles.append(self.producer.register_forward_hook(remember))
+        handles.append(module.register_forward_pre_hook(replace))

@@ -1,12 +1,34 @@
-"""Validation of the text inputs of an attribution: shapes, padding, empty input, exclusive arguments."""
+"""Checking and completing the inputs of an attribution, as a family declares them.
+
+A family's adapter declares its inputs with :class:`TextInputs` (token families) or :class:`ImageInputs`
+(vision); :meth:`validate` turns the user's keyword arguments into the model's inputs and the attention mask,
+or raises :class:`~hf_pelrp.errors.AttributionInputError` naming what is wrong and what to do. Nothing the
+model would silently swallow (a misspelt keyword, ``labels=``, ``return_dict=False``) reaches it.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import AttributionInputError
+
+#: keywords that make no sense for one explained forward pass, with the reason given to the user
+_REFUSED = {
+    "labels": "a loss is not explained; the target is chosen with target= (and foil=)",
+    "return_dict": "the attribution reads named outputs itself",
+    "logits_to_keep": "the explained position is chosen with position=",
+    "num_logits_to_keep": "the explained position is chosen with position=",
+    "past_key_values": "a key/value cache would hide the prompt from the relevance computation",
+    "cache": "a key/value cache would hide the prompt from the relevance computation",
+    "output_attentions": "use hf_pelrp.lrp() and read the outputs yourself",
+    "output_hidden_states": "use hf_pelrp.lrp() and read the outputs yourself",
+    "head_mask": "masked heads are not supported",
+}
 
 
 def as_batch(x: Any, name: str) -> torch.Tensor | None:
@@ -14,7 +36,12 @@ def as_batch(x: Any, name: str) -> torch.Tensor | None:
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise AttributionInputError(
+                f"{name} must be a tensor (or a list of ints), got {type(x).__name__}"
+            ) from err
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() != 2:
@@ -22,41 +49,301 @@ def as_batch(x: Any, name: str) -> torch.Tensor | None:
     return x
 
 
-def validate_text_inputs(
-    input_ids: Any, inputs_embeds: torch.Tensor | None, attention_mask: Any
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Check token inputs and return ``(input_ids, inputs_embeds, attention_mask)`` with a [B, T] mask.
+def _check_not_meta(name: str, x: torch.Tensor | None) -> None:
+    if x is not None and x.device.type == "meta":
+        raise AttributionInputError(
+            f"{name} is on the meta device (no data): pass real tensors (e.g. the tokenizer's output)"
+        )
 
-    Raises :class:`AttributionInputError` for: both or neither of ``input_ids`` / ``inputs_embeds``, an empty
-    batch or sequence, a mask of another shape, a row that is all padding.
-    """
-    if input_ids is not None and inputs_embeds is not None:
-        raise AttributionInputError("pass either input_ids or inputs_embeds, not both")
-    if input_ids is None and inputs_embeds is None:
-        raise AttributionInputError("no input: pass input_ids (or inputs_embeds)")
-    input_ids = as_batch(input_ids, "input_ids")
-    if input_ids is not None and (input_ids.is_floating_point() or input_ids.dtype == torch.bool):
-        raise AttributionInputError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-    if inputs_embeds is not None and inputs_embeds.dim() != 3:
+
+def check_unknown_inputs(inputs: dict[str, Any], accepted: Iterable[str], model: torch.nn.Module) -> None:
+    """Refuse keywords the attribution does not use: the model's ``**kwargs`` would silently swallow them."""
+    accepted = set(accepted)
+    for key in inputs:
+        if key in accepted:
+            continue
+        if key in _REFUSED:
+            raise AttributionInputError(f"{key}= is not accepted by hf_pelrp.attribute: {_REFUSED[key]}")
         raise AttributionInputError(
-            f"inputs_embeds must have shape [batch, seq_len, hidden], got {tuple(inputs_embeds.shape)}"
+            f"unknown keyword argument {key!r} for {type(model).__name__}: hf_pelrp.attribute accepts "
+            f"{', '.join(sorted(accepted))} as model inputs (besides target=, foil=, position=, mode=, ...). "
+            "Check the spelling."
         )
-    ref = input_ids if input_ids is not None else inputs_embeds
-    batch, seq_len = ref.shape[0], ref.shape[1]
-    if batch == 0 or seq_len == 0:
-        raise AttributionInputError(
-            f"empty input (batch {batch}, sequence length {seq_len}): give at least one token"
-        )
+
+
+def validate_mask(attention_mask: Any, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """A [B, T] long mask of 0 / 1 (a bool mask is converted); refuses other values and all-padding rows."""
     if attention_mask is None:
-        attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=ref.device)
-    attention_mask = as_batch(attention_mask, "attention_mask")
-    if attention_mask.shape != (batch, seq_len):
+        return torch.ones(batch, seq_len, dtype=torch.long, device=device)
+    mask = as_batch(attention_mask, "attention_mask")
+    _check_not_meta("attention_mask", mask)
+    if mask.shape != (batch, seq_len):
         raise AttributionInputError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but the input has shape {(batch, seq_len)}"
+            f"attention_mask has shape {tuple(mask.shape)} but the input has shape {(batch, seq_len)}"
         )
-    empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if mask.dtype != torch.bool:
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            value = mask[bad][0].item()
+            raise AttributionInputError(
+                f"attention_mask must hold 1 for tokens and 0 for padding, got the value {value!r}: pass the "
+                "tokenizer's mask (an additive float mask or a 4-D mask is not accepted)"
+            )
+    mask = mask.long()
+    empty_rows = (mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty_rows:
         raise AttributionInputError(
             f"row(s) {empty_rows} of attention_mask are all padding: nothing to explain"
         )
-    return input_ids, inputs_embeds, attention_mask
+    return mask
+
+
+def count_position_ids(
+    attention_mask: torch.Tensor, offset: int = 0, pad_value: int | None = None
+) -> torch.Tensor:
+    """Position ids that count only real tokens (``offset, offset + 1, ...``), so that a left-padded row sees
+    the positions of the unpadded row; padding positions get ``pad_value`` (default ``offset``)."""
+    mask = attention_mask.long()
+    counted = (mask.cumsum(-1) - 1).clamp(min=0) + offset
+    pad = offset if pad_value is None else pad_value
+    return torch.where(mask.bool(), counted, torch.full_like(counted, pad))
+
+
+def causal_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`count_position_ids` from 0 with padding at 0 (the LLaMA / GPT-2 convention)."""
+    return count_position_ids(attention_mask)
+
+
+def scaled_rotary_limit(config: Any) -> int | None:
+    """The longest input a rotary model is meant to run on: ``max_position_embeddings``, or, for scaled rotary
+    embeddings (``linear``, ``dynamic``, ``yarn``, ``longrope``, ``llama3``), the original context times the
+    scaling factor where that is longer."""
+    limit = getattr(config, "max_position_embeddings", None)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return limit
+    kind = params.get("rope_type", params.get("type", "default"))
+    factor = params.get("factor")
+    if kind in (None, "default") or not isinstance(factor, int | float) or limit is None:
+        return limit
+    original = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    scaled = int(math.floor((original or limit) * float(factor)))
+    return max(limit, scaled)
+
+
+@dataclass
+class Alignment:
+    """Moves every row's real tokens to the front (right padding) and back.
+
+    Encoders read their first token (CLS) and number positions from 0, so a left-padded (or holed) row would
+    be a different input. The attribution runs on the aligned batch; :meth:`restore` puts maps back at the
+    positions the user gave, with padding at exactly 0.
+    """
+
+    order: torch.Tensor  # [B, T]: aligned position j holds original position order[b, j]
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Alignment | None:
+        """``None`` when every row already is a right-padded prefix."""
+        mask = attention_mask.bool()
+        lengths = mask.sum(-1, keepdim=True)
+        prefix = torch.arange(mask.shape[-1], device=mask.device)[None] < lengths
+        if bool((prefix == mask).all()):
+            return None
+        # stable sort: real tokens (key 0) first in their order, then padding (key 1)
+        order = torch.sort((~mask).long(), dim=-1, stable=True).indices
+        return cls(order)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Reorder the sequence axis (axis 1) of a [B, T, ...] tensor."""
+        index = self.order.to(x.device)
+        index = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+        return torch.gather(x, 1, index)
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`apply` on the last axis of a [B, ..., T] map."""
+        out = torch.zeros_like(x)
+        index = self.order.to(x.device)
+        index = index.reshape(index.shape[0], *([1] * (x.dim() - 2)), index.shape[1]).expand_as(x)
+        return out.scatter(-1, index, x)
+
+    def restore_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Map aligned positions [B, ...] back to the user's positions."""
+        return torch.gather(
+            self.order.to(positions.device), 1, positions.reshape(positions.shape[0], -1)
+        ).reshape(positions.shape)
+
+    def align_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Map the user's positions [B, ...] to aligned ones."""
+        inverse = torch.argsort(self.order, dim=-1).to(positions.device)
+        return torch.gather(inverse, 1, positions.reshape(positions.shape[0], -1)).reshape(positions.shape)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated inputs: the model's keyword arguments, the [B, T] attention mask and an optional alignment."""
+
+    inputs: dict[str, Any]
+    attention_mask: torch.Tensor
+    alignment: Alignment | None = None
+
+
+@dataclass(frozen=True)
+class TextInputs:
+    """How a token family's inputs are checked and completed.
+
+    Parameters
+    ----------
+    position_ids
+        ``"count"``: position ids are counted over real tokens from ``position_offset`` (a left-padded row sees
+        the positions of the row alone); ``None``: the model's own.
+    position_offset
+        First position id (RoBERTa: ``padding_idx + 1``, with padding at ``padding_idx``); a callable of the config.
+    max_positions
+        The longest input, as a callable of the config (learned tables: ``max_position_embeddings``; rotary:
+        :func:`scaled_rotary_limit`); ``None`` for no limit.
+    token_types
+        The config attribute holding the number of token types (``"type_vocab_size"``; GPT-2 embeds token types
+        with its vocabulary: ``"vocab_size"``); ``None`` for families without token types.
+    padding
+        ``"any"``: left and right padding work as they are (causal models with counted positions);
+        ``"right"``: the family reads its first token and numbers positions from it, so other paddings are
+        aligned internally (:class:`Alignment`).
+    extra
+        Further model keywords the family accepts.
+    """
+
+    position_ids: str | None = "count"
+    position_offset: int | Callable[[Any], int] = 0
+    max_positions: Callable[[Any], int | None] | None = None
+    token_types: str | None = None
+    padding: str = "any"
+    extra: tuple[str, ...] = ()
+    kind: str = "text"
+
+    def accepted(self) -> tuple[str, ...]:
+        # use_cache is accepted and ignored: attribution runs one forward pass without a cache
+        keys = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache")
+        if self.token_types is not None:
+            keys += ("token_type_ids",)
+        return keys + self.extra
+
+    def validate(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Prepared:
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        if self.token_types is None and "token_type_ids" in inputs:
+            raise AttributionInputError(
+                f"{type(model).__name__} has no token types: drop token_type_ids (call the tokenizer with "
+                "return_token_type_ids=False)"
+            )
+        check_unknown_inputs(inputs, self.accepted(), model)
+        inputs.pop("use_cache", None)
+        input_ids = as_batch(inputs.pop("input_ids", None), "input_ids")
+        embeds = inputs.pop("inputs_embeds", None)
+        if input_ids is not None and embeds is not None:
+            raise AttributionInputError("pass either input_ids or inputs_embeds, not both")
+        if input_ids is None and embeds is None:
+            raise AttributionInputError("no input: pass input_ids (or inputs_embeds)")
+        table = model.get_input_embeddings()
+        if input_ids is not None:
+            _check_not_meta("input_ids", input_ids)
+            if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+                raise AttributionInputError(
+                    f"input_ids must be integer token ids, got dtype {input_ids.dtype}"
+                )
+            size = getattr(table, "num_embeddings", None)
+            if size is not None and input_ids.numel():
+                bad = input_ids[(input_ids < 0) | (input_ids >= size)]
+                if bad.numel():
+                    raise AttributionInputError(
+                        f"token id {int(bad[0])} is out of range: the model's vocabulary has {size} ids "
+                        f"(0..{size - 1}); was the input made with this model's tokenizer?"
+                    )
+            ref = input_ids
+        else:
+            if not isinstance(embeds, torch.Tensor):
+                raise AttributionInputError(f"inputs_embeds must be a tensor, got {type(embeds).__name__}")
+            _check_not_meta("inputs_embeds", embeds)
+            if embeds.dim() != 3:
+                raise AttributionInputError(
+                    f"inputs_embeds must have shape [batch, seq_len, hidden], got {tuple(embeds.shape)}"
+                )
+            width = getattr(table, "embedding_dim", None)
+            if width is not None and embeds.shape[-1] != width:
+                raise AttributionInputError(
+                    f"inputs_embeds has hidden size {embeds.shape[-1]} but {type(model).__name__} embeds tokens in "
+                    f"{width} dimensions"
+                )
+            dtype = getattr(getattr(table, "weight", None), "dtype", None)
+            if not embeds.is_floating_point() or (dtype is not None and embeds.dtype != dtype):
+                raise AttributionInputError(
+                    f"inputs_embeds has dtype {embeds.dtype} but the model computes in {dtype}: cast it with "
+                    ".to(model.dtype)"
+                )
+            ref = embeds
+        batch, seq_len = ref.shape[0], ref.shape[1]
+        if batch == 0 or seq_len == 0:
+            raise AttributionInputError(
+                f"empty input (batch {batch}, sequence length {seq_len}): give at least one token"
+            )
+        mask = validate_mask(inputs.pop("attention_mask", None), batch, seq_len, ref.device)
+        out: dict[str, Any] = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": embeds}
+        out["attention_mask"] = mask.to(ref.device)
+        config = model.config
+        if self.token_types is not None and "token_type_ids" in inputs:
+            types = getattr(config, self.token_types, None) or 1
+            out["token_type_ids"] = _validate_ids(
+                inputs.pop("token_type_ids"), "token_type_ids", mask, types, "token-type"
+            )
+        offset = self.position_offset(config) if callable(self.position_offset) else self.position_offset
+        limit = self.max_positions(config) if self.max_positions is not None else None
+        alignment = Alignment.of(mask) if self.padding == "right" else None
+        if "position_ids" in inputs:
+            bound = limit + offset if limit is not None else 2**62
+            out["position_ids"] = _validate_ids(
+                inputs.pop("position_ids"), "position_ids", mask, bound, "position"
+            )
+            if alignment is not None:
+                raise AttributionInputError(
+                    f"{type(model).__name__} reads the first token of each row, so hf_pelrp moves left padding to "
+                    "the right internally; with explicit position_ids it cannot: pad on the right"
+                )
+        else:
+            real = int(mask.sum(-1).max())
+            if limit is not None and real > limit:
+                raise AttributionInputError(
+                    f"the input has {real} tokens but {type(model).__name__} supports at most {limit} positions: "
+                    f"truncate the input (tokenizer(..., truncation=True, max_length={limit})) or split it into windows."
+                )
+            if self.position_ids == "count":
+                pad = getattr(config, "pad_token_id", 0) if offset else 0
+                aligned_mask = mask if alignment is None else alignment.apply(mask)
+                out["position_ids"] = count_position_ids(aligned_mask, offset, pad).to(ref.device)
+        for key in self.extra:
+            if key in inputs:
+                out[key] = inputs.pop(key)
+        if alignment is not None:
+            for key in ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids"):
+                if key in out:
+                    out[key] = alignment.apply(out[key])
+        return Prepared(out, mask, alignment)
+
+
+def _validate_ids(ids: Any, name: str, attention_mask: torch.Tensor, num_ids: int, what: str) -> torch.Tensor:
+    """Token-type or position ids: integer, shape [B, T], values in ``[0, num_ids)``."""
+    ids = as_batch(ids, name)
+    _check_not_meta(name, ids)
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise AttributionInputError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    if ids.shape != attention_mask.shape:
+        raise AttributionInputError(
+            f"{name} has shape {tuple(ids.shape)} but the input has shape {tuple(attention_mask.shape)}: pass "
+            f"one {what} id per token ([batch, seq_len]), e.g. the {name} the tokenizer returned with input_ids"
+        )
+    if ids.numel() and (ids.min() < 0 or ids.max() >= num_ids):
+        bad = ids[(ids < 0) | (ids >= num_ids)][0].item()
+        raise AttributionInputError(
+            f"{name} holds {bad}, outside the model's {num_ids} {what} ids (0..{num_ids - 1})"
+        )
+    return ids.to(attention_mask.device)

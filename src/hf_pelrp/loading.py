@@ -16,7 +16,7 @@ import torch
 
 from .adapters import adapter_for
 from .attention import LRP_ATTENTION
-from .config import LRPConfig, model_default_config, resolve_config, set_model_default_config
+from .config import LRPConfig, resolve_config, resolve_rules, set_model_default_config
 
 __all__ = ["default_config", "enable_attribution", "from_pretrained"]
 
@@ -42,7 +42,7 @@ def enable_attribution(
     mode, positional
         Default rules (``"attnlrp"`` / ``"cp"``; positions as leaves or not) for calls that give none.
     lrp_config
-        An :class:`LRPConfig` to start from (``mode`` / ``positional`` override its fields).
+        An :class:`LRPConfig` (a ``mode`` / ``positional`` that contradicts it is an error).
     attn_implementation
         The attention implementation the model runs with outside attribution (default ``"lrp"``).
 
@@ -114,4 +114,4 @@ def from_pretrained(
 
 def default_config(model: torch.nn.Module) -> LRPConfig:
     """The rules an attribution of ``model`` uses when called without ``mode`` / ``positional`` / ``config``."""
-    return resolve_config(model_default_config(model), None, None)
+    return resolve_rules(model, None, None, None)

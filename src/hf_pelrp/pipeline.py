@@ -19,53 +19,17 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 from .adapters import adapter_for
-from .engine import attribute
+from .engine import attribute, explain_continuation
 from .errors import AttributionInputError
-from .generation import GenerationAttribution, explain_continuation
-from .result import Attribution
-from .targets import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQUENCE_CLASSIFICATION, head_kind
+from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, head_of, target_id_of
+from .result import Attribution, GenerationAttribution
+from .tokens import display_token, display_tokens
 
 TASK = "lrp-attribution"
 
 #: keys of the padded model inputs, with the value padding positions get
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
 _DEFAULT_BATCH_SIZE = 8
-
-
-def _token_id_of(tokenizer: Any, text: str, what: str) -> int:
-    """The vocabulary id of ``text``, which must be exactly one token (as the tokenizer encodes it)."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if len(ids) == 1 and (ids[0] != unk or text == tokenizer.unk_token):
-        return int(ids[0])
-    # a raw vocabulary item ("ĠParis", "▁Paris") is accepted as written
-    vocab_id = tokenizer.get_vocab().get(text)
-    if vocab_id is not None:
-        return int(vocab_id)
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    if len(ids) == 1:
-        raise AttributionInputError(
-            f"{what} {text!r} is not in the vocabulary (the tokenizer maps it to the unknown token {pieces[0]!r}); "
-            "give a token of the vocabulary, or its id"
-        )
-    raise AttributionInputError(
-        f"{what} {text!r} is not a single token: the tokenizer splits it into {len(ids)} tokens {pieces}. "
-        "Give one token (mind the leading space, e.g. ' Paris'), or its id; to explain several tokens, use "
-        "continuation=..."
-    )
-
-
-def _label_id_of(config: Any, label: str, what: str) -> int:
-    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
-    if label in label2id:
-        return label2id[label]
-    folded = [v for k, v in label2id.items() if k.lower() == label.lower()]
-    if len(folded) == 1:
-        return folded[0]
-    raise AttributionInputError(
-        f"{what} {label!r} is not a label of this model; its labels are {sorted(label2id, key=label2id.get)} "
-        "(or pass the class id as an int)"
-    )
 
 
 class LRPAttributionPipeline(Pipeline):
@@ -119,7 +83,8 @@ class LRPAttributionPipeline(Pipeline):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         adapter_for(self.model)  # an unsupported architecture fails here, not at the first call
-        self.kind = head_kind(self.model)
+        self.head = head_of(self.model)
+        self.kind = self.head.name
         self._find_components()
         # a tokenizer may produce token_type_ids for a model that has no segment embedding (DistilBERT, LLaMA)
         forward_params = inspect.signature(self.model.forward).parameters
@@ -295,15 +260,13 @@ class LRPAttributionPipeline(Pipeline):
             return value
         if not isinstance(value, str):
             raise AttributionInputError(f"{what} must be an int or a string, got {type(value).__name__}")
-        if self.kind in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION):
-            return _label_id_of(self.model.config, value, what)
-        return _token_id_of(self.tokenizer, value, what)
+        return target_id_of(value, self.model, self.tokenizer, what)
 
     def _label_of(self, target_id: int) -> str:
-        if self.kind in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION):
+        if not self.head.vocabulary_targets:
             id2label = getattr(self.model.config, "id2label", None) or {}
             return str(id2label.get(target_id, id2label.get(str(target_id), target_id)))
-        return self.tokenizer.decode([target_id])
+        return display_token(self.tokenizer, target_id)
 
     def _explained_position(self, position: int | None, mask: torch.Tensor, ids: torch.Tensor | None) -> Any:
         """Per-row padded index of the explained position, from an index into the unpadded input."""
@@ -350,8 +313,20 @@ class LRPAttributionPipeline(Pipeline):
         position = self._explained_position(params.get("position"), mask, model_inputs.get("input_ids"))
         if self.kind == MASKED_LM:
             model_inputs = {**model_inputs, "mask_token_id": self.tokenizer.mask_token_id}
-        attr = attribute(self.model, target=target, foil=foil, position=position, **rules, **model_inputs)
-        return {"rows": [{"attribution": attr[i].unpad(), "meta": m} for i, m in enumerate(meta)]}
+        attr = attribute(
+            self.model,
+            target=target,
+            foil=foil,
+            position=position,
+            tokenizer=self.tokenizer,
+            **rules,
+            **model_inputs,
+        )
+        return {
+            "rows": [
+                {"attribution": row.unpad(), "meta": m} for row, m in zip(attr.rows(), meta, strict=True)
+            ]
+        }
 
     def _forward_continuations(
         self, model_inputs: dict[str, Any], meta: list[dict], foil: int | None, rules: dict, params: dict
@@ -377,6 +352,7 @@ class LRPAttributionPipeline(Pipeline):
                 max_new_tokens=max_new_tokens,
                 foil=foil,
                 span_reduce=params.get("span_reduce"),
+                tokenizer=self.tokenizer,
                 **rules,
             )
             rows.append({"attribution": gen, "meta": m})
@@ -432,7 +408,7 @@ class LRPAttributionPipeline(Pipeline):
     def _generation_dict(self, gen: GenerationAttribution) -> dict[str, Any]:
         ids = gen.input_ids.tolist()
         out: dict[str, Any] = {
-            "tokens": self.tokenizer.convert_ids_to_tokens(ids),
+            "tokens": display_tokens(self.tokenizer, ids),
             "prompt_length": gen.prompt_length,
             "generated_text": self.tokenizer.decode(gen.generated_ids.tolist()),
             "token_relevance": _np(gen.token),
@@ -452,8 +428,10 @@ class LRPAttributionPipeline(Pipeline):
         return out
 
     def _tokens(self, attr: Attribution) -> list[str]:
+        if attr.tokens is not None:
+            return list(attr.tokens[0])
         if attr.input_ids is not None and self.tokenizer is not None:
-            return self.tokenizer.convert_ids_to_tokens(attr.input_ids[0].tolist())
+            return display_tokens(self.tokenizer, attr.input_ids[0].tolist())
         # vision: the sequence is [CLS] (+ [DIST]) followed by the patches in raster order
         length = attr.token.shape[-1]
         grid = getattr(attr, "extras", {}).get("patch_map")

@@ -14,23 +14,30 @@ import torch
 
 class _ScaleGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
+        factor = ctx.factor
+        if isinstance(factor, torch.Tensor):
+            factor = factor.to(device=grad.device, dtype=grad.dtype)
+        return grad * factor, None
 
 
-def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+def scale_gradient(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     """Identity forward, gradient multiplied by ``factor`` in the backward pass.
 
     The uniform rule (AttnLRP Prop. 3.2) for a product ``y = a * b`` of two relevance-carrying factors gives
     each factor ``R_a = R_b = R_y / 2``; in Gradient x Input form that is ``factor = 1/2`` on both factors.
     The epsilon + uniform rule for ``Q K^T`` and ``A V`` (Prop. 3.3) is the same factor on q, k, A and v.
-    ``factor = 0`` is a stop-gradient (see :func:`stop_gradient`), ``factor = 1`` the identity.
+    ``factor = 0`` is a stop-gradient (see :func:`stop_gradient`), ``factor = 1`` the identity. A tensor
+    ``factor`` broadcasts over the trailing axes (one factor per channel, e.g. only the rotated channels of a
+    partially rotary head get the rotary 1/2).
     """
+    if isinstance(factor, torch.Tensor):
+        return _ScaleGradient.apply(x, factor.detach()) if x.requires_grad else x
     if factor == 1.0:
         return x
     if factor == 0.0:
@@ -123,17 +130,22 @@ def layer_norm_identity(
     return y.to(x.dtype)
 
 
+def relevance_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype relevance is reported in: float32, or float64 for float64 models (never half precision)."""
+    return _at_least_float32(dtype)
+
+
 def relevance_of(leaf: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
-    """Relevance of a leaf after the backward pass: ``sum over dims of leaf * leaf.grad``, in float32.
+    """Relevance of a leaf after the backward pass: ``sum over dims of leaf * leaf.grad``.
 
     With the backward seeded with gradient 1 at the explained logit, this is in logit units (method.md 1.2).
-    A leaf that received no gradient has zero relevance.
+    A leaf that received no gradient has zero relevance. Computed and returned in the leaf's precision, at
+    least float32 (float64 leaves give float64 relevance).
     """
-    if leaf.grad is None:
-        return torch.zeros(leaf.shape[: len(leaf.shape) - len(dims)], dtype=torch.float32, device=leaf.device)
-    # products and sum in the leaf's precision (at least float32), only the result is float32
     dtype = _at_least_float32(leaf.dtype)
-    return (leaf.detach().to(dtype) * leaf.grad.to(dtype)).sum(dim=dims).float()
+    if leaf.grad is None:
+        return torch.zeros(leaf.shape[: len(leaf.shape) - len(dims)], dtype=dtype, device=leaf.device)
+    return (leaf.detach().to(dtype) * leaf.grad.to(dtype)).sum(dim=dims)
 
 
 def gamma_rule(

@@ -1,6 +1,27 @@
-"""Per-architecture adapters; importing this package registers the built-in ones."""
+"""Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-from . import bert, distilbert, gpt2, llama, vit  # noqa: F401  (importing a module registers its adapter)
-from .base import Adapter, adapter_for, register_adapter, supported_model_types
+from . import bert, gpt2, llama, vit  # noqa: F401  (importing a module registers its adapters)
+from .base import (
+    Adapter,
+    FunctionalActivationSite,
+    GatedProduct,
+    adapter_for,
+    adapter_for_type,
+    refuse_model_type,
+    refused_model_types,
+    register_adapter,
+    supported_model_types,
+)
+from .refusals import REFUSED  # noqa: F401  (registers the model types refused by name)
 
-__all__ = ["Adapter", "adapter_for", "register_adapter", "supported_model_types"]
+__all__ = [
+    "Adapter",
+    "FunctionalActivationSite",
+    "GatedProduct",
+    "adapter_for",
+    "adapter_for_type",
+    "refuse_model_type",
+    "refused_model_types",
+    "register_adapter",
+    "supported_model_types",
+]

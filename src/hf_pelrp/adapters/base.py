@@ -1,156 +1,400 @@
-"""The adapter protocol and the registry that finds an adapter by ``config.model_type``.
+"""The adapter declaration and the registry that finds it by ``config.model_type``.
 
-An adapter knows one family of architectures: which modules get which rule, where positions enter, how the
-inputs are prepared. Everything else (the context, seeding, reading relevance) is shared in the engine.
+An adapter is mostly data (architecture.md): which module classes are norms and with which surrogate, which
+are element-wise activations, where the gated products are, which modules are attention, which embeddings are
+leaves, the positional kind, and how inputs are checked. :meth:`Adapter.plan` turns the declaration into the
+rules for one model instance and refuses everything it does not cover: a module class the declaration does
+not name (its forward may do arithmetic the rules do not know), a norm without a surrogate, an activation
+without an identity rule, an attention module that does not dispatch through transformers' attention
+interface. :func:`hf_pelrp.check_adapter` proves the rest on a tiny random instance.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..attention import AttentionRule
 from ..config import LRPConfig
 from ..devices import check_dispatch_hooks
 from ..errors import UnsupportedModelError
-from ..hooks import HookRule, LeafStore
-from ..inputs import validate_text_inputs
-
-_REGISTRY: dict[str, Adapter] = {}
-
-# Architectures whose positions enter as relative biases inside attention; positional maps of these would be
-# silently empty, so they are refused by name until an adapter exists.
-RELATIVE_POSITION_MODEL_TYPES = frozenset(
-    {
-        "t5",
-        "mt5",
-        "umt5",
-        "longt5",
-        "deberta",
-        "deberta-v2",
-        "transfo-xl",
-        "xlnet",
-        "funnel",
-        "swin",
-        "swinv2",
-    }
+from ..heads import HeadKind, head_of
+from ..hooks import (
+    Activation,
+    EmbeddingLeaf,
+    FunctionalActivation,
+    Gamma,
+    HookRule,
+    LeafStore,
+    Norm,
+    OutputGradient,
 )
+from ..inputs import Prepared, TextInputs
+from ..modules import find_module, find_optional
+from ..positions import PositionalKind
+from .norms import ACTIVATIONS, is_activation_like, is_norm_like
+
+#: module classes whose computation is one the rules already cover without a hook: linear maps and
+#: convolutions (epsilon rule = plain gradient), lookups (embeddings: leaves or declared constants),
+#: dropout (off in eval), and containers that only hold other modules
+PRIMITIVES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.Sequential,
+    nn.modules.loss._Loss,  # used only with labels=, which attribution refuses
+)
+_PRIMITIVE_NAMES = frozenset({"Conv1D"})  # transformers' GPT-2 style linear layer
+
+Surrogate = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-class Adapter(ABC):
-    """What differs between architecture families.
+@dataclass(frozen=True)
+class GatedProduct:
+    """``act(gate(x)) * up(x)`` inside each block: the uniform rule gives each factor half (AttnLRP Prop. 3.2);
+    CP-LRP makes the activated gate a constant.
 
-    Subclasses set ``model_types`` and ``positional_kind`` (``"rotary"`` or ``"absolute"``) and implement
-    :meth:`module_rules`, :meth:`attention_rules` and :meth:`layers`.
+    ``act`` and ``up`` are block-relative module paths; ``up_channels`` = ``"second_half"`` for a fused
+    ``gate_up_proj`` whose second half is the up projection (the first half feeds ``act``).
     """
 
-    model_types: tuple[str, ...] = ()
-    positional_kind: str = ""
-    #: names of the additive leaves this family produces, in the order they are reported
-    additive_leaves: tuple[str, ...] = ("token",)
-    #: the :class:`LRPConfig` Gamma fields this family applies (``"gamma_linear"``, ``"gamma_conv"``); a
-    #: configuration that sets another one is refused rather than silently run with the epsilon rule
-    gamma_fields: frozenset[str] = frozenset()
+    act: str
+    up: str
+    up_channels: str | None = None
 
-    @abstractmethod
-    def module_rules(
-        self, model: torch.nn.Module, config: LRPConfig, store: LeafStore
-    ) -> list[tuple[torch.nn.Module, HookRule]]:
-        """The (module, rule) pairs to attach for this configuration."""
 
-    @abstractmethod
-    def attention_rules(
-        self, model: torch.nn.Module, config: LRPConfig
-    ) -> list[tuple[torch.nn.Module, AttentionRule]]:
-        """The attention modules and the gradient factors each gets."""
+@dataclass(frozen=True)
+class FunctionalActivationSite:
+    """An activation a model applies as a plain function between two modules (model-relative paths, ``*``
+    allowed): ``consumer(f(producer(x)))``."""
 
-    @abstractmethod
-    def layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        """The transformer blocks, in order (for per-layer maps and checks)."""
+    producer: str
+    consumer: str
 
-    def check_config(self, model: torch.nn.Module, config: LRPConfig) -> None:
-        """Raise :class:`UnsupportedModelError` if ``config`` asks for rules this family does not apply."""
-        unsupported = [
-            name
-            for name in ("gamma_linear", "gamma_conv")
-            if getattr(config, name) is not None and name not in self.gamma_fields
-        ]
-        if unsupported:
-            supported = ", ".join(sorted(self.gamma_fields)) or "none"
+
+@dataclass(frozen=True)
+class Adapter:
+    """The declaration of one architecture family.
+
+    Parameters
+    ----------
+    model_types
+        The ``config.model_type`` values it explains.
+    layers
+        Path (from ``model.base_model``) of the list of transformer blocks.
+    attention
+        Path (from each block) of the attention module that calls transformers' attention interface.
+    embeddings
+        Base-model paths of the input embedding modules and the leaves their outputs become, e.g.
+        ``{"embed_tokens": ("token",)}``; GPT-2 embeds token types with its token table:
+        ``{"wte": ("token", "segment")}``.
+    positions
+        The positional kind (:mod:`hf_pelrp.positions`).
+    norms
+        Class name -> surrogate (:mod:`hf_pelrp.adapters.norms`) of every normalisation class.
+    modules
+        Class names (``fnmatch`` patterns allowed) of the remaining modules, whose computation the declaration
+        covers: the model and head classes, blocks, MLPs, attention and rotary-embedding modules.
+    gated
+        The gated products of each block.
+    functional
+        Activations applied as functions between two modules.
+    constants
+        Base-model paths of embedding tables that are constants of the forward pass (absorb relevance).
+    gamma
+        For vision families: which module paths (model-relative, ``*`` allowed) the ``gamma_linear`` /
+        ``gamma_conv`` fields of :class:`LRPConfig` apply to.
+    inputs
+        How inputs are checked (:class:`hf_pelrp.inputs.TextInputs`, or an image declaration).
+    heads
+        The head kinds the family supports (``None``: whatever :mod:`hf_pelrp.heads` recognises).
+    extra_rules
+        Rules no declaration field expresses: ``f(model, config, store) -> [(module, rule), ...]``.
+    extra_maps
+        Family-specific maps after the backward pass: ``f(model, store, maps) -> {name: tensor}``.
+    checks
+        Further refusals: ``f(model)`` raising :class:`UnsupportedModelError`.
+    tiny
+        Config overrides giving a tiny instance for :func:`hf_pelrp.check_adapter`.
+    """
+
+    model_types: tuple[str, ...]
+    layers: str
+    attention: str
+    embeddings: Mapping[str, tuple[str, ...]]
+    positions: PositionalKind
+    norms: Mapping[str, Surrogate] = field(default_factory=dict)
+    modules: tuple[str, ...] = ()
+    gated: tuple[GatedProduct, ...] = ()
+    functional: tuple[FunctionalActivationSite, ...] = ()
+    constants: tuple[str, ...] = ()
+    gamma: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    inputs: Any = field(default_factory=TextInputs)
+    heads: tuple[str, ...] | None = None
+    extra_rules: Callable[[nn.Module, LRPConfig, LeafStore], list[tuple[nn.Module, HookRule]]] | None = None
+    extra_maps: Callable[[nn.Module, LeafStore, dict[str, Any]], dict[str, torch.Tensor]] | None = None
+    checks: tuple[Callable[[nn.Module], None], ...] = ()
+    tiny: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    # ---- structure ----------------------------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        return self.name or "/".join(self.model_types)
+
+    def base(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "base_model", model)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks, in order."""
+        return list(find_module(self.base(model), self.layers))
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.blocks(model))
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The attention module of each block."""
+        return [find_module(block, self.attention) for block in self.blocks(model)]
+
+    def head(self, model: nn.Module) -> HeadKind:
+        kind = head_of(model)
+        if self.heads is not None and kind.name not in self.heads:
             raise UnsupportedModelError(
-                f"LRPConfig sets {', '.join(unsupported)}, but the {type(self).__name__} "
-                f"({getattr(getattr(model, 'config', None), 'model_type', '?')}) does not apply that Gamma rule "
-                f"(Gamma fields it applies: {supported}); the result would silently use the epsilon rule. "
-                "Set those fields to None (or pick a preset meant for this architecture, e.g. 'attnlrp' / 'cp')."
+                f"{type(model).__name__}: the {self.label} adapter explains {', '.join(self.heads)} heads, not "
+                f"{kind.name}."
             )
+        return kind
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Raise :class:`UnsupportedModelError` if the model was modified in a way the rules cannot see through."""
+    # ---- refusals -----------------------------------------------------------------------------------------
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`UnsupportedModelError` for anything the declaration does not cover."""
         if getattr(model, "use_kernels", False) or getattr(model, "_use_kernels", False):
             raise UnsupportedModelError(
                 f"{type(model).__name__} was loaded with use_kernels=True: hub kernels replace the norm, MLP and "
                 "attention modules the LRP rules are attached to. Reload the model without use_kernels (or call "
                 "model.set_use_kernels(False)) before attributing."
             )
-        for name, module in model.named_modules():
+        for path, module in model.named_modules():
             replaced = module.__dict__.get("forward")
             # accelerate's dispatch hooks keep the original forward as `_old_forward` and call it: those are fine
             if replaced is not None and not hasattr(module, "_hf_hook"):
                 raise UnsupportedModelError(
-                    f"module {name or type(model).__name__!r} ({type(module).__name__}) has its forward replaced on "
+                    f"module {path or type(model).__name__!r} ({type(module).__name__}) has its forward replaced on "
                     "the instance (hub kernels, torch.compile or another patching library); the LRP rules need the "
                     "original transformers modules. Load a fresh model without that patch."
                 )
+        params = list(model.parameters())
+        if (
+            params
+            and all(p.device.type == "meta" for p in params)
+            and not any(hasattr(m, "_hf_hook") for m in model.modules())
+        ):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has its weights on the meta device (no data): load the weights "
+                "(from_pretrained, or to_empty + load_state_dict) before attributing."
+            )
         check_dispatch_hooks(model)
+        can_set = getattr(type(model), "_can_set_attn_implementation", None)
+        if can_set is not None and not can_set():
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so "
+                "the LRP attention rules cannot be attached to it."
+            )
+        self._check_coverage(model)
+        for check in self.checks:
+            check(model)
 
-    def validate_inputs(
-        self, model: torch.nn.Module, inputs: dict[str, Any]
-    ) -> tuple[dict[str, Any], torch.Tensor]:
-        """Check the user's inputs and return ``(model inputs, attention mask [B, T])``.
+    def _check_coverage(self, model: nn.Module) -> None:
+        leaves = {find_optional(self.base(model), p) for p in (*self.embeddings, *self.constants)}
+        leaves |= {find_optional(self.base(model), p) for p in _positional_paths(self.positions)}
+        leaves.discard(None)
+        declared = self.modules
+        for path, module in model.named_modules():
+            cls = type(module)
+            name = cls.__name__
+            where = f"module {path or '<model>'!r} ({name}) of {type(model).__name__}"
+            if name in self.norms:
+                continue
+            if isinstance(module, nn.Embedding):
+                if module not in leaves:
+                    raise UnsupportedModelError(
+                        f"{where} is an embedding table the {self.label} adapter does not declare as a leaf or "
+                        "a constant: its relevance would be lost silently. Unknown = refused."
+                    )
+                continue
+            if isinstance(module, PRIMITIVES) or name in _PRIMITIVE_NAMES:
+                continue
+            if isinstance(module, ACTIVATIONS):
+                continue
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in declared):
+                continue
+            if is_norm_like(module):
+                raise UnsupportedModelError(
+                    f"{where} is a normalisation layer with no declared surrogate in the {self.label} adapter "
+                    "(its identity rule depends on what exactly it computes: w * x / std, (1 + w) * x / std, "
+                    "LayerNorm with or without bias). Declare it in the adapter's norms."
+                )
+            if is_activation_like(module):
+                raise UnsupportedModelError(
+                    f"{where} is an activation without an LRP identity rule in hf_pelrp (supported: GELU "
+                    "variants, ReLU, SiLU, tanh, ...); its relevance would not be conserved. Use a model with a "
+                    "supported hidden_act."
+                )
+            raise UnsupportedModelError(
+                f"{where} is not covered by the {self.label} adapter declaration: hf_pelrp cannot tell which "
+                "rule its forward needs (a variant of the architecture?). Unknown = refused; a new declaration "
+                "plus hf_pelrp.check_adapter adds it."
+            )
 
-        The default handles token inputs (``input_ids`` or ``inputs_embeds``, ``attention_mask``); ``None``
-        entries are dropped. Vision adapters override it for ``pixel_values``.
-        """
-        inputs = {k: v for k, v in inputs.items() if v is not None}
-        input_ids, inputs_embeds, mask = validate_text_inputs(
-            inputs.pop("input_ids", None),
-            inputs.pop("inputs_embeds", None),
-            inputs.pop("attention_mask", None),
+    def check_config(self, model: nn.Module, config: LRPConfig) -> None:
+        """Refuse configuration fields this family does not apply (a Gamma rule it has no layers for)."""
+        unsupported = [
+            name
+            for name in ("gamma_linear", "gamma_conv")
+            if getattr(config, name) is not None and name not in self.gamma
+        ]
+        if unsupported:
+            supported = ", ".join(sorted(self.gamma)) or "none"
+            raise UnsupportedModelError(
+                f"LRPConfig sets {', '.join(unsupported)}, but the {self.label} adapter "
+                f"({getattr(getattr(model, 'config', None), 'model_type', '?')}) does not apply that Gamma rule "
+                f"(Gamma fields it applies: {supported}); the result would silently use the epsilon rule. "
+                "Set those fields to None (or pick a preset meant for this architecture, e.g. 'attnlrp' / 'cp')."
+            )
+
+    # ---- the rules ----------------------------------------------------------------------------------------
+
+    def module_rules(
+        self, model: nn.Module, config: LRPConfig, store: LeafStore
+    ) -> list[tuple[nn.Module, HookRule]]:
+        """The (module, rule) pairs of this declaration for ``config`` (model already checked)."""
+        base = self.base(model)
+        rules: list[tuple[nn.Module, HookRule]] = []
+        for path, names in self.embeddings.items():
+            rules.append((find_module(base, path), EmbeddingLeaf(store, tuple(names))))
+        blocks = self.blocks(model)
+        if config.positional:
+            rules.extend(self.positions.rules(model, blocks, self.attention_modules(model), store))
+        gates: dict[nn.Module, float] = {}
+        for block in blocks:
+            for product in self.gated:
+                act = find_module(block, product.act)
+                if not isinstance(act, ACTIVATIONS):
+                    raise UnsupportedModelError(
+                        f"the gate activation {product.act!r} of {type(model).__name__} is {type(act).__name__}, "
+                        "which has no LRP identity rule in hf_pelrp; use a model with a supported hidden_act."
+                    )
+                gates[act] = config.gate_factor
+                up = find_module(block, product.up)
+                channels = slice(None) if product.up_channels is None else _second_half(up)
+                rules.append(
+                    (up, OutputGradient(config.up_factor, channels if product.up_channels else None))
+                )
+        for path, module in model.named_modules():
+            name = type(module).__name__
+            if name in self.norms:
+                rules.append((module, Norm(self.norms[name], name=f"{path} ({name})")))
+            elif isinstance(module, ACTIVATIONS):
+                rules.append((module, Activation(product_factor=gates.get(module, 1.0))))
+        for site in self.functional:
+            for producer, consumer in _matching_pairs(model, site):
+                rules.append((consumer, FunctionalActivation(producer)))
+        for field_name, patterns in self.gamma.items():
+            gamma = getattr(config, field_name)
+            if gamma is None:
+                continue
+            for path, module in model.named_modules():
+                if any(fnmatch.fnmatchcase(path, p) for p in patterns):
+                    rules.append((module, Gamma(gamma)))
+        if self.extra_rules is not None:
+            rules.extend(self.extra_rules(model, config, store))
+        return rules
+
+    def attention_rules(self, model: nn.Module, config: LRPConfig) -> list[tuple[nn.Module, AttentionRule]]:
+        """One :class:`AttentionRule` per attention module (its own object: rotary leaves record on it)."""
+        return [
+            (
+                module,
+                self.positions.attention_rule(
+                    AttentionRule(config.qk_factor, config.qk_factor, config.v_factor), config
+                ),
+            )
+            for module in self.attention_modules(model)
+        ]
+
+    def validate_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> Prepared:
+        """Check the user's model inputs (see :mod:`hf_pelrp.inputs`)."""
+        return self.inputs.validate(model, inputs)
+
+
+def _second_half(module: nn.Module) -> slice:
+    width = getattr(module, "out_features", None)
+    if width is None or width % 2:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} is declared as a fused gate/up projection but has {width} outputs"
         )
-        if input_ids is not None:
-            inputs["input_ids"] = input_ids
-        else:
-            inputs["inputs_embeds"] = inputs_embeds
-        inputs["attention_mask"] = mask
-        return self.prepare_inputs(model, inputs), mask
+    return slice(width // 2, None)
 
-    def prepare_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Fill in model inputs the family needs for a padded batch (e.g. position ids); returns a new dict."""
-        return dict(inputs)
 
-    def num_layers(self, model: torch.nn.Module) -> int:
-        return len(self.layers(model))
+def _positional_paths(kind: PositionalKind) -> tuple[str, ...]:
+    modules = getattr(kind, "modules", None)
+    return tuple(modules) if isinstance(modules, Mapping) else ()
 
-    def extra_maps(
-        self, model: torch.nn.Module, store: LeafStore, maps: dict[str, torch.Tensor | None]
-    ) -> dict[str, torch.Tensor]:
-        """Family-specific maps derived after the backward pass (vision: ``patch_map``, ``pixel_map``).
 
-        ``maps`` holds the standard ``token`` / ``position`` / ... maps already read from ``store``. They end up
-        in :attr:`hf_pelrp.Attribution.extras`. The default adds nothing.
-        """
-        return {}
+def _matching_pairs(model: nn.Module, site: FunctionalActivationSite) -> list[tuple[nn.Module, nn.Module]]:
+    named = dict(model.named_modules())
+    pairs = []
+    for path, consumer in named.items():
+        if not fnmatch.fnmatchcase(path, site.consumer):
+            continue
+        # the producer shares the consumer's parent (e.g. classifier.dense -> classifier.out_proj)
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        producer_path = site.producer.replace("*", parent, 1) if "*" in site.producer else site.producer
+        producer = named.get(producer_path)
+        if producer is not None:
+            pairs.append((producer, consumer))
+    return pairs
+
+
+# ---- registry ------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Adapter] = {}
+#: model types refused by name, with the reason
+_REFUSED: dict[str, str] = {}
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
     """Register ``adapter`` for each of its ``model_types`` (a later registration replaces an earlier one)."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(
+            f"register_adapter takes an hf_pelrp.Adapter declaration, got {type(adapter).__name__}"
+        )
     if not adapter.model_types:
-        raise ValueError(f"{type(adapter).__name__} declares no model_types")
+        raise ValueError("the adapter declares no model_types")
     for model_type in adapter.model_types:
         _REGISTRY[model_type] = adapter
+        _REFUSED.pop(model_type, None)
     return adapter
+
+
+def refuse_model_type(model_type: str, reason: str) -> None:
+    """Refuse ``model_type`` with ``reason`` (instead of the generic "not supported")."""
+    if model_type not in _REGISTRY:
+        _REFUSED[model_type] = reason
 
 
 def supported_model_types() -> list[str]:
@@ -158,7 +402,29 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def adapter_for(model: torch.nn.Module) -> Adapter:
+def refused_model_types() -> dict[str, str]:
+    """Model types refused by name, with the reason."""
+    return dict(sorted(_REFUSED.items()))
+
+
+def adapter_for_type(model_type: str) -> Adapter:
+    """The adapter registered for ``model_type``; :class:`UnsupportedModelError` otherwise."""
+    adapter = _REGISTRY.get(model_type)
+    if adapter is not None:
+        return adapter
+    if model_type in _REFUSED:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported by hf_pelrp: {_REFUSED[model_type]} Supported model "
+            f"types: {', '.join(supported_model_types())}."
+        )
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported by hf_pelrp. Supported model types: "
+        f"{', '.join(supported_model_types())}. New architectures are added with hf_pelrp.register_adapter() "
+        "and checked with hf_pelrp.check_adapter()."
+    )
+
+
+def adapter_for(model: nn.Module) -> Adapter:
     """The adapter registered for ``model.config.model_type``; raises :class:`UnsupportedModelError` otherwise."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -167,17 +433,9 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
             f"{type(model).__name__} has no config.model_type; hf_pelrp explains transformers PreTrainedModel "
             f"instances of the supported types: {', '.join(supported_model_types())}."
         )
-    if model_type in RELATIVE_POSITION_MODEL_TYPES:
+    try:
+        return adapter_for_type(model_type)
+    except UnsupportedModelError as err:
         raise UnsupportedModelError(
-            f"model type {model_type!r} encodes positions as relative attention biases, which hf_pelrp does not "
-            "support yet (its positional maps would be silently empty). Supported model types: "
-            f"{', '.join(supported_model_types())}."
-        )
-    adapter = _REGISTRY.get(model_type)
-    if adapter is None:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} ({type(model).__name__}) is not supported by hf_pelrp. Supported model "
-            f"types: {', '.join(supported_model_types())}. New architectures are added with "
-            "hf_pelrp.register_adapter()."
-        )
-    return adapter
+            str(err).replace(f"{model_type!r}", f"{model_type!r} ({type(model).__name__})", 1)
+        ) from None

@@ -1,116 +1,72 @@
-"""LLaMA-family adapter (``llama``, ``mistral``, ``qwen2``): RMSNorm, SiLU-gated MLP, rotary positions, GQA.
+"""LLaMA-like decoders (``llama``, ``mistral``, ``qwen2``): RMSNorm, SiLU-gated MLP, rotary positions, GQA.
 
 Rules (method.md sections 1-2): identity rule on every RMSNorm and on the gate activation, uniform rule on
-``act(gate) * up``, the ``"lrp"`` attention implementation for ``Q K^T`` / ``A V``, and with
-``positional=True`` per-layer ``(cos, sin)`` leaves with the 1/2 split at the rotation.
+``act(gate) * up``, the ``"lrp"`` attention for ``Q K^T`` / ``A V``, and with ``positional=True`` per-layer
+``(cos, sin)`` leaves with the 1/2 split at the rotation. :func:`llama_like` is the declaration most decoder
+families reuse with their own class prefix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-import torch
+from ..inputs import TextInputs, scaled_rotary_limit
+from ..positions import PositionalKind, Rotary
+from .base import Adapter, GatedProduct, Surrogate, register_adapter
+from .norms import rms_norm
 
-from ..attention import AttentionRule
-from ..config import LRPConfig
-from ..errors import AttributionInputError, UnsupportedModelError
-from ..hooks import Activation, EmbeddingLeaf, HookRule, LeafStore, Norm, OutputGradient, RotaryLeaves
-from ..rules import rms_norm_identity
-from .base import Adapter, register_adapter
+#: the tiny configuration check_adapter builds for decoders (GQA: 4 query heads, 2 key-value heads)
+TINY_DECODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 97,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "num_labels": 3,
+}
 
-
-def _rms_norm_surrogate(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-    return module.weight * rms_norm_identity(x, eps).to(x.dtype)
-
-
-def causal_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens, so a left-padded row sees the positions of the unpadded row."""
-    mask = attention_mask.long()
-    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
-
-
-def check_rotary_length(model: torch.nn.Module, position_ids: torch.Tensor) -> None:
-    """Refuse positions beyond ``config.max_position_embeddings``: rotary embeddings would extrapolate silently
-    into a regime the model never saw, and the explanation would describe that, not the model."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is None or position_ids.numel() == 0:
-        return
-    longest = int(position_ids.max()) + 1
-    if longest > limit:
-        raise AttributionInputError(
-            f"the input reaches position {longest} but {type(model).__name__} supports at most {limit} positions "
-            "(config.max_position_embeddings): truncate the input (tokenizer(..., truncation=True, "
-            f"max_length={limit})) or split it into windows."
-        )
+DECODER_INPUTS = TextInputs(position_ids="count", max_positions=scaled_rotary_limit)
 
 
-class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2")
-    positional_kind = "rotary"
-    additive_leaves = ("token",)
-
-    def _base(self, model: torch.nn.Module) -> torch.nn.Module:
-        base = getattr(model, "model", model)
-        if not hasattr(base, "layers") or not hasattr(base, "embed_tokens"):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} does not have the LLaMA layout (model.layers, model.embed_tokens) the "
-                f"{model.config.model_type!r} adapter expects."
-            )
-        return base
-
-    def layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        return list(self._base(model).layers)
-
-    def check_model(self, model: torch.nn.Module) -> None:
-        super().check_model(model)
-        for i, layer in enumerate(self.layers(model)):
-            mlp = getattr(layer, "mlp", None)
-            missing = [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, n)]
-            if missing or not hasattr(layer, "self_attn"):
-                raise UnsupportedModelError(
-                    f"layer {i} of {type(model).__name__} is not a LLaMA-style block (missing "
-                    f"{', '.join(missing) or 'self_attn'}); mixture-of-experts and other variants need their own adapter."
-                )
-
-    def module_rules(
-        self, model: torch.nn.Module, config: LRPConfig, store: LeafStore
-    ) -> list[tuple[torch.nn.Module, HookRule]]:
-        base = self._base(model)
-        rules: list[tuple[torch.nn.Module, HookRule]] = [(base.embed_tokens, EmbeddingLeaf(store, "token"))]
-        for module in model.modules():
-            if type(module).__name__.endswith("RMSNorm"):
-                rules.append((module, Norm(_rms_norm_surrogate)))
-        for i, layer in enumerate(base.layers):
-            rules.append((layer.mlp.act_fn, Activation(product_factor=config.gate_factor)))
-            rules.append((layer.mlp.up_proj, OutputGradient(config.up_factor)))
-            if config.positional:
-                rules.append((layer.self_attn, RotaryLeaves(store, i)))
-        return rules
-
-    def attention_rules(
-        self, model: torch.nn.Module, config: LRPConfig
-    ) -> list[tuple[torch.nn.Module, AttentionRule]]:
-        qk = config.qk_factor
-        if config.positional:
-            # q_rot = q * cos + rotate_half(q) * sin: uniform rule on each product halves the gradient again
-            qk *= 0.5
-        rule = AttentionRule(q=qk, k=qk, v=config.v_factor)
-        return [(layer.self_attn, rule) for layer in self.layers(model)]
-
-    def validate_inputs(
-        self, model: torch.nn.Module, inputs: dict[str, Any]
-    ) -> tuple[dict[str, Any], torch.Tensor]:
-        inputs, mask = super().validate_inputs(model, inputs)
-        check_rotary_length(model, inputs["position_ids"])
-        return inputs, mask
-
-    def prepare_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        inputs = dict(inputs)
-        mask = inputs.get("attention_mask")
-        if inputs.get("position_ids") is None and mask is not None and mask.dim() == 2:
-            inputs["position_ids"] = causal_position_ids(mask)
-        return inputs
+def decoder_classes(prefix: str, *extra: str) -> tuple[str, ...]:
+    """The classes of a LLaMA-layout family: heads, model, block, MLP, attention, rotary embedding."""
+    parts = ("ForCausalLM", "ForSequenceClassification", "Model", "DecoderLayer", "MLP", "Attention")
+    return tuple(prefix + p for p in parts) + (f"{prefix}RotaryEmbedding", *extra)
 
 
-register_adapter(LlamaAdapter())
+def llama_like(
+    model_types: tuple[str, ...],
+    prefix: str,
+    *,
+    norms: Mapping[str, Surrogate] | None = None,
+    modules: tuple[str, ...] = (),
+    positions: PositionalKind | None = None,
+    gated: tuple[GatedProduct, ...] = (GatedProduct(act="mlp.act_fn", up="mlp.up_proj"),),
+    tiny: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> Adapter:
+    """A declaration for a family with the LLaMA layout (``model.layers[i].self_attn``, ``.mlp``,
+    ``model.embed_tokens``, ``{prefix}RMSNorm``), changed where the family differs."""
+    return Adapter(
+        model_types=model_types,
+        layers="layers",
+        attention="self_attn",
+        embeddings={"embed_tokens": ("token",)},
+        positions=positions if positions is not None else Rotary(),
+        norms=norms if norms is not None else {f"{prefix}RMSNorm": rms_norm},
+        modules=decoder_classes(prefix, *modules),
+        gated=gated,
+        inputs=fields.pop("inputs", DECODER_INPUTS),
+        heads=fields.pop("heads", ("causal_lm", "sequence_classification")),
+        tiny={**TINY_DECODER, **(tiny or {})},
+        **fields,
+    )
+
+
+register_adapter(llama_like(("llama",), "Llama", name="llama"))
+register_adapter(llama_like(("mistral",), "Mistral", name="mistral"))
+register_adapter(llama_like(("qwen2",), "Qwen2", name="qwen2"))

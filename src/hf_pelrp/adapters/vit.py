@@ -1,9 +1,9 @@
-"""ViT / DeiT adapter (``vit``, ``deit``): patch convolution, CLS (+ distillation) token, learned positions.
+"""ViT / DeiT (``vit``, ``deit``): patch convolution, CLS (+ distillation) token, learned positions.
 
 Rules (method.md sections 1-2): the identity rule on every LayerNorm and on the MLP activation, the ``"lrp"``
-attention (AttnLRP: gradient factors 1/4 on q, k and 1/2 on v; CP-LRP: 0 and 1), the epsilon rule on every
-other linear map and, where the configuration asks for them, the generalised Gamma rule on the MLP and head
-linears (``gamma_linear``) and on the patch convolution (``gamma_conv``), as the PE-LRP paper does for ViT.
+attention, the epsilon rule on every other linear map and, where the configuration asks for them, the
+generalised Gamma rule on the MLP and head linears (``gamma_linear``) and on the patch convolution
+(``gamma_conv``), as the PE-LRP paper does for ViT.
 
 The embedding sum ``e = t + p`` (ViT: ``t = [CLS, conv(patches)]``, DeiT: ``[CLS, DIST, conv(patches)]``) is
 rebuilt by a hook on the embeddings module from two leaves with the module's own values:
@@ -26,16 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import AttentionRule
 from ..config import LRPConfig
 from ..devices import weights_on_device
-from ..errors import AttributionInputError, AttributionStateError, UnsupportedModelError
-from ..hooks import Gamma, Handles, HookRule, LeafStore, make_leaf
-from .additive import check_activation, norm_and_activation_rules
+from ..errors import AttributionInputError, AttributionStateError
+from ..hooks import Handles, HookRule, LeafStore, make_leaf
+from ..inputs import Prepared, check_unknown_inputs
+from ..positions import Additive
 from .base import Adapter, register_adapter
-
-#: names of the classifier heads of ViTForImageClassification, DeiTForImageClassification(WithTeacher)
-_HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
+from .norms import layer_norm
 
 
 def _pair(size: int | Iterable[int]) -> tuple[int, int]:
@@ -64,7 +62,7 @@ class VisionEmbeddingLeaves(HookRule):
     store: LeafStore
     positional: bool
 
-    def attach(self, module: nn.Module) -> Handles:
+    def attach(self, module: nn.Module, handles: Handles) -> None:
         store = self.store
 
         def pixels_in(_module, args):
@@ -113,80 +111,25 @@ class VisionEmbeddingLeaves(HookRule):
             return rebuilt
 
         patch = module.patch_embeddings
-        return Handles(
-            patch.register_forward_pre_hook(pixels_in),
-            patch.register_forward_hook(patches_out),
-            module.register_forward_hook(embeddings_out, with_kwargs=True),
-        )
+        handles.append(patch.register_forward_pre_hook(pixels_in))
+        handles.append(patch.register_forward_hook(patches_out))
+        handles.append(module.register_forward_hook(embeddings_out, with_kwargs=True))
 
 
-class ViTAdapter(Adapter):
-    model_types = ("vit", "deit")
-    positional_kind = "absolute"
-    gamma_fields = frozenset({"gamma_linear", "gamma_conv"})
-    additive_leaves = ("token", "position")
+def _embedding_rules(
+    model: nn.Module, config: LRPConfig, store: LeafStore
+) -> list[tuple[nn.Module, HookRule]]:
+    return [(model.base_model.embeddings, VisionEmbeddingLeaves(store, config.positional))]
 
-    def _base(self, model: nn.Module) -> nn.Module:
-        base = getattr(model, "base_model", model)
-        emb = getattr(base, "embeddings", None)
-        patch = getattr(emb, "patch_embeddings", None)
-        if not isinstance(getattr(patch, "projection", None), nn.Conv2d) or not hasattr(base, "layers"):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} does not have the ViT layout (embeddings.patch_embeddings.projection, "
-                f"layers) the {model.config.model_type!r} adapter expects."
-            )
-        return base
 
-    def layers(self, model: nn.Module) -> list[nn.Module]:
-        return list(self._base(model).layers)
+@dataclass(frozen=True)
+class ImageInputs:
+    """``pixel_values`` [B, C, H, W] (a [C, H, W] image is one row), checked against the model's config; the
+    attention mask is all ones over the sequence (special tokens, then the patches row by row)."""
 
-    def heads(self, model: nn.Module) -> list[nn.Linear]:
-        """The linear layers after the encoder: classifier head(s), or the pooler's dense layer."""
-        heads = [getattr(model, name, None) for name in _HEAD_NAMES]
-        pooler = getattr(self._base(model), "pooler", None)
-        if pooler is not None:
-            heads.append(getattr(pooler, "dense", None))
-        return [h for h in heads if isinstance(h, nn.Linear)]
+    kind: str = "image"
 
-    def check_model(self, model: nn.Module) -> None:
-        super().check_model(model)
-        for i, layer in enumerate(self.layers(model)):
-            mlp = getattr(layer, "mlp", None)
-            missing = [n for n in ("fc1", "fc2", "activation_fn") if not hasattr(mlp, n)]
-            if missing or not hasattr(layer, "attention"):
-                raise UnsupportedModelError(
-                    f"layer {i} of {type(model).__name__} is not a ViT block (missing "
-                    f"{', '.join(missing) or 'attention'})"
-                )
-            check_activation(model, f"layers.{i}.mlp.activation_fn", mlp.activation_fn)
-
-    def module_rules(
-        self, model: nn.Module, config: LRPConfig, store: LeafStore
-    ) -> list[tuple[nn.Module, HookRule]]:
-        base = self._base(model)
-        rules: list[tuple[nn.Module, HookRule]] = [
-            (base.embeddings, VisionEmbeddingLeaves(store, config.positional))
-        ]
-        rules.extend(norm_and_activation_rules(model))
-        if config.gamma_conv is not None:
-            rules.append((base.embeddings.patch_embeddings.projection, Gamma(config.gamma_conv)))
-        if config.gamma_linear is not None:
-            linears = [m for layer in base.layers for m in (layer.mlp.fc1, layer.mlp.fc2)] + self.heads(model)
-            rules.extend((m, Gamma(config.gamma_linear)) for m in linears)
-        return rules
-
-    def attention_rules(self, model: nn.Module, config: LRPConfig) -> list[tuple[nn.Module, AttentionRule]]:
-        rule = AttentionRule(q=config.qk_factor, k=config.qk_factor, v=config.v_factor)
-        return [(layer.attention, rule) for layer in self.layers(model)]
-
-    def validate_inputs(
-        self, model: nn.Module, inputs: dict[str, Any]
-    ) -> tuple[dict[str, Any], torch.Tensor]:
-        """Check ``pixel_values`` [B, C, H, W] (a [C, H, W] image is one row) against the model's config.
-
-        Returns the model inputs and an all-ones mask [B, S] over the sequence (special tokens, then the
-        patches row by row).
-        """
+    def validate(self, model: nn.Module, inputs: dict[str, Any]) -> Prepared:
         inputs = {k: v for k, v in inputs.items() if v is not None}
         name = type(model).__name__
         for key in ("input_ids", "inputs_embeds"):
@@ -196,12 +139,15 @@ class ViTAdapter(Adapter):
                 )
         if "attention_mask" in inputs:
             raise AttributionInputError(f"{name} attends over all patches: attention_mask is not supported")
+        check_unknown_inputs(inputs, ("pixel_values", "interpolate_pos_encoding"), model)
         pixels = inputs.get("pixel_values")
         if pixels is None:
             raise AttributionInputError(
                 "no input: pass pixel_values=<tensor [batch, channels, height, width]>"
             )
         pixels = torch.as_tensor(pixels)
+        if pixels.device.type == "meta":
+            raise AttributionInputError("pixel_values is on the meta device (no data): pass real images")
         if not pixels.is_floating_point():
             raise AttributionInputError(
                 f"pixel_values must be a floating-point tensor (the image processor's output), got {pixels.dtype}"
@@ -220,9 +166,14 @@ class ViTAdapter(Adapter):
                 f"pixel_values has {channels} channel(s) but {name} expects {model.config.num_channels} "
                 "(config.num_channels): convert the images (e.g. grayscale to RGB) before attributing"
             )
+        dtype = model.base_model.embeddings.patch_embeddings.projection.weight.dtype
+        if pixels.dtype != dtype:
+            raise AttributionInputError(
+                f"pixel_values has dtype {pixels.dtype} but the model computes in {dtype}: cast it with .to(model.dtype)"
+            )
         if not torch.isfinite(pixels).all():
             raise AttributionInputError("pixel_values holds NaN or infinite values")
-        emb = self._base(model).embeddings
+        emb = model.base_model.embeddings
         image_h, image_w = _pair(emb.patch_embeddings.image_size)
         patch_h, patch_w = _pair(emb.patch_embeddings.patch_size)
         if inputs.get("interpolate_pos_encoding"):
@@ -242,50 +193,109 @@ class ViTAdapter(Adapter):
                 f"to {image_h}x{image_w}, or pass interpolate_pos_encoding=True to interpolate the position "
                 "embeddings to the new size"
             )
-        inputs["pixel_values"] = pixels
+        out = {"pixel_values": pixels}
+        if "interpolate_pos_encoding" in inputs:
+            out["interpolate_pos_encoding"] = bool(inputs["interpolate_pos_encoding"])
         seq_len = num_special_tokens(emb) + (height // patch_h) * (width // patch_w)
         mask = torch.ones(batch, seq_len, dtype=torch.long, device=pixels.device)
-        return inputs, mask
-
-    def extra_maps(
-        self, model: nn.Module, store: LeafStore, maps: dict[str, torch.Tensor | None]
-    ) -> dict[str, torch.Tensor]:
-        """``patch_map`` [B, H/p, W/p] and ``pixel_map`` [B, H, W] of the latest backward pass.
-
-        - ``patch_map[b, r, c] = token[b, s] + position[b, s]`` for the patch token ``s`` at grid cell
-          ``(r, c)`` (the special tokens are left out).
-        - ``pixel_map = sum_channels pixels * g_pixels + spread``: the token relevance of each patch carried
-          through the patch convolution with its rule (the convolution's bias absorbs its share, as any
-          epsilon- or Gamma-rule bias does), plus each patch's position relevance spread evenly over its
-          ``p * p`` pixels (the PE-LRP paper's ViT recipe, without its clamping; pixels beyond the last full
-          patch get 0). Hence with a bias-free patch convolution ``pixel_map.sum() == patch_map.sum()``.
-        """
-        pixels, patches = store.aux.get("pixels"), store.aux.get("patches")
-        token = store.additive.get("token")
-        if pixels is None or patches is None or token is None:
-            return {}
-        batch, _, height, width = pixels.shape
-        patch_h, patch_w = _pair(self._base(model).embeddings.patch_embeddings.patch_size)
-        grid_h, grid_w = height // patch_h, width // patch_w
-        special = token.shape[1] - patches.shape[1]
-        from_tokens = torch.zeros(batch, height, width, dtype=torch.float32, device=pixels.device)
-        if token.grad is not None:
-            with torch.enable_grad():
-                (pixel_grad,) = torch.autograd.grad(
-                    patches,
-                    pixels,
-                    grad_outputs=token.grad[:, special:].to(patches.dtype),
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-            if pixel_grad is not None:
-                from_tokens = (pixels.detach().float() * pixel_grad.float()).sum(1)
-        position = maps["position"][:, special:].reshape(batch, grid_h, grid_w)
-        patch_map = maps["token"][:, special:].reshape(batch, grid_h, grid_w) + position
-        spread = (position / (patch_h * patch_w)).repeat_interleave(patch_h, 1).repeat_interleave(patch_w, 2)
-        pixel_map = from_tokens.clone()
-        pixel_map[:, : grid_h * patch_h, : grid_w * patch_w] += spread.to(pixel_map.device)
-        return {"patch_map": patch_map, "pixel_map": pixel_map}
+        return Prepared(out, mask)
 
 
-register_adapter(ViTAdapter())
+def vision_maps(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``patch_map`` [B, H/p, W/p] and ``pixel_map`` [B, H, W] of the latest backward pass.
+
+    - ``patch_map[b, r, c] = token[b, s] + position[b, s]`` for the patch token ``s`` at grid cell ``(r, c)``
+      (the special tokens are left out).
+    - ``pixel_map = sum_channels pixels * g_pixels + spread``: the token relevance of each patch carried
+      through the patch convolution with its rule (the convolution's bias absorbs its share, as any epsilon-
+      or Gamma-rule bias does), plus each patch's position relevance spread evenly over its ``p * p`` pixels
+      (the PE-LRP paper's ViT recipe, without its clamping; pixels beyond the last full patch get 0). Hence
+      with a bias-free patch convolution ``pixel_map.sum() == patch_map.sum()``.
+    """
+    pixels, patches = store.aux.get("pixels"), store.aux.get("patches")
+    token = store.additive.get("token")
+    if pixels is None or patches is None or token is None:
+        return {}
+    batch, _, height, width = pixels.shape
+    patch_h, patch_w = _pair(model.base_model.embeddings.patch_embeddings.patch_size)
+    grid_h, grid_w = height // patch_h, width // patch_w
+    special = token.shape[1] - patches.shape[1]
+    dtype = maps["token"].dtype
+    from_tokens = torch.zeros(batch, height, width, dtype=dtype, device=pixels.device)
+    if token.grad is not None:
+        with torch.enable_grad():
+            (pixel_grad,) = torch.autograd.grad(
+                patches,
+                pixels,
+                grad_outputs=token.grad[:, special:].to(patches.dtype),
+                retain_graph=True,
+                allow_unused=True,
+            )
+        if pixel_grad is not None:
+            from_tokens = (pixels.detach().to(dtype) * pixel_grad.to(dtype)).sum(1)
+    position = maps["position"][:, special:].reshape(batch, grid_h, grid_w)
+    patch_map = maps["token"][:, special:].reshape(batch, grid_h, grid_w) + position
+    spread = (position / (patch_h * patch_w)).repeat_interleave(patch_h, 1).repeat_interleave(patch_w, 2)
+    pixel_map = from_tokens.clone()
+    pixel_map[:, : grid_h * patch_h, : grid_w * patch_w] += spread.to(pixel_map.device)
+    return {"patch_map": patch_map, "pixel_map": pixel_map}
+
+
+#: the MLP and head linears the Gamma rule applies to (the paper's ViT rules), and the patch convolution
+_GAMMA = {
+    "gamma_linear": (
+        "*.mlp.fc1",
+        "*.mlp.fc2",
+        "classifier",
+        "cls_classifier",
+        "distillation_classifier",
+        "*.pooler.dense",
+    ),
+    "gamma_conv": ("*.patch_embeddings.projection",),
+}
+
+for _model_types, _prefix, _heads in (
+    (("vit",), "ViT", ("ViTForImageClassification",)),
+    (("deit",), "DeiT", ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")),
+):
+    register_adapter(
+        Adapter(
+            model_types=_model_types,
+            name=_model_types[0],
+            layers="layers",
+            attention="attention",
+            embeddings={},
+            positions=Additive({}, description="learned absolute, [CLS, patches] + positions"),
+            norms={"LayerNorm": layer_norm},
+            modules=(
+                *_heads,
+                f"{_prefix}Model",
+                f"{_prefix}Embeddings",
+                f"{_prefix}PatchEmbeddings",
+                f"{_prefix}Encoder",
+                f"{_prefix}Layer",
+                f"{_prefix}Attention",
+                f"{_prefix}SelfAttention",
+                f"{_prefix}SelfOutput",
+                f"{_prefix}MLP",
+                f"{_prefix}Intermediate",
+                f"{_prefix}Output",
+                f"{_prefix}Pooler",
+            ),
+            gamma=_GAMMA,
+            inputs=ImageInputs(),
+            heads=("image_classification",),
+            extra_rules=_embedding_rules,
+            extra_maps=vision_maps,
+            tiny={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 16,
+                "patch_size": 4,
+                "num_channels": 3,
+                "num_labels": 3,
+            },
+        )
+    )

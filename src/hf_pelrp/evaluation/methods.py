@@ -15,8 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engine import attribute, lrp
-from ..rules import relevance_of
+from ..engine import attribute
 from .samples import Sample, explained_logits
 
 
@@ -177,17 +176,12 @@ def _lrp_paper(model, sample, target, mode: str) -> Explanation:
         # the adapter's pixel_map already holds the position relevance spread over each patch's pixels
         pixels = attr.pixel_map[0].clamp(min=0)
         return Explanation(_patch_sum(pixels, patch), pixels)
-    with _frozen(model), lrp(model, mode=mode, positional=True) as ctx:
-        inputs, _ = ctx.adapter.validate_inputs(model, dict(sample.inputs))
-        logit = _select_logit(model, sample, target, **inputs)
-        torch.autograd.backward(logit.sum(), inputs=[t for t in ctx.leaves() if t.requires_grad])
-        store = ctx.store
-        total = relevance_of(store.additive["token"])[0].clone()
-        for name, leaf in store.additive.items():
-            if name != "token":
-                total += relevance_of(leaf)[0].expand_as(total).abs()
-        for cos, sin in store.rotary.values():
-            total += relevance_of(cos)[0].expand_as(total).abs() + relevance_of(sin)[0].expand_as(total).abs()
+    attr = attribute(
+        model, **sample.inputs, target=target, mode=mode, positional=True, position=sample.position
+    )
+    total = attr.token[0] + attr.extras["position_abs"][0]
+    if attr.segment is not None:
+        total = total + attr.segment[0].abs()
     return Explanation(total)
 
 

@@ -1,0 +1,247 @@
+"""Positional kinds: where a family's positions enter, how they become leaves, how their relevance is read.
+
+Each kind is an object an adapter declares (``positions=Rotary()``, ``Additive({"wpe": "position"})``); the
+engine never branches on a family's name. A kind
+
+- attaches the rules that make its positional tensors leaves (:meth:`PositionalKind.rules`), only when the
+  configuration asks for positions (``positional=True``); otherwise the tensors stay constants, which absorb
+  their relevance (visible in the conservation gap) — the classic LRP baseline;
+- changes the attention factors where positions act inside attention (:meth:`PositionalKind.attention_rule`:
+  the rotary 1/2 on the rotated channels of q and k);
+- reads the maps after the backward pass (:meth:`PositionalKind.read`): ``position`` [B, T] always,
+  ``position_abs`` [B, T] (the sum of the absolute relevance of every positional leaf: the PE-LRP paper's
+  aggregation, method.md 2 "Forming the maps"), ``position_by_layer`` [B, L, T] where every layer has its own
+  leaves, and kind-specific extras.
+
+method.md section 2 gives the rules; the formulas are repeated in each class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .attention import AttentionRule
+from .config import LRPConfig
+from .devices import execution_device
+from .hooks import EmbeddingLeaf, Handles, HookRule, LeafStore, make_leaf
+from .modules import find_module
+from .rules import relevance_of
+
+Maps = dict[str, Any]
+
+
+class PositionalKind(ABC):
+    """Where positions enter one family. Subclasses are small declarations (see the module docstring)."""
+
+    #: a short name for reports and the model card ("rotary", "additive", ...)
+    name: str = ""
+    #: positions act inside attention on q and k only: CP-LRP (q, k constant) gives them exactly 0
+    inside_attention: bool = False
+
+    def rules(
+        self,
+        model: torch.nn.Module,
+        layers: list[torch.nn.Module],
+        attention: list[torch.nn.Module],
+        store: LeafStore,
+    ) -> list[tuple[torch.nn.Module, HookRule]]:
+        """The rules that make the positional tensors leaves of ``store`` (called only with positions on)."""
+        return []
+
+    def attention_rule(self, rule: AttentionRule, config: LRPConfig) -> AttentionRule:
+        """The attention factors of one layer, given the kind (default: unchanged)."""
+        return rule
+
+    @abstractmethod
+    def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
+        """``position`` [B, T] (and kind-specific maps) of the latest backward pass; ``token`` gives B, T."""
+
+    def describe(self) -> str:
+        """One line for the model card and the README table."""
+        return self.name
+
+
+def _as_map(relevance: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B, T] (or broadcastable) relevance on the device and dtype of ``like``, expanded to its shape."""
+    return relevance.to(device=like.device, dtype=like.dtype).expand_as(like)
+
+
+@dataclass(frozen=True)
+class NoPositions(PositionalKind):
+    """A family without positional encodings: the position map is exactly 0."""
+
+    name: str = "none"
+
+    def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
+        return {"position": torch.zeros_like(token), "position_abs": torch.zeros_like(token)}
+
+
+@dataclass(frozen=True)
+class Additive(PositionalKind):
+    """Learned absolute or fixed sinusoidal positions added to the token embedding (method.md 2).
+
+    At ``e = t + p (+ s)`` relevance splits in proportion to each addend, which in Gradient x Input form only
+    needs each addend to be a leaf: ``R_t = t * g``, ``R_p = p * g`` with ``g`` the gradient at ``e``.
+    ``modules`` maps a base-model module path to the leaf name its output becomes (``"position"``); the map
+    is read from the ``"position"`` leaf (vision families build it from their own embedding rule, with no
+    module here). The leaf is a copy of the module's output, one per batch row; a sinusoidal table is never
+    modified.
+    """
+
+    modules: Mapping[str, str] = field(default_factory=lambda: {"embeddings.position_embeddings": "position"})
+    name: str = "additive"
+    description: str = "learned absolute"
+
+    def rules(self, model, layers, attention, store):
+        base = model.base_model
+        return [
+            (find_module(base, path), EmbeddingLeaf(store, (leaf,))) for path, leaf in self.modules.items()
+        ]
+
+    def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
+        leaf = store.additive.get("position")
+        if leaf is None:
+            return {"position": torch.zeros_like(token), "position_abs": torch.zeros_like(token)}
+        position = _as_map(relevance_of(leaf), token)
+        return {"position": position, "position_abs": position.abs()}
+
+    def describe(self) -> str:
+        return f"{self.description}: additive `position` leaf"
+
+
+class RotaryLeaves(HookRule):
+    """Give one attention layer its own rotary leaves (PE-LRP, method.md section 2).
+
+    A forward pre-hook replaces the ``keyword`` argument of the attention module (a tuple of two tensors, in
+    the order ``names``) by fresh leaves stored under the layer index; re-running the same layer within one
+    forward (gradient-checkpointing recomputation) reuses them, so no leaf is created twice. It also records,
+    on the layer's :class:`AttentionRule`, how many channels of q and k rotate, so that the rotary 1/2 reaches
+    the rotated channels only.
+    """
+
+    def __init__(
+        self, kind: Rotary, store: LeafStore, layer: int, rule_of: Callable[[], AttentionRule | None]
+    ):
+        self.kind = kind
+        self.store = store
+        self.layer = layer
+        self.rule_of = rule_of
+
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        kind, store, layer = self.kind, self.store, self.layer
+
+        def hook(attention, args, kwargs):
+            pe = kwargs.get(kind.keyword)
+            if pe is None or (kind.applies is not None and not kind.applies(attention)):
+                return None
+            first, second = pe
+            batch = store.batch_size
+            if batch is not None and first.shape[kind.batch_axis] == 1 and batch > 1:
+                # shared position ids: give every row its own copy, so maps are per row
+                first, second = (kind.expand(t, batch) for t in (first, second))
+            # the leaves live where their layer computes (device_map models: each layer's own device)
+            device = execution_device(attention) or first.device
+            first, second = first.to(device), second.to(device)
+            existing = store.layers.get(layer)
+            if (
+                existing is None
+                or existing[kind.names[0]].shape != first.shape
+                or existing[kind.names[0]].device != first.device
+            ):
+                existing = {kind.names[0]: make_leaf(first), kind.names[1]: make_leaf(second)}
+                store.layers[layer] = existing
+            rule = self.rule_of()
+            if rule is not None:
+                rule.rotated = (kind.rotated_channels(first), kind.rotated)
+            kwargs = dict(kwargs)
+            kwargs[kind.keyword] = (existing[kind.names[0]], existing[kind.names[1]])
+            return args, kwargs
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+@dataclass(frozen=True)
+class Rotary(PositionalKind):
+    """Rotary position embeddings (RoPE): per-layer ``(cos, sin)`` leaves (method.md 2, "Rotary variants").
+
+    ``q_rot = q * cos + rotate(q) * sin`` (likewise k). The uniform rule at each product sends half of its
+    relevance to q (k) and half to cos (sin): the gradient reaching the *rotated* channels of q and k is
+    multiplied by 1/2 (``AttentionRule.rotary``), and cos / sin receive gradient. Per layer ``l`` and position
+    ``i``: ``position_l[i] = sum_d (cos_l * cos_l.grad)[i, d] + sum_d (sin_l * sin_l.grad)[i, d]`` (q and k
+    sides and all heads together), ``position[i] = sum_l position_l[i]``.
+
+    Parameters
+    ----------
+    keyword
+        The attention module's keyword argument carrying the pair (``position_embeddings``).
+    names
+        The order of the pair (GPT-J passes ``(sin, cos)``).
+    layout
+        ``"half"`` (LLaMA: a cos / sin width of ``rotary_dim``) or ``"interleaved"`` (GPT-J: pairs (0, 1),
+        (2, 3), ...; cos / sin of width ``rotary_dim / 2``, repeated inside the model).
+    rotated
+        Whether the rotated channels are the ``"first"`` ``rotary_dim`` channels of each head (partial rotary:
+        GPT-NeoX, Phi, StableLM) or the ``"last"`` (a decoupled rotary part after the content part).
+    applies
+        For models that switch rotary off in some layers (NoPE layers): whether an attention module applies it.
+        Layers that do not have no leaf: their position relevance is exactly 0, and q, k keep the full factor.
+    batch_axis
+        The batch axis of the cos / sin tensors (1 for M-RoPE's ``[3, B, T, D]``).
+    """
+
+    keyword: str = "position_embeddings"
+    names: tuple[str, str] = ("cos", "sin")
+    layout: str = "half"
+    rotated: str = "first"
+    applies: Callable[[torch.nn.Module], bool] | None = None
+    batch_axis: int = 0
+    name: str = "rotary"
+    inside_attention: bool = True
+
+    def rotated_channels(self, cos: torch.Tensor) -> int:
+        return cos.shape[-1] * (2 if self.layout == "interleaved" else 1)
+
+    def expand(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[self.batch_axis] = batch
+        return t.expand(*shape)
+
+    def rules(self, model, layers, attention, store):
+        from .attention import attention_rule
+
+        return [
+            (module, RotaryLeaves(self, store, i, lambda m=module: attention_rule(m)))
+            for i, module in enumerate(attention)
+        ]
+
+    def attention_rule(self, rule: AttentionRule, config: LRPConfig) -> AttentionRule:
+        if config.positional:
+            rule.rotary = 0.5
+        return rule
+
+    def leaf_relevance(self, leaf: torch.Tensor) -> torch.Tensor:
+        """[B, T] relevance of one cos or sin leaf (summed over its trailing axis)."""
+        r = relevance_of(leaf)
+        if self.batch_axis != 0:
+            r = r.sum(0)  # M-RoPE: the axes (temporal, height, width) of one position together
+        return r
+
+    def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
+        batch, seq = token.shape
+        by_layer = torch.zeros(batch, num_layers, seq, device=token.device, dtype=token.dtype)
+        absolute = torch.zeros_like(token)
+        for layer, leaves in store.layers.items():
+            for leaf in leaves.values():
+                r = _as_map(self.leaf_relevance(leaf), token)
+                by_layer[:, layer] += r
+                absolute += r.abs()
+        return {"position_by_layer": by_layer, "position": by_layer.sum(1), "position_abs": absolute}
+
+    def describe(self) -> str:
+        parts = {"half": "rotary", "interleaved": "interleaved rotary"}[self.layout]
+        return f"{parts}: per-layer `(cos, sin)` leaves (`attr.position_by_layer`)"
