@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .rules import scale_gradient
+from .rules import identity_rule, scale_gradient
 
 LRP_ATTENTION = "lrp"
 
@@ -30,6 +30,12 @@ class AttentionRule:
     1/2 of A's share to q and to k, Prop. 3.3; the softmax between them is plain Gradient x Input).
     CP-LRP: q, k get 0 (attention probabilities constant) and v gets 1.
 
+    ``scores`` is the factor of the gradient reaching the attention scores ``s = q k^T * scale + b`` (A's share
+    at ``A V``: 1/2 under AttnLRP, 0 under CP-LRP). It applies to a positional bias ``b`` made a leaf (ALiBi,
+    relative position biases, method.md 2 "Positions inside attention"): the sum is an epsilon split, so
+    ``R_b = b * g_s`` with ``g_s`` the gradient at the scores; q and k get ``scores / 2`` each (their ``q``,
+    ``k`` factors).
+
     With rotary positions made leaves, the rotated channels of q and k get ``rotary`` (1/2: the uniform rule
     at ``q * cos`` and ``rotate(q) * sin``, method.md 2) on top; which channels rotate (``rotated``: how many,
     and whether they are the ``"first"`` or ``"last"`` channels of a head) is recorded by the rotary leaves at
@@ -41,6 +47,7 @@ class AttentionRule:
     q: float
     k: float
     v: float
+    scores: float = 0.5
     rotary: float = 1.0
     rotated: tuple[int, str] | None = None
     calls: int = 0
@@ -77,6 +84,11 @@ def attention_rule(module: torch.nn.Module) -> AttentionRule | None:
     return _RULES.get(module)
 
 
+#: keyword arguments of the attention interface that change its arithmetic in ways this implementation does not
+#: reproduce (attention sinks): refused rather than silently ignored
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks")
+
+
 def lrp_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -85,14 +97,70 @@ def lrp_attention_forward(
     attention_mask: torch.Tensor | None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Scaled-dot-product attention with LRP gradient factors; forward identical to ``"sdpa"``."""
+    """Scaled-dot-product attention with LRP gradient factors; forward identical to ``"sdpa"``.
+
+    Attention logit soft-capping (``softcap=``, Gemma 2), which SDPA does not support, runs through
+    :func:`eager_attention` (exact, but it keeps the N x N scores for the backward pass). A float mask or a
+    ``position_bias`` that requires grad (a positional bias made a leaf) gets the ``scores`` factor.
+    """
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"the 'lrp' attention does not support {name}= (attention sinks); this model cannot be attributed yet"
+            )
     rule = _RULES.get(module)
     if rule is not None:
         rule.calls += 1
         query = scale_gradient(query, rule.channel_factors(rule.q, query))
         key = scale_gradient(key, rule.channel_factors(rule.k, key))
         value = scale_gradient(value, rule.v)
+        if attention_mask is not None and attention_mask.requires_grad:
+            attention_mask = scale_gradient(attention_mask, rule.scores)
+        bias = kwargs.get("position_bias")
+        if bias is not None and bias.requires_grad:
+            kwargs["position_bias"] = scale_gradient(bias, rule.scores)
+    if kwargs.get("softcap") is not None:
+        return eager_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention written out (as transformers' eager implementations compute it), with logit soft-capping.
+
+    ``s = q k^T * scaling``; soft-capping ``c * tanh(s / c)`` is an element-wise activation and gets the
+    identity rule (AttnLRP Prop. 3.4, method.md "soft-capping"); then the mask, a float32 softmax (its rule is
+    Gradient x Input) and ``A V``. The N x N scores are kept for the backward pass: memory grows with the
+    square of the sequence length for the layers that need this path.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = repeat_kv(key, groups)
+        value = repeat_kv(value, groups)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        capped = torch.tanh(scores / softcap) * softcap
+        scores = identity_rule(scores, capped) if scores.requires_grad else capped
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, None
 
 
 AttentionInterface.register(LRP_ATTENTION, lrp_attention_forward)

@@ -65,6 +65,12 @@ class LRPConfig:
         return 0.25 if self.mode == "attnlrp" else 0.0
 
     @property
+    def scores_factor(self) -> float:
+        """Gradient factor at the attention scores (A's share at ``A V``): 1/2, 0 in CP mode. It reaches a
+        positional bias inside attention (method.md 2); q and k get half of it each (:attr:`qk_factor`)."""
+        return 0.5 if self.mode == "attnlrp" else 0.0
+
+    @property
     def v_factor(self) -> float:
         """Gradient factor on v at ``A V``: 1/2 (uniform rule), 1 in CP mode (A is a constant)."""
         return 0.5 if self.mode == "attnlrp" else 1.0

@@ -330,7 +330,8 @@ class Adapter:
             (
                 module,
                 self.positions.attention_rule(
-                    AttentionRule(config.qk_factor, config.qk_factor, config.v_factor), config
+                    AttentionRule(config.qk_factor, config.qk_factor, config.v_factor, config.scores_factor),
+                    config,
                 ),
             )
             for module in self.attention_modules(model)

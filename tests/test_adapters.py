@@ -1,0 +1,90 @@
+"""Every registered model type passes check_adapter; the declarations refuse what they do not cover."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_pelrp
+from hf_pelrp import AdapterCheckError, UnsupportedModelError
+from hf_pelrp.adapters import Adapter, register_adapter
+from hf_pelrp.adapters.base import _REGISTRY
+from hf_pelrp.adapters.llama import llama_like
+from hf_pelrp.adapters.norms import rms_norm
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("model_type", hf_pelrp.supported_model_types())
+def test_every_registered_model_type_passes_check_adapter(model_type):
+    report = hf_pelrp.check_adapter(model_type)
+    assert report.passed and report.heads
+    names = {r.name for r in report.results}
+    assert any(n.startswith("bias-free CP conservation") for n in names)
+    assert any(n.startswith("model restored exactly") for n in names)
+
+
+@pytest.fixture
+def scratch_registry():
+    saved = dict(_REGISTRY)
+    yield
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)
+
+
+def test_a_wrong_norm_surrogate_is_caught(scratch_registry):
+    """Qwen3-style q/k norms declared but gemma's (1 + w) RMSNorm declared as w * x / std: refused loudly."""
+    from transformers import GemmaConfig
+
+    register_adapter(llama_like(("gemma",), "Gemma", norms={"GemmaRMSNorm": rms_norm}, name="wrong gemma"))
+    config = GemmaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=97,
+    )
+    with pytest.raises(
+        AdapterCheckError, match="norm surrogate declared for .*GemmaRMSNorm.* does not reproduce"
+    ):
+        hf_pelrp.check_adapter(config)
+
+
+def test_unknown_modules_are_refused(scratch_registry):
+    """A family registered on another family's declaration: its own classes are not covered, so refused."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    register_adapter(llama_like(("qwen3",), "Qwen2", name="qwen2 declaration"))
+    model = Qwen3ForCausalLM(
+        Qwen3Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+        )
+    ).eval()
+    with pytest.raises(UnsupportedModelError, match=r"Qwen3RMSNorm.*no declared surrogate|not covered"):
+        hf_pelrp.attribute(model, torch.tensor([[5, 6, 7]]))
+
+
+def test_an_activation_without_identity_rule_is_refused():
+    from conftest import tiny_llama_family
+
+    model = tiny_llama_family("llama", hidden_act="sigmoid", num_layers=1)
+    with pytest.raises(UnsupportedModelError, match="Sigmoid.*identity rule"):
+        hf_pelrp.attribute(model, torch.tensor([[5, 6, 7]]))
+
+
+def test_register_adapter_takes_a_declaration():
+    with pytest.raises(TypeError, match="Adapter declaration"):
+        register_adapter(object())
+    assert isinstance(
+        hf_pelrp.adapter_for_type("llama")
+        if hasattr(hf_pelrp, "adapter_for_type")
+        else hf_pelrp.adapters.adapter_for_type("llama"),
+        Adapter,
+    )
