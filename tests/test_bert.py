@@ -5,95 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
-    DistilBertForSequenceClassification,
-    RobertaConfig,
-    RobertaForMaskedLM,
-    RobertaForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
 )
 
 import hf_pelrp
+from helpers.builders import BERT_VOCAB as VOCAB
+from helpers.builders import MASK_ID, right_padded, tiny_bert_family
+from helpers.reference_absolute import bert_reference
 from hf_pelrp import AttributionInputError, UnsupportedModelError
-from reference_absolute import bert_reference
 
-VOCAB = 60
-MASK_ID = VOCAB - 1
 MODES = ("attnlrp", "cp")
 FAMILIES = ("bert", "roberta", "distilbert", "distilbert-sinusoidal")
 HEADS = ("cls", "mlm")
-PAD = {"bert": 0, "roberta": 1, "distilbert": 0, "distilbert-sinusoidal": 0}
-
-
-def tiny_bert_family(family: str, head: str = "cls", num_layers: int = 2, seed: int = 0, biases: bool = True):
-    """A tiny BERT / RoBERTa / DistilBERT (hidden 32, 4 heads), random biases and LayerNorm weights, eval mode.
-
-    ``biases=False`` zeroes every bias, and RoBERTa's single token-type vector (a bias in all but name).
-    """
-    common = dict(vocab_size=VOCAB, max_position_embeddings=24, num_labels=3, pad_token_id=PAD[family])
-    if family == "bert":
-        config = BertConfig(
-            hidden_size=32,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            intermediate_size=64,
-            **common,
-        )
-        classes = (BertForSequenceClassification, BertForMaskedLM)
-    elif family == "roberta":
-        common["max_position_embeddings"] += PAD["roberta"] + 1
-        config = RobertaConfig(
-            hidden_size=32,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            intermediate_size=64,
-            type_vocab_size=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            **common,
-        )
-        classes = (RobertaForSequenceClassification, RobertaForMaskedLM)
-    else:
-        config = DistilBertConfig(
-            dim=32,
-            n_layers=num_layers,
-            n_heads=4,
-            hidden_dim=64,
-            sinusoidal_pos_embds=family.endswith("sinusoidal"),
-            **common,
-        )
-        classes = (DistilBertForSequenceClassification, DistilBertForMaskedLM)
-    torch.manual_seed(seed)
-    model = classes[0 if head == "cls" else 1](config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p) if biases else torch.zeros_like(p))
-            elif "layer_norm" in name.lower() and name.endswith("weight"):
-                p.add_(0.2 * torch.randn_like(p))
-        if not biases and family == "roberta":
-            model.roberta.embeddings.token_type_embeddings.weight.zero_()
-    return model.eval()
-
-
-def right_padded(family: str, lengths=(7, 4, 6), mask_at: int | None = None, seed: int = 1):
-    """Token ids (real ids avoid the pad and mask ids) right-padded with the family's pad id, and the mask."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), max(lengths)), PAD[family])
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = torch.randint(3, MASK_ID, (n,), generator=gen)
-        mask[b, :n] = 1
-    if mask_at is not None:
-        ids[:, mask_at] = MASK_ID
-    return ids, mask
 
 
 def run(model, ids, mask, **kwargs):

@@ -4,54 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import hf_pelrp
+from helpers.builders import GPT2_VOCAB as VOCAB
+from helpers.builders import padded_batch, tiny_gpt2
+from helpers.reference_absolute import gpt2_reference
 from hf_pelrp import AttributionInputError, UnsupportedModelError
 from hf_pelrp.inputs import causal_position_ids
-from reference_absolute import gpt2_reference
 
-VOCAB = 60
-PAD = 0
 HEADS = ("lm", "cls")
 MODES = ("attnlrp", "cp")
-
-
-def tiny_gpt2(head: str = "lm", num_layers: int = 2, seed: int = 0, biases: bool = True):
-    """A tiny GPT-2 (hidden 32, 4 heads) with random biases and LayerNorm weights, float32, eval mode."""
-    config = GPT2Config(
-        n_embd=32,
-        n_layer=num_layers,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=24,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=1,
-        num_labels=3,
-    )
-    torch.manual_seed(seed)
-    model = (GPT2LMHeadModel if head == "lm" else GPT2ForSequenceClassification)(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p) if biases else torch.zeros_like(p))
-            elif ".ln_" in name and name.endswith("weight"):
-                p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
-
-
-def padded_batch(side: str, lengths=(7, 4, 6), seed: int = 1):
-    """Token ids (no pad id among real tokens) padded on ``side`` to the longest row, and the mask."""
-    gen = torch.Generator().manual_seed(seed)
-    seq = max(lengths)
-    ids = torch.full((len(lengths), seq), PAD)
-    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        cols = slice(seq - n, seq) if side == "left" else slice(0, n)
-        ids[b, cols] = torch.randint(2, VOCAB, (n,), generator=gen)
-        mask[b, cols] = 1
-    return ids, mask
 
 
 def _hook_count(model: torch.nn.Module) -> int:

@@ -13,8 +13,8 @@ import torch
 
 import hf_pelrp
 from conftest import tiny_llama_family
+from helpers.reference_lrp import reference_lrp
 from hf_pelrp.inputs import causal_position_ids
-from reference_lrp import reference_lrp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -209,13 +209,12 @@ def test_layers_split_between_cuda_and_cpu(ids, tmp_path):
 def _other_family(name: str):
     """Tiny models of the other families, from their own test modules; returns (model factory, inputs)."""
     if name in ("gpt2", "bert"):
-        from test_bert import tiny_bert_family
-        from test_gpt2 import tiny_gpt2
+        from helpers.builders import tiny_bert_family, tiny_gpt2
 
         torch.manual_seed(2)
         inputs = {"input_ids": torch.randint(1, 50, (2, 9))}
         return (tiny_gpt2 if name == "gpt2" else lambda: tiny_bert_family("bert")), inputs
-    from test_vit import tiny_vision
+    from helpers.builders import tiny_vision
 
     config = tiny_vision("vit").config
     torch.manual_seed(2)

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import hf_pelrp
+from helpers.builders import IMAGE, PATCH, images, tiny_vision
 from hf_pelrp import AttributionInputError, LRPConfig
 from hf_pelrp.config import preset
 
 F64 = torch.float64
-IMAGE, PATCH, CHANNELS = 32, 8, 3
 CONFIGS = {
     "attnlrp": LRPConfig(mode="attnlrp"),
     "cp": LRPConfig(mode="cp"),
@@ -20,57 +20,6 @@ CONFIGS = {
     "attnlrp-nopos": LRPConfig(mode="attnlrp", positional=False),
     "gamma-attnlrp": LRPConfig(mode="attnlrp", gamma_linear=0.25, gamma_conv=1.0),
 }
-
-
-def tiny_vision(kind: str = "vit", num_layers: int = 2, seed: int = 0, bias_free: bool = False):
-    """A tiny ViT / DeiT classifier (32x32 images, 8x8 patches, hidden 32), float32, eval mode.
-
-    Random init leaves biases, CLS / distillation tokens, DeiT's position embeddings and the LayerNorm
-    parameters at 0 / 1; they are randomised so that every rule (and every bias's share) is exercised.
-    """
-    from transformers import (
-        DeiTConfig,
-        DeiTForImageClassification,
-        DeiTForImageClassificationWithTeacher,
-        ViTConfig,
-        ViTForImageClassification,
-    )
-
-    classes = {
-        "vit": (ViTConfig, ViTForImageClassification),
-        "deit": (DeiTConfig, DeiTForImageClassification),
-        "deit-teacher": (DeiTConfig, DeiTForImageClassificationWithTeacher),
-    }
-    config_cls, model_cls = classes[kind]
-    torch.manual_seed(seed)
-    config = config_cls(
-        image_size=IMAGE,
-        patch_size=PATCH,
-        num_channels=CHANNELS,
-        hidden_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=5,
-    )
-    model = model_cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.0 if bias_free else 0.1 * torch.randn_like(p))
-            elif "layernorm" in name and name.endswith("weight"):
-                p.add_(0.2 * torch.randn_like(p))
-            elif any(k in name for k in ("cls_token", "distillation_token", "position_embeddings")):
-                p.copy_(0.5 * torch.randn_like(p))
-            elif "projection.weight" in name:
-                # patch tokens of the same scale as the CLS token and the positions
-                p.mul_(5.0)
-    return model.eval()
-
-
-def images(batch: int = 2, size: int = IMAGE, seed: int = 1, channels: int = CHANNELS) -> torch.Tensor:
-    torch.manual_seed(seed)
-    return torch.randn(batch, channels, size, size)
 
 
 def special_tokens(model) -> int:
