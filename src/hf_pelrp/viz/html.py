@@ -213,7 +213,7 @@ def _layer_chart(
     bar_scale = color_scale(totals)
     count = max(len(visible), 1)
     cell_w = max(10, min(56, 640 // count))
-    cell_h = max(9, min(16, 420 // max(layers, 1)))
+    cell_h = max(8, min(16, 360 // max(layers, 1)))
     texts = [visible_text(tokens[i]) for i in columns]
     longest = max((len(t) for t in texts), default=1)
     rows = []

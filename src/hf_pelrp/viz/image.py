@@ -184,6 +184,7 @@ def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, 
         tax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         tax.xaxis.get_offset_text().set_fontsize(7)
         cbar = fig.colorbar(heat, ax=tax, fraction=0.12, pad=0.04, aspect=15)
+        cbar.set_label("cells: position relevance", fontsize=7)
         cbar.ax.tick_params(labelsize=7)
         cbar.formatter.set_powerlimits((-2, 3))
         cbar.ax.yaxis.get_offset_text().set_fontsize(7)
@@ -216,6 +217,7 @@ def _vision_figure(attr: Any, row: int, image: Any, labels: Any, alpha: float) -
     panels.append((f"position relevance{prefix_note}", view.maps["position"], "nearest"))
 
     cmap = matplotlib_cmap()
+    cm = require("matplotlib.cm")
     fig = _figure(3.3 * len(panels), 4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, data, interpolation) in zip(axes, panels, strict=True):
@@ -236,7 +238,9 @@ def _vision_figure(attr: Any, row: int, image: Any, labels: Any, alpha: float) -
             extent=extent,
             interpolation=interpolation,
         )
-        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        # the scale in the map's own colours (the overlay's alpha would stripe the colour bar)
+        opaque = cm.ScalarMappable(norm=shown.norm, cmap=cmap)
+        bar = fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.02)
         bar.ax.tick_params(labelsize=7)
         bar.formatter.set_powerlimits((-2, 3))
         bar.ax.yaxis.get_offset_text().set_fontsize(7)
