@@ -220,3 +220,11 @@ def test_injected_label_and_title_stay_text():
     page = attr.to_html(title="</title><script>alert(2)</script>")
     assert page.count("<script") == 2 and "<b>x" not in page
     assert html.escape("<script>alert(1)</script>", quote=False) in page
+
+
+def test_long_inputs_keep_readable_axes():
+    attr = _attr([f"w{i}" for i in range(300)])
+    fig = attr.plot()
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert 30 <= len(labels) <= 64 and labels[0] == "w0"
+    assert fig.get_size_inches()[0] <= 26

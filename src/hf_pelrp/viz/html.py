@@ -432,12 +432,13 @@ def _image_html(
     attr: Any,
     image: Any,
     path: str | Path | None,
+    tokens: Any,
     labels: Labels | None,
     title: str | None,
     full_page: bool,
 ) -> str:
     views = image_views(attr, image)
-    summaries = row_views(attr, labels=labels)
+    summaries = row_views(attr, tokens=tokens, labels=labels)  # tokens name the patches in the tooltips
     with_image = any(v.picture is not None for v in views)
     rows, payloads, keys = _image_rows(views, summaries, with_image)
     titles = {**IMAGE_MAPS, "image": "image only"}
@@ -702,7 +703,7 @@ def to_html(
     if kwargs:
         raise TypeError(f"to_html() got unexpected keyword arguments {sorted(kwargs)}")
     if is_vision(attr):
-        return _image_html(attr, image, path, labels, title, full_page)
+        return _image_html(attr, image, path, tokens, labels, title, full_page)
     if image is not None:
         raise AttributionInputError(
             "image= was given, but this attribution has no patch_map / pixel_map (it is not from a vision model)"

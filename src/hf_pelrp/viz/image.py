@@ -91,11 +91,18 @@ def _short(x: float) -> str:
     return f"{x:.1f}" if magnitude >= 0.995 else f"{x:.2f}"
 
 
+#: at most this many token labels on an axis (every k-th beyond)
+MAX_TICKS = 64
+
+
 def _token_ticks(ax: Any, names: list[str], axis: str = "x") -> None:
     many = len(names) > 8 or max((len(n) for n in names), default=0) > 10
+    step = -(-len(names) // MAX_TICKS)
+    ticks = range(0, len(names), step)
+    names = [names[i] for i in ticks]
     if axis == "x":
         ax.set_xticks(
-            range(len(names)),
+            ticks,
             names,
             rotation=55 if many else 0,
             ha="right" if many else "center",
@@ -104,7 +111,7 @@ def _token_ticks(ax: Any, names: list[str], axis: str = "x") -> None:
             family="monospace",
         )
     else:
-        ax.set_yticks(range(len(names)), names, fontsize=8, family="monospace")
+        ax.set_yticks(ticks, names, fontsize=8, family="monospace")
 
 
 def _outline(ax: Any, col: int, row_lo: float, row_hi: float) -> None:
@@ -152,7 +159,9 @@ def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, 
     if view.explained is not None and view.explained in shown:
         col = shown.index(view.explained)
         _outline(ax, col, 0, len(keys) - 1)
-        ax.get_xticklabels()[col].set_fontweight("bold")
+        for tick, label in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True):
+            if int(tick) == col:
+                label.set_fontweight("bold")
     title = _summary(view)
     if view.explained is not None:
         target = _target_text(view.target_label, None if view.target_label is not None else view.target_id)
