@@ -21,6 +21,49 @@ BREAKOUT = "</script><script>document.body.setAttribute('data-pwned','1')</scrip
 ONERROR = "<img src=x onerror=\"document.body.setAttribute('data-pwned','2')\">"
 
 
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (the GPT-2 / SmolLM2 kind: a leading space is the marker ``Ġ``) trained in
+    memory on a few sentences (no network); ``<|endoftext|>`` (id 0) is its BOS / EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = ["The capital of France is Paris.", "Paris is a city on the river Seine, of course."] * 4
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def with_display_fields(attr, tokenizer):
+    """``attr`` with the fields the pipeline and the CLI fill: decoded ``tokens``, ``labels`` of the target and
+    foil, ``special_tokens_mask`` (so that renderers need no tokenizer)."""
+    from hf_pelrp.tokens import display_token, display_tokens, special_ids
+
+    specials = special_ids(tokenizer)
+    ids = attr.input_ids
+    ids_of = [ids.tolist()] if ids.dim() == 1 else ids.tolist()
+    named = [int(i) for i in attr.target.reshape(-1).tolist()]
+    if attr.foil is not None:
+        named += [int(i) for i in attr.foil.reshape(-1).tolist()]
+    labels = {i: display_token(tokenizer, i) for i in named}
+    mask = torch.tensor([[i in specials for i in row] for row in ids_of])
+    if ids.dim() == 1:  # a GenerationAttribution: tokens of its one sequence
+        gen = attr.replace(tokens=display_tokens(tokenizer, ids_of[0]), labels=labels)
+        # the viewers read a special_tokens_mask [T] where the result has one (proposed to result.py)
+        gen.special_tokens_mask = mask[0]
+        return gen
+    return attr.replace(
+        tokens=[display_tokens(tokenizer, r) for r in ids_of], labels=labels, special_tokens_mask=mask
+    )
+
+
 def word_tokenizer():
     """A 101-word tokenizer built in memory (no network): <pad>=0, <s>=1, </s>=2, <unk>=3, then words."""
     from tokenizers import Tokenizer
@@ -61,7 +104,8 @@ def _span_backgrounds(page: str) -> dict[int, str]:
     return {
         int(i): bg
         for i, bg in re.findall(
-            r'<span class="hfp-tok[^"]*" data-i="(\d+)" style="background-color:(#[0-9a-f]{6})', page
+            r'<span class="hfp-tok[^"]*" data-r="\d+" data-i="(\d+)" style="background-color:(#[0-9a-f]{6})',
+            page,
         )
     }
 
@@ -86,6 +130,7 @@ def test_html_escapes_text_and_embeds_json_safely(llama_attr):
     data = _json_block(page)
     assert data["rows"][0]["tokens"][:4] == ["<s>", EVIL, BREAKOUT, ONERROR]  # JSON round-trips the raw text
     assert "↵" in page and "∅" in page  # newline and empty token made visible
+    assert f"<bdi>{html.escape(EVIL)}</bdi>" in page  # every token string is bidi-isolated
 
 
 def test_html_colours_follow_the_maps(llama_attr):
@@ -118,7 +163,7 @@ def test_html_special_tokens_hidden_and_excluded_from_the_scale(llama_attr):
     row = data["rows"][0]
     assert row["tokens"][0] == "<s>" and all(t in tok.get_vocab() for t in row["tokens"])
     assert 'class="hfp-root hfp-hide-special"' in page
-    assert page.count("hfp-tok hfp-special") == 1
+    assert page.count("hfp-tok hfp-c hfp-special") == 1
     rel = llama_attr.relevance[0]
     visible_scale = float(
         rel[1:]
@@ -131,15 +176,23 @@ def test_html_special_tokens_hidden_and_excluded_from_the_scale(llama_attr):
         css_hex(diverging_rgb(float(v), visible_scale)) for v in rel[1:]
     ]
     # the target token of a causal LM is decoded and shown after the explained position
-    assert html.escape(repr(tok.decode([int(llama_attr.target[0])]))) in page
-    assert 'class="hfp-tok hfp-explained"' in page
+    target = tok.decode([int(llama_attr.target[0])])
+    assert f'<span class="hfp-label hfp-target"><bdi>{html.escape(target)}</bdi></span>' in page
+    assert 'class="hfp-tok hfp-c hfp-explained"' in page
 
 
 def test_html_layer_chart_for_rotary_models_only(llama_attr):
     page = llama_attr.to_html()
     layers = llama_attr.position_by_layer.shape[1]
-    assert page.count('class="hfp-cell"') == layers * (9 + 6)  # both rows, padding excluded
+    assert page.count('<td class="hfp-cell') == layers * (9 + 6)  # both rows, padding excluded
     assert page.count('class="hfp-total"') == layers * 2
+    # a batch folds its charts (one click each); a single row shows its chart open
+    assert page.count('<details class="hfp-layers">') == 2
+    assert llama_attr[0].to_html().count('<details class="hfp-layers" open>') == 1
+    # the chart's columns are the tokens, and the bars have an axis with the scale of the totals
+    totals = llama_attr.position_by_layer[0].sum(-1)
+    assert f"+{float(totals.abs().max()):.3g}</span>" in page
+    assert page.count('<th class="hfp-col') == 9 + 6
     absolute = Attribution(
         token=torch.tensor([[0.5, -0.25]]),
         position=torch.tensor([[0.1, 0.0]]),
@@ -147,7 +200,7 @@ def test_html_layer_chart_for_rotary_models_only(llama_attr):
         target_value=torch.tensor([0.4]),
         model_type="bert",
     )
-    assert "hfp-cell" not in absolute.to_html(["[CLS]", "hi"])
+    assert '<td class="hfp-cell' not in absolute.to_html(["[CLS]", "hi"])
 
 
 def test_html_page_is_self_contained_and_written(llama_attr, tmp_path):
@@ -156,11 +209,18 @@ def test_html_page_is_self_contained_and_written(llama_attr, tmp_path):
     assert path.read_text(encoding="utf-8") == page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
     assert "My &lt;title&gt;" in page
-    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1)
+    csp = html.unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1))
     assert "default-src 'none'" in csp
-    from hf_pelrp.viz.html import _SCRIPT_HASH
+    import base64
+    import hashlib
 
-    assert f"'sha256-{_SCRIPT_HASH}'" in csp
+    from hf_pelrp.viz.html import content_security_policy, script_hash
+
+    assert csp == content_security_policy()
+    # the hash names the script that is in the page, byte for byte
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    assert base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() == script_hash()
+    assert f"'sha256-{script_hash()}'" in csp
     fragment = llama_attr._repr_html_()
     assert fragment.startswith('<div class="hfp-root') and "<html" not in fragment
 
@@ -204,11 +264,30 @@ def test_text_plot_and_png(llama_attr, tmp_path):
     import matplotlib.image as mpimg
 
     fig = llama_attr.plot(tokens=[[f"${i}" for i in range(9)], [f"t{i}" for i in range(9)]], row=1)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert any("per layer" in t for t in titles)
-    heat = [ax for ax in fig.axes if "per layer" in ax.get_title()][0].images[0].get_array()
-    expected = llama_attr.position_by_layer[1][:, 3:].numpy()
-    np.testing.assert_allclose(np.asarray(heat), expected, rtol=1e-6)
+    strip_ax = fig.axes[0]
+    # the heat strip: combined / token / position of the 6 unpadded tokens, on the shared colour map
+    strip = np.asarray(strip_ax.images[0].get_array())
+    keep = slice(3, 9)
+    expected = torch.stack(
+        [llama_attr.relevance[1, keep], llama_attr.token[1, keep], llama_attr.position[1, keep]]
+    )
+    np.testing.assert_allclose(strip, expected.numpy(), rtol=1e-6)
+    assert strip_ax.images[0].get_cmap().name == "hf_pelrp_diverging"
+    assert [t.get_text() for t in strip_ax.get_yticklabels()] == ["combined", "token", "position"]
+    assert [t.get_text() for t in strip_ax.get_xticklabels()] == [f"t{i}" for i in range(3, 9)]
+    heat_ax = [ax for ax in fig.axes if "per layer" in ax.get_title(loc="left")][0]
+    np.testing.assert_allclose(
+        np.asarray(heat_ax.images[0].get_array()), llama_attr.position_by_layer[1][:, 3:].numpy(), rtol=1e-6
+    )
+    # the per-layer heatmap's x-axis shows the tokens, and its totals are bars on a scale (an x axis)
+    assert [t.get_text() for t in heat_ax.get_xticklabels()] == [f"t{i}" for i in range(3, 9)]
+    bar_ax = [ax for ax in fig.axes if ax.get_xlabel() == "layer total"][0]
+    totals = llama_attr.position_by_layer[1][:, 3:].sum(-1)
+    widths = [p.get_width() for p in bar_ax.patches]
+    np.testing.assert_allclose(widths, totals.numpy(), rtol=1e-5)
+    assert bar_ax.get_xlim()[1] >= float(totals.abs().max())
+    fig_dollar = llama_attr.plot(tokens=[[f"${i}" for i in range(9)], [f"t{i}" for i in range(9)]], row=0)
+    assert fig_dollar.axes[0].get_xticklabels()[0].get_text() == r"\$0"  # shown literally, not as math
     path = llama_attr.save_png(tmp_path / "text.png")
     pixels = mpimg.imread(path)
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels[..., :3].std() > 0.05
@@ -250,7 +329,10 @@ def test_image_plot_overlays_maps_on_the_image(tmp_path):
         axes["position relevance"].images[1].get_array(), attr.position[0, 2:].reshape(2, 3).numpy()
     )
     assert axes["patch relevance"].images[1].get_extent() == [0, 12, 8, 0]
-    assert "prefix tokens" in axes["position relevance"].get_title()
+    assert (
+        "[CLS]" in axes["position relevance"].get_title()
+        and "[DIST]" in axes["position relevance"].get_title()
+    )
     assert "'cat' (id 2)" in fig._suptitle.get_text()
     png = attr.save_png(tmp_path / "vision.png", image)
     assert mpimg.imread(png).shape[-1] in (3, 4)
@@ -292,8 +374,8 @@ def test_image_plot_of_a_real_vit():
         attr.position[0, 1:].reshape(4, 4).numpy(),
         rtol=1e-6,
     )
-    page = attr.to_html()
-    assert "[CLS]" in page and "patch 15" in page
+    page = attr.to_html(image=pixels[0])
+    assert "[CLS]" in page and 'data-map="position"' in page and 'class="hfp-base' in page
 
 
 def test_show_in_a_notebook_displays_the_html_fragment(llama_attr, monkeypatch):

@@ -1,94 +1,84 @@
-"""A self-contained HTML view of an attribution: tokens coloured by relevance, switchable maps, a per-layer chart.
+"""Self-contained HTML reports, rendered from Jinja2 templates (``viz/templates``) with autoescape on.
 
-Everything is inline (CSS, one constant script, the data as JSON): the page makes no network request. All text
-goes through :func:`html.escape`; the JSON block is made unable to close its ``<script>`` element by escaping
-``<``, ``>`` and ``&`` as ``\\u003c`` etc. A full page also carries a Content-Security-Policy that forbids
-network access and allows only the page's own script (by hash), so even a bug in escaping could not run
-injected code.
+- text (:func:`to_html` of a text :class:`~hf_pelrp.Attribution`): tokens coloured by relevance, switchable
+  maps, hideable special tokens, the per-layer position chart of rotary models;
+- image (:func:`to_html` of a ViT / DeiT attribution): the image with the pixel, patch, token and position maps
+  as switchable overlays (embedded PNGs), or the maps alone without an image;
+- generation (:func:`generation_html` of a :class:`~hf_pelrp.GenerationAttribution`): a target x source matrix,
+  per-layer charts per token on demand.
+
+Everything is inline (CSS, one constant script, the data as JSON, images as ``data:`` URLs): the page makes no
+network request. Text is escaped by the templates; every token string sits in a ``<bdi>`` (bidirectional text
+cannot reorder its neighbours) and lone surrogates are replaced; the JSON block cannot close its ``<script>``
+(``<``, ``>``, ``&`` are ``\\u003c`` etc.). A full page carries a Content-Security-Policy that forbids network
+access and allows only the page's own script (by hash), so even a bug in escaping could not run injected code.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import html
+import importlib.resources
 import json
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .colors import color_scale, css_hex, diverging_rgb, text_rgb
-from .view import MAP_TITLES, RowView, row_views, visible_text
+import numpy as np
 
-_CSS = """
-.hfp-root{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#222;
-  max-width:980px;line-height:1.5}
-.hfp-root h2{font-size:1.15em;margin:.2em 0 .4em}
-.hfp-meta{color:#555;font-size:.9em;margin-bottom:.6em}
-.hfp-controls{display:flex;flex-wrap:wrap;gap:.9em;align-items:center;margin:.4em 0 .8em;font-size:.92em}
-.hfp-controls label{cursor:pointer}
-.hfp-row{border-top:1px solid #ddd;padding:.6em 0}
-.hfp-summary{font-size:.9em;color:#333;margin-bottom:.4em}
-.hfp-summary b{font-weight:600}
-.hfp-text{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:15px;line-height:2.1}
-.hfp-tok{white-space:pre;padding:2px 1px;margin:0 1px;border-radius:3px}
-.hfp-special{font-style:italic}
-.hfp-hide-special .hfp-special{display:none}
-.hfp-explained{outline:2px solid #222;outline-offset:1px}
-.hfp-arrow{margin:0 .4em;color:#555}
-.hfp-target{white-space:pre;padding:2px 4px;border:1px dashed #555;border-radius:3px}
-.hfp-legend{display:flex;align-items:center;gap:.4em;font-size:.8em;color:#555;margin-top:.3em}
-.hfp-bar{width:160px;height:10px;border:1px solid #bbb;
-  background:linear-gradient(90deg,#2166ac,#ffffff 50%,#b2182b)}
-.hfp-chart{margin-top:.6em}
-.hfp-chart-title{font-size:.85em;color:#444}
-"""
+from ..errors import AttributionInputError
+from .colors import MEANING, color_scale, css_gradient, css_hex, diverging_rgb, diverging_rgb_array, text_rgb
+from .deps import require
+from .strings import clean, quoted, visible_text
+from .view import MAP_TITLES, Labels, RowView, generation_view, row_views
+from .vision import IMAGE_MAPS, ImageView, image_views, is_vision, picture_pixels, png_data_url
 
-# Constant, so that its hash in the page's Content-Security-Policy is constant too. It initialises every root
-# on the page not yet initialised (a notebook shows several), reads an optional ``#map=...&special=...`` from
-# the URL (used by the browser test, handy for links), and recolours tokens from precomputed colours.
-_SCRIPT = """(function () {
-  "use strict";
-  function init(root) {
-    var data = JSON.parse(root.querySelector("script.hfp-data").textContent);
-    var hide = root.querySelector("input.hfp-hide");
-    var radios = Array.prototype.slice.call(root.querySelectorAll("input.hfp-map"));
-    var wantMap = /[#&]map=([a-z]+)/.exec(window.location.hash);
-    var wantSpecial = /[#&]special=(show|hide)/.exec(window.location.hash);
-    radios.forEach(function (r) { if (wantMap && r.value === wantMap[1]) { r.checked = true; } });
-    if (wantSpecial && hide) { hide.checked = wantSpecial[1] === "hide"; }
-    function render() {
-      var map = data.maps[0];
-      radios.forEach(function (r) { if (r.checked) { map = r.value; } });
-      var key = hide && hide.checked ? "visible" : "all";
-      root.classList.toggle("hfp-hide-special", key === "visible");
-      data.rows.forEach(function (row, r) {
-        var el = root.querySelector('.hfp-row[data-row="' + r + '"]');
-        el.querySelectorAll(".hfp-tok").forEach(function (s) {
-          var i = Number(s.getAttribute("data-i"));
-          s.style.backgroundColor = row.colors[key][map][i];
-          s.style.color = row.text[key][map][i];
-        });
-        el.querySelector(".hfp-lo").textContent = "-" + row.scale[key][map];
-        el.querySelector(".hfp-hi").textContent = "+" + row.scale[key][map];
-      });
-      root.setAttribute("data-map", map);
-      root.setAttribute("data-special", key === "visible" ? "hide" : "show");
-    }
-    radios.forEach(function (r) { r.addEventListener("change", render); });
-    if (hide) { hide.addEventListener("change", render); }
-    render();
-    root.setAttribute("data-ready", "1");
-  }
-  document.querySelectorAll(".hfp-root:not([data-ready])").forEach(init);
-})();"""
+#: the longer side of an image report's picture, in CSS pixels
+IMAGE_DISPLAY_SIZE = 320
+#: the initial opacity (percent) of a relevance overlay on an image
+OVERLAY_OPACITY = 70
+_MODES = {"attnlrp": "AttnLRP", "cp": "CP-LRP"}
 
-_SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
-_CSP = (
-    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-    f"script-src 'sha256-{_SCRIPT_HASH}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
-)
+
+# ---- templates and the page's security policy ---------------------------------------------------------------
+
+
+@functools.cache
+def _asset(name: str) -> str:
+    return (importlib.resources.files("hf_pelrp.viz") / "templates" / name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def _environment() -> Any:
+    jinja2 = require("jinja2")
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("hf_pelrp.viz", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def viewer_script() -> str:
+    """The one constant script of every report (it is allowed by its hash, see :func:`content_security_policy`)."""
+    return _asset("report.js")
+
+
+def script_hash() -> str:
+    """The base64 SHA-256 of :func:`viewer_script`, as the Content-Security-Policy names it."""
+    return base64.b64encode(hashlib.sha256(viewer_script().encode("utf-8")).digest()).decode("ascii")
+
+
+def content_security_policy() -> str:
+    """The policy of a full page: nothing from the network, images only as ``data:`` URLs, inline styles, and
+    no script but the viewer's own."""
+    return (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        f"script-src 'sha256-{script_hash()}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
+    )
 
 
 def json_for_script(data: Any) -> str:
@@ -98,140 +88,545 @@ def json_for_script(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def _render(template: str, path: str | Path | None, **context: Any) -> str:
+    markup = require("markupsafe")
+    env = _environment()
+    context.setdefault("root_id", f"hfp-{secrets.token_hex(4)}")
+    context["heading"] = clean(context["heading"])
+    page = env.get_template(template).render(
+        csp=content_security_policy(),
+        css=markup.Markup(_asset("report.css")),
+        script=markup.Markup(viewer_script()),
+        data_json=markup.Markup(json_for_script(context.pop("data"))),
+        gradient=css_gradient(),
+        **context,
+    )
+    page = clean(page).strip() + (
+        "\n" if context.get("full_page") else ""
+    )  # clean: valid UTF-8 whatever came
+    if path is not None:
+        Path(path).write_text(page, encoding="utf-8")
+    return page
+
+
+def _meta(attr: Any) -> dict[str, str]:
+    return {
+        "model_type": clean(attr.model_type or "unknown"),
+        "mode": _MODES.get(attr.mode, clean(str(attr.mode))),
+        "positional": "yes" if attr.positional else "no (baseline)",
+        "meaning": MEANING,
+    }
+
+
+# ---- numbers and colours -------------------------------------------------------------------------------------
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _colours(values: list[float], scale: float) -> tuple[list[str], list[str]]:
+def _short(x: float) -> str:
+    """A cell value in at most 5 characters: ``0.42``, ``-1.3``, ``12``, ``-0.00``."""
+    magnitude = abs(x)
+    if magnitude >= 9.95:
+        return f"{x:.0f}"
+    return f"{x:.1f}" if magnitude >= 0.995 else f"{x:.2f}"
+
+
+def _colours(values: Sequence[float], scale: float) -> tuple[list[str], list[str]]:
     backgrounds = [diverging_rgb(v, scale) for v in values]
     return [css_hex(b) for b in backgrounds], [css_hex(text_rgb(b)) for b in backgrounds]
 
 
-def _row_payload(view: RowView, shared_scale: bool) -> dict[str, Any]:
-    """Precomputed colours of every map, normalised over all shown tokens and over the non-special ones."""
-    keys = list(view.maps)
-    visible = [i for i, s in enumerate(view.special) if not s] or list(range(len(view.special)))
+def _colour_payload(
+    maps: Mapping[str, Sequence[float]],
+    subsets: Mapping[str, Sequence[int]],
+    shared_scale: bool,
+    scales: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Colours of every map, once per subset of indices that sets the scale (``all`` and ``visible``: without
+    the special tokens). ``scales`` fixes the scale of each subset instead (one number for all maps)."""
+    keys = list(maps)
     payload: dict[str, Any] = {"colors": {}, "text": {}, "scale": {}}
-    for name, subset in (("all", range(len(view.special))), ("visible", visible)):
-        picked = {k: [view.maps[k][i] for i in subset] for k in keys}
-        shared = color_scale([v for vals in picked.values() for v in vals])
-        scales = {k: shared if shared_scale else color_scale(picked[k]) for k in keys}
-        payload["scale"][name] = {k: f"{scales[k]:.3g}" for k in keys}
+    for name, subset in subsets.items():
+        if scales is not None:
+            per_map = {k: scales[name] for k in keys}
+        else:
+            picked = {k: [maps[k][i] for i in subset] for k in keys}
+            shared = color_scale([v for vals in picked.values() for v in vals])
+            per_map = {k: shared if shared_scale else color_scale(picked[k]) for k in keys}
+        payload["scale"][name] = {k: f"{per_map[k]:.3g}" for k in keys}
         payload["colors"][name], payload["text"][name] = {}, {}
         for k in keys:
-            payload["colors"][name][k], payload["text"][name][k] = _colours(view.maps[k], scales[k])
-    payload["tokens"] = view.tokens
-    payload["positions"] = view.positions
-    payload["values"] = view.maps
+            payload["colors"][name][k], payload["text"][name][k] = _colours(maps[k], per_map[k])
     return payload
 
 
-def _summary(view: RowView, show_row: bool) -> str:
-    e = html.escape
-    label = (
-        f"{e(repr(view.target_label))} (id {view.target_id})" if view.target_label else f"id {view.target_id}"
-    )
-    relative = abs(view.gap) / abs(view.target_value) if view.target_value != 0 else float("inf")
-    sums = " · ".join(f"{e(MAP_TITLES[k])} {_fmt(sum(v))}" for k, v in view.maps.items() if k != "relevance")
-    parts = [
-        f"<b>row {view.row}</b>" if show_row else "",
-        f"target <b>{label}</b>",
-        f"explained logit <b>{_fmt(view.target_value)}</b>",
-        f"conservation gap <b>{_fmt(view.gap)}</b> ({relative:.1%} of |logit|)",
-        f"sums: {sums}",
-    ]
-    return " · ".join(p for p in parts if p)
+def _subsets(special: Sequence[bool], columns: Sequence[int] | None = None) -> dict[str, list[int]]:
+    shown = list(columns) if columns is not None else list(range(len(special)))
+    visible = [i for i in shown if not special[i]] or shown
+    return {"all": shown, "visible": visible}
 
 
-def _tokens_html(view: RowView, initial: dict[str, Any], initial_map: str) -> str:
-    e = html.escape
-    spans = []
-    others = [k for k in view.maps if k != "relevance"]
-    for i, (pos, text) in enumerate(zip(view.positions, view.tokens, strict=True)):
-        detail = " · ".join(f"{MAP_TITLES[k]} {_fmt(view.maps[k][i])}" for k in others)
-        title = f"{text!r} at position {pos}\ncombined {_fmt(view.maps['relevance'][i])} ({detail})"
-        classes = ["hfp-tok"]
-        if view.special[i]:
-            classes.append("hfp-special")
-        if view.explained == i:
-            classes.append("hfp-explained")
-        style = (
-            f"background-color:{initial['colors'][initial_map][i]};color:{initial['text'][initial_map][i]}"
-        )
-        spans.append(
-            f'<span class="{" ".join(classes)}" data-i="{i}" style="{style}" title="{e(title)}">'
-            f"{e(visible_text(text))}</span>"
-        )
-    if view.explained is not None:
-        target = view.target_label if view.target_label is not None else f"[{view.target_id}]"
-        spans.append('<span class="hfp-arrow" title="next-token prediction explained">→</span>')
-        spans.append(f'<span class="hfp-target">{e(visible_text(target))}</span>')
-    return "".join(spans)
+def _summary(
+    row: int | None,
+    target: tuple[str | None, int | None],
+    foil: tuple[str | None, int | None] | None,
+    value: float,
+    gap: float,
+    maps: Mapping[str, Sequence[float]] | None,
+    value_name: str = "logit",
+) -> dict[str, Any]:
+    share = abs(gap) / abs(value) if value != 0 else float("inf")
+    sums = [(MAP_TITLES[k], _fmt(sum(v))) for k, v in (maps or {}).items() if k != "relevance"]
+    return {
+        "row": row,
+        "target": {"label": None if target[0] is None else visible_text(target[0]), "id": target[1]},
+        "foil": None
+        if foil is None
+        else {"label": None if foil[0] is None else visible_text(foil[0]), "id": foil[1]},
+        "value_name": value_name,
+        "value": _fmt(value),
+        "gap": _fmt(gap),
+        "gap_share": f"{share:.1%}",
+        "sums": sums,
+    }
 
 
-def layer_chart_svg(view: RowView, max_width: int = 760) -> str:
-    """An inline SVG heatmap of per-layer position relevance ``[layer x position]`` with per-layer totals.
+def _layer_chart(
+    grid: Sequence[Sequence[float]],
+    tokens: Sequence[str],
+    positions: Sequence[int],
+    special: Sequence[bool],
+    columns: Sequence[int],
+) -> dict[str, Any]:
+    """The context of the per-layer position chart: ``grid[layer][i]`` for the columns ``columns``.
 
-    Colours share one symmetric scale (the largest absolute cell); the bars on the right are each layer's
-    summed position relevance on their own symmetric scale.
+    Colours share one symmetric scale (the largest absolute cell of the non-special columns: a BOS token's
+    large relevance does not wash out the rest); the bars are each layer's summed position relevance (all
+    columns) on their own symmetric scale, with its axis.
     """
-    grid = view.position_by_layer
-    if not grid:
-        return ""
-    e = html.escape
-    layers, columns = len(grid), len(view.positions)
-    left, top, bar_w, gap = 64, 8, 120, 16
-    # deep models get flatter rows, short inputs wider columns, so the chart stays about one screen
-    cell_h = max(9, min(16, 360 // max(layers, 1)))
-    cell_w = max(4, min(48, (max_width - left - bar_w - gap) // max(columns, 1)))
-    width = left + columns * cell_w + gap + bar_w + 8
-    height = top + layers * cell_h + 34
-    scale = color_scale([v for row in grid for v in row])
-    totals = [sum(row) for row in grid]
+    layers = len(grid)
+    visible = [i for i in columns if not special[i]] or list(columns)
+    scale = color_scale([grid[layer][i] for layer in range(layers) for i in visible])
+    totals = [sum(grid[layer][i] for i in columns) for layer in range(layers)]
     bar_scale = color_scale(totals)
-    bar_mid = left + columns * cell_w + gap + bar_w / 2
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="hfp-layers" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="position relevance per layer">',
-        '<g font-family="sans-serif" font-size="10" fill="#444">',
-    ]
-    for layer, row in enumerate(grid):
-        y = top + layer * cell_h
-        if cell_h >= 11 or layer % 2 == 0:
-            parts.append(f'<text x="{left - 6}" y="{y + cell_h - 2}" text-anchor="end">layer {layer}</text>')
-        for i, value in enumerate(row):
-            colour = css_hex(diverging_rgb(value, scale))
-            tip = f"layer {layer}, position {view.positions[i]} {view.tokens[i]!r}: {_fmt(value)}"
-            parts.append(
-                f'<rect class="hfp-cell" x="{left + i * cell_w}" y="{y}" width="{cell_w}" height="{cell_h}" '
-                f'fill="{colour}"><title>{e(tip)}</title></rect>'
+    count = max(len(visible), 1)
+    cell_w = max(10, min(56, 640 // count))
+    cell_h = max(8, min(16, 360 // max(layers, 1)))
+    texts = [visible_text(tokens[i]) for i in columns]
+    longest = max((len(t) for t in texts), default=1)
+    rows = []
+    for layer in range(layers):
+        cells = []
+        for i in columns:
+            value = grid[layer][i]
+            tip = f"layer {layer}, position {positions[i]} {quoted(tokens[i])}: {_fmt(value)}"
+            cells.append({"color": css_hex(diverging_rgb(value, scale)), "title": tip})
+        half = abs(totals[layer]) / bar_scale * 50
+        rows.append(
+            {
+                "label": f"layer {layer}",
+                "cells": cells,
+                "bar": {
+                    "left": f"{50 - half if totals[layer] < 0 else 50:.2f}",
+                    "width": f"{half:.2f}",
+                    "color": css_hex(diverging_rgb(totals[layer], bar_scale)),
+                    "title": f"layer {layer} total: {_fmt(totals[layer])}",
+                },
+            }
+        )
+    excluded = len(visible) < len(columns)
+    return {
+        "columns": [
+            {"text": t, "special": special[i], "title": f"position {positions[i]} {quoted(tokens[i])}"}
+            for t, i in zip(texts, columns, strict=True)
+        ],
+        "rows": rows,
+        "cell_w": cell_w,
+        "cell_h": cell_h,
+        "vertical": longest * 7.5 > cell_w + 6,
+        "scale": f"{scale:.3g}",
+        "scale_note": " (special tokens excluded)" if excluded else "",
+        "bar_scale": f"{bar_scale:.3g}",
+    }
+
+
+# ---- text report ---------------------------------------------------------------------------------------------
+
+
+def _text_rows(views: list[RowView], shared_scale: bool, initial_key: str) -> tuple[list[Any], list[Any]]:
+    rows, payloads = [], []
+    for view in views:
+        maps = view.maps
+        first = next(iter(maps))
+        payload = _colour_payload(maps, _subsets(view.special), shared_scale)
+        payload["tokens"] = view.tokens
+        payload["positions"] = view.positions
+        payload["values"] = maps
+        payloads.append(payload)
+        others = [k for k in maps if k != "relevance"]
+        tokens = []
+        for i, (pos, text) in enumerate(zip(view.positions, view.tokens, strict=True)):
+            detail = " · ".join(f"{MAP_TITLES[k]} {_fmt(maps[k][i])}" for k in others)
+            tokens.append(
+                {
+                    "text": visible_text(text),
+                    "title": f"{quoted(text)} at position {pos}\ncombined {_fmt(maps['relevance'][i])} ({detail})",
+                    "special": view.special[i],
+                    "explained": view.explained == i,
+                    "bg": payload["colors"][initial_key][first][i],
+                    "fg": payload["text"][initial_key][first][i],
+                }
             )
-        length = abs(totals[layer]) / bar_scale * (bar_w / 2)
-        x = bar_mid if totals[layer] >= 0 else bar_mid - length
-        colour = css_hex(diverging_rgb(totals[layer], bar_scale))
-        parts.append(
-            f'<rect class="hfp-total" x="{x:.1f}" y="{y + 2}" width="{length:.1f}" height="{cell_h - 4}" '
-            f'fill="{colour}" stroke="#888" stroke-width="0.5"><title>layer {layer} total: '
-            f"{_fmt(totals[layer])}</title></rect>"
+        next_token = None
+        if view.explained is not None:
+            next_token = (
+                visible_text(view.target_label) if view.target_label is not None else f"[{view.target_id}]"
+            )
+        chart = None
+        if view.position_by_layer:
+            chart = _layer_chart(
+                view.position_by_layer, view.tokens, view.positions, view.special, range(len(view.positions))
+            )
+        foil = (view.foil_label, view.foil_id) if view.foil_id is not None else None
+        rows.append(
+            {
+                "index": view.row,
+                "summary": _summary(
+                    view.row if len(views) > 1 else None,
+                    (view.target_label, view.target_id),
+                    foil,
+                    view.target_value,
+                    view.gap,
+                    maps,
+                ),
+                "tokens": tokens,
+                "next_token": next_token,
+                "scale": payload["scale"][initial_key][first],
+                "chart": chart,
+                "chart_open": len(views) == 1,
+            }
         )
-    grid_bottom = top + layers * cell_h
-    parts.append(
-        f'<rect x="{left}" y="{top}" width="{columns * cell_w}" height="{layers * cell_h}" fill="none" '
-        'stroke="#999" stroke-width="0.5"/>'
+    return rows, payloads
+
+
+def _text_html(
+    attr: Any,
+    tokens: Any,
+    path: str | Path | None,
+    tokenizer: Any,
+    labels: Labels | None,
+    hide_special: bool,
+    shared_scale: bool,
+    title: str | None,
+    full_page: bool,
+) -> str:
+    views = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)
+    maps = list(views[0].maps) if views else ["relevance", "token", "position"]
+    any_special = any(any(v.special) for v in views)
+    # rows without special tokens have identical "visible" and "all" colours, so one key serves every row
+    initial_key = "visible" if hide_special and any_special else "all"
+    rows, payloads = _text_rows(views, shared_scale, initial_key)
+    return _render(
+        "text.html.j2",
+        path,
+        kind="text",
+        full_page=full_page,
+        heading=title if title is not None else "hf_pelrp attribution",
+        meta=_meta(attr),
+        root_classes="hfp-root hfp-hide-special" if initial_key == "visible" else "hfp-root",
+        map_choices=[(k, MAP_TITLES[k]) for k in maps],
+        special_box=any_special,
+        hide_special=hide_special,
+        rows=rows,
+        data={"kind": "text", "maps": maps, "rows": payloads},
     )
-    parts.append(f'<line x1="{bar_mid}" y1="{top}" x2="{bar_mid}" y2="{grid_bottom}" stroke="#666"/>')
-    step = max(1, -(-columns * 22 // (columns * cell_w or 1)))
-    for i in range(0, columns, step):
-        x = left + i * cell_w + cell_w / 2
-        parts.append(
-            f'<text x="{x:.1f}" y="{grid_bottom + 12}" text-anchor="middle">{view.positions[i]}</text>'
+
+
+# ---- image report --------------------------------------------------------------------------------------------
+
+
+def _display_size(height: int, width: int) -> tuple[int, int]:
+    factor = IMAGE_DISPLAY_SIZE / max(height, width, 1)
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def _overlay(values: np.ndarray, scale: float) -> str:
+    return png_data_url(diverging_rgb_array(values, scale))
+
+
+def _image_rows(
+    views: list[ImageView], summaries: list[RowView], with_image: bool
+) -> tuple[list[Any], list[Any], list[str]]:
+    rows, payloads = [], []
+    keys = list(views[0].maps) if views else list(IMAGE_MAPS)
+    for view, summary in zip(views, summaries, strict=True):
+        height, width = _display_size(view.height, view.width)
+        scales = {k: color_scale(np.abs(m).reshape(-1).tolist() or [0.0]) for k, m in view.maps.items()}
+        overlays = []
+        for k, m in view.maps.items():
+            overlays.append(
+                {
+                    "key": k,
+                    "title": IMAGE_MAPS[k],
+                    "src": _overlay(m, scales[k]),
+                    "pixelated": m.shape[1] * 2 <= width,
+                    "opacity": f"{OVERLAY_OPACITY / 100:.2f}" if view.picture is not None else "1",
+                }
+            )
+        base = None
+        if view.picture is not None:
+            base = png_data_url(picture_pixels(view.picture))
+        payloads.append({"scale": {"all": {k: f"{s:.3g}" for k, s in scales.items()}}})
+        first = next(iter(view.maps))
+        foil = (summary.foil_label, summary.foil_id) if summary.foil_id is not None else None
+        prefix = len(view.prefix)
+        cells = []
+        for k in range(view.grid[0] * view.grid[1]):
+            r, c = divmod(k, view.grid[1])
+            name = summary.tokens[prefix + k] if prefix + k < len(summary.tokens) else f"patch {k}"
+            values = " · ".join(
+                f"{key} {_fmt(float(view.maps[key][r, c]))}" for key in ("patch", "token", "position")
+            )
+            cells.append(f"{visible_text(name)} (row {r}, column {c})\n{values}")
+        rows.append(
+            {
+                "index": view.row,
+                "summary": _summary(
+                    view.row if len(views) > 1 else None,
+                    (summary.target_label, summary.target_id),
+                    foil,
+                    summary.target_value,
+                    summary.gap,
+                    summary.maps,
+                ),
+                "width": width,
+                "height": height,
+                "base": base,
+                "base_pixelated": view.picture is not None and view.picture.shape[1] * 2 <= width,
+                "overlays": overlays,
+                "scale": f"{scales[first]:.3g}",
+                "grid": view.grid,
+                "cells": cells,
+                "map_table": [
+                    {
+                        "title": IMAGE_MAPS[k],
+                        "sum": _fmt(float(m.sum())),
+                        "peak": _fmt(float(np.abs(m).max())),
+                    }
+                    for k, m in view.maps.items()
+                ],
+                "prefix": [
+                    {"name": name, "token": f"{t:+.4g}", "position": f"{p:+.4g}"}
+                    for name, t, p in view.prefix
+                ],
+            }
         )
-    parts.append(
-        f'<text x="{left}" y="{grid_bottom + 28}">position (colour scale ±{_fmt(scale)})</text>'
-        f'<text x="{bar_mid}" y="{grid_bottom + 28}" text-anchor="middle">layer total</text>'
+    if with_image:
+        keys = [*keys, "image"]
+    return rows, payloads, keys
+
+
+def _image_html(
+    attr: Any,
+    image: Any,
+    path: str | Path | None,
+    tokens: Any,
+    labels: Labels | None,
+    title: str | None,
+    full_page: bool,
+) -> str:
+    views = image_views(attr, image)
+    summaries = row_views(attr, tokens=tokens, labels=labels)  # tokens name the patches in the tooltips
+    with_image = any(v.picture is not None for v in views)
+    rows, payloads, keys = _image_rows(views, summaries, with_image)
+    titles = {**IMAGE_MAPS, "image": "image only"}
+    return _render(
+        "image.html.j2",
+        path,
+        kind="image",
+        full_page=full_page,
+        heading=title if title is not None else "hf_pelrp attribution",
+        meta=_meta(attr),
+        root_classes="hfp-root",
+        map_choices=[(k, titles[k]) for k in keys],
+        special_box=False,
+        hide_special=False,
+        with_image=with_image,
+        opacity=OVERLAY_OPACITY,
+        rows=rows,
+        data={"kind": "image", "maps": keys, "rows": payloads},
     )
-    parts.append("</g></svg>")
-    return "".join(parts)
+
+
+# ---- generation report ---------------------------------------------------------------------------------------
+
+
+def generation_html(
+    gen: Any,
+    path: str | Path | None = None,
+    *,
+    tokens: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    labels: Labels | None = None,
+    hide_special: bool = True,
+    shared_scale: bool = True,
+    scale: str = "row",
+    layer_charts: bool = True,
+    title: str | None = None,
+    full_page: bool = True,
+) -> str:
+    """Render a :class:`~hf_pelrp.GenerationAttribution` as a self-contained target x source matrix page.
+
+    Rows are the explained continuation tokens, columns the positions of prompt + continuation; a cell is the
+    relevance of that input position for that row's token (the combined, token or position map, switchable),
+    cells in a row's future (exactly 0 by causality) are grey, and the position each token's logit was read
+    from is outlined. Per-layer position charts of rotary models open per row on demand.
+
+    Parameters
+    ----------
+    gen
+        The generation attribution.
+    path
+        Where to write the page (UTF-8); the HTML is returned either way.
+    tokens
+        Display strings of the ``T`` positions; defaults to ``gen.tokens``, else ``tokenizer``, else ids.
+    tokenizer
+        Decodes ids (when ``gen.tokens`` is not set) and marks special tokens.
+    labels
+        Names of the explained ids; defaults to ``gen.labels``, else the continuation's own token strings.
+    hide_special
+        Start with special-token columns hidden and out of the colour scale (a checkbox switches).
+    shared_scale
+        One colour scale for all maps of a row (default) or one per map.
+    scale
+        ``"row"`` (default): each row on its own scale (its largest absolute cell saturates), so every token's
+        sources read clearly; ``"matrix"``: one scale for the whole matrix, so rows compare.
+    layer_charts
+        Include the per-layer position charts (rotary models), folded per row.
+    title, full_page
+        Heading; a complete document with its Content-Security-Policy (default) or a fragment for notebooks.
+
+    Returns
+    -------
+    str
+        The HTML.
+    """
+    if scale not in ("row", "matrix"):
+        raise AttributionInputError(f"scale must be 'row' or 'matrix', got {scale!r}")
+    view = generation_view(gen, tokens=tokens, tokenizer=tokenizer, labels=labels)
+    keys = view.map_keys
+    any_special = any(view.special)
+    initial_key = "visible" if hide_special and any_special else "all"
+    fixed = None
+    if scale == "matrix":
+        fixed = {}
+        for name in ("all", "visible"):
+            values = []
+            for row in view.rows:
+                subset = _subsets(view.special, range(row.visible))[name]
+                values += [row.maps[k][i] for k in keys for i in subset]
+            fixed[name] = color_scale(values)
+    payloads, rows, charts = [], [], []
+    value_name = "logit" if gen.foil is None else "logit difference"
+    for row in view.rows:
+        payload = _colour_payload(row.maps, _subsets(view.special, range(row.visible)), shared_scale, fixed)
+        payload["fmt"] = {k: [_short(v) for v in values] for k, values in row.maps.items()}
+        payloads.append(payload)
+        first = keys[0]
+        cells = []
+        for c in range(len(view.tokens)):
+            title_text = f"{quoted(row.label)} ← position {c} {quoted(view.tokens[c])}"
+            if c >= row.visible:
+                cells.append(
+                    {"future": True, "title": f"{title_text}: not visible (after the explained position)"}
+                )
+                continue
+            detail = " · ".join(f"{MAP_TITLES[k]} {_fmt(row.maps[k][c])}" for k in keys)
+            cells.append(
+                {
+                    "future": False,
+                    "explained": c == row.explained,
+                    "bg": payload["colors"][initial_key][first][c],
+                    "fg": payload["text"][initial_key][first][c],
+                    "text": payload["fmt"][first][c],
+                    "title": f"{title_text}\n{detail}",
+                }
+            )
+        rows.append(
+            {
+                "index": row.index,
+                "arrow": not view.span,
+                "label": visible_text(row.label),
+                "foil": None if row.foil_label is None else visible_text(row.foil_label),
+                "cells": cells,
+                "value": _fmt(row.target_value),
+                "gap": _fmt(row.gap),
+                "scale": payload["scale"][initial_key][first],
+            }
+        )
+        if layer_charts and row.position_by_layer:
+            chart = _layer_chart(
+                row.position_by_layer,
+                view.tokens,
+                list(range(len(view.tokens))),
+                view.special,
+                range(row.visible),
+            )
+            charts.append({"label": visible_text(row.label), "chart": chart})
+    texts = [visible_text(t) for t in view.tokens]
+    columns = [
+        {
+            "text": t,
+            "special": view.special[c],
+            "generated": c >= view.prompt_length,
+            "first_generated": c == view.prompt_length,
+            "title": f"position {c} {quoted(view.tokens[c])}"
+            + (" (continuation)" if c >= view.prompt_length else " (prompt)"),
+        }
+        for c, t in enumerate(texts)
+    ]
+    width = sum(max(len(t) * 7.5 + 10, 40) for t in texts) + 260
+    if view.span:
+        intro = (
+            f"the sum of the {len(view.tokens) - view.prompt_length} continuation logits, explained at once "
+            "(span_reduce='sum')"
+        )
+    else:
+        intro = (
+            f"{len(view.rows)} continuation tokens explained over the {view.prompt_length} prompt tokens and the "
+            "tokens generated before each; cells to the right of a row's explained position are not visible to "
+            "it (grey); the explained position is outlined"
+        )
+    note = (
+        "each row on its own scale (its largest |cell| saturates)"
+        if scale == "row"
+        else "one scale for the whole matrix"
+    )
+    return _render(
+        "generation.html.j2",
+        path,
+        kind="generation",
+        full_page=full_page,
+        heading=title if title is not None else "hf_pelrp continuation attribution",
+        meta=_meta(gen),
+        root_classes="hfp-root hfp-hide-special" if initial_key == "visible" else "hfp-root",
+        map_choices=[(k, MAP_TITLES[k]) for k in keys],
+        special_box=any_special,
+        hide_special=hide_special,
+        intro=intro,
+        columns=columns,
+        vertical=width > 1000,
+        value_name=value_name,
+        rows=rows,
+        legend_note=f"{MEANING}; {note}",
+        charts=charts,
+        data={"kind": "generation", "maps": keys, "rows": payloads, "tokens": view.tokens},
+    )
+
+
+# ---- the entry point -----------------------------------------------------------------------------------------
 
 
 def to_html(
@@ -240,26 +635,37 @@ def to_html(
     path: str | Path | None = None,
     *,
     tokenizer: Any = None,
-    labels: Mapping[int, str] | Sequence[str] | None = None,
+    labels: Labels | None = None,
+    image: Any = None,
     hide_special: bool = True,
     shared_scale: bool = True,
     title: str | None = None,
     full_page: bool = True,
+    **kwargs: Any,
 ) -> str:
     """Render an attribution as self-contained HTML (and write it to ``path`` if given).
+
+    Text attributions show their tokens coloured by relevance; image attributions (ViT / DeiT) show the image
+    with the relevance maps as overlays; a :class:`~hf_pelrp.GenerationAttribution` is shown as a matrix (see
+    :func:`generation_html`, which takes the extra keyword arguments).
 
     Parameters
     ----------
     attr
-        The :class:`~hf_pelrp.Attribution` to show (every row of the batch is shown).
+        The :class:`~hf_pelrp.Attribution` (every row of the batch is shown) or generation attribution.
     tokens
-        Display strings, one per position (a list for a batch of 1, else a list per row).
+        Display strings, one per position (a list for a batch of 1, else a list per row). Defaults to
+        ``attr.tokens``, which the pipeline and the CLI fill.
     path
         Where to write the page (UTF-8); the HTML is returned either way.
     tokenizer
-        Decodes ``attr.input_ids`` and the target token, and marks special tokens (hideable).
+        Decodes ``attr.input_ids`` and the target token when the attribution carries no token strings, and
+        marks special tokens (hideable).
     labels
-        Class names for the target, e.g. ``model.config.id2label``.
+        Class names for the target, e.g. ``model.config.id2label``. Defaults to ``attr.labels``.
+    image
+        Image attributions: the input image (PIL, array or tensor; a list for a batch) under the maps. Without
+        it the maps are drawn alone.
     hide_special
         Start with special tokens (BOS, CLS, SEP, ...) hidden and excluded from the colour scale (a checkbox
         switches; the maps themselves keep their relevance).
@@ -277,70 +683,32 @@ def to_html(
     str
         The HTML.
     """
-    e = html.escape
-    views = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)
-    payloads = [_row_payload(v, shared_scale) for v in views]
-    maps = list(views[0].maps) if views else ["relevance", "token", "position"]
-    root_id = f"hfp-{secrets.token_hex(4)}"
-    heading = title if title is not None else "hf_pelrp attribution"
-    mode = {"attnlrp": "AttnLRP", "cp": "CP-LRP"}.get(attr.mode, attr.mode)
-    meta = (
-        f"model type <b>{e(attr.model_type or 'unknown')}</b> · rules <b>{e(mode)}</b> · positions as leaves "
-        f"<b>{'yes' if attr.positional else 'no (baseline)'}</b> · red: supports the target, blue: speaks "
-        "against it"
-    )
+    from ..result import GenerationAttribution
 
-    radios = "".join(
-        f'<label><input type="radio" class="hfp-map" name="{root_id}-map" value="{k}"'
-        f"{' checked' if k == maps[0] else ''}> {e(MAP_TITLES[k])}</label>"
-        for k in maps
-    )
-    any_special = any(any(v.special) for v in views)
-    hide_box = (
-        f'<label><input type="checkbox" class="hfp-hide"{" checked" if hide_special else ""}> hide special '
-        "tokens</label>"
-        if any_special
-        else ""
-    )
-    # rows without special tokens have identical "visible" and "all" colours, so one key serves every row
-    initial_key = "visible" if hide_special and any_special else "all"
-    rows_html = []
-    for view, payload in zip(views, payloads, strict=True):
-        initial = {"colors": payload["colors"][initial_key], "text": payload["text"][initial_key]}
-        scale = payload["scale"][initial_key][maps[0]]
-        chart = layer_chart_svg(view)
-        if chart:
-            chart = (
-                '<div class="hfp-chart"><div class="hfp-chart-title">position relevance per layer '
-                f"(rotary cos + sin)</div>{chart}</div>"
-            )
-        rows_html.append(
-            f'<div class="hfp-row" data-row="{view.row}">'
-            f'<div class="hfp-summary">{_summary(view, len(views) > 1)}</div>'
-            f'<div class="hfp-text">{_tokens_html(view, initial, maps[0])}</div>'
-            f'<div class="hfp-legend"><span class="hfp-lo">-{scale}</span><span class="hfp-bar"></span>'
-            f'<span class="hfp-hi">+{scale}</span></div>{chart}</div>'
+    if isinstance(attr, GenerationAttribution):
+        if image is not None:
+            raise AttributionInputError("image= does not apply to a continuation attribution")
+        return generation_html(
+            attr,
+            path,
+            tokens=tokens,
+            tokenizer=tokenizer,
+            labels=labels,
+            hide_special=hide_special,
+            shared_scale=shared_scale,
+            title=title,
+            full_page=full_page,
+            **kwargs,
         )
-    data = {"maps": maps, "rows": payloads}
-    root_classes = "hfp-root hfp-hide-special" if hide_special and any_special else "hfp-root"
-    fragment = (
-        f'<div class="{root_classes}" id="{root_id}">'
-        f"<style>{_CSS}</style>"
-        f'<h2>{e(heading)}</h2><div class="hfp-meta">{meta}</div>'
-        f'<div class="hfp-controls"><span>map:</span>{radios}{hide_box}</div>'
-        f"{''.join(rows_html)}"
-        f'<script type="application/json" class="hfp-data">{json_for_script(data)}</script>'
-        f"<script>{_SCRIPT}</script></div>"
-    )
-    if full_page:
-        text = (
-            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{e(heading)}</title></head><body>{fragment}</body></html>\n"
+    if kwargs:
+        raise TypeError(f"to_html() got unexpected keyword arguments {sorted(kwargs)}")
+    if is_vision(attr):
+        return _image_html(attr, image, path, tokens, labels, title, full_page)
+    if image is not None:
+        raise AttributionInputError(
+            "image= was given, but this attribution has no patch_map / pixel_map (it is not from a vision model)"
         )
-    else:
-        text = fragment
-    if path is not None:
-        Path(path).write_text(text, encoding="utf-8")
-    return text
+    return _text_html(attr, tokens, path, tokenizer, labels, hide_special, shared_scale, title, full_page)
+
+
+__all__ = ["content_security_policy", "generation_html", "json_for_script", "script_hash", "to_html"]

@@ -1,108 +1,44 @@
-"""Static figures of an attribution (matplotlib, Agg, no display): image overlays for vision models, bar
-charts for text.
+"""Static figures of an attribution (matplotlib, Agg, nothing is displayed), coloured like the HTML report:
+:func:`~hf_pelrp.viz.colors.matplotlib_cmap` is sampled from the same colour function (red supports the target,
+blue speaks against it, white is zero).
 
-For vision models the pixel map and the patch map are laid over the image (in grey, so the diverging colours
-read clearly) and the position map on the patch grid is drawn beside them. Text attributions get a bar chart of
-token and position relevance per token and, for rotary models, a layer x position heatmap.
+- text: the tokens (decoded) against the combined / token / position maps as a heat strip with values, the
+  target as text; for rotary models the layer x token heatmap of position relevance with each layer's total
+  as a bar on its own axis;
+- images (ViT / DeiT): the image, the pixel and patch maps laid over it (in grey, so the colours read) and the
+  position map on the patch grid;
+- continuations: the target x source matrix (:func:`generation_plot`).
+
+matplotlib is imported on first use (``pip install 'hf_pelrp[viz]'`` if it is missing).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from ..errors import AttributionInputError
-from .view import MAP_TITLES, RowView, row_views, visible_text
+from .colors import MEANING, color_scale, diverging_rgb, matplotlib_cmap, text_rgb
+from .deps import require
+from .strings import quoted, visible_text
+from .view import MAP_TITLES, GenerationView, RowView, generation_view, row_views
+from .vision import grey, image_array, image_view, is_vision
 
-#: diverging colour map matching viz.colors (red positive, blue negative, white at zero)
-CMAP = "RdBu_r"
+__all__ = ["generation_plot", "generation_png", "image_array", "plot", "save_png"]
 
-
-def _as_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x)
-
-
-def image_array(image: Any) -> np.ndarray:
-    """An image as a float array in [0, 1], ``[H, W, 3]`` or ``[H, W]``.
-
-    Accepts a PIL image, a numpy array or a tensor in ``HWC``, ``CHW`` or ``HW`` layout (``uint8`` or float;
-    float images outside [0, 1], such as normalised ``pixel_values``, are min-max scaled per channel).
-    """
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL without importing it
-        image = np.asarray(image.convert("RGB"))
-    arr = _as_numpy(image)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = np.moveaxis(arr, 0, -1)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
-        raise AttributionInputError(
-            f"image must be [H, W], [H, W, 3] or [3, H, W] (a PIL image, array or tensor), got shape {arr.shape}"
-        )
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    arr = arr.astype(np.float32)
-    if arr.min() < 0 or arr.max() > 1:
-        axes = (0, 1)
-        lo, hi = arr.min(axis=axes, keepdims=True), arr.max(axis=axes, keepdims=True)
-        arr = (arr - lo) / np.where(hi > lo, hi - lo, 1.0)
-    return arr
+#: values are printed in the cells of a heatmap with at most this many cells
+ANNOTATE_CELLS = 400
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
-    return image if image.ndim == 2 else image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def _row_map(value: Any, row: int, name: str, batch: int) -> np.ndarray:
-    arr = _as_numpy(value)
-    if arr.ndim >= 2 and arr.shape[0] == batch:
-        arr = arr[row]
-    if name == "pixel_map" and arr.ndim == 3:  # [C, H, W]: relevance of a pixel is the sum over its channels
-        arr = arr.sum(0)
-    if name == "patch_map" and arr.ndim == 1:
-        side = math.isqrt(arr.shape[0])
-        if side * side != arr.shape[0]:
-            raise AttributionInputError(f"patch_map of {arr.shape[0]} patches is not a square grid")
-        arr = arr.reshape(side, side)
-    if arr.ndim != 2:
-        raise AttributionInputError(
-            f"{name} must be [B, H, W] (or [B, N] patches), got shape {_as_numpy(value).shape}"
-        )
-    return arr
-
-
-def _grid_shape(attr: Any, patch: np.ndarray | None) -> tuple[int, int] | None:
-    if patch is not None:
-        return patch.shape  # type: ignore[return-value]
-    seq = attr.token.shape[-1]
-    for prefix in (1, 2, 0):  # CLS; CLS + distillation (DeiT); no prefix
-        side = math.isqrt(max(seq - prefix, 0))
-        if side > 0 and side * side == seq - prefix:
-            return side, side
-    return None
-
-
-def _symmetric(arr: np.ndarray) -> float:
-    peak = float(np.abs(arr).max()) if arr.size else 0.0
-    return peak if peak > 0 else 1.0
-
-
-def _stored_image(attr: Any, row: int) -> Any:
-    pixels = attr.extras.get("pixel_values")
-    if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:
-        return pixels[row]
-    return pixels
+def _figure(width: float, height: float) -> Any:
+    figure = require("matplotlib.figure")
+    agg = require("matplotlib.backends.backend_agg")
+    fig = figure.Figure(figsize=(width, height), layout="constrained")
+    agg.FigureCanvasAgg(fig)
+    return fig
 
 
 def _plain(text: str) -> str:
@@ -110,126 +46,332 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def _label(text: str) -> str:
+    """A token for an axis label: visible whitespace, quoted when it starts or ends with a space."""
+    shown = visible_text(text)
+    return _plain(f"'{shown}'" if shown != shown.strip() else shown)
+
+
+def _target_text(label: str | None, index: int | None) -> str:
+    if label is None:
+        return f"id {index}" if index is not None else "(unknown)"
+    return f"{quoted(label)} (id {index})" if index is not None else quoted(label)
+
+
 def _summary(view: RowView) -> str:
-    label = f"{view.target_label!r} (id {view.target_id})" if view.target_label else f"id {view.target_id}"
-    return _plain(f"target {label} · logit {view.target_value:.4g} · conservation gap {view.gap:.4g}")
+    text = f"target {_target_text(view.target_label, view.target_id)}"
+    if view.foil_id is not None:
+        text += f" vs foil {_target_text(view.foil_label, view.foil_id)}"
+    return _plain(f"{text} · logit {view.target_value:.4g} · conservation gap {view.gap:.4g}")
 
 
-def _vision_figure(attr: Any, row: int, image: Any, labels: Any, alpha: float) -> Figure:
-    batch = attr.batch_size
-    pixel = (
-        _row_map(attr.extras["pixel_map"], row, "pixel_map", batch) if "pixel_map" in attr.extras else None
-    )
-    patch = (
-        _row_map(attr.extras["patch_map"], row, "patch_map", batch) if "patch_map" in attr.extras else None
-    )
-    grid = _grid_shape(attr, patch)
-    if grid is None:
-        raise AttributionInputError(
-            f"cannot lay {attr.token.shape[-1]} positions on a square patch grid; the attribution needs a patch_map"
+def _rgb(value: float, scale: float) -> tuple[float, float, float]:
+    r, g, b = diverging_rgb(value, scale)
+    return r / 255, g / 255, b / 255
+
+
+def _annotate(ax: Any, grid: np.ndarray, scale: float, fontsize: float) -> None:
+    """Print each cell's value in it (black or white, as the HTML does); masked cells stay empty."""
+    mask = np.ma.getmaskarray(grid)
+    data = np.ma.getdata(grid)
+    for r in range(data.shape[0]):
+        for c in range(data.shape[1]):
+            if mask[r, c]:
+                continue
+            colour = tuple(v / 255 for v in text_rgb(diverging_rgb(float(data[r, c]), scale)))
+            ax.text(
+                c, r, _short(float(data[r, c])), ha="center", va="center", fontsize=fontsize, color=colour
+            )
+
+
+def _short(x: float) -> str:
+    magnitude = abs(x)
+    if magnitude >= 9.95:
+        return f"{x:.0f}"
+    return f"{x:.1f}" if magnitude >= 0.995 else f"{x:.2f}"
+
+
+#: at most this many token labels on an axis (every k-th beyond)
+MAX_TICKS = 64
+
+
+def _token_ticks(ax: Any, names: list[str], axis: str = "x") -> None:
+    many = len(names) > 8 or max((len(n) for n in names), default=0) > 10
+    step = -(-len(names) // MAX_TICKS)
+    ticks = range(0, len(names), step)
+    names = [names[i] for i in ticks]
+    if axis == "x":
+        ax.set_xticks(
+            ticks,
+            names,
+            rotation=55 if many else 0,
+            ha="right" if many else "center",
+            rotation_mode="anchor",
+            fontsize=8,
+            family="monospace",
         )
-    n_patches = grid[0] * grid[1]
-    positions = _as_numpy(attr.position[row])
-    prefix = positions.shape[0] - n_patches
-    if prefix < 0:
-        raise AttributionInputError(
-            f"{positions.shape[0]} positions cannot hold a {grid[0]}x{grid[1]} patch grid"
-        )
-    position_grid = positions[prefix:].reshape(grid)
-
-    source = image if image is not None else _stored_image(attr, row)
-    picture = image_array(source) if source is not None else None
-    if picture is not None:
-        height, width = picture.shape[:2]
-    elif pixel is not None:
-        height, width = pixel.shape
     else:
-        height, width = grid
-    extent = (0, width, height, 0)
+        ax.set_yticks(ticks, names, fontsize=8, family="monospace")
 
+
+def _outline(ax: Any, col: int, row_lo: float, row_hi: float) -> None:
+    patches = require("matplotlib.patches")
+    ax.add_patch(
+        patches.Rectangle((col - 0.5, row_lo - 0.5), 1, row_hi - row_lo + 1, fill=False, lw=1.8, ec="#222")
+    )
+
+
+# ---- text --------------------------------------------------------------------------------------------------
+
+
+def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, hide_special: bool) -> Any:
+    view = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)[row]
+    shown = [i for i in range(len(view.positions)) if not (hide_special and view.special[i])] or list(
+        range(len(view.positions))
+    )
+    names = [_label(view.tokens[i]) for i in shown]
+    keys = list(view.maps)
+    strip = np.array([[view.maps[k][i] for i in shown] for k in keys])
+    scale = color_scale(strip.reshape(-1).tolist())
+    cmap = matplotlib_cmap()
+    has_layers = bool(view.position_by_layer)
+    layers = len(view.position_by_layer) if has_layers else 0
+    longest = max((len(n) for n in names), default=1)
+    label_room = 0.09 * min(longest, 24) if len(shown) > 8 or longest > 10 else 0.3
+    width = min(max(7.0, 0.55 * len(shown) + 3.2), 26.0)
+    strip_h = 0.32 * len(keys) + 0.9 + label_room
+    layer_h = (0.17 * min(layers, 40) + 1.1 + label_room) if has_layers else 0.0
+    fig = _figure(width, strip_h + layer_h + 0.5)
+    cmap_kw = {"cmap": cmap, "vmin": -scale, "vmax": scale, "interpolation": "nearest"}
+    if has_layers:
+        grid_spec = fig.add_gridspec(
+            2, 2, height_ratios=[strip_h, layer_h], width_ratios=[max(len(shown), 2), 2.2]
+        )
+        ax = fig.add_subplot(grid_spec[0, :])
+    else:
+        ax = fig.add_subplot(1, 1, 1)
+    shown_strip = ax.imshow(strip, aspect="auto", **cmap_kw)
+    ax.set_yticks(range(len(keys)), [MAP_TITLES[k] for k in keys], fontsize=8)
+    _token_ticks(ax, names)
+    ax.tick_params(length=0)
+    if len(shown) * len(keys) <= ANNOTATE_CELLS:
+        _annotate(ax, strip, scale, 7 if len(shown) <= 20 else 6)
+    if view.explained is not None and view.explained in shown:
+        col = shown.index(view.explained)
+        _outline(ax, col, 0, len(keys) - 1)
+        for tick, label in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True):
+            if int(tick) == col:
+                label.set_fontweight("bold")
+    title = _summary(view)
+    if view.explained is not None:
+        target = _target_text(view.target_label, None if view.target_label is not None else view.target_id)
+        title += _plain(f"\nnext token after the outlined position: {target}")
+    ax.set_title(title, fontsize=9, loc="left")
+    bar = fig.colorbar(shown_strip, ax=ax, fraction=0.025, pad=0.01, aspect=12)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relevance (logit units)\nred supports, blue opposes", fontsize=7)
+    if has_layers:
+        grid = np.asarray(view.position_by_layer)[:, shown]
+        grid_scale = color_scale(grid.reshape(-1).tolist())
+        lax = fig.add_subplot(grid_spec[1, 0])
+        heat = lax.imshow(
+            grid, aspect="auto", cmap=cmap, vmin=-grid_scale, vmax=grid_scale, interpolation="nearest"
+        )
+        step = max(1, -(-layers // 16))
+        lax.set_yticks(range(0, layers, step), [f"layer {i}" for i in range(0, layers, step)], fontsize=7)
+        _token_ticks(lax, names)
+        lax.set_title("position relevance per layer (rotary cos + sin)", fontsize=9, loc="left")
+        totals = grid.sum(1)
+        bar_scale = color_scale(totals.tolist())
+        tax = fig.add_subplot(grid_spec[1, 1], sharey=lax)
+        tax.barh(range(layers), totals, color=[_rgb(t, bar_scale) for t in totals], edgecolor="#888", lw=0.4)
+        tax.axvline(0, color="#444", lw=0.6)
+        tax.set_xlim(-1.05 * bar_scale, 1.05 * bar_scale)
+        tax.tick_params(axis="y", left=False, labelleft=False)
+        tax.tick_params(axis="x", labelsize=7)
+        tax.set_xlabel("layer total", fontsize=8)
+        tax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+        tax.xaxis.get_offset_text().set_fontsize(7)
+        cbar = fig.colorbar(heat, ax=tax, fraction=0.12, pad=0.04, aspect=15)
+        cbar.set_label("cells: position relevance", fontsize=7)
+        cbar.ax.tick_params(labelsize=7)
+        cbar.formatter.set_powerlimits((-2, 3))
+        cbar.ax.yaxis.get_offset_text().set_fontsize(7)
+    return fig
+
+
+# ---- images ------------------------------------------------------------------------------------------------
+
+
+def _vision_figure(attr: Any, row: int, image: Any, labels: Any, alpha: float) -> Any:
+    if isinstance(image, list | tuple):  # one image per row of the batch
+        if len(image) != attr.batch_size:
+            raise AttributionInputError(
+                f"image= is a list of {len(image)} images, but the attribution has {attr.batch_size} rows"
+            )
+        image = image[row]
+    view = image_view(attr, row, image)
+    picture = view.picture
+    extent = (0, view.width, view.height, 0)
     panels: list[tuple[str, np.ndarray | None, str]] = []
     if picture is not None:
         panels.append(("image", None, ""))
-    if pixel is not None:
-        panels.append(("pixel relevance", pixel, "bilinear"))
-    if patch is not None:
-        panels.append(("patch relevance", patch, "nearest"))
+    if "pixel" in view.maps:
+        panels.append(("pixel relevance", view.maps["pixel"], "bilinear"))
+    if "patch_map" in attr.extras:
+        panels.append(("patch relevance", view.maps["patch"], "nearest"))
     prefix_note = ""
-    if prefix:
-        prefix_note = "\nprefix tokens: " + ", ".join(f"{v:+.3g}" for v in positions[:prefix])
-    panels.append((f"position relevance{prefix_note}", position_grid, "nearest"))
+    if view.prefix:
+        prefix_note = "\n" + ", ".join(f"{_plain(name)} {p:+.3g}" for name, _t, p in view.prefix)
+    panels.append((f"position relevance{prefix_note}", view.maps["position"], "nearest"))
 
-    fig = Figure(figsize=(3.3 * len(panels), 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    cmap = matplotlib_cmap()
+    cm = require("matplotlib.cm")
+    fig = _figure(3.3 * len(panels), 4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, data, interpolation) in zip(axes, panels, strict=True):
         ax.set_axis_off()
         ax.set_title(name, fontsize=9)
         if picture is not None:
             if data is None:
-                ax.imshow(picture, extent=extent, cmap="gray" if picture.ndim == 2 else None)
+                ax.imshow(picture, extent=extent, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
                 continue
-            ax.imshow(_grey(picture), cmap="gray", extent=extent, vmin=0, vmax=1)
-        scale = _symmetric(data)
+            ax.imshow(grey(picture), cmap="gray", extent=extent, vmin=0, vmax=1)
+        scale = color_scale(np.abs(data).reshape(-1).tolist())
         shown = ax.imshow(
             data,
-            cmap=CMAP,
+            cmap=cmap,
             vmin=-scale,
             vmax=scale,
             alpha=alpha if picture is not None else 1.0,
             extent=extent,
             interpolation=interpolation,
         )
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
-    view = row_views(attr, labels=labels)[row]
-    fig.suptitle(f"{_plain(attr.model_type or 'model')} · {_summary(view)}", fontsize=9)
+        # the scale in the map's own colours (the overlay's alpha would stripe the colour bar)
+        opaque = cm.ScalarMappable(norm=shown.norm, cmap=cmap)
+        bar = fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=7)
+        bar.formatter.set_powerlimits((-2, 3))
+        bar.ax.yaxis.get_offset_text().set_fontsize(7)
+    summary = row_views(attr, labels=labels)[row]
+    fig.suptitle(f"{_plain(attr.model_type or 'model')} · {_summary(summary)}\n{MEANING}", fontsize=9)
     return fig
 
 
-def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, hide_special: bool) -> Figure:
-    view = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)[row]
-    shown = [i for i in range(len(view.positions)) if not (hide_special and view.special[i])] or list(
-        range(len(view.positions))
+# ---- continuations -----------------------------------------------------------------------------------------
+
+
+def _generation_figure(
+    view: GenerationView, gen: Any, map_key: str, hide_special: bool, scale: str, annotate: bool | None
+) -> Any:
+    if map_key not in view.map_keys:
+        raise AttributionInputError(f"map must be one of {view.map_keys}, got {map_key!r}")
+    if scale not in ("row", "matrix"):
+        raise AttributionInputError(f"scale must be 'row' or 'matrix', got {scale!r}")
+    columns = [c for c in range(len(view.tokens)) if not (hide_special and view.special[c])] or list(
+        range(len(view.tokens))
     )
-    names = [_plain(visible_text(view.tokens[i])) for i in shown]
-    parts = [k for k in view.maps if k != "relevance"]
-    has_layers = bool(view.position_by_layer)
-    width = min(max(6.0, 0.45 * len(shown) + 2), 24.0)
-    fig = Figure(figsize=(width, 6.2 if has_layers else 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2 if has_layers else 1, 1, squeeze=False)[:, 0]
-    ax = axes[0]
-    x = np.arange(len(shown))
-    bar_w = 0.8 / len(parts)
-    colours = {"token": "#b2182b", "position": "#2166ac", "segment": "#1b7837"}
-    for j, k in enumerate(parts):
-        ax.bar(
-            x + (j - (len(parts) - 1) / 2) * bar_w,
-            [view.maps[k][i] for i in shown],
-            bar_w,
-            label=MAP_TITLES[k],
-            color=colours.get(k, "#777"),
-        )
-    ax.plot(x, [view.maps["relevance"][i] for i in shown], "ko", ms=3.5, label="combined")
-    ax.axhline(0, color="#444", lw=0.6)
-    ax.set_xticks(
-        x, names, rotation=60 if len(shown) > 8 else 0, ha="right" if len(shown) > 8 else "center", fontsize=8
+    data = np.array([[row.maps[map_key][c] for c in columns] for row in view.rows], dtype=np.float64)
+    future = np.array([[c >= row.visible for c in columns] for row in view.rows])
+    values = np.ma.masked_array(data, mask=future)
+    visible_abs = np.where(future, 0.0, np.abs(data))
+    if scale == "row":
+        scales = np.array([color_scale(r.tolist()) for r in visible_abs])
+    else:
+        scales = np.full(len(view.rows), color_scale(visible_abs.reshape(-1).tolist()))
+    normalised = np.ma.masked_array(data / scales[:, None], mask=future)
+
+    rows, cols = data.shape
+    names = [_label(view.tokens[c]) for c in columns]
+    row_names = [("→ " if not view.span else "") + _label(r.label) for r in view.rows]
+    longest = max((len(n) for n in names), default=1)
+    width = min(max(6.5, 0.55 * cols + 0.09 * max(len(n) for n in row_names) + 3.5), 26.0)
+    height = min(max(3.0, 0.36 * rows + 1.4 + (0.08 * min(longest, 24) if cols > 8 else 0.3)), 20.0)
+    fig = _figure(width, height)
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = matplotlib_cmap()
+    shown = ax.imshow(normalised, aspect="auto", cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    _token_ticks(ax, names)
+    _token_ticks(ax, row_names, axis="y")
+    ax.tick_params(length=0)
+    if annotate is None:
+        annotate = rows * cols <= ANNOTATE_CELLS
+    if annotate:
+        mask = np.ma.getmaskarray(values)
+        for r in range(rows):
+            for c in range(cols):
+                if not mask[r, c]:
+                    colour = tuple(v / 255 for v in text_rgb(diverging_rgb(float(normalised[r, c]), 1.0)))
+                    ax.text(
+                        c, r, _short(float(data[r, c])), ha="center", va="center", fontsize=7, color=colour
+                    )
+    for r, row in enumerate(view.rows):
+        if row.explained in columns:
+            _outline(ax, columns.index(row.explained), r, r)
+    if view.prompt_length in columns:
+        ax.axvline(columns.index(view.prompt_length) - 0.5, color="#555", lw=1.2)
+    right = ax.secondary_yaxis("right")
+    value_name = "logit" if gen.foil is None else "logit diff."
+    right.set_yticks(
+        range(rows), [f"{value_name} {r.target_value:.3g} · gap {r.gap:.2g}" for r in view.rows], fontsize=7
     )
-    if view.explained is not None and view.explained in shown:
-        ax.get_xticklabels()[shown.index(view.explained)].set_fontweight("bold")
-    ax.set_ylabel("relevance (logit units)")
-    ax.legend(fontsize=8, ncols=len(parts) + 1)
-    ax.set_title(_summary(view), fontsize=9)
-    if has_layers:
-        grid = np.asarray(view.position_by_layer)[:, shown]
-        scale = _symmetric(grid)
-        lax = axes[1]
-        im = lax.imshow(grid, cmap=CMAP, vmin=-scale, vmax=scale, aspect="auto", interpolation="nearest")
-        lax.set_yticks(range(grid.shape[0]), [f"layer {i}" for i in range(grid.shape[0])], fontsize=8)
-        lax.set_xticks(x, names, rotation=60 if len(shown) > 8 else 0, fontsize=8)
-        lax.set_title("position relevance per layer (rotary cos + sin)", fontsize=9)
-        fig.colorbar(im, ax=lax, fraction=0.03, pad=0.01)
+    right.tick_params(length=0)
+    title = (
+        f"continuation attribution · {MAP_TITLES[map_key]} map · rows: explained tokens, columns: input "
+        f"(line: start of the continuation; outlined: the position each token is read from; grey: future)"
+    )
+    ax.set_title(_plain(title), fontsize=8.5, loc="left", wrap=True)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.03, pad=0.02, aspect=15)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(
+        ("relative to each row's largest |value|" if scale == "row" else f"relative to ±{scales[0]:.3g}")
+        + "\nred supports, blue opposes",
+        fontsize=7,
+    )
     return fig
+
+
+def generation_plot(
+    gen: Any,
+    *,
+    map: str = "relevance",  # noqa: A002 - the name the HTML report's switch uses
+    tokens: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    labels: Mapping[int, str] | Sequence[str] | None = None,
+    hide_special: bool = True,
+    scale: str = "row",
+    annotate: bool | None = None,
+) -> Any:
+    """A matplotlib figure of a :class:`~hf_pelrp.GenerationAttribution` as a target x source matrix.
+
+    Parameters
+    ----------
+    gen
+        The generation attribution.
+    map
+        ``"relevance"`` (combined, default), ``"token"``, ``"position"`` (or ``"segment"``).
+    tokens, tokenizer, labels
+        As for :func:`hf_pelrp.viz.generation_html`; by default the attribution's own ``tokens`` / ``labels``.
+    hide_special
+        Leave special-token columns out.
+    scale
+        ``"row"``: each row on its own scale (default); ``"matrix"``: one scale for all rows.
+    annotate
+        Print the values in the cells (default: when the matrix has at most 400 cells).
+    """
+    view = generation_view(gen, tokens=tokens, tokenizer=tokenizer, labels=labels)
+    return _generation_figure(view, gen, map, hide_special, scale, annotate)
+
+
+def generation_png(gen: Any, path: str | Path, *, dpi: int = 130, **kwargs: Any) -> Path:
+    """Draw :func:`generation_plot` and write it to ``path`` as PNG; returns the path."""
+    fig = generation_plot(gen, **kwargs)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+# ---- entry points ------------------------------------------------------------------------------------------
 
 
 def plot(
@@ -242,13 +384,15 @@ def plot(
     labels: Mapping[int, str] | Sequence[str] | None = None,
     alpha: float = 0.6,
     hide_special: bool = True,
-) -> Figure:
+    **kwargs: Any,
+) -> Any:
     """A matplotlib figure of one row of an attribution (not shown; save it or display it in a notebook).
 
     Vision attributions (``patch_map`` / ``pixel_map`` in ``attr.extras``): the image, the pixel map and the
     patch map laid over the image, and the position map on the patch grid beside them (the relevance of prefix
-    tokens such as CLS is printed in its title). Text attributions: token / position / combined relevance per
-    token, and per-layer position relevance for rotary models.
+    tokens such as CLS is printed in its title). Text attributions: a heat strip of combined / token /
+    position relevance per (decoded) token with the values, and per-layer position relevance for rotary
+    models. A :class:`~hf_pelrp.GenerationAttribution` gives :func:`generation_plot` (``map=``, ``scale=``).
 
     Parameters
     ----------
@@ -261,16 +405,27 @@ def plot(
     row
         Which row of the batch to draw.
     tokens, tokenizer, labels
-        Token strings / a tokenizer / class names, as for :func:`hf_pelrp.viz.to_html`.
+        Token strings / a tokenizer / class names, as for :func:`hf_pelrp.viz.to_html`; by default the
+        attribution's own ``tokens`` and ``labels``.
     alpha
         Opacity of the relevance overlay on the image.
     hide_special
-        Leave special tokens out of the text bar chart.
+        Leave special tokens out of the text figure.
     """
+    from ..result import GenerationAttribution
+
+    if isinstance(attr, GenerationAttribution):
+        if image is not None:
+            raise AttributionInputError("image= does not apply to a continuation attribution")
+        return generation_plot(
+            attr, tokens=tokens, tokenizer=tokenizer, labels=labels, hide_special=hide_special, **kwargs
+        )
+    if kwargs:
+        raise TypeError(f"plot() got unexpected keyword arguments {sorted(kwargs)}")
     if not -attr.batch_size <= row < attr.batch_size:
         raise AttributionInputError(f"row {row} is outside the batch of {attr.batch_size}")
     row = row % attr.batch_size
-    if "pixel_map" in attr.extras or "patch_map" in attr.extras:
+    if is_vision(attr):
         return _vision_figure(attr, row, image, labels, alpha)
     if image is not None:
         raise AttributionInputError(
@@ -279,7 +434,7 @@ def plot(
     return _text_figure(attr, row, tokens, tokenizer, labels, hide_special)
 
 
-def save_png(attr: Any, path: str | Path, image: Any = None, *, dpi: int = 120, **kwargs: Any) -> Path:
+def save_png(attr: Any, path: str | Path, image: Any = None, *, dpi: int = 130, **kwargs: Any) -> Path:
     """Draw :func:`plot` and write it to ``path`` as PNG; returns the path."""
     fig = plot(attr, image, **kwargs)
     path = Path(path)

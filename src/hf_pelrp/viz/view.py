@@ -1,7 +1,11 @@
-"""What every renderer shows of one row of an :class:`~hf_pelrp.Attribution`: plain Python lists, no tensors.
+"""What every renderer shows of an attribution: plain Python lists, no tensors.
 
-Padding positions are dropped here (they carry exactly zero relevance), token strings are resolved once (from
-``tokens=``, a tokenizer, or ids), and the target is given a readable label.
+:func:`row_views` gives one :class:`RowView` per row of an :class:`~hf_pelrp.Attribution`,
+:func:`generation_view` one :class:`GenerationView` of a :class:`~hf_pelrp.GenerationAttribution`. Padding
+positions are dropped here (they carry exactly zero relevance), token strings are resolved once (from
+``tokens=``, else the attribution's own ``tokens``, else a tokenizer, else ids), special tokens are marked
+(from a tokenizer, else the attribution's ``special_tokens_mask``), and targets get readable labels (from
+``labels=``, a tokenizer, or the attribution's ``labels``).
 """
 
 from __future__ import annotations
@@ -14,9 +18,16 @@ import torch
 
 from ..errors import AttributionInputError
 from ..tokens import display_token
+from .strings import clean, visible_text
+
+__all__ = ["MAP_TITLES", "GenerationRow", "GenerationView", "RowView", "generation_view", "row_views"]
+__all__ += ["token_text", "visible_text"]
 
 #: map key -> the name shown to the user
 MAP_TITLES = {"relevance": "combined", "token": "token", "position": "position", "segment": "segment"}
+
+#: how a label argument may be given: ``model.config.id2label`` or a list indexed by id
+Labels = Mapping[int, str] | Sequence[str]
 
 
 @dataclass
@@ -30,7 +41,7 @@ class RowView:
     positions : list[int]
         Sequence positions shown (the non-padding ones), in order.
     tokens : list[str]
-        Display string of each shown position.
+        Display string of each shown position (valid Unicode; whitespace not yet made visible).
     special : list[bool]
         Whether each shown position is a special token (BOS, CLS, ...), which views may hide.
     maps : dict[str, list[float]]
@@ -40,6 +51,8 @@ class RowView:
     target_id, target_label, target_value, gap
         The explained class / token id, its readable label (or None), the explained logit and the
         conservation gap ``target_value - sum(relevance)``.
+    foil_id, foil_label
+        The contrast id of a contrastive explanation and its label (None without a foil).
     position_by_layer : list[list[float]] or None
         ``[layer][shown position]`` position relevance of rotary models.
     """
@@ -55,9 +68,13 @@ class RowView:
     target_value: float
     gap: float
     position_by_layer: list[list[float]] | None
+    foil_id: int | None = None
+    foil_label: str | None = None
 
 
-token_text = display_token  # the name the renderers used before hf_pelrp.tokens existed
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """The display string of a token id (see :func:`hf_pelrp.tokens.display_token`), as valid Unicode."""
+    return clean(display_token(tokenizer, token_id))
 
 
 def _per_row_tokens(tokens: Any, batch: int) -> list[list[str]]:
@@ -74,27 +91,44 @@ def _per_row_tokens(tokens: Any, batch: int) -> list[list[str]]:
         raise AttributionInputError(
             f"tokens must be a list of strings (batch of 1) or a list of {batch} lists of strings, one per row"
         )
-    return [list(r) for r in rows]
+    return [[clean(t) for t in r] for r in rows]
 
 
-def _target_label(
-    attr: Any, row: int, target_id: int, tokenizer: Any, labels: Mapping[int, str] | Sequence[str] | None
+def _from_labels(labels: Labels, index: int) -> str | None:
+    if isinstance(labels, Mapping):
+        label = labels.get(index, labels.get(str(index)))  # type: ignore[call-overload]
+        return None if label is None else clean(str(label))
+    return clean(str(labels[index])) if 0 <= index < len(labels) else None
+
+
+def label_of(
+    index: int, *, labels: Labels | None, tokenizer: Any, stored: Mapping[int, str] | None, is_token: bool
 ) -> str | None:
+    """The readable name of a target / foil id: from ``labels=``, else decoded by ``tokenizer`` (language
+    models, where ids are tokens), else the attribution's own ``labels``; None if none knows it."""
     if labels is not None:
-        if isinstance(labels, Mapping):
-            label = labels.get(target_id, labels.get(str(target_id)))  # type: ignore[call-overload]
-            return None if label is None else str(label)
-        return str(labels[target_id]) if 0 <= target_id < len(labels) else None
-    if tokenizer is not None and attr.position_index is not None:
-        return token_text(tokenizer, target_id)
-    return getattr(attr, "labels", {}).get(target_id)
+        return _from_labels(labels, index)
+    if tokenizer is not None and is_token:
+        return token_text(tokenizer, index)
+    if stored:
+        label = stored.get(index)
+        return None if label is None else clean(str(label))
+    return None
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    return (
+        {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+        if tokenizer is not None
+        else set()
+    )
 
 
 def row_views(
     attr: Any,
     tokens: Sequence[str] | Sequence[Sequence[str]] | None = None,
     tokenizer: Any = None,
-    labels: Mapping[int, str] | Sequence[str] | None = None,
+    labels: Labels | None = None,
 ) -> list[RowView]:
     """One :class:`RowView` per row of ``attr``.
 
@@ -104,12 +138,14 @@ def row_views(
         The :class:`~hf_pelrp.Attribution` to show.
     tokens
         Display strings: a list (batch of 1) or a list of lists, one string per position (all ``T`` positions,
-        or only the non-padding ones). Takes precedence over ``tokenizer``.
+        or only the non-padding ones). Takes precedence over ``attr.tokens`` and ``tokenizer``.
     tokenizer
         A transformers tokenizer to decode ``attr.input_ids`` (and the target token of causal LMs) and to
-        recognise special tokens.
+        recognise special tokens. Not needed when the attribution carries its ``tokens`` (the pipeline and the
+        CLI fill them).
     labels
-        Class names for the target: ``model.config.id2label`` or a list indexed by class id.
+        Class names for the target: ``model.config.id2label`` or a list indexed by class id. Defaults to
+        ``attr.labels``.
 
     Raises
     ------
@@ -128,8 +164,14 @@ def row_views(
         raise AttributionInputError(
             "tokenizer= needs the token ids, but this attribution kept no input_ids; pass tokens= instead"
         )
-    special_ids = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    special_ids = _special_ids(tokenizer)
     stored_special = getattr(attr, "special_tokens_mask", None)
+    if isinstance(stored_special, torch.Tensor):
+        stored_special = (
+            stored_special.detach().cpu().bool() if stored_special.shape == (batch, seq_len) else None
+        )
+    stored_labels = getattr(attr, "labels", None) or {}
+    is_lm = attr.position_index is not None
 
     maps_full = {"relevance": attr.relevance, "token": attr.token, "position": attr.position}
     if attr.segment is not None:
@@ -137,6 +179,7 @@ def row_views(
     maps_full = {k: v.detach().float().cpu() for k, v in maps_full.items()}
     by_layer = attr.position_by_layer.detach().float().cpu() if attr.position_by_layer is not None else None
     gaps = attr.conservation_gap.detach().float().cpu().tolist()
+    foils = attr.foil.detach().cpu().tolist() if getattr(attr, "foil", None) is not None else None
 
     vision_names: list[str] = []
     prefix = 0
@@ -169,12 +212,12 @@ def row_views(
         else:
             texts = [vision_names[p] if vision_names else f"#{p}" for p in positions]
 
-        if tokenizer is not None and ids is not None:
+        if tokenizer is not None and ids is not None and special_ids:
             special = [int(ids[r, p]) in special_ids for p in positions]
-        elif vision_names and token_rows is None:
-            special = [p < prefix for p in positions]
-        elif isinstance(stored_special, torch.Tensor) and stored_special.shape == (batch, seq_len):
+        elif stored_special is not None:
             special = [bool(stored_special[r, p]) for p in positions]
+        elif vision_names:
+            special = [p < prefix for p in positions]
         else:
             special = [False] * len(positions)
 
@@ -183,6 +226,8 @@ def row_views(
             pos = int(attr.position_index[r])
             explained = positions.index(pos) if pos in positions else None
         target_id = int(attr.target[r])
+        foil_id = int(foils[r]) if foils is not None else None
+        find = {"labels": labels, "tokenizer": tokenizer, "stored": stored_labels, "is_token": is_lm}
         views.append(
             RowView(
                 row=r,
@@ -192,17 +237,171 @@ def row_views(
                 maps={k: v[r, positions].tolist() for k, v in maps_full.items()},
                 explained=explained,
                 target_id=target_id,
-                target_label=_target_label(attr, r, target_id, tokenizer, labels),
+                target_label=label_of(target_id, **find),
                 target_value=float(attr.target_value[r]),
                 gap=gaps[r],
                 position_by_layer=by_layer[r][:, positions].tolist() if by_layer is not None else None,
+                foil_id=foil_id,
+                foil_label=label_of(foil_id, **find) if foil_id is not None else None,
             )
         )
     return views
 
 
-def visible_text(text: str) -> str:
-    """Whitespace made visible for display (newline, tab); an empty token shows as ``∅``."""
-    if text == "":
-        return "∅"
-    return text.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
+@dataclass
+class GenerationRow:
+    """One explained continuation token (or, with ``span_reduce``, the whole span).
+
+    Attributes
+    ----------
+    index : int
+        The row of the :class:`~hf_pelrp.GenerationAttribution`.
+    target_id : int or None
+        The explained token id (None for a span sum).
+    label : str
+        The explained token's display string (``' Paris'``) or, for a span sum, the span's text.
+    foil_label : str or None
+        The contrast token's display string, for contrastive rows.
+    explained : int
+        The position whose next-token logit was explained (the token before the target).
+    visible : int
+        Columns ``0 .. visible - 1`` can carry relevance; the rest lie in the row's future (exactly 0).
+    maps : dict[str, list[float]]
+        ``relevance``, ``token``, ``position`` (``segment``) over all ``T`` columns.
+    target_value, gap : float
+        The explained logit and the conservation gap.
+    position_by_layer : list[list[float]] or None
+        ``[layer][column]`` position relevance of rotary models.
+    """
+
+    index: int
+    target_id: int | None
+    label: str
+    foil_label: str | None
+    explained: int
+    visible: int
+    maps: dict[str, list[float]]
+    target_value: float
+    gap: float
+    position_by_layer: list[list[float]] | None
+
+
+@dataclass
+class GenerationView:
+    """A continuation as a target x source matrix: rows are explained tokens, columns the ``T`` positions of
+    prompt + continuation.
+
+    Attributes
+    ----------
+    tokens : list[str]
+        Display string of each of the ``T`` positions.
+    special : list[bool]
+        Whether each position is a special token.
+    prompt_length : int
+        Columns ``0 .. prompt_length - 1`` are the prompt, the rest the continuation.
+    rows : list[GenerationRow]
+        One per explained token (one for a span sum).
+    span : bool
+        Whether the single row explains the sum over the continuation (``span_reduce="sum"``).
+    """
+
+    tokens: list[str]
+    special: list[bool]
+    prompt_length: int
+    rows: list[GenerationRow]
+    span: bool
+
+    @property
+    def map_keys(self) -> list[str]:
+        return list(self.rows[0].maps) if self.rows else ["relevance", "token", "position"]
+
+
+def generation_view(
+    gen: Any,
+    tokens: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    labels: Labels | None = None,
+) -> GenerationView:
+    """The :class:`GenerationView` of a :class:`~hf_pelrp.GenerationAttribution`.
+
+    Parameters
+    ----------
+    gen
+        The generation attribution.
+    tokens
+        Display strings of the ``T`` positions; defaults to ``gen.tokens``, else decoded by ``tokenizer``,
+        else ids.
+    tokenizer
+        Decodes ids and marks special tokens.
+    labels
+        Names of the explained ids (defaults to ``gen.labels``, else the continuation's own tokens).
+
+    Raises
+    ------
+    AttributionInputError
+        ``tokens`` does not hold one string per position.
+    """
+    ids = gen.input_ids.detach().cpu().reshape(-1).tolist()
+    length = len(ids)
+    given = tokens if tokens is not None else getattr(gen, "tokens", None)
+    if given is not None:
+        if isinstance(given, str) or len(given) != length or not all(isinstance(t, str) for t in given):
+            raise AttributionInputError(
+                f"tokens must be a list of {length} strings, one per position of the prompt and continuation"
+            )
+        texts = [clean(t) for t in given]
+    elif tokenizer is not None:
+        texts = [token_text(tokenizer, i) for i in ids]
+    else:
+        texts = [f"[{i}]" for i in ids]
+    special_ids = _special_ids(tokenizer)
+    stored_special = getattr(gen, "special_tokens_mask", None)
+    if special_ids:
+        special = [i in special_ids for i in ids]
+    elif isinstance(stored_special, torch.Tensor) and stored_special.numel() == length:
+        special = [bool(s) for s in stored_special.detach().cpu().reshape(-1).tolist()]
+    else:
+        special = [False] * length
+
+    prompt = int(gen.prompt_length)
+    maps_full = {"relevance": gen.relevance, "token": gen.token, "position": gen.position}
+    if gen.segment is not None:
+        maps_full["segment"] = gen.segment
+    maps_full = {k: v.detach().float().cpu() for k, v in maps_full.items()}
+    by_layer = gen.position_by_layer.detach().float().cpu() if gen.position_by_layer is not None else None
+    values = gen.target_value.detach().float().cpu().tolist()
+    gaps = gen.conservation_gap.detach().float().cpu().tolist()
+    targets = gen.target.detach().cpu().reshape(-1).tolist()
+    foils = gen.foil.detach().cpu().reshape(-1).tolist() if gen.foil is not None else None
+    stored = getattr(gen, "labels", None) or {}
+    span = gen.span_reduce is not None
+
+    def name(index: int, fallback: str | None) -> str:
+        found = label_of(index, labels=labels, tokenizer=tokenizer, stored=stored, is_token=True)
+        return found if found is not None else fallback if fallback is not None else f"[{index}]"
+
+    rows = []
+    for s in range(maps_full["relevance"].shape[0]):
+        if span:
+            label = "".join(texts[prompt:])
+            target_id, foil_label, explained, visible = None, None, length - 2, length - 1
+        else:
+            target_id = int(targets[s])
+            label = name(target_id, texts[prompt + s] if prompt + s < length else None)
+            foil_label = name(int(foils[s]), None) if foils is not None else None
+            explained, visible = prompt + s - 1, prompt + s
+        rows.append(
+            GenerationRow(
+                index=s,
+                target_id=target_id,
+                label=label,
+                foil_label=foil_label,
+                explained=explained,
+                visible=visible,
+                maps={k: v[s].tolist() for k, v in maps_full.items()},
+                target_value=float(values[s]),
+                gap=float(gaps[s]),
+                position_by_layer=by_layer[s].tolist() if by_layer is not None else None,
+            )
+        )
+    return GenerationView(tokens=texts, special=special, prompt_length=prompt, rows=rows, span=span)
