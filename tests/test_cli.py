@@ -139,11 +139,17 @@ def test_bad_argument_exits_2_with_one_line(lm_dir):
             ["explain", "--model", "{lm}", "--text", "w1", "--target", "NEGATIVE_LABEL"],
             "not in the vocabulary",
         ),
-        (["explain", "--model", "{lm}", "--text", "w1", "--out", "r.txt"], "must end in .html or .png"),
+        (
+            ["explain", "--model", "{lm}", "--text", "w1", "--out", "r.txt"],
+            "must end in .html or .htm or .png",
+        ),
         (["explain", "--model", "{lm}", "--text", "a", "--text", "b", "--generate", "2"], "one --text"),
         (["explain", "--model", "{lm}", "--image", "{missing}"], "no such file"),
         (["evaluate", "{missing}"], "no such file"),
         (["explain", "--model", "{lm}", "--text", "w1", "--bogus"], "unrecognized arguments"),
+        (["explain", "--model", "{lm}", "--text", "w1", "--out", "{missing}/r.html"], "does not exist"),
+        (["explain", "--model", "{lm}", "--text", "w1", "--json", "r.csv"], "must end in .json"),
+        (["explain", "--model", "{lm}", "--text", "w1", "--device", "gpu7"], "not a torch device"),
         ([], "required"),
     ],
 )
@@ -158,21 +164,39 @@ def test_errors_exit_2(argv, message, lm_dir, tmp_path, capsys):
 
 
 def test_unsupported_model_exits_2(tmp_path, capsys):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import FunnelConfig, FunnelForSequenceClassification
 
-    config = OPTConfig(
-        vocab_size=101,
-        hidden_size=16,
-        num_hidden_layers=1,
-        ffn_dim=32,
-        num_attention_heads=2,
-        word_embed_proj_dim=16,
-    )
-    OPTForCausalLM(config).save_pretrained(tmp_path)
+    config = FunnelConfig(vocab_size=101, d_model=16, n_head=2, d_head=8, d_inner=32, block_sizes=[1, 1])
+    FunnelForSequenceClassification(config).save_pretrained(tmp_path)
     tiny_word_tokenizer().save_pretrained(tmp_path)
     code = cli.main(["explain", "--model", str(tmp_path), "--text", "w1 w2", "--quiet"])
     assert code == 2
-    assert "'opt'" in _one_line_error(capsys.readouterr().err)
+    assert "'funnel'" in _one_line_error(capsys.readouterr().err)
+
+
+def test_cuda_without_cuda_is_one_line(lm_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = cli.main(["explain", "--model", str(lm_dir), "--text", "w1", "--device", "cuda", "--quiet"])
+    assert code == 2
+    assert "CUDA is not available" in _one_line_error(capsys.readouterr().err)
+
+
+def test_text_for_an_image_model_is_one_line_before_loading(vit_dir, capsys):
+    code = cli.main(["explain", "--model", str(vit_dir), "--text", "a shoe", "--quiet"])
+    assert code == 2
+    assert "image classifier" in _one_line_error(capsys.readouterr().err)
+
+
+def test_quiet_prints_nothing(lm_dir, tmp_path, capsys):
+    code = cli.main(
+        ["explain", "--model", str(lm_dir), "--text", "w1 w2", "--out", str(tmp_path / "r.html"), "--quiet"]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
 
 
 def test_explain_generation_report(lm_dir, tmp_path, capsys):
@@ -184,7 +208,8 @@ def test_explain_generation_report(lm_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 tokens explained" in out
     html = report.read_text(encoding="utf-8")
-    assert html.count('class="hfp-row"') == 2  # one row per generated token
+    # the target x source matrix: one row label per generated token
+    assert html.count('<tr><th class="hfp-rowlab">→') == 2 and 'data-kind="generation"' in html
 
 
 def test_explain_image(vit_dir, tmp_path, capsys):

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,14 +161,65 @@ def _check_explain_args(args: argparse.Namespace) -> None:
     for image in args.image or []:
         if not Path(image).is_file():
             raise UsageError(f"--image {image}: no such file")
-    if args.out is not None and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
-        raise UsageError(f"--out {args.out}: the report must end in .html or .png")
+    for option, path, suffixes in (
+        ("--out", args.out, (".html", ".htm", ".png")),
+        ("--json", args.json, (".json",)),
+    ):
+        if path is None:
+            continue
+        if Path(path).suffix.lower() not in suffixes:
+            raise UsageError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+        folder = Path(path).resolve().parent
+        if not folder.is_dir():
+            raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+            raise UsageError(f"{option} {path}: not writable")
+    _check_device(args.device)
     if args.top_k < 0 or args.batch_size < 1:
         raise UsageError("--top-k must be >= 0 and --batch-size >= 1")
     if (args.continuation is not None or args.generate is not None) and len(args.text or []) != 1:
         raise UsageError("--continuation / --generate explain one --text at a time")
     if args.generate is not None and args.generate < 1:
         raise UsageError("--generate needs a positive number of tokens")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif parsed.type not in ("cpu", "mps", "xpu"):
+        raise UsageError(f"--device {device}: unsupported device type {parsed.type!r}")
+
+
+def _check_inputs_fit(args: argparse.Namespace, config: Any) -> None:
+    """Text for a text model, images for an image model: said before any weight is loaded."""
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    takes_images = "ImageClassification" in architectures
+    if takes_images and args.text:
+        raise UsageError(
+            f"--model {args.model} is an image classifier ({architectures}): give --image FILE, not --text"
+        )
+    if not takes_images and args.image:
+        raise UsageError(f"--model {args.model} is a text model ({architectures}): give --text, not --image")
+
+
+def _quiet() -> None:
+    """No progress bar anywhere: transformers' weight loading and the hub's downloads included."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _load_pipeline(args: argparse.Namespace):
@@ -185,6 +237,7 @@ def _load_pipeline(args: argparse.Namespace):
         raise UsageError(
             f"--model {args.model}: config.json names no architecture (save the model with save_pretrained)"
         )
+    _check_inputs_fit(args, config)
     return pipeline(
         "lrp-attribution", model=args.model, device=torch.device(args.device), dtype=torch.float32
     )
@@ -229,26 +282,29 @@ def _write_report(args: argparse.Namespace, pipe: Any, results: list[dict[str, A
     from .result import Attribution, GenerationAttribution
 
     out = Path(args.out)
+    html = out.suffix.lower() in (".html", ".htm")
+    title = f"hf_pelrp: {Path(args.model).name}"
     attrs = [r["attribution"] for r in results]
-    labels = getattr(pipe.model.config, "id2label", None) if pipe.kind != "causal_lm" else None
+    # the attributions carry their decoded tokens and label names (the pipeline filled them)
     if isinstance(attrs[0], GenerationAttribution):
-        attr, tokens = attrs[0].to_attribution(), None
-    else:
-        attr, tokens = Attribution.stack(attrs), [r["tokens"] for r in results]
-    if out.suffix.lower() in (".html", ".htm"):
-        kwargs = {"tokenizer": pipe.tokenizer} if tokens is None else {"tokens": tokens}
-        attr.to_html(path=out, labels=labels, title=f"hf_pelrp: {Path(args.model).name}", **kwargs)
+        if html:
+            attrs[0].to_html(path=out, title=title)
+        else:
+            attrs[0].save_png(out)
+        return [out]
+    attr = Attribution.stack(attrs)
+    images = None
+    if args.image:
+        from PIL import Image
+
+        images = [Image.open(path).convert("RGB") for path in args.image]
+    if html:
+        attr.to_html(path=out, title=title, image=images)
         return [out]
     written = []
     for row in range(attr.batch_size):
         path = out if attr.batch_size == 1 else out.with_name(f"{out.stem}-{row}{out.suffix}")
-        image = args.image[row] if args.image else None
-        if image is not None:
-            from PIL import Image
-
-            image = Image.open(image).convert("RGB")
-        kwargs = {"tokenizer": pipe.tokenizer} if tokens is None else {"tokens": tokens[row]}
-        attr[row].save_png(path, image, labels=labels, **kwargs)
+        attr[row].save_png(path, images[row] if images else None)
         written.append(path)
     return written
 
@@ -257,6 +313,8 @@ def _explain(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     _check_explain_args(args)
+    if args.quiet:
+        _quiet()
     inputs: list[Any] = list(args.text or args.image)
     params: dict[str, Any] = {
         "target": _parse_id(args.target),
@@ -359,15 +417,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return commands[args.command](args)
-    except (UsageError, HfPelrpError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        # unreadable model files, a tokenizer that is missing, an unwritable report
-        message = " ".join(str(exc).split())
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+    except (UsageError, HfPelrpError, OSError) as exc:
+        # bad arguments, a refusal of hf_pelrp, unreadable model files, an unwritable report
+        return _one_line_error(args.command, exc)
+    except (ValueError, TypeError, RuntimeError, ImportError) as exc:
+        # transformers / torch refusing the input (e.g. a model that cannot load on this device): one line too;
+        # HF_PELRP_DEBUG=1 shows the traceback
+        if os.environ.get("HF_PELRP_DEBUG"):
+            raise
+        return _one_line_error(args.command, exc, hint=" (set HF_PELRP_DEBUG=1 for the traceback)")
+
+
+def _one_line_error(command: str, exc: BaseException, hint: str = "") -> int:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"{PROG} {command}: error: {message}{hint}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

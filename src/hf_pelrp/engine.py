@@ -781,6 +781,11 @@ def explain_continuation(
         foil=foils,
         span_reduce=span_reduce,
         tokens=display_tokens(tokenizer, full[0].tolist()) if tokenizer is not None else None,
+        special_tokens_mask=(
+            torch.tensor([int(i) in special_ids(tokenizer) for i in full[0].tolist()], dtype=torch.bool)
+            if tokenizer is not None
+            else None
+        ),
         labels=_labels(model, tokenizer, ids, True),
         mode=cfg.mode,
         positional=cfg.positional,

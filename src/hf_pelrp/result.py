@@ -378,6 +378,8 @@ class GenerationAttribution:
         ``"sum"``: a single row explaining the sum over the continuation.
     tokens : list[str] or None
         Display strings of the ``T`` positions (decoded), where a tokenizer was at hand.
+    special_tokens_mask : BoolTensor [T] or None
+        True at special tokens, which reports may hide.
     labels : dict[int, str]
         Readable names of the explained (and foil) token ids.
     mode, positional, model_type, gamma
@@ -395,6 +397,7 @@ class GenerationAttribution:
     foil: torch.Tensor | None = None
     span_reduce: str | None = None
     tokens: list[str] | None = None
+    special_tokens_mask: torch.Tensor | None = None
     labels: dict[int, str] = field(default_factory=dict)
     mode: str = "attnlrp"
     positional: bool = True
@@ -460,12 +463,48 @@ class GenerationAttribution:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             tokens=[list(self.tokens)] * rows if self.tokens is not None else None,
+            special_tokens_mask=(
+                self.special_tokens_mask[None].expand(rows, -1)
+                if self.special_tokens_mask is not None
+                else None
+            ),
             labels=dict(self.labels),
             mode=self.mode,
             positional=self.positional,
             model_type=self.model_type,
             gamma=dict(self.gamma),
         )
+
+    # the target x source matrix views live in hf_pelrp.viz (imported lazily, as for Attribution)
+
+    def to_html(self, path: str | None = None, **kwargs: Any) -> str:
+        """The target x source matrix as a self-contained page (see :func:`hf_pelrp.viz.generation_html`)."""
+        from .viz import generation_html
+
+        return generation_html(self, path, **kwargs)
+
+    def _repr_html_(self) -> str:
+        from .viz import generation_html
+
+        return generation_html(self, full_page=False)
+
+    def show(self, **kwargs: Any) -> None:
+        """The matrix in a notebook, a table in a terminal (see :func:`hf_pelrp.viz.show`)."""
+        from .viz import show
+
+        show(self, **kwargs)
+
+    def plot(self, **kwargs: Any) -> Any:
+        """The matrix as a matplotlib figure (see :func:`hf_pelrp.viz.generation_plot`)."""
+        from .viz import generation_plot
+
+        return generation_plot(self, **kwargs)
+
+    def save_png(self, path: str, **kwargs: Any) -> Any:
+        """Write :meth:`plot` to ``path`` (see :func:`hf_pelrp.viz.generation_png`); returns the path."""
+        from .viz import generation_png
+
+        return generation_png(self, path, **kwargs)
 
     def __repr__(self) -> str:
         gap = ", ".join(f"{g:.4g}" for g in self.conservation_gap.tolist()[:4])
