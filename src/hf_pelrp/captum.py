@@ -20,10 +20,8 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError('hf_pelrp.captum needs captum: pip install "hf_pelrp[captum]" (captum>=0.8)') from error
 
-from .config import LRPConfig
-from .engine import attribute as _attribute
-from .errors import AttributionInputError
-from .result import Attribution
+from . import Attribution, AttributionInputError, LRPConfig
+from . import attribute as _attribute
 
 __all__ = ["PELRP", "visualization_records"]
 
