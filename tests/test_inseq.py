@@ -209,3 +209,36 @@ def test_refusals():
     )
     with pytest.raises(UnsupportedModelError, match="opt"):
         load(OPTForCausalLM(config).eval())
+
+
+@needs_inseq
+def test_contrastive_attribution_is_a_foil():
+    """Inseq's contrast_logits_diff with a contrast target sharing the prefix is hf_pelrp's foil= explanation."""
+    model = tiny_llama_family()
+    inseq_model = load(model)
+    out = inseq_model.attribute(
+        PROMPT,
+        PROMPT + " w9",
+        attributed_fn="contrast_logits_diff",
+        contrast_targets=PROMPT + " w11",
+        show_progress=False,
+        return_convergence_delta=True,
+    )
+    seq = out.sequence_attributions[0]
+    tokenizer = tiny_word_tokenizer()
+    ids = tokenizer(PROMPT + " w9", return_tensors="pt").input_ids  # Inseq marks the target "w9 → w11", id -1
+    foil = tokenizer.convert_tokens_to_ids("w11")
+    ref = hf_pelrp.attribute(model, ids[:, :-1], target=ids[:, -1], foil=foil)
+    torch.testing.assert_close(seq.target_attributions[:-1, 0, 0], ref.token[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(seq.target_attributions[:-1, 0, 1], ref.position[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(seq.step_scores["deltas"][0], ref.conservation_gap[0], rtol=0, atol=1e-5)
+    # forcing the contrast inputs runs the model twice per step: refused, not silently wrong
+    with pytest.raises(hf_pelrp.AttributionStateError, match="model 2 times"):
+        inseq_model.attribute(
+            PROMPT,
+            PROMPT + " w9",
+            attributed_fn="contrast_logits_diff",
+            contrast_targets="w5 w6 w7 w8 w11",
+            contrast_force_inputs=True,
+            show_progress=False,
+        )

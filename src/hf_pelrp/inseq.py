@@ -13,6 +13,7 @@ Needs the ``inseq`` extra (tested with inseq 0.7.1 and transformers 5).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,11 @@ class PELRPStepOutput(FeatureAttributionStepOutput):
     """One generation step of PE-LRP: ``target_attributions`` [batch, prefix length, 2] (token, position)."""
 
     _sequence_cls: type[FeatureAttributionSequenceOutput] = PELRPSequenceOutput
+
+
+def _embed_without_hooks(wrapper: Any, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
+    """Inseq's ``embed_ids`` (decoder-only, no Captum interpretable embeddings) without the module's hooks."""
+    return wrapper.get_embedding_layer().forward(ids) * wrapper.embed_scale
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -165,22 +171,45 @@ class PELRPAttribution(FeatureAttribution):
         input_ids, target_ids, attributed_fn, attention_mask, _, argnames, *argvalues = (
             attribute_fn_main_args["additional_forward_args"]
         )
-        model = self.attribution_model.model
+        wrapper = self.attribution_model
+        model = wrapper.model
+        embedding = model.get_input_embeddings()
+        calls = {model: 0, embedding: 0}
+
+        def count(module: torch.nn.Module, _args: Any) -> None:
+            calls[module] += 1
+
         with (
             lrp(model, options["mode"], options["positional"], config=options["config"]) as ctx,
             torch.enable_grad(),
         ):
-            explained = self.attribution_model.forward(
-                forward_ids,
-                input_ids,
-                target_ids,
-                attributed_fn,
-                attention_mask,
-                False,  # the forward pass takes the token ids
-                argnames,
-                *argvalues,
-                position_ids=_position_ids(attention_mask),
-            )
+            handles = [model.register_forward_pre_hook(count), embedding.register_forward_pre_hook(count)]
+            # contrastive step functions embed their contrast text inside the step; through the embedding
+            # module's hooks, hf_pelrp would take that for the token leaf of the explained forward pass
+            wrapper.embed_ids = functools.partial(_embed_without_hooks, wrapper)
+            try:
+                explained = wrapper.forward(
+                    forward_ids,
+                    input_ids,
+                    target_ids,
+                    attributed_fn,
+                    attention_mask,
+                    False,  # the forward pass takes the token ids
+                    argnames,
+                    *argvalues,
+                    position_ids=_position_ids(attention_mask),
+                )
+            finally:
+                del wrapper.embed_ids
+                for handle in handles:
+                    handle.remove()
+            if calls[model] != 1 or calls[embedding] != 1:
+                raise AttributionStateError(
+                    f"the attributed function ran the model {calls[model]} times (its embedding "
+                    f"{calls[embedding]} times) in one step; PE-LRP explains one forward pass (contrastive "
+                    "functions: leave contrast_force_inputs=False so that only the contrast target differs, or "
+                    "use hf_pelrp.attribute(..., foil=))"
+                )
             if not explained.requires_grad:
                 raise AttributionStateError(
                     f"the attributed function {getattr(attributed_fn, '__name__', attributed_fn)!r} does not "
