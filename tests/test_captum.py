@@ -161,6 +161,8 @@ def test_refusals():
         explainer.attribute(ids[:1], continuation_ids=ids[0, :2])
     with pytest.raises(AttributionInputError, match="one input tensor"):
         explainer.attribute((ids, ids))
+    with pytest.raises(AttributionInputError, match="no baseline"):
+        explainer.attribute(ids, target=3, baselines=torch.zeros_like(ids))
     with pytest.raises(AttributionInputError, match="embeddings"):
         explainer.attribute(torch.randn(2, 7))
 

@@ -128,6 +128,12 @@ class PELRP(GradientAttribution):
         -------
         attributions, or ``(attributions, delta)`` with ``return_convergence_delta=True``.
         """
+        if kwargs.get("baselines") is not None:
+            raise AttributionInputError(
+                "LRP has no baseline (it decomposes the explained logit itself, as captum.attr.LRP does): drop "
+                "baselines=; the convergence delta is output - sum(attributions)"
+            )
+        kwargs.pop("baselines", None)
         for name in _NOT_CAPTUM:
             if kwargs.get(name) is not None:
                 raise AttributionInputError(
