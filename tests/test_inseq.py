@@ -43,12 +43,12 @@ def tiny_gpt2(seed: int = 0):
 MODELS = {"llama": tiny_llama_family, "gpt2": tiny_gpt2}
 
 
-def load(model, **options):
+def load(model, tokenizer=None, **options):
     import inseq
 
     import hf_pelrp.inseq  # noqa: F401  (registers "pelrp")
 
-    return inseq.load_model(model, "pelrp", tokenizer=tiny_word_tokenizer(), **options)
+    return inseq.load_model(model, "pelrp", tokenizer=tokenizer or tiny_word_tokenizer(), **options)
 
 
 def ids_of(sequence) -> torch.Tensor:
@@ -242,3 +242,27 @@ def test_contrastive_attribution_is_a_foil():
             contrast_force_inputs=True,
             show_progress=False,
         )
+
+
+@needs_inseq
+@pytest.mark.slow
+def test_smollm2_readme_example():
+    """The README example: SmolLM2-135M-Instruct continues "The capital of France is" with " Paris"."""
+    from hf_pelrp.assets import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    out = load(model, tokenizer).attribute(
+        "The capital of France is",
+        generation_args={"max_new_tokens": 2, "do_sample": False},
+        show_progress=False,
+        return_convergence_delta=True,
+    )
+    seq = out.sequence_attributions[0]
+    ids = ids_of(seq)
+    assert tokenizer.decode(ids[0, -2]) == " Paris"
+    gen = hf_pelrp.attribute(model, ids[:, :-2], continuation_ids=ids[0, -2:])
+    torch.testing.assert_close(seq.target_attributions[..., 0].T.nan_to_num(), gen.token, rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        seq.target_attributions[..., 1].T.nan_to_num(), gen.position, rtol=0, atol=1e-4
+    )
+    torch.testing.assert_close(seq.step_scores["deltas"], gen.conservation_gap, rtol=0, atol=1e-3)
