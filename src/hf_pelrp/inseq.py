@@ -3,7 +3,7 @@
 >>> import inseq, hf_pelrp.inseq                                           # doctest: +SKIP
 >>> model = inseq.load_model(hf_model, "pelrp", tokenizer=tokenizer)      # doctest: +SKIP
 >>> out = model.attribute("The capital of France is", generation_args={"max_new_tokens": 4})  # doctest: +SKIP
->>> out.show()                    # token + position relevance of every prefix token, per generated token
+>>> out.show()   # token + position relevance of every prefix token, per generated token  # doctest: +SKIP
 
 Inseq finds methods by subclassing (its ``FeatureAttribution`` registry has no entry points), so defining
 :class:`PELRPAttribution` here is the registration; plain ``import hf_pelrp`` does not import this module.
@@ -26,7 +26,7 @@ try:
     from inseq.data.aggregation_functions import DEFAULT_ATTRIBUTION_AGGREGATE_DICT
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'hf_pelrp.inseq needs inseq 0.7: pip install "hf_pelrp[inseq]" (see the README for a CPU-only install)'
+        'hf_pelrp.inseq needs inseq 0.7: pip install "hf_pelrp[inseq]" (install torch first)'
     ) from error
 
 from . import AttributionStateError, UnsupportedModelError, lrp, supported_model_types
