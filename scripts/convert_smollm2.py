@@ -2,7 +2,7 @@
 
 Run by ``scripts/setup.sh``; skipped when the cache is already complete (every file listed in its manifest is
 present with its size). The checkpoint is written into a temporary folder and renamed into place, so an
-interrupted run leaves nothing broken behind. The cache folder is ``$HF_PELRP_CACHE`` or ``.cache/hf_pelrp``.
+interrupted run leaves nothing broken behind. The cache folder is ``hf_pelrp.assets.cache_dir()`` (``$HF_PELRP_CACHE``, else the user's cache).
 """
 
 from __future__ import annotations

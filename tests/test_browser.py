@@ -31,9 +31,7 @@ def chromium():
     exe = find_chromium()
     if exe is None:
         if _in_ci():
-            pytest.fail(
-                "CI=true but Chromium is missing: scripts/setup.sh must install the Debian package `chromium`"
-            )
+            pytest.fail("CI=true but Chromium is missing: .ci/run must install the Debian package `chromium`")
         pytest.skip(
             "Chromium is not installed (Debian: apt-get install chromium, or run scripts/setup.sh as root)"
         )

@@ -182,7 +182,34 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_PELRP_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("HF_PELRP_CACHE")
-    assert cache_dir().parts[-2:] == (".cache", "hf_pelrp")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert cache_dir() == tmp_path / "hf" / "hf_pelrp"  # next to the Hugging Face cache
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "hf_pelrp"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # the user's cache, never the folder the user stands in
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "hf_pelrp"
+
+
+def test_gpt2_tokenizer_from_the_offline_files():
+    from hf_pelrp.assets import gpt2_tokenizer
+
+    try:
+        tokenizer = gpt2_tokenizer()
+    except MissingAssetError as exc:
+        pytest.skip(str(exc))
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995] and len(tokenizer) == 50257
+    # the keyword form the old docstring showed: transformers 5 ignores the keywords (an empty vocabulary)
+    from transformers import GPT2TokenizerFast
+
+    from hf_pelrp.assets import gpt2_tokenizer_files
+
+    files = gpt2_tokenizer_files()
+    empty = GPT2TokenizerFast(vocab_file=str(files.vocab), merges_file=str(files.merges))
+    assert empty("Hello world")["input_ids"] != [15496, 995]
 
 
 def test_missing_asset_names_the_pip_command():

@@ -108,7 +108,10 @@ class GPT2TokenizerFiles:
 
 
 def gpt2_tokenizer_files() -> GPT2TokenizerFiles:
-    """The GPT-2 tokenizer files, for ``GPT2TokenizerFast(vocab_file=..., merges_file=...)``.
+    """The GPT-2 tokenizer files: ``GPT2TokenizerFast(str(files.vocab), str(files.merges))``.
+
+    Pass them positionally (or use :func:`gpt2_tokenizer`): transformers 5 silently ignores the keywords
+    ``vocab_file=`` / ``merges_file=`` and builds an empty vocabulary.
 
     Raises
     ------
@@ -122,24 +125,28 @@ def gpt2_tokenizer_files() -> GPT2TokenizerFiles:
     )
 
 
-def _repo_root() -> Path | None:
-    """The source checkout this package is installed from (editable install), if any."""
-    root = Path(__file__).resolve().parents[2]
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and 'name = "hf_pelrp"' in pyproject.read_text(encoding="utf-8"):
-        return root
-    return None
+def gpt2_tokenizer() -> PreTrainedTokenizerBase:
+    """The GPT-2 byte-level BPE tokenizer (50,257 tokens) from the offline files; ``"Hello world"`` ->
+    ``[15496, 995]``."""
+    from transformers import GPT2TokenizerFast
+
+    files = gpt2_tokenizer_files()
+    return GPT2TokenizerFast(str(files.vocab), str(files.merges))
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints are kept: ``$HF_PELRP_CACHE``, else ``<repo or cwd>/.cache/hf_pelrp``.
+    """Where converted checkpoints are kept: the user's cache, never the folder the user stands in.
 
-    The default lies under ``.cache/``, which the repository ignores: converted weights never enter git.
+    ``$HF_PELRP_CACHE`` if set; else ``$HF_HOME/hf_pelrp`` (next to the Hugging Face cache) if ``HF_HOME`` is
+    set; else ``$XDG_CACHE_HOME/hf_pelrp``; else ``~/.cache/hf_pelrp``.
     """
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
-    return (_repo_root() or Path.cwd()) / ".cache" / "hf_pelrp"
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hf_pelrp"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "hf_pelrp"
 
 
 def checkpoint_complete(folder: Path) -> bool:
