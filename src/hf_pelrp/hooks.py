@@ -293,3 +293,25 @@ class FunctionalActivation(HookRule):
 
         handles.append(self.producer.register_forward_hook(remember))
         handles.append(module.register_forward_pre_hook(replace))
+
+
+@dataclass
+class ClippedOutput(HookRule):
+    """Identity rule (AttnLRP Prop. 3.4) for a clip ``clamp(y, -limit, limit)`` a model applies in place to the
+    module's output (OLMo's ``clip_qkv`` on the q, k, v projections; method.md 1, "Clipped projections").
+
+    Clipping is an element-wise activation: ``R_y = R_clip(y)``, i.e. the local gradient ``clip(y) / y``. The
+    hook returns the already clipped output with that gradient (a fresh tensor: the model's in-place clamp
+    modifies it), so the model's own clamp is a no-op in value, and its gradient (1 inside the closed interval
+    ``[-limit, limit]``, where every value now lies) passes the ratio on unchanged. Plain autograd would give
+    the clipped entries gradient 0 and lose their relevance.
+    """
+
+    limit: float
+
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        def hook(_module, _args, output):
+            clipped = output.clamp(min=-self.limit, max=self.limit)
+            return identity_rule(output, clipped).clone()
+
+        handles.append(module.register_forward_hook(hook))

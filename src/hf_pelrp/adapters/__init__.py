@@ -1,6 +1,20 @@
 """Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-from . import bert, gpt2, llama, vit  # noqa: F401  (importing a module registers its adapters)
+# importing a module registers its adapters
+from . import (  # noqa: F401
+    bert,
+    cohere,
+    gpt2,
+    granite,
+    llama,
+    olmo,
+    olmo2,
+    phi3,
+    qwen3,
+    smollm3,
+    starcoder2,
+    vit,
+)
 from .base import (
     Adapter,
     FunctionalActivationSite,
