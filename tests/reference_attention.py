@@ -13,6 +13,8 @@ and ``0 / 0 := 0`` (the helpers of :mod:`reference_lrp`):
   terms, uniform rule (1/2, 1/2) inside each product; the pass-through channels ``q[rotary_dim:]`` are
   copied, so their relevance goes to q entirely. GPT-J's cos / sin have ``rotary_dim / 2`` channels, each
   used for the two channels of its pair: a leaf's relevance is the sum over both;
+- optional per-head ``(1 + w)`` RMSNorms of q and k before the rotation (Gemma 3's ``q_norm`` / ``k_norm``;
+  identity rule: the normalising scale ``s`` is a constant, ``R_q = q * ((1 + w) s) * R_qn / qn``);
 - ``S = scaling * q k^T`` (epsilon + uniform: each term ``q_d k_d`` gives half to q and half to k), optional
   soft-capping ``S_c = c * tanh(S / c)`` (identity rule: ``R_S = R_Sc`` element-wise), then the causal mask;
 - softmax (AttnLRP Prop. 3.1): ``R_S = S (R_A - A sum_j R_A)`` on the allowed entries; the probabilities are
@@ -70,6 +72,7 @@ class AttentionWeights:
     layout: str = "half"  # "half" or "interleaved"
     softcap: float | None = None
     float32_softmax: bool = False
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (w_q, w_k, eps) of (1 + w) RMSNorms
 
 
 @dataclass
@@ -85,6 +88,13 @@ class AttentionRelevance:
 def _linear(x, w, b):
     z = x @ w.T
     return z if b is None else z + b
+
+
+def _norm_one_plus(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's RMSNorm as the model computes it (float32) and the exact float64 scale ``(1 + w) / rms(x)``."""
+    x32 = x.float()
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(F64)
+    return y, (1.0 + weight) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def _expand(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -144,6 +154,12 @@ def reference_attention_lrp(
     q = _linear(x, w.wq, w.bq).view(seq, w.n_heads, hd).transpose(0, 1)
     k = _linear(x, w.wk, w.bk).view(seq, w.n_kv, hd).transpose(0, 1)
     v = _linear(x, w.wv, w.bv).view(seq, w.n_kv, hd).transpose(0, 1)
+    q_in, k_in = q, k
+    if w.qk_norm is not None:
+        (q, q_scale), (k, k_scale) = (
+            _norm_one_plus(q_in, w.qk_norm[0], w.qk_norm[2]),
+            _norm_one_plus(k_in, w.qk_norm[1], w.qk_norm[2]),
+        )
     qr = torch.cat((_rotation(q[..., :r], c, s, w.layout)[0], q[..., r:]), -1)
     kr = torch.cat((_rotation(k[..., :r], c, s, w.layout)[0], k[..., r:]), -1)
     kh, vh = kr.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
@@ -173,6 +189,9 @@ def reference_attention_lrp(
         r_q, r_cos_q, r_sin_q = _lrp_rotation(q, c, s, r_qr, w.layout, whole_head_half, r)
         r_k, r_cos_k, r_sin_k = _lrp_rotation(k, c, s, r_kr, w.layout, whole_head_half, r)
         r_cos, r_sin = r_cos_q + r_cos_k, r_sin_q + r_sin_k
+        if w.qk_norm is not None:  # identity rule: the normalising scale is a constant
+            r_q = q_in * q_scale * safe_div(r_q, q)
+            r_k = k_in * k_scale * safe_div(r_k, k)
 
     def flat(t):
         return t.transpose(0, 1).reshape(seq, -1)

@@ -1,6 +1,6 @@
 """Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-from . import bert, gpt2, gpt_neox, gptj, llama, phi, stablelm, vit  # noqa: F401  (importing registers)
+from . import bert, gemma, gpt2, gpt_neox, gptj, llama, phi, stablelm, vit  # noqa: F401  (importing registers)
 from .base import (
     Adapter,
     FunctionalActivationSite,
