@@ -150,7 +150,9 @@ def eager_attention(
         scaling = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
-        capped = torch.tanh(scores / softcap) * softcap
+        # the identity rule needs the capped value only: no graph (and no extra N x N tensor) for tanh
+        with torch.no_grad():
+            capped = torch.tanh(scores / softcap) * softcap
         scores = identity_rule(scores, capped) if scores.requires_grad else capped
     scores, value = _apply_mask(module, scores, value, attention_mask, kwargs.get("is_causal"))
     bias = kwargs.get("position_bias")
