@@ -130,3 +130,22 @@ def test_rope_types_that_do_not_lengthen_the_context_keep_max_position_embedding
         rope_parameters = {"rope_type": "proportional", "factor": 4.0}
 
     assert scaled_rotary_limit(Config()) == MAX
+
+
+@pytest.mark.parametrize("case", ["dynamic", "longrope"])
+def test_length_dependent_scaling_is_not_batch_invariant_past_the_original_context(case):
+    """Known non-invariance (method.md "Scaled rotary embeddings"): dynamic NTK and LongRoPE choose their
+    frequencies from the longest position of the batch, as the model itself does. A short row explained next
+    to a row past the original context is not the row explained alone; inside the original context it is."""
+    rope, limit = CASES[case]
+    model = _llama(rope)
+    gen = torch.Generator().manual_seed(2)
+    short = torch.randint(1, 97, (1, 6), generator=gen)
+    alone = hf_pelrp.attribute(model, short)
+    for length, invariant in ((8, True), (limit, False)):
+        ids = torch.randint(1, 97, (2, length), generator=gen)
+        mask = torch.ones_like(ids)
+        ids[1, :6], ids[1, 6:], mask[1, 6:] = short[0], 0, 0
+        row = hf_pelrp.attribute(model, ids, attention_mask=mask)[1].unpad()
+        same = torch.allclose(row.relevance, alone.relevance, rtol=1e-9, atol=1e-12)
+        assert same == invariant
