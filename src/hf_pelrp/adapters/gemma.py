@@ -30,9 +30,10 @@ from .base import register_adapter
 from .llama import llama_like
 from .norms import rms_norm_one_plus
 
-#: Gemma's head_dim defaults to 256 and query_pre_attn_scalar to 256: the tiny instance sets both small;
+#: Gemma's head_dim and query_pre_attn_scalar default to 256: the tiny instance sets both small (and a larger
+#: initialisation, so that attention is not uniform and positions carry visible relevance);
 #: a window of 3 on 6 tokens makes the sliding-window mask differ from the causal one
-_TINY_GEMMA = {"head_dim": 8, "query_pre_attn_scalar": 8}
+_TINY_GEMMA = {"head_dim": 8, "query_pre_attn_scalar": 8, "initializer_range": 0.05}
 _TINY_ALTERNATING = {
     **_TINY_GEMMA,
     "layer_types": ["sliding_attention", "full_attention"],
