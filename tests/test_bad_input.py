@@ -33,13 +33,11 @@ def _ids(batch: int = 2, seq: int = 6) -> torch.Tensor:
 # ---------------------------------------------------------------- unsupported models
 
 
-def _tiny_gpt_neox():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def _tiny_mamba():
+    from transformers import MambaConfig, MambaForCausalLM
 
-    cfg = GPTNeoXConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=101
-    )
-    return GPTNeoXForCausalLM(cfg).eval()
+    # a state-space model: no attention, so no adapter will ever cover it
+    return MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=101)).eval()
 
 
 def _tiny_opt():
@@ -56,7 +54,7 @@ def _tiny_opt():
     return OPTForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("build, model_type", [(_tiny_gpt_neox, "gpt_neox"), (_tiny_opt, "opt")])
+@pytest.mark.parametrize("build, model_type", [(_tiny_mamba, "mamba"), (_tiny_opt, "opt")])
 def test_unsupported_model_type_names_itself_and_the_supported_ones(build, model_type):
     model = build()
     assert model_type not in hf_pelrp.supported_model_types()

@@ -150,10 +150,11 @@ def eager_attention(
         scaling = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
-        capped = torch.tanh(scores / softcap) * softcap
+        # the identity rule needs the capped value only: no graph (and no extra N x N tensor) for tanh
+        with torch.no_grad():
+            capped = torch.tanh(scores / softcap) * softcap
         scores = identity_rule(scores, capped) if scores.requires_grad else capped
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+    scores, value = _apply_mask(module, scores, value, attention_mask, kwargs.get("is_causal"))
     bias = kwargs.get("position_bias")
     if bias is not None:
         scores = scores + bias
@@ -161,6 +162,44 @@ def eager_attention(
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, None
+
+
+def _apply_mask(
+    module: torch.nn.Module,
+    scores: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of the ``"lrp"`` attention (built by ``sdpa_mask``) applied to written-out scores, as SDPA applies it.
+
+    ``sdpa_mask`` gives a boolean mask (True = attend: causal, sliding window and padding together) or
+    ``None`` where SDPA's own ``is_causal`` flag does the masking (no padding, and a sliding window longer
+    than the input); an additive float mask (a positional bias made a leaf) is added. Masked scores become
+    the dtype's minimum (at most float32's), as in transformers' eager attention: their probabilities are
+    exactly 0.
+    """
+    kv_len = scores.shape[-1]
+    if attention_mask is None:
+        q_len = scores.shape[-2]
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not (causal and q_len > 1):
+            return scores, value
+        if kv_len > q_len:  # SDPA's is_causal is aligned top-left: transformers crops the keys to the queries
+            scores, value = scores[..., :q_len], value[..., :q_len, :]
+            kv_len = q_len
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
+        return scores.masked_fill(~allowed, _masked_score(scores.dtype)), value
+    mask = attention_mask[..., :kv_len]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, _masked_score(scores.dtype)), value
+    return scores + mask, value
+
+
+def _masked_score(dtype: torch.dtype) -> float:
+    """The score of a masked entry: the dtype's minimum, but finite in the float32 softmax (a float64 minimum
+    would become -inf there, and a padding query that sees no key would turn its whole row into NaN)."""
+    return max(torch.finfo(dtype).min, torch.finfo(torch.float32).min)
 
 
 AttentionInterface.register(LRP_ATTENTION, lrp_attention_forward)

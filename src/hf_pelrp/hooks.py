@@ -315,3 +315,45 @@ class ClippedOutput(HookRule):
             return identity_rule(output, clipped).clone()
 
         handles.append(module.register_forward_hook(hook))
+class OutputActivation(HookRule):
+    """Identity rule (AttnLRP Prop. 3.4) for an element-wise activation a model applies as a function to the
+    output of ``producer`` as the last step of its forward: ``output.<field> = f(producer(x))``.
+
+    Gemma 2's final-logit soft-capping ``logits = c * tanh(lm_head(h) / c)`` is the case in point (method.md
+    "soft-capping"). A forward hook on ``producer`` remembers ``z``; a forward hook on the module this rule is
+    attached to (the model) replaces ``y = output.<field>`` by ``identity_rule(z, y)``: the same value, local
+    gradient ``f(z) / z`` instead of ``f'(z)`` (so ``R_z = R_y``: the explained capped logit is conserved). A
+    ``y`` of another shape than ``z`` is not an element-wise function of it and is refused.
+    """
+
+    producer: torch.nn.Module
+    field: str = "logits"
+
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        seen: dict[str, torch.Tensor] = {}
+
+        def remember(_module, _args, output):
+            seen["z"] = output
+
+        def replace(_module, _args, output):
+            z = seen.pop("z", None)
+            if z is None:
+                return None
+            y = getattr(output, self.field, None)
+            if not isinstance(y, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"{type(_module).__name__} returned no `{self.field}` field (return_dict=False?): the identity "
+                    f"rule of the activation after {type(self.producer).__name__} cannot be applied; call the model "
+                    "with return_dict=True inside hf_pelrp.lrp()."
+                )
+            if y.shape != z.shape:
+                raise UnsupportedModelError(
+                    f"{type(_module).__name__}.{self.field} has shape {tuple(y.shape)} but "
+                    f"{type(self.producer).__name__} returned {tuple(z.shape)}: not the element-wise activation "
+                    "the adapter declares between them."
+                )
+            setattr(output, self.field, identity_rule(z.to(y.device), y))
+            return output
+
+        handles.append(self.producer.register_forward_hook(remember))
+        handles.append(module.register_forward_hook(replace))

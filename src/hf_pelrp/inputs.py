@@ -115,22 +115,55 @@ def causal_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_rotary_limit(config: Any) -> int | None:
-    """The longest input a rotary model is meant to run on: ``max_position_embeddings``, or, for scaled rotary
-    embeddings (``linear``, ``dynamic``, ``yarn``, ``longrope``, ``llama3``), the original context times the
-    scaling factor where that is longer."""
+    """The longest input a rotary model is meant to run on (transformers 5 ``config.rope_parameters``).
+
+    transformers takes ``max_position_embeddings`` as the scaled context of ``yarn``, ``llama3`` and
+    ``longrope`` (it checks ``factor = max_position_embeddings / original_max_position_embeddings``) and as
+    the pretraining context that ``dynamic`` scaling grows beyond; scaling added to a config afterwards
+    (``rope_parameters={"rope_type": "yarn", "factor": 4}`` on a 32k model) leaves it unchanged. So, per
+    ``rope_type``:
+
+    - ``default`` (and types that do not lengthen the context, e.g. ``proportional``): ``max_position_embeddings``;
+    - ``dynamic``: ``max_position_embeddings * factor`` (dynamic NTK rescales the frequencies past
+      ``max_position_embeddings``, up to the factor the config names);
+    - ``linear``, ``yarn``, ``llama3``, ``longrope``: the longer of ``max_position_embeddings`` and
+      ``original_max_position_embeddings * factor`` (the original context defaults to
+      ``max_position_embeddings``; a ``longrope`` without ``factor`` is scaled to ``max_position_embeddings``).
+
+    Parameters nested by layer type (Gemma 3: ``{"full_attention": {...}, "sliding_attention": {...}}``) give
+    the shortest of their limits: the model is meant to run where every layer type is.
+    """
     limit = getattr(config, "max_position_embeddings", None)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(params, dict):
+    if limit is None or not isinstance(params, dict):
         return limit
+    # the keys transformers nests rope parameters under (its `nested_rope_parameter_keys`)
+    labels = getattr(config, "_rope_type_labels", None) or getattr(config, "layer_types", None) or ()
+    nested = [p for key, p in params.items() if key in labels]
+    if nested:
+        limits = [_rope_limit(p, limit, config) for p in nested if isinstance(p, dict)]
+        return min(limits) if limits else limit
+    return _rope_limit(params, limit, config)
+
+
+#: rope types whose ``factor`` lengthens the context a model is meant to run on
+_SCALED_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def _rope_limit(params: dict, limit: int, config: Any) -> int:
+    """The limit of one flat ``rope_parameters`` dict (see :func:`scaled_rotary_limit`)."""
     kind = params.get("rope_type", params.get("type", "default"))
     factor = params.get("factor")
-    if kind in (None, "default") or not isinstance(factor, int | float) or limit is None:
+    if kind not in _SCALED_ROPE_TYPES or not isinstance(factor, int | float) or isinstance(factor, bool):
         return limit
-    original = params.get("original_max_position_embeddings") or getattr(
-        config, "original_max_position_embeddings", None
-    )
-    scaled = int(math.floor((original or limit) * float(factor)))
-    return max(limit, scaled)
+    if kind == "dynamic":
+        original = limit  # transformers' dynamic NTK grows from max_position_embeddings, whatever else is set
+    else:
+        original = params.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None
+        )
+        original = original or limit
+    return max(limit, int(math.floor(original * float(factor))))
 
 
 @dataclass
