@@ -1,6 +1,6 @@
 """Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-from . import bert, deepseek, gpt2, llama, moe, vit  # noqa: F401  (importing a module registers its adapters)
+from . import bert, deepseek, gpt2, llama, moe, qwen2_vl, vit  # noqa: F401  (importing a module registers its adapters)
 from .base import (
     Adapter,
     FunctionalActivationSite,
