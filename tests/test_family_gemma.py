@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import hf_pelrp
+from helpers.reference_attention import AttentionWeights, reference_attention_lrp
 from hf_pelrp import UnsupportedModelError
 from hf_pelrp.adapters.norms import rms_norm, rms_norm_one_plus
 from hf_pelrp.hooks import Handles, Norm
 from hf_pelrp.inputs import causal_position_ids
-from reference_attention import AttentionWeights, reference_attention_lrp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

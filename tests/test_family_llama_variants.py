@@ -15,9 +15,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_pelrp
+from helpers.reference_families import reference_family_lrp
 from hf_pelrp.adapters import adapter_for_type
 from hf_pelrp.inputs import causal_position_ids
-from reference_families import reference_family_lrp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import hf_pelrp
+from helpers.reference_attention import AttentionWeights, reference_attention_lrp
 from hf_pelrp.attention import attention_rule
-from reference_attention import AttentionWeights, reference_attention_lrp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

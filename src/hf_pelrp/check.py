@@ -20,7 +20,13 @@ from transformers.models.auto import modeling_auto
 
 from .adapters.base import Adapter, adapter_for_type
 from .errors import HfPelrpError
-from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQUENCE_CLASSIFICATION
+from .heads import (
+    CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
+    MASKED_LM,
+    SEQUENCE_CLASSIFICATION,
+    registered_head_classes,
+)
 
 #: transformers' auto mappings of the head kinds hf_pelrp explains
 _HEAD_MAPPINGS = {
@@ -88,6 +94,10 @@ def head_classes(model_type: str, adapter: Adapter) -> list[type]:
             cls = getattr(transformers, n, None) if n else None
             if cls is not None:
                 classes.append(cls)
+    for n, kind in registered_head_classes(model_type):
+        cls = getattr(transformers, n, None)
+        if cls is not None and cls not in classes and (adapter.heads is None or kind in adapter.heads):
+            classes.append(cls)
     return classes
 
 

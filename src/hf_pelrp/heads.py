@@ -69,6 +69,9 @@ HEAD_KINDS: tuple[HeadKind, ...] = (
 
 def head_of(model: torch.nn.Module) -> HeadKind:
     """The head kind of ``model``; :class:`AttributionInputError` naming the supported kinds otherwise."""
+    registered = _HEAD_CLASSES.get(type(model).__name__)
+    if registered is not None:
+        return next(kind for kind in HEAD_KINDS if kind.name == registered[1])
     for kind in HEAD_KINDS:
         if kind.matches(model):
             return kind
@@ -362,3 +365,27 @@ def check_pooled_position(
             f"{how}. Pad "
             "with config.pad_token_id (tokenizer.pad_token_id should equal it), or pad on the left."
         )
+
+
+# ---- head classes whose name does not tell their kind ----------------------------------------------------------
+
+#: class name -> (model type, head kind name), see :func:`register_head_class`
+_HEAD_CLASSES: dict[str, tuple[str, str]] = {}
+
+
+def register_head_class(model_type: str, class_name: str, kind: str) -> None:
+    """Explain instances of ``class_name`` (of ``model_type``) with the head kind ``kind``.
+
+    For model classes whose name does not say what their head is: a vision-language model named
+    ``*ForConditionalGeneration`` whose language model is a decoder explained on text-only inputs is a causal
+    LM (``register_head_class("qwen2_vl", "Qwen2VLForConditionalGeneration", "causal_lm")``).
+    :func:`hf_pelrp.check_adapter` checks the registered classes of a model type with the others.
+    """
+    if kind not in {k.name for k in HEAD_KINDS}:
+        raise ValueError(f"unknown head kind {kind!r}; the kinds are {[k.name for k in HEAD_KINDS]}")
+    _HEAD_CLASSES[class_name] = (model_type, kind)
+
+
+def registered_head_classes(model_type: str) -> list[tuple[str, str]]:
+    """``(class name, head kind)`` of the classes registered for ``model_type`` (:func:`register_head_class`)."""
+    return [(name, kind) for name, (mt, kind) in _HEAD_CLASSES.items() if mt == model_type]

@@ -315,6 +315,8 @@ class ClippedOutput(HookRule):
             return identity_rule(output, clipped).clone()
 
         handles.append(module.register_forward_hook(hook))
+
+
 class OutputActivation(HookRule):
     """Identity rule (AttnLRP Prop. 3.4) for an element-wise activation a model applies as a function to the
     output of ``producer`` as the last step of its forward: ``output.<field> = f(producer(x))``.

@@ -28,6 +28,7 @@ import torch
 from .attention import AttentionRule
 from .config import LRPConfig
 from .devices import execution_device
+from .errors import UnsupportedModelError
 from .hooks import EmbeddingLeaf, Handles, HookRule, LeafStore, make_leaf
 from .modules import find_module
 from .rules import relevance_of
@@ -245,3 +246,87 @@ class Rotary(PositionalKind):
     def describe(self) -> str:
         parts = {"half": "rotary", "interleaved": "interleaved rotary"}[self.layout]
         return f"{parts}: per-layer `(cos, sin)` leaves (`attr.position_by_layer`)"
+
+
+class _RecordAux(HookRule):
+    """Record a value in ``store.aux`` at every forward pass (the store is cleared when a forward pass starts)."""
+
+    def __init__(self, store: LeafStore, key: str, value: object):
+        self.store, self.key, self.value = store, key, value
+
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        def hook(_module, _args):
+            self.store.aux[self.key] = self.value
+
+        handles.append(module.register_forward_pre_hook(hook))
+
+
+@dataclass(frozen=True)
+class MultimodalRotary(Rotary):
+    """M-RoPE (Qwen2-VL, Qwen2.5-VL language models; method.md 2, "M-RoPE"): rotary leaves as :class:`Rotary`,
+    plus the position relevance per axis.
+
+    The rotary frequencies are split into sections (``mrope_section``, e.g. ``[16, 24, 24]`` of the ``D / 2``
+    frequencies of a head): section ``i`` takes its angle from the position ids of axis ``i % 3`` (temporal,
+    height, width), and the ``(cos, sin)`` pair the attention receives is ``cat(f, f)`` of the recomposed
+    frequencies. The leaves and their rule are those of :class:`Rotary`; the map is additionally summed per
+    axis over the channels of its sections (in both halves):
+    ``position_by_axis[b, a, i] = sum_l sum_{d in axis a} (cos_l * cos_l.grad + sin_l * sin_l.grad)[b, i, d]``
+    ([B, 3, T], in the result's extras), so that ``position_by_axis.sum(1) == position``.
+
+    ``sections`` is the base-model path of the module holding ``mrope_section`` (the language model's rotary
+    embedding): the split is read from the model instance when the rules are attached.
+    """
+
+    sections: str = "language_model.rotary_emb"
+    axes: tuple[str, ...] = ("temporal", "height", "width")
+    name: str = "mrope"
+
+    def section_sizes(self, model: torch.nn.Module) -> tuple[int, ...]:
+        holder = find_module(model.base_model, self.sections)
+        sizes = getattr(holder, "mrope_section", None)
+        if not sizes:
+            raise UnsupportedModelError(
+                f"{type(holder).__name__} at {self.sections!r} has no mrope_section: not the M-RoPE layout the "
+                "adapter declares"
+            )
+        return tuple(int(s) for s in sizes)
+
+    def rules(self, model, layers, attention, store):
+        sizes = self.section_sizes(model)
+        return [
+            *super().rules(model, layers, attention, store),
+            *((module, _RecordAux(store, "mrope_section", sizes)) for module in attention),
+        ]
+
+    def axis_of_channels(self, sizes: tuple[int, ...], width: int) -> torch.Tensor:
+        """The axis (0 temporal, 1 height, 2 width) of each of the ``width`` channels of a cos / sin leaf."""
+        half = torch.cat([torch.full((size,), i % len(self.axes)) for i, size in enumerate(sizes)])
+        if 2 * half.numel() != width:
+            raise UnsupportedModelError(
+                f"mrope_section {list(sizes)} covers {half.numel()} frequencies, but the rotary leaves have "
+                f"{width} channels (expected twice as many)"
+            )
+        return torch.cat((half, half))
+
+    def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
+        maps = super().read(store, token, num_layers)
+        batch, seq = token.shape
+        by_axis = torch.zeros(batch, len(self.axes), seq, device=token.device, dtype=token.dtype)
+        sizes = store.aux.get("mrope_section")
+        for leaves in store.layers.values():
+            for leaf in leaves.values():
+                if leaf.grad is None or sizes is None:
+                    continue
+                axis = self.axis_of_channels(sizes, leaf.shape[-1]).to(leaf.device)
+                per_channel = leaf.detach().to(by_axis.dtype) * leaf.grad.to(by_axis.dtype)
+                for a in range(len(self.axes)):
+                    by_axis[:, a] += _as_map(per_channel[..., axis == a].sum(-1), token)
+        maps["position_by_axis"] = by_axis
+        return maps
+
+    def describe(self) -> str:
+        return (
+            "M-RoPE: per-layer `(cos, sin)` leaves (`attr.position_by_layer`), split by axis "
+            "(`attr.position_by_axis`: temporal, height, width)"
+        )

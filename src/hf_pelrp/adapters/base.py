@@ -67,12 +67,15 @@ class GatedProduct:
     CP-LRP makes the activated gate a constant.
 
     ``act`` and ``up`` are block-relative module paths; ``up_channels`` = ``"second_half"`` for a fused
-    ``gate_up_proj`` whose second half is the up projection (the first half feeds ``act``).
+    ``gate_up_proj`` whose second half is the up projection (the first half feeds ``act``). ``optional``: blocks
+    without the ``act`` module are skipped (families that mix dense and mixture-of-experts blocks: the gated MLP
+    sits at ``mlp`` in some blocks and at ``mlp.shared_expert`` in others).
     """
 
     act: str
     up: str
     up_channels: str | None = None
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,8 @@ class Adapter:
         gates: dict[nn.Module, float] = {}
         for block in blocks:
             for product in self.gated:
+                if product.optional and find_optional(block, product.act) is None:
+                    continue
                 act = find_module(block, product.act)
                 if not isinstance(act, ACTIVATIONS):
                     raise UnsupportedModelError(

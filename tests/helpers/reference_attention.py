@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reference_lrp import F64, lrp_linear, rotate_half, safe_div, unrotate_relevance
+from helpers.reference_lrp import F64, lrp_linear, rotate_half, safe_div, unrotate_relevance
 
 
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
