@@ -1,6 +1,6 @@
 """Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-from . import bert, gpt2, llama, vit  # noqa: F401  (importing a module registers its adapters)
+from . import albert, bert, clip, dinov2, electra, gpt2, gpt_bigcode, llama, modernbert, opt, vit, xlm_roberta  # noqa: F401  (importing a module registers its adapters)
 from .base import (
     Adapter,
     FunctionalActivationSite,
