@@ -1,6 +1,20 @@
 """Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-from . import albert, bert, clip, dinov2, electra, gpt2, gpt_bigcode, llama, modernbert, opt, vit, xlm_roberta  # noqa: F401  (importing a module registers its adapters)
+# importing a module registers its adapters
+from . import (  # noqa: F401
+    albert,
+    bert,
+    clip,
+    dinov2,
+    electra,
+    gpt2,
+    gpt_bigcode,
+    llama,
+    modernbert,
+    opt,
+    vit,
+    xlm_roberta,
+)
 from .base import (
     Adapter,
     FunctionalActivationSite,
