@@ -158,21 +158,16 @@ def test_errors_exit_2(argv, message, lm_dir, tmp_path, capsys):
 
 
 def test_unsupported_model_exits_2(tmp_path, capsys):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import MambaConfig, MambaForCausalLM
 
-    config = OPTConfig(
-        vocab_size=101,
-        hidden_size=16,
-        num_hidden_layers=1,
-        ffn_dim=32,
-        num_attention_heads=2,
-        word_embed_proj_dim=16,
+    config = MambaConfig(
+        vocab_size=101, hidden_size=16, num_hidden_layers=1, state_size=4, intermediate_size=32
     )
-    OPTForCausalLM(config).save_pretrained(tmp_path)
+    MambaForCausalLM(config).save_pretrained(tmp_path)
     tiny_word_tokenizer().save_pretrained(tmp_path)
     code = cli.main(["explain", "--model", str(tmp_path), "--text", "w1 w2", "--quiet"])
     assert code == 2
-    assert "'opt'" in _one_line_error(capsys.readouterr().err)
+    assert "'mamba'" in _one_line_error(capsys.readouterr().err)
 
 
 def test_explain_generation_report(lm_dir, tmp_path, capsys):
