@@ -108,3 +108,9 @@ def test_gamma_rules_reach_the_declared_layers(model_type):
     torch.testing.assert_close(conv.patch_map, eps.patch_map)
     assert (conv.pixel_map - eps.pixel_map).abs().max() > 1e-6
     assert (linear.patch_map - eps.patch_map).abs().max() > 1e-6
+
+
+def test_siglip_without_the_pooling_head_passes_check_adapter():
+    config = tiny_config("siglip")
+    config.vision_config.vision_use_head = False
+    assert hf_pelrp.check_adapter(config).passed
