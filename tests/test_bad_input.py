@@ -40,21 +40,7 @@ def _tiny_mamba():
     return MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=101)).eval()
 
 
-def _tiny_opt():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = OPTConfig(
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        vocab_size=101,
-        word_embed_proj_dim=32,
-    )
-    return OPTForCausalLM(cfg).eval()
-
-
-@pytest.mark.parametrize("build, model_type", [(_tiny_mamba, "mamba"), (_tiny_opt, "opt")])
+@pytest.mark.parametrize("build, model_type", [(_tiny_mamba, "mamba")])
 def test_unsupported_model_type_names_itself_and_the_supported_ones(build, model_type):
     model = build()
     assert model_type not in hf_pelrp.supported_model_types()

@@ -30,7 +30,12 @@ CHANGING = {os.path.join(SRC, name) for name in ("engine.py", "hooks.py", "atten
 
 
 class _Interrupt:
-    """A tracer raising KeyboardInterrupt at the k-th line executed in one of ``files``."""
+    """A tracer raising KeyboardInterrupt at the k-th line executed in one of ``files`` outside a backward pass.
+
+    Lines run by the autograd engine (gradient-checkpointing recomputation inside ``backward()``) are not
+    interrupt points: the issue is the set-up and the tear-down, and an exception thrown into torch's engine
+    from a recomputation is torch's business.
+    """
 
     def __init__(self, k: int, files: set[str]):
         self.k, self.files, self.seen, self.fired = k, files, 0, False
@@ -41,7 +46,7 @@ class _Interrupt:
         return self.local(frame, event, arg)
 
     def local(self, frame, event, arg):
-        if event == "line" and not self.fired:
+        if event == "line" and not self.fired and torch._C._current_graph_task_id() == -1:
             self.seen += 1
             if self.seen == self.k:
                 self.fired = True

@@ -97,19 +97,14 @@ def test_enable_attribution_on_a_loaded_model():
 
 
 def test_unsupported_model_type_fails_at_load(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import MambaConfig, MambaForCausalLM
 
-    assert "opt" not in hf_pelrp.supported_model_types()
-    config = OPTConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        ffn_dim=32,
-        num_attention_heads=2,
-        word_embed_proj_dim=16,
+    assert "mamba" not in hf_pelrp.supported_model_types()
+    config = MambaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4, intermediate_size=32
     )
-    OPTForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="'opt'.*not supported"):
+    MambaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="'mamba'.*not supported"):
         hf_pelrp.from_pretrained(AutoModelForCausalLM, tmp_path)
 
 

@@ -59,9 +59,11 @@ def _default_inputs(model: torch.nn.Module, kind: str, seed: int) -> tuple[dict[
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     if kind == IMAGE_CLASSIFICATION:
-        size = config.image_size
+        # CLIP / SigLIP classifiers keep their vision tower's settings in config.vision_config
+        vision = getattr(config, "vision_config", None) or config
+        size = vision.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (1, config.num_channels, height, width)
+        shape = (1, vision.num_channels, height, width)
         pixels = torch.randn(shape, generator=generator).to(device)
         return {"pixel_values": pixels}, f"a random image {list(shape[1:])} (standard normal, seed {seed})"
     vocab = getattr(config, "vocab_size", None)

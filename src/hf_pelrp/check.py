@@ -191,7 +191,9 @@ class _Checker:
     def inputs(self, batch: int = 2, length: int = 6) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(self.seed + 1)
         if self.adapter.inputs.kind == "image":
-            config = self.model.config
+            # a vision tower inside a two-tower config (CLIP, SigLIP) reads its own vision config
+            layout = getattr(self.adapter.inputs, "layout", None)
+            config = layout.config_of(self.model) if layout is not None else self.model.config
             size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
             dtype = next(self.model.parameters()).dtype
             return {

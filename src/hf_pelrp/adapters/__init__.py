@@ -2,18 +2,25 @@
 
 # importing a module registers its adapters
 from . import (  # noqa: F401
+    albert,
     bert,
+    clip,
     cohere,
     deepseek,
+    dinov2,
+    electra,
     gemma,
     gpt2,
+    gpt_bigcode,
     gpt_neox,
     gptj,
     granite,
     llama,
+    modernbert,
     moe,
     olmo,
     olmo2,
+    opt,
     phi,
     phi3,
     qwen2_vl,
@@ -22,6 +29,7 @@ from . import (  # noqa: F401
     stablelm,
     starcoder2,
     vit,
+    xlm_roberta,
 )
 from .base import (
     Adapter,

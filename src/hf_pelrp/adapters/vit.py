@@ -14,13 +14,19 @@ rebuilt by a hook on the embeddings module from two leaves with the module's own
 
 The pixels are a leaf of their own: after the backward pass, the token relevance of the patches is carried
 through the patch convolution (with its rule) to the pixels, which gives ``pixel_map``.
+
+Other ViT-style vision towers (DINOv2, the CLIP and SigLIP vision towers) differ only in where these parts
+live (a :class:`VisionLayout`: the embeddings module, the patch module and convolution, the special tokens, the
+position table, whether positions are always interpolated, where the vision config is); the same rule, input
+checks and maps serve them (:mod:`hf_pelrp.adapters.dinov2`, :mod:`hf_pelrp.adapters.clip`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +37,7 @@ from ..devices import weights_on_device
 from ..errors import AttributionInputError, AttributionStateError
 from ..hooks import Handles, HookRule, LeafStore, make_leaf
 from ..inputs import Prepared, check_unknown_inputs
+from ..modules import find_module
 from ..positions import Additive
 from .base import Adapter, register_adapter
 from .norms import layer_norm
@@ -48,6 +55,86 @@ def num_special_tokens(embeddings: nn.Module) -> int:
     return 2 if getattr(embeddings, "distillation_token", None) is not None else 1
 
 
+@dataclass(frozen=True)
+class VisionLayout:
+    """Where a ViT-style vision tower keeps the parts of ``e = [special tokens, patches] + positions``.
+
+    The defaults describe ViT / DeiT. Paths are module paths (``find_module``); ``embeddings`` is relative to
+    ``model.base_model``, ``patches`` and ``conv`` to the embeddings module.
+
+    Parameters
+    ----------
+    embeddings
+        The embeddings module (its output is the sum).
+    patches
+        The module that takes the pixels and gives the patch tokens: ``[B, N, D]``, or a convolution's
+        ``[B, D, h, w]`` (CLIP, SigLIP), flattened in raster order as the model does.
+    conv
+        The patch convolution (its weight's dtype is the model's, its kernel the patch size).
+    specials
+        Attributes of the embeddings module holding the special tokens, in sequence order (``[1, 1, D]`` or
+        ``[D]``); absent or ``None`` ones are skipped (DeiT has a distillation token, ViT does not; SigLIP has
+        none).
+    position
+        The position table: a ``[1, S, D]`` parameter, or an ``nn.Embedding`` read at the module's
+        ``position_ids`` buffer (CLIP, SigLIP).
+    interpolation
+        ``"optional"``: the table is interpolated to the image size with ``interpolate_pos_encoding=True`` (ViT,
+        CLIP, SigLIP); ``"always"``: the model always calls ``interpolate_pos_encoding`` (DINOv2), which returns
+        the table itself at the training size.
+    vision_config
+        The attribute of ``model.config`` holding the vision config (``"vision_config"``: CLIP, SigLIP);
+        ``None``: ``model.config`` itself.
+    """
+
+    embeddings: str = "embeddings"
+    patches: str = "patch_embeddings"
+    conv: str = "patch_embeddings.projection"
+    specials: tuple[str, ...] = ("cls_token", "distillation_token")
+    position: str = "position_embeddings"
+    interpolation: str = "optional"
+    vision_config: str | None = None
+
+    def embeddings_of(self, model: nn.Module) -> nn.Module:
+        return find_module(model.base_model, self.embeddings)
+
+    def config_of(self, model: nn.Module) -> Any:
+        return getattr(model.config, self.vision_config) if self.vision_config else model.config
+
+    def special_tokens(self, emb: nn.Module) -> list[torch.Tensor]:
+        found = (getattr(emb, name, None) for name in self.specials)
+        return [t for t in found if isinstance(t, torch.Tensor)]
+
+    def patch_size(self, emb: nn.Module) -> tuple[int, int]:
+        return _pair(find_module(emb, self.conv).kernel_size)
+
+    def table_rows(self, emb: nn.Module) -> int:
+        """The number of positions the (uninterpolated) table holds."""
+        table = getattr(emb, self.position)
+        return table.num_embeddings if isinstance(table, nn.Embedding) else table.shape[1]
+
+    def positions(
+        self, emb: nn.Module, token: torch.Tensor, height: int, width: int, interpolate: bool
+    ) -> torch.Tensor:
+        """The position embedding [1, S, D] the model adds, computed with the module's own code."""
+        if interpolate or self.interpolation == "always":
+            return emb.interpolate_pos_encoding(token, height, width)
+        table = getattr(emb, self.position)
+        if isinstance(table, nn.Embedding):
+            return table(emb.position_ids)
+        return table
+
+
+#: the layout of ViT / DeiT
+VIT_LAYOUT = VisionLayout()
+
+
+def _patch_tokens(output: torch.Tensor) -> torch.Tensor:
+    """The patch tokens [B, N, D] from the patch module's output (a convolution's [B, D, h, w] is flattened in
+    raster order, as the models do)."""
+    return output.flatten(2).transpose(1, 2) if output.dim() == 4 else output
+
+
 @dataclass
 class VisionEmbeddingLeaves(HookRule):
     """Leaves ``"token"`` and ``"position"`` at the embedding sum of a ViT / DeiT, and the pixels behind them.
@@ -61,9 +148,11 @@ class VisionEmbeddingLeaves(HookRule):
 
     store: LeafStore
     positional: bool
+    layout: VisionLayout = field(default_factory=VisionLayout)
 
     def attach(self, module: nn.Module, handles: Handles) -> None:
-        store = self.store
+        store, layout = self.store, self.layout
+        signature = inspect.signature(type(module).forward)
 
         def pixels_in(_module, args):
             pixels = make_leaf(args[0])
@@ -71,7 +160,7 @@ class VisionEmbeddingLeaves(HookRule):
             return (pixels, *args[1:])
 
         def patches_out(_module, _args, output):
-            store.aux["patches"] = output
+            store.aux["patches"] = _patch_tokens(output)
 
         def embeddings_out(emb, args, kwargs, output):
             # accelerate offload: the class token and the positions are on `meta` once the forward returned
@@ -79,7 +168,8 @@ class VisionEmbeddingLeaves(HookRule):
                 return rebuild(emb, args, kwargs, output)
 
         def rebuild(emb, args, kwargs, output):
-            masked = kwargs.get("bool_masked_pos", args[1] if len(args) > 1 else None)
+            given = signature.bind(emb, *args, **kwargs).arguments
+            masked = given.get("bool_masked_pos")
             if masked is not None:
                 raise AttributionInputError(
                     "bool_masked_pos (masked image modelling) is not supported by hf_pelrp: attribute unmasked images"
@@ -87,22 +177,24 @@ class VisionEmbeddingLeaves(HookRule):
             patches = store.aux["patches"]
             height, width = store.aux["pixels"].shape[-2:]
             batch = patches.shape[0]
-            specials = [emb.cls_token] + ([emb.distillation_token] if num_special_tokens(emb) == 2 else [])
-            token = make_leaf(
-                torch.cat([s.detach().expand(batch, -1, -1) for s in specials] + [patches.detach()], dim=1)
+            specials = [
+                s.detach().reshape(1, 1, -1).expand(batch, -1, -1) for s in layout.special_tokens(emb)
+            ]
+            token = make_leaf(torch.cat(specials + [patches.detach()], dim=1))
+            store.aux["patch_size"] = layout.patch_size(emb)
+            position = layout.positions(
+                emb, token, height, width, bool(given.get("interpolate_pos_encoding"))
             )
-            interpolate = kwargs.get("interpolate_pos_encoding", args[2] if len(args) > 2 else False)
-            if interpolate:
-                position = emb.interpolate_pos_encoding(token, height, width)
-            else:
-                position = emb.position_embeddings
             # one copy per image: a shared [1, S, D] leaf would sum the gradients of the whole batch
             position = position.detach().expand(batch, -1, -1)
             if self.positional:
                 position = make_leaf(position)
                 store.additive["position"] = position
             store.additive["token"] = token
-            rebuilt = emb.dropout(token + position)
+            rebuilt = token + position
+            dropout = getattr(emb, "dropout", None)
+            if isinstance(dropout, nn.Module):
+                rebuilt = dropout(rebuilt)
             if not torch.equal(rebuilt.detach(), output.detach()):
                 raise AttributionStateError(
                     f"{type(emb).__name__} computed something other than [special tokens, patches] + positions; "
@@ -110,7 +202,7 @@ class VisionEmbeddingLeaves(HookRule):
                 )
             return rebuilt
 
-        patch = module.patch_embeddings
+        patch = find_module(module, layout.patches)
         handles.append(patch.register_forward_pre_hook(pixels_in))
         handles.append(patch.register_forward_hook(patches_out))
         handles.append(module.register_forward_hook(embeddings_out, with_kwargs=True))
@@ -122,16 +214,29 @@ def _embedding_rules(
     return [(model.base_model.embeddings, VisionEmbeddingLeaves(store, config.positional))]
 
 
+def vision_embedding_rules(layout: VisionLayout):
+    """``extra_rules`` of a vision family with ``layout``: the :class:`VisionEmbeddingLeaves` rule on its
+    embeddings module."""
+
+    def rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
+        return [(layout.embeddings_of(model), VisionEmbeddingLeaves(store, config.positional, layout))]
+
+    return rules
+
+
 @dataclass(frozen=True)
 class ImageInputs:
-    """``pixel_values`` [B, C, H, W] (a [C, H, W] image is one row), checked against the model's config; the
-    attention mask is all ones over the sequence (special tokens, then the patches row by row)."""
+    """``pixel_values`` [B, C, H, W] (a [C, H, W] image is one row), checked against the model's (vision)
+    config; the attention mask is all ones over the sequence (special tokens, then the patches row by row).
+    ``layout`` says where the vision tower keeps its parts (default: ViT / DeiT)."""
 
     kind: str = "image"
+    layout: VisionLayout = field(default_factory=VisionLayout)
 
     def validate(self, model: nn.Module, inputs: dict[str, Any]) -> Prepared:
         inputs = {k: v for k, v in inputs.items() if v is not None}
         name = type(model).__name__
+        layout = self.layout
         for key in ("input_ids", "inputs_embeds"):
             if key in inputs:
                 raise AttributionInputError(
@@ -139,7 +244,15 @@ class ImageInputs:
                 )
         if "attention_mask" in inputs:
             raise AttributionInputError(f"{name} attends over all patches: attention_mask is not supported")
-        check_unknown_inputs(inputs, ("pixel_values", "interpolate_pos_encoding"), model)
+        always = layout.interpolation == "always"
+        if always and "interpolate_pos_encoding" in inputs:
+            raise AttributionInputError(
+                f"{name} always interpolates its position embeddings to the image size: drop "
+                "interpolate_pos_encoding"
+            )
+        check_unknown_inputs(
+            inputs, ("pixel_values",) + (() if always else ("interpolate_pos_encoding",)), model
+        )
         pixels = inputs.get("pixel_values")
         if pixels is None:
             raise AttributionInputError(
@@ -161,31 +274,37 @@ class ImageInputs:
         batch, channels, height, width = pixels.shape
         if batch == 0:
             raise AttributionInputError("empty input: pixel_values holds no image")
-        if channels != model.config.num_channels:
+        config = layout.config_of(model)
+        if channels != config.num_channels:
             raise AttributionInputError(
-                f"pixel_values has {channels} channel(s) but {name} expects {model.config.num_channels} "
+                f"pixel_values has {channels} channel(s) but {name} expects {config.num_channels} "
                 "(config.num_channels): convert the images (e.g. grayscale to RGB) before attributing"
             )
-        dtype = model.base_model.embeddings.patch_embeddings.projection.weight.dtype
+        emb = layout.embeddings_of(model)
+        dtype = find_module(emb, layout.conv).weight.dtype
         if pixels.dtype != dtype:
             raise AttributionInputError(
                 f"pixel_values has dtype {pixels.dtype} but the model computes in {dtype}: cast it with .to(model.dtype)"
             )
         if not torch.isfinite(pixels).all():
             raise AttributionInputError("pixel_values holds NaN or infinite values")
-        emb = model.base_model.embeddings
-        image_h, image_w = _pair(emb.patch_embeddings.image_size)
-        patch_h, patch_w = _pair(emb.patch_embeddings.patch_size)
-        if inputs.get("interpolate_pos_encoding"):
+        image_h, image_w = _pair(config.image_size)
+        patch_h, patch_w = layout.patch_size(emb)
+        specials = len(layout.special_tokens(emb))
+        if always or inputs.get("interpolate_pos_encoding"):
             if height < patch_h or width < patch_w:
                 raise AttributionInputError(
                     f"the image is {height}x{width}, smaller than one {patch_h}x{patch_w} patch"
                 )
-            grid = emb.position_embeddings.shape[1] - num_special_tokens(emb)
+            grid = layout.table_rows(emb) - specials
             if math.isqrt(grid) ** 2 != grid:
                 raise AttributionInputError(
                     f"{name} was trained on a non-square patch grid, which interpolate_pos_encoding cannot "
-                    f"resize: pass {image_h}x{image_w} images without it"
+                    + (
+                        "handle: this model cannot be attributed"
+                        if always
+                        else f"resize: pass {image_h}x{image_w} images without it"
+                    )
                 )
         elif (height, width) != (image_h, image_w):
             raise AttributionInputError(
@@ -196,7 +315,7 @@ class ImageInputs:
         out = {"pixel_values": pixels}
         if "interpolate_pos_encoding" in inputs:
             out["interpolate_pos_encoding"] = bool(inputs["interpolate_pos_encoding"])
-        seq_len = num_special_tokens(emb) + (height // patch_h) * (width // patch_w)
+        seq_len = specials + (height // patch_h) * (width // patch_w)
         mask = torch.ones(batch, seq_len, dtype=torch.long, device=pixels.device)
         return Prepared(out, mask)
 
@@ -217,7 +336,10 @@ def vision_maps(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dic
     if pixels is None or patches is None or token is None:
         return {}
     batch, _, height, width = pixels.shape
-    patch_h, patch_w = _pair(model.base_model.embeddings.patch_embeddings.patch_size)
+    patch_size = store.aux.get("patch_size")
+    if patch_size is None:
+        patch_size = model.base_model.embeddings.patch_embeddings.patch_size
+    patch_h, patch_w = _pair(patch_size)
     grid_h, grid_w = height // patch_h, width // patch_w
     special = token.shape[1] - patches.shape[1]
     dtype = maps["token"].dtype
