@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_absolute import lrp_linear
 from transformers import ModernBertForMaskedLM, ModernBertForSequenceClassification
 
 import hf_pelrp
+from helpers.reference_absolute import lrp_linear
 from hf_pelrp.check import _randomise, _zero_biases, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")

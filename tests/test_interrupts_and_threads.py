@@ -20,7 +20,7 @@ from helpers.builders import tiny_llama_family
 from hf_pelrp import AttributionStateError
 from hf_pelrp.attention import attention_rule
 from hf_pelrp.check import _differences, _snapshot
-from hf_pelrp.engine import _ACTIVE
+from hf_pelrp.engine import is_busy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,13 +50,14 @@ class _Interrupt:
             self.seen += 1
             if self.seen == self.k:
                 self.fired = True
+                self.where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
                 raise KeyboardInterrupt(f"line {self.k}")
         return self.local
 
 
 def _restored(model, before) -> list[str]:
     problems = _differences(before, _snapshot(model))
-    if model in _ACTIVE:
+    if is_busy(model):
         problems.append("still marked busy")
     if any(attention_rule(m) is not None for m in model.modules()):
         problems.append("attention rules left")

@@ -68,7 +68,9 @@ class AttentionRule:
         return factors
 
 
-_RULES: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRule] = weakref.WeakKeyDictionary()
+#: the attention modules inside an attribution context and their factors (per module, weakly held)
+ATTENTION_RULES: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRule] = weakref.WeakKeyDictionary()
+_RULES = ATTENTION_RULES
 
 
 def set_attention_rule(module: torch.nn.Module, rule: AttentionRule | None) -> None:

@@ -9,11 +9,13 @@ pass(es), read ``leaf * leaf.grad`` through the positional kind, build the resul
 
 from __future__ import annotations
 
+import collections
 import copy
-import threading
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import functools
+import itertools
+import operator
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ from transformers import PretrainedConfig
 
 from .adapters import adapter_for
 from .adapters.base import Adapter
-from .attention import LRP_ATTENTION, AttentionRule, set_attention_rule
+from .attention import ATTENTION_RULES, LRP_ATTENTION, AttentionRule, set_attention_rule
 from .checkpointing import checkpoint_layers, wants_checkpointing
 from .config import LRPConfig, resolve_rules
 from .errors import AttributionInputError, AttributionStateError
@@ -43,35 +45,38 @@ from .result import Attribution, GenerationAttribution
 from .rules import relevance_of
 from .tokens import display_token, display_tokens, special_ids
 
-#: the models inside an lrp() context; checked and changed only under _BUSY_LOCK
-_ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-_BUSY_LOCK = threading.Lock()
+#: the key, in a model's own __dict__, of the token of the lrp() context that holds it
+_BUSY_KEY = "_hf_pelrp_busy"
 #: the maps every family has; anything else LRPContext.maps() returns goes to Attribution.extras
 _CORE_MAPS = frozenset({"token", "position", "position_by_layer", "segment"})
 SPAN_REDUCTIONS = ("sum",)
 
 
-class LRPContext:
-    """What :func:`lrp` yields: the patched model, its rules and the leaves of the latest forward pass.
+class LRPContext(ExitStack):
+    """What :func:`lrp` returns: the patched model, its rules and the leaves of the latest forward pass.
 
-    After ``model(...)`` and a backward pass from any scalar inside the context, :meth:`maps` returns the
-    token / position / segment relevance of that backward pass. Relevance at hidden layers can be read the
-    same way: ``h.retain_grad()`` on ``output.hidden_states[l]`` before the backward, then ``h * h.grad``.
+    A context manager (``with hf_pelrp.lrp(model) as ctx:``): after ``model(...)`` and a backward pass from any
+    scalar inside the block, :meth:`maps` returns the token / position / segment relevance of that backward
+    pass. Relevance at hidden layers can be read the same way: ``h.retain_grad()`` on
+    ``output.hidden_states[l]`` before the backward, then ``h * h.grad``.
+
+    Leaving the block runs the undo steps recorded during the set-up. It is an :class:`contextlib.ExitStack`
+    whose steps are built-in or library calls (``dict.__setitem__``, ``Tensor.requires_grad_``,
+    ``RemovableHandle.remove``, ...), so the tear-down runs no line of hf_pelrp's own code that an interrupt
+    could split; if the block is left without ``__exit__`` being called (an interrupt on the ``with`` line
+    itself), the context restores the model when it is garbage-collected.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        adapter: Adapter,
-        config: LRPConfig,
-        store: LeafStore,
-        attention: list[AttentionRule],
-    ):
-        self.model = model
-        self.adapter = adapter
-        self.config = config
-        self.store = store
-        self._attention = attention
+    # no __init__ of its own: ExitStack's (library code) makes a complete object in one step, and lrp() sets
+    # these fields inside its try
+    model: torch.nn.Module
+    adapter: Adapter
+    config: LRPConfig
+    store: LeafStore
+    _attention: list[AttentionRule]
+
+    # the fallback of an interrupted exit: contextlib's own close(), no frame of this package
+    __del__ = ExitStack.close
 
     def leaves(self) -> list[torch.Tensor]:
         """Every leaf (token, additive positions, per-layer positional leaves) of the latest forward pass."""
@@ -98,12 +103,6 @@ class LRPContext:
             result.update(self.adapter.extra_maps(self.model, self.store, result))
         return result
 
-    def _start_forward(self) -> None:
-        self.store.clear()
-        for rule in self._attention:
-            rule.calls = 0
-            rule.rotated = None
-
     def check_attention_ran(self) -> None:
         """Refuse when an attention module with rules did not run through the ``"lrp"`` attention."""
         idle = [i for i, rule in enumerate(self._attention) if rule.calls == 0]
@@ -115,62 +114,35 @@ class LRPContext:
             )
 
 
-class _Undo:
-    """What a set-up changed, undone in reverse order. Each undo step is recorded *before* its change and is
-    safe to run when the change did not happen (or happened already undone), so an interrupt between any two
-    statements leaves nothing behind."""
-
-    def __init__(self) -> None:
-        self.steps: list[Callable[[], None]] = []
-
-    def push(self, step: Callable[[], None]) -> None:
-        self.steps.append(step)
-
-    def run(self) -> None:
-        pending: BaseException | None = None
-        while self.steps:
-            try:
-                while self.steps:
-                    self.steps[-1]()
-                    self.steps.pop()
-            except BaseException as exc:  # noqa: BLE001 - finish restoring, then re-raise the first problem
-                if pending is None:
-                    pending = exc
-                if self.steps:
-                    self.steps.pop()
-        if pending is not None:
-            raise pending
+def is_busy(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is inside an :func:`lrp` context (in any thread)."""
+    return _BUSY_KEY in vars(model)
 
 
-def _release(model: torch.nn.Module) -> None:
-    with _BUSY_LOCK:
-        _ACTIVE.discard(model)
+def _claim(model: torch.nn.Module, ctx: LRPContext) -> None:
+    """Mark ``model`` busy, atomically: a second thread (or a nested call) is refused, never let through.
 
-
-def _claim(model: torch.nn.Module, undo: _Undo) -> None:
-    """Mark ``model`` busy, atomically: a second thread (or a nested call) is refused, never let through."""
-    with _BUSY_LOCK:
-        if model in _ACTIVE:
-            raise AttributionStateError(
-                f"this {type(model).__name__} is already inside an hf_pelrp.lrp() context (or an attribute() call, "
-                "maybe in another thread); nested or concurrent attribution on one model is not possible: wait for "
-                "the other one or use a copy of the model (copy.deepcopy) per thread."
-            )
-        undo.push(lambda: _release(model))
-        _ACTIVE.add(model)
-
-
-def _restore_config(module: torch.nn.Module, config: PretrainedConfig) -> None:
-    module.__dict__["config"] = config
-
-
-def _lrp_configs(model: torch.nn.Module, undo: _Undo) -> None:
-    """Point every module of this instance that holds a config at a copy selecting the ``"lrp"`` attention.
-
-    Copies (not the shared config object) keep the change to this model: two models built from one config
-    object stay independent.
+    ``dict.setdefault`` on the model's own ``__dict__`` is one atomic step under the GIL (no lock: a lock held
+    when an interrupt arrives between its acquisition and its release stays held forever), and the release is
+    recorded in the same statement as a successful claim, so no interrupt can fall between them.
     """
+    token, own = object(), vars(model)
+    # one physical line: a line boundary (an interrupt point) between the claim and its undo would leak it
+    claimed = own.setdefault(_BUSY_KEY, token) is token and bool(ctx.callback(own.pop, _BUSY_KEY, None))  # fmt: skip
+    if not claimed:
+        raise AttributionStateError(
+            f"this {type(model).__name__} is already inside an hf_pelrp.lrp() context (or an attribute() call, "
+            "maybe in another thread); nested or concurrent attribution on one model is not possible: wait for "
+            "the other one or use a copy of the model (copy.deepcopy) per thread."
+        )
+
+
+def _config_swaps(model: torch.nn.Module) -> list[tuple[dict, PretrainedConfig, PretrainedConfig]]:
+    """For every module of this instance that holds a config: (its ``__dict__``, the config, a copy selecting
+    the ``"lrp"`` attention). Copies (not the shared config object) keep the change to this model: two models
+    built from one config object stay independent."""
     copies: dict[int, PretrainedConfig] = {}
+    swaps = []
     for module in model.modules():
         cfg = module.__dict__.get("config")
         if not isinstance(cfg, PretrainedConfig):
@@ -179,21 +151,36 @@ def _lrp_configs(model: torch.nn.Module, undo: _Undo) -> None:
             new = copy.copy(cfg)
             new._attn_implementation_internal = LRP_ATTENTION
             copies[id(cfg)] = new
-        undo.push(lambda m=module, c=cfg: _restore_config(m, c))
-        module.__dict__["config"] = copies[id(cfg)]
+        swaps.append((module.__dict__, cfg, copies[id(cfg)]))
+    return swaps
 
 
-def _restore_flags(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
-    for p, flag in flags:
-        p.requires_grad_(flag)
+def _each(function: Callable[..., Any], arguments: list[tuple]) -> Callable[[], Any]:
+    """A no-argument call of ``function(*a)`` for every ``a`` of ``arguments``, iterated by C code (no Python
+    frame of this package runs when it is called)."""
+    return functools.partial(collections.deque, itertools.starmap(function, arguments), 0)
 
 
-def _restore_training(training: list[tuple[torch.nn.Module, bool]]) -> None:
-    for module, was_training in training:
-        module.training = was_training
+def _make_start_forward(store: LeafStore, rules: list[AttentionRule]) -> Callable:
+    """The model's forward pre-hook: a fresh store, counters reset, ``inputs_embeds`` made the token leaf.
+
+    It holds the store and the rules, not the context, so the context is never kept alive by the model."""
+
+    def start_forward(_module, args, kwargs):
+        store.clear()
+        for rule in rules:
+            rule.calls = 0
+            rule.rotated = None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None:
+            leaf = make_leaf(embeds)
+            store.additive["token"] = leaf
+            return args, {**kwargs, "inputs_embeds": leaf}
+        return None
+
+    return start_forward
 
 
-@contextmanager
 def lrp(
     model: torch.nn.Module,
     mode: str | None = None,
@@ -201,8 +188,8 @@ def lrp(
     *,
     config: LRPConfig | str | None = None,
     gradient_checkpointing: bool | None = None,
-) -> Iterator[LRPContext]:
-    """Attach the LRP rules to ``model`` for the duration of a ``with`` block.
+) -> LRPContext:
+    """Attach the LRP rules to ``model``; use as ``with hf_pelrp.lrp(model) as ctx: ...``.
 
     Inside, the model's forward outputs are unchanged, but its backward pass computes LRP relevance: after
     ``logit.backward()``, ``ctx.maps()`` holds token and position relevance. Leaving the block (normally, by an
@@ -241,46 +228,45 @@ def lrp(
     adapter = adapter_for(model)
     adapter.check_model(model)
     adapter.check_config(model, cfg)
-    undo = _Undo()
+    ctx = LRPContext()
+    # Every undo step is recorded before its change and is harmless if the change has not happened yet; the
+    # return is inside the try, so an interrupt at any line of the set-up closes the context.
     try:
-        _claim(model, undo)
-        store = LeafStore()
+        ctx.model, ctx.adapter, ctx.config, ctx.store, ctx._attention = model, adapter, cfg, LeafStore(), []
+        _claim(model, ctx)
+        store = ctx.store
+        for part in (store.additive, store.layers, store.aux):  # the leaves go with the context
+            ctx.callback(part.clear)
         handles = Handles()
-        undo.push(handles.remove)
-        undo.push(store.clear)
-        training = [(m, m.training) for m in model.modules()]
-        undo.push(lambda: _restore_training(training))
+        # every hook registered below is removed by its own handle; the iteration runs in C
+        ctx.callback(collections.deque, map(operator.methodcaller("remove"), handles), 0)
+        ctx.callback(_each(setattr, [(m, "training", m.training) for m in model.modules()]))
         # the modified backward pass defines no parameter gradients: freeze the parameters so that a backward
         # pass inside the block cannot write LRP-modified values into param.grad
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        undo.push(lambda: _restore_flags(flags))
+        ctx.callback(_each(torch.Tensor.requires_grad_, flags))
         for p, _ in flags:
             p.requires_grad_(False)
         rules = adapter.attention_rules(model, cfg)
-        ctx = LRPContext(model, adapter, cfg, store, [rule for _, rule in rules])
-
-        def start_forward(_module, args, kwargs):
-            ctx._start_forward()
-            embeds = kwargs.get("inputs_embeds")
-            if embeds is not None:
-                leaf = make_leaf(embeds)
-                store.additive["token"] = leaf
-                return args, {**kwargs, "inputs_embeds": leaf}
-            return None
-
-        handles.append(model.register_forward_pre_hook(start_forward, with_kwargs=True))
+        ctx._attention = [rule for _, rule in rules]
+        start = _make_start_forward(store, ctx._attention)
+        handles.append(model.register_forward_pre_hook(start, with_kwargs=True))
         for module, rule in adapter.module_rules(model, cfg, store):
             rule.attach(module, handles)
         if wants_checkpointing(model, gradient_checkpointing):
             checkpoint_layers(adapter.blocks(model), handles)
+        ctx.callback(_each(ATTENTION_RULES.pop, [(module, None) for module, _ in rules]))
         for module, rule in rules:
-            undo.push(lambda m=module: set_attention_rule(m, None))
             set_attention_rule(module, rule)
-        _lrp_configs(model, undo)
+        swaps = _config_swaps(model)
+        ctx.callback(_each(operator.setitem, [(where, "config", old) for where, old, _ in swaps]))
+        for where, _, new in swaps:
+            where["config"] = new
         model.eval()
-        yield ctx
-    finally:
-        undo.run()
+        return ctx
+    except BaseException:
+        ctx.close()
+        raise
 
 
 # ---- the one flow ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from .devices import weights_on_device
 from .errors import UnsupportedModelError
@@ -58,25 +57,17 @@ def make_leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
-class Handles:
-    """Hook handles removed as one; ``remove()`` may be called any number of times."""
+class Handles(list):
+    """Hook handles removed as one; ``remove()`` (no argument) may be called any number of times.
 
-    def __init__(self) -> None:
-        self.handles: list[RemovableHandle] = []
+    A ``list`` so that ``handles.append(module.register_...(hook))`` is a single step with no Python frame of
+    its own: an interrupt cannot fall between registering a hook and recording its handle.
+    """
 
-    def append(self, handle: RemovableHandle) -> None:
-        self.handles.append(handle)
-
-    def extend(self, handles: list[RemovableHandle]) -> None:
-        self.handles.extend(handles)
-
-    def remove(self) -> None:
-        while self.handles:
-            self.handles[-1].remove()
-            self.handles.pop()
-
-    def __len__(self) -> int:
-        return len(self.handles)
+    def remove(self) -> None:  # type: ignore[override]
+        while self:
+            self[-1].remove()
+            self.pop()
 
 
 class HookRule(ABC):
@@ -317,6 +308,7 @@ class ClippedOutput(HookRule):
         handles.append(module.register_forward_hook(hook))
 
 
+@dataclass
 class OutputActivation(HookRule):
     """Identity rule (AttnLRP Prop. 3.4) for an element-wise activation a model applies as a function to the
     output of ``producer`` as the last step of its forward: ``output.<field> = f(producer(x))``.
