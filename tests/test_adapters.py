@@ -88,3 +88,19 @@ def test_register_adapter_takes_a_declaration():
         else hf_pelrp.adapters.adapter_for_type("llama"),
         Adapter,
     )
+
+
+def test_a_rotated_slice_declared_at_the_wrong_end_is_caught(scratch_registry):
+    """DeepSeek-V3 rotates the LAST channels of each head: declared as the first, CP conservation still holds
+    (q, k carry nothing there) but the one-layer rotary split does not."""
+    import dataclasses
+
+    from hf_pelrp.adapters import adapter_for_type
+
+    right = adapter_for_type("deepseek_v3")
+    wrong = dataclasses.replace(right, positions=dataclasses.replace(right.positions, rotated="first"))
+    register_adapter(wrong)
+    report = hf_pelrp.check_adapter("deepseek_v3", raise_on_failure=False)
+    failed = {r.name for r in report.failures}
+    assert any(name.startswith("rotary split") for name in failed), str(report)
+    assert not any(name.startswith("bias-free CP conservation") for name in failed)

@@ -3,7 +3,8 @@
 The declaration says which rule each module gets; this check shows that the result is what method.md
 promises, for every mode: forward outputs unchanged, exact conservation in the bias-free CP configuration,
 non-zero position relevance under AttnLRP, exactly zero relevance at padding, the same maps for a row alone
-and inside a padded batch (left and right padding), and the model restored exactly afterwards. It runs in the
+and inside a padded batch (left and right padding), for rotary families the exact split at the rotation in
+one layer, and the model restored exactly afterwards. It runs in the
 test suite for every registered model type; users who register their own adapter run it the same way.
 """
 
@@ -27,6 +28,7 @@ from .heads import (
     SEQUENCE_CLASSIFICATION,
     registered_head_classes,
 )
+from .positions import Rotary
 
 #: transformers' auto mappings of the head kinds hf_pelrp explains
 _HEAD_MAPPINGS = {
@@ -161,6 +163,19 @@ def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     ):
         problems.append("weights")
     return problems
+
+
+def _one_layer(config: PretrainedConfig) -> PretrainedConfig | None:
+    """``config`` with one layer: per-layer lists (layer types, NoPE flags, ...) cut to their first entry."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        return None
+    one = copy.deepcopy(config)
+    for name, value in vars(config).items():
+        if isinstance(value, list | tuple) and len(value) == layers and layers > 1:
+            setattr(one, name, type(value)(value[:1]))
+    one.num_hidden_layers = 1
+    return one
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -333,6 +348,38 @@ class _Checker:
                 ok = ok and _close(row.target_value, alone.target_value, 1e-9)
                 self.record(f"batch invariance ({mode}, {side} padding)", ok)
 
+    def rotary_split(self, config: PretrainedConfig) -> None:
+        """One layer, bias-free, AttnLRP: ``token(positions on) + position = token(positions off)`` per position.
+
+        At ``q_rot = q cos + rotate(q) sin`` the uniform rule sends half of each product to the rotary leaves;
+        with positions off, q and k get it all. In one layer nothing but per-position maps (norm, projections)
+        lies between the token leaf and q, k, so the split must be exact position by position (method.md 3.2).
+        It tells a rotated slice declared at the wrong end, or a whole-head 1/2 on a partially rotary head,
+        from the right declaration — which CP conservation (q, k constant there) cannot.
+        """
+        if not isinstance(self.adapter.positions, Rotary):
+            return
+        one = _one_layer(config)
+        if one is None:
+            self.record("rotary split in one layer", True, "skipped: no one-layer variant of this config")
+            return
+        torch.manual_seed(self.seed)
+        model = type(self.model)(one).to(torch.float64).eval()
+        _randomise(model, self.seed)
+        _zero_biases(model)
+        checker = _Checker(model, self.adapter, AdapterReport(""), self.tol, self.seed)
+        inputs = checker.inputs()
+        on = checker.attribute(inputs, "attnlrp", positional=True)
+        off = checker.attribute(inputs, "attnlrp", positional=False)
+        total = on.token + on.position
+        scale = float(off.token.abs().max().clamp(min=1e-30))
+        worst = float((total - off.token).abs().max()) / scale
+        self.record(
+            "rotary split in one layer (token + position = token without positions)",
+            worst <= self.tol,
+            f"relative difference {worst:.2e}",
+        )
+
     def restoration(self, before: dict[str, Any]) -> None:
         problems = _differences(before, _snapshot(self.model))
         self.record(
@@ -403,6 +450,7 @@ def check_adapter(
             checker.conservation()
             checker.position_relevance()
             checker.padding_and_batches()
+            checker.rotary_split(config)
         except Exception as err:  # noqa: BLE001 - a failing declaration is reported, not hidden
             report.results.append(
                 CheckResult(cls.__name__, "attribution runs", False, f"{type(err).__name__}: {err}")

@@ -168,6 +168,7 @@ def _make_start_forward(store: LeafStore, rules: list[AttentionRule]) -> Callabl
 
     def start_forward(_module, args, kwargs):
         store.clear()
+        store.aux["in_forward"] = True
         for rule in rules:
             rule.calls = 0
             rule.rotated = None
@@ -179,6 +180,11 @@ def _make_start_forward(store: LeafStore, rules: list[AttentionRule]) -> Callabl
         return None
 
     return start_forward
+
+
+def _end_forward(store: LeafStore, _module, _args, _output) -> None:
+    # embedding calls after the model's forward (a caller embedding other ids itself) make no leaves
+    store.aux["in_forward"] = False
 
 
 def lrp(
@@ -251,6 +257,7 @@ def lrp(
         ctx._attention = [rule for _, rule in rules]
         start = _make_start_forward(store, ctx._attention)
         handles.append(model.register_forward_pre_hook(start, with_kwargs=True))
+        handles.append(model.register_forward_hook(functools.partial(_end_forward, store)))
         for module, rule in adapter.module_rules(model, cfg, store):
             rule.attach(module, handles)
         if wants_checkpointing(model, gradient_checkpointing):

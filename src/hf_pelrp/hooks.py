@@ -180,6 +180,8 @@ class EmbeddingLeaf(HookRule):
     ``"token"`` leaf made from ``inputs_embeds``, moves the call on to the next name). With ``per_row`` a
     ``[1, T, H]`` output (position ids shared by the batch) is expanded to the batch of the token leaf first,
     so each row gets its own leaf and its own map. The module's table is never modified: the leaf is a copy.
+    Only calls during the model's own forward pass make leaves (a caller that embeds other ids with the same
+    module between passes leaves the leaves alone).
     """
 
     store: LeafStore
@@ -188,6 +190,8 @@ class EmbeddingLeaf(HookRule):
 
     def attach(self, module: torch.nn.Module, handles: Handles) -> None:
         def hook(_module, _args, output):
+            if not self.store.aux.get("in_forward"):
+                return None  # called outside the model's forward (e.g. a caller embedding ids itself)
             name = next((n for n in self.names if n not in self.store.additive), None)
             if name is None:
                 raise UnsupportedModelError(
