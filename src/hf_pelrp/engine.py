@@ -276,7 +276,8 @@ def lrp(
         for module, rule in rules:
             undo.push(lambda m=module: set_attention_rule(m, None))
             set_attention_rule(module, rule)
-        _lrp_configs(model, undo)
+        if adapter.attention_interface:  # inline attention (BLOOM, MPT, ...) keeps its own implementation
+            _lrp_configs(model, undo)
         model.eval()
         yield ctx
     finally:
