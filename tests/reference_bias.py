@@ -260,3 +260,114 @@ def alibi_reference(model, input_ids, attention_mask, *, mode, target=None, posi
         tgt = None if target is None else target[b]
         rows.append(_row(model, fam, input_ids[b], mask, pos, tgt, mode))
     return BiasReference(*(torch.stack(col) for col in zip(*rows, strict=True)))
+
+
+# ------------------------------------------------------------------------------------------------------ BEiT
+
+
+def beit_relative_index(window: tuple[int, int]) -> torch.Tensor:
+    """BEiT's table entry of each (query, key) pair of ``[CLS, patches]``, computed here from its definition:
+    patches ``(y, x)`` and ``(y', x')`` use entry ``(y - y' + Wh - 1) (2 Ww - 1) + (x - x' + Ww - 1)``; with
+    ``E = (2 Wh - 1)(2 Ww - 1)``: CLS to patch ``E``, patch to CLS ``E + 1``, CLS to CLS ``E + 2``."""
+    wh, ww = window
+    coords = [(y, x) for y in range(wh) for x in range(ww)]
+    entries = (2 * wh - 1) * (2 * ww - 1)
+    n = len(coords) + 1
+    index = torch.zeros(n, n, dtype=torch.long)
+    for i, (y, x) in enumerate(coords, start=1):
+        for j, (y2, x2) in enumerate(coords, start=1):
+            index[i, j] = (y - y2 + wh - 1) * (2 * ww - 1) + (x - x2 + ww - 1)
+    index[0, 1:] = entries
+    index[1:, 0] = entries + 1
+    index[0, 0] = entries + 2
+    return index
+
+
+def _beit_row(model, pixels, target, mode):
+    base, cfg = model.beit, model.config
+    heads = cfg.num_attention_heads
+    hidden = cfg.hidden_size
+    dim = hidden // heads
+    emb = base.embeddings
+    conv = emb.patch_embeddings.projection
+    patches = torch.nn.functional.conv2d(
+        pixels[None], conv.weight.detach().to(F64), conv.bias.detach().to(F64), stride=conv.stride
+    )
+    grid = patches.shape[-2:]
+    patches = patches.flatten(2).transpose(1, 2)[0]
+    t = torch.cat([emb.cls_token.detach().to(F64)[0], patches])
+    seq = t.shape[0]
+    index = beit_relative_index(tuple(grid))
+    allowed = torch.ones(seq, seq, dtype=torch.bool)
+    x = t
+    acts = []
+    for layer in base.layers:
+        a = {"x": x}
+        table = layer.relative_position_bias.relative_position_bias_table.detach().to(F64)
+        bias = table[index].permute(2, 0, 1)  # [H, T, T]
+        a["n1"], a["w1"], a["s1"] = _ln(x, layer.layernorm_before)
+        att = layer.attention
+        q = _apply(_lin(att.q_proj), a["n1"]).view(seq, heads, dim).transpose(0, 1)
+        k = _apply(_lin(att.k_proj), a["n1"]).view(seq, heads, dim).transpose(0, 1)
+        v = _apply(_lin(att.v_proj), a["n1"]).view(seq, heads, dim).transpose(0, 1)
+        a["q"], a["k"], a["v"], a["bias"] = q, k, v, bias
+        a["S"], a["A"], a["o"] = biased_attention(q, k, v, dim**-0.5, bias, allowed)
+        a["o_flat"] = a["o"].transpose(0, 1).reshape(seq, hidden)
+        lam1 = layer.lambda_1.detach().to(F64)
+        a["attn"] = lam1 * _apply(_lin(att.o_proj), a["o_flat"])
+        a["x1"] = x + a["attn"]
+        a["n2"], a["w2"], a["s2"] = _ln(a["x1"], layer.layernorm_after)
+        a["f"] = _apply(_lin(layer.mlp.fc1), a["n2"])
+        a["g"] = layer.mlp.activation_fn(a["f"])
+        lam2 = layer.lambda_2.detach().to(F64)
+        a["m"] = lam2 * _apply(_lin(layer.mlp.fc2), a["g"])
+        x = a["x1"] + a["m"]
+        acts.append(a)
+    mean = x[1:].mean(0)
+    pooled, wp, sp = _ln(mean, base.pooler.layernorm)
+    head = _lin(model.classifier)
+    logits = _apply(head, pooled)
+    tgt = int(logits.argmax()) if target is None else int(target)
+    r_logits = torch.zeros_like(logits)
+    r_logits[tgt] = logits[tgt]
+    r_pooled = lrp_linear(pooled[None], *head, r_logits[None])[0]
+    r_mean = lrp_layer_norm(mean, pooled, wp, sp, r_pooled)
+    r_x = torch.zeros_like(x)
+    r_x[1:] = (x[1:] / (seq - 1)) * safe_div(r_mean, mean)  # epsilon rule of the mean over patches
+    by_layer = torch.zeros(len(acts), seq, dtype=F64)
+    entries = int(index.max()) + 1
+    by_entry = torch.zeros(entries, dtype=F64)
+    for li in reversed(range(len(acts))):
+        layer, a = base.layers[li], acts[li]
+        att = layer.attention
+        r_x1, r_m = split_sum([a["x1"], a["m"]], r_x)  # lambda * h: a constant factor passes R unchanged
+        r_g = lrp_linear(a["g"], *_lin(layer.mlp.fc2), r_m)
+        r_n2 = lrp_linear(a["n2"], *_lin(layer.mlp.fc1), r_g)
+        r_x1 = r_x1 + lrp_layer_norm(a["x1"], a["n2"], a["w2"], a["s2"], r_n2)
+        r_xin, r_attn = split_sum([a["x"], a["attn"]], r_x1)
+        r_o = lrp_linear(a["o_flat"], *_lin(att.o_proj), r_attn).view(seq, heads, dim).transpose(0, 1)
+        r_q, r_k, r_v, r_b = lrp_biased_attention(
+            a["q"], a["k"], a["v"], dim**-0.5, a["bias"], allowed, a["S"], a["A"], a["o"], r_o, mode
+        )
+        pairs = r_b.sum(0)
+        by_layer[li] = pairs.sum(0)
+        by_entry.index_add_(0, index.flatten(), pairs.flatten())
+        flat = [t.transpose(0, 1).reshape(seq, hidden) for t in (r_q, r_k, r_v)]
+        r_n1 = (
+            lrp_linear(a["n1"], *_lin(att.q_proj), flat[0])
+            + lrp_linear(a["n1"], *_lin(att.k_proj), flat[1])
+            + lrp_linear(a["n1"], *_lin(att.v_proj), flat[2])
+        )
+        r_x = r_xin + lrp_layer_norm(a["x"], a["n1"], a["w1"], a["s1"], r_n1)
+    return r_x.sum(-1), by_layer, by_entry, logits[tgt]
+
+
+@torch.no_grad()
+def beit_reference(model, pixel_values, *, mode, target=None) -> BiasReference:
+    """Explicit PE-LRP of a ``BeitForImageClassification`` (relative position bias, mean pooling), per image;
+    ``position_by_distance`` is per table entry (:func:`beit_relative_index`)."""
+    rows = []
+    for b in range(pixel_values.shape[0]):
+        tgt = None if target is None else target[b]
+        rows.append(_beit_row(model, pixel_values[b].to(F64), tgt, mode))
+    return BiasReference(*(torch.stack(col) for col in zip(*rows, strict=True)))

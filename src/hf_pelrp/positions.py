@@ -260,12 +260,13 @@ class DistanceBins:
     ``index`` [B or 1, Tq, Tk] long: the bin of each pair, ``-1`` for pairs that belong to no bin (padding);
     ``labels`` [bins]: what each bin is (the signed distance ``j - i``, a T5 bucket's smallest distance, a
     window offset's number); ``edges`` optional [bins, 2]: the distance range ``[low, high]`` each bin covers
-    (T5 buckets).
+    (T5 buckets); ``offsets`` optional [bins, 2]: the 2-D offset ``(dy, dx)`` of each bin (vision windows).
     """
 
     index: torch.Tensor
     labels: torch.Tensor
     edges: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
 
 def signed_distance_bins(attention_mask: torch.Tensor, length: int | None = None) -> DistanceBins:
@@ -422,6 +423,8 @@ class AttentionBias(PositionalKind):
             maps[f"{prefix}_distances"] = bins_out.labels.to(device).expand(batch, -1)
             if bins_out.edges is not None:
                 maps[f"{prefix}_distance_edges"] = bins_out.edges.to(device).expand(batch, -1, -1)
+            if bins_out.offsets is not None:
+                maps[f"{prefix}_offsets"] = bins_out.offsets.to(device).expand(batch, -1, -1)
         return maps
 
     def describe(self) -> str:
