@@ -20,7 +20,7 @@ from transformers.models.auto import modeling_auto
 
 from .adapters.base import Adapter, adapter_for_type
 from .errors import HfPelrpError
-from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQUENCE_CLASSIFICATION
+from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQ2SEQ_LM, SEQUENCE_CLASSIFICATION
 
 #: transformers' auto mappings of the head kinds hf_pelrp explains
 _HEAD_MAPPINGS = {
@@ -28,6 +28,7 @@ _HEAD_MAPPINGS = {
     MASKED_LM: "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
     SEQUENCE_CLASSIFICATION: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     IMAGE_CLASSIFICATION: "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    SEQ2SEQ_LM: "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
 }
 MODES = ("attnlrp", "cp")
 
@@ -198,7 +199,21 @@ class _Checker:
             out["input_ids"][:, 2] = self.mask_id
             out["position"] = 2
             out["mask_token_id"] = self.mask_id
+        if self.kind == SEQ2SEQ_LM:
+            out.update(self.target_prefix(batch, gen))
         return out
+
+    def target_prefix(self, batch: int, gen: torch.Generator) -> dict[str, Any]:
+        """Encoder-decoder heads: a random target prefix of 4 tokens after the decoder start token."""
+        from .adapters.seq2seq import decoder_start_id
+
+        vocab = self.model.get_input_embeddings().num_embeddings
+        pad = getattr(self.model.config, "pad_token_id", None)
+        ids = torch.randint(3, vocab, (batch, 4), generator=gen)
+        if pad is not None:
+            ids[ids == pad] = pad + 1
+        ids[:, 0] = decoder_start_id(self.model)
+        return {"decoder_input_ids": ids, "decoder_attention_mask": torch.ones_like(ids)}
 
     @property
     def mask_id(self) -> int:
@@ -313,6 +328,11 @@ class _Checker:
                 }
                 if self.kind == MASKED_LM:
                     alone_inputs.update(position=2, mask_token_id=self.mask_id)
+                if self.kind == SEQ2SEQ_LM:
+                    alone_inputs.update(
+                        decoder_input_ids=padded["decoder_input_ids"][1:],
+                        decoder_attention_mask=padded["decoder_attention_mask"][1:],
+                    )
                 alone = self.attribute(alone_inputs, mode)
                 row = attr[1].unpad()
                 ok = _close(row.relevance, alone.relevance, 1e-9) and _close(
