@@ -371,3 +371,205 @@ def beit_reference(model, pixel_values, *, mode, target=None) -> BiasReference:
         tgt = None if target is None else target[b]
         rows.append(_beit_row(model, pixel_values[b].to(F64), tgt, mode))
     return BiasReference(*(torch.stack(col) for col in zip(*rows, strict=True)))
+
+
+# -------------------------------------------------------------------------------------------------------- T5
+
+
+def t5_bucket(
+    relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's relative-position bucket of ``j - i`` (Raffel et al. 2020): exact buckets for small distances, then
+    logarithmic ones up to ``max_distance``; bidirectional (encoder) buckets use half of the range per sign."""
+    out = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        out = out + (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)
+    exact = num_buckets // 2
+    large = (
+        exact
+        + (
+            torch.log(distance.double().clamp(min=1) / exact)
+            / math.log(max_distance / exact)
+            * (num_buckets - exact)
+        ).long()
+    )
+    large = large.clamp(max=num_buckets - 1)
+    return out + torch.where(distance < exact, distance, large)
+
+
+def _rms(x, module):
+    """T5's RMSNorm; like the model, the statistic is taken in float32 (so that the logits agree beyond 1e-7)."""
+    w = module.weight.detach().to(F64)
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    scale = torch.rsqrt(variance + module.variance_epsilon).to(F64)
+    return x * scale * w, w, scale
+
+
+def _lrp_rms(x, y, w, scale, r_y):
+    """Identity rule of ``y = w * s * x`` (``s`` frozen): a diagonal linear map."""
+    return x * w * scale * safe_div(r_y, y)
+
+
+def _t5_attention_forward(att, xq, xkv, bias, allowed):
+    heads, dim = att.n_heads, att.key_value_proj_dim
+    q = (xq @ att.q.weight.detach().to(F64).T).view(-1, heads, dim).transpose(0, 1)
+    k = (xkv @ att.k.weight.detach().to(F64).T).view(-1, heads, dim).transpose(0, 1)
+    v = (xkv @ att.v.weight.detach().to(F64).T).view(-1, heads, dim).transpose(0, 1)
+    scores, probs, out = biased_attention(q, k, v, 1.0, bias, allowed)
+    flat = out.transpose(0, 1).reshape(xq.shape[0], heads * dim)
+    return dict(
+        q=q, k=k, v=v, S=scores, A=probs, o=out, flat=flat, out=flat @ att.o.weight.detach().to(F64).T
+    )
+
+
+def _t5_attention_lrp(att, a, xq, xkv, bias, allowed, r_out, mode):
+    heads, dim = att.n_heads, att.key_value_proj_dim
+    r_flat = lrp_linear(a["flat"], att.o.weight.detach().to(F64), None, r_out)
+    r_o = r_flat.view(-1, heads, dim).transpose(0, 1)
+    r_q, r_k, r_v, r_b = lrp_biased_attention(
+        a["q"], a["k"], a["v"], 1.0, bias, allowed, a["S"], a["A"], a["o"], r_o, mode
+    )
+    flat = [t.transpose(0, 1).reshape(t.shape[1], heads * dim) for t in (r_q, r_k, r_v)]
+    r_xq = lrp_linear(xq, att.q.weight.detach().to(F64), None, flat[0])
+    r_xkv = lrp_linear(xkv, att.k.weight.detach().to(F64), None, flat[1]) + lrp_linear(
+        xkv, att.v.weight.detach().to(F64), None, flat[2]
+    )
+    return r_xq, r_xkv, r_b.sum(0)
+
+
+def _t5_ff_forward(ff, x):
+    n, w, s = _rms(x, ff.layer_norm)
+    h = n @ ff.DenseReluDense.wi.weight.detach().to(F64).T
+    g = torch.relu(h)
+    m = g @ ff.DenseReluDense.wo.weight.detach().to(F64).T
+    return dict(x=x, n=n, w=w, s=s, g=g, m=m, y=x + m)
+
+
+def _t5_ff_lrp(ff, a, r_y):
+    r_x, r_m = split_sum([a["x"], a["m"]], r_y)
+    r_g = lrp_linear(a["g"], ff.DenseReluDense.wo.weight.detach().to(F64), None, r_m)
+    r_n = lrp_linear(a["n"], ff.DenseReluDense.wi.weight.detach().to(F64), None, r_g)  # identity rule at ReLU
+    return r_x + _lrp_rms(a["x"], a["n"], a["w"], a["s"], r_n)
+
+
+def _t5_bias(att, length, bidirectional):
+    steps = torch.arange(length)
+    buckets = t5_bucket(
+        steps[None, :] - steps[:, None], bidirectional, att.relative_attention_num_buckets,
+        att.relative_attention_max_distance,
+    )  # fmt: skip
+    table = att.relative_attention_bias.weight.detach().to(F64)
+    return table[buckets].permute(2, 0, 1), buckets
+
+
+def _t5_row(model, src, tgt, position, target, mode):
+    emb = model.shared.weight.detach().to(F64)
+    enc, dec = model.encoder, model.decoder
+    s_len, t_len = src.shape[0], tgt.shape[0]
+    ones_src = torch.ones(s_len, s_len, dtype=torch.bool)
+    causal = torch.tril(torch.ones(t_len, t_len, dtype=torch.bool))
+    cross = torch.ones(t_len, s_len, dtype=torch.bool)
+    enc_bias, enc_buckets = _t5_bias(enc.block[0].layer[0].SelfAttention, s_len, True)
+    dec_bias, dec_buckets = _t5_bias(dec.block[0].layer[0].SelfAttention, t_len, False)
+    zero_cross = torch.zeros(1, t_len, s_len, dtype=F64)
+    x_src = emb[src]
+    x = x_src
+    enc_acts = []
+    for block in enc.block:
+        sa = block.layer[0]
+        n, w, s = _rms(x, sa.layer_norm)
+        a = _t5_attention_forward(sa.SelfAttention, n, n, enc_bias, ones_src)
+        a.update(x=x, n=n, w=w, s=s)
+        x1 = x + a["out"]
+        f = _t5_ff_forward(block.layer[1], x1)
+        enc_acts.append((a, x1, f))
+        x = f["y"]
+    h, wh, sh = _rms(x, enc.final_layer_norm)
+    x_tgt = emb[tgt]
+    y = x_tgt
+    dec_acts = []
+    for block in dec.block:
+        sa, ca = block.layer[0], block.layer[1]
+        n, w, s = _rms(y, sa.layer_norm)
+        a = _t5_attention_forward(sa.SelfAttention, n, n, dec_bias, causal)
+        a.update(x=y, n=n, w=w, s=s)
+        y1 = y + a["out"]
+        n2, w2, s2 = _rms(y1, ca.layer_norm)
+        c = _t5_attention_forward(ca.EncDecAttention, n2, h, zero_cross, cross)
+        c.update(x=y1, n=n2, w=w2, s=s2)
+        y2 = y1 + c["out"]
+        f = _t5_ff_forward(block.layer[2], y2)
+        dec_acts.append((a, y1, c, y2, f))
+        y = f["y"]
+    out, wo, so = _rms(y, dec.final_layer_norm)
+    scaled = out * model.model_dim**-0.5
+    head = model.lm_head.weight.detach().to(F64)
+    logits = scaled[position] @ head.T
+    tgt_id = int(logits.argmax()) if target is None else int(target)
+    r_logits = torch.zeros_like(logits)
+    r_logits[tgt_id] = logits[tgt_id]
+    r_out = torch.zeros_like(out)
+    r_out[position] = lrp_linear(scaled[position : position + 1], head, None, r_logits[None])[0]
+    r_y = _lrp_rms(y, out, wo, so, r_out)
+    r_h = torch.zeros_like(h)
+    n_dec, n_enc = len(dec_acts), len(enc_acts)
+    target_by_layer = torch.zeros(n_dec, t_len, dtype=F64)
+    target_by_bucket = torch.zeros(
+        dec.block[0].layer[0].SelfAttention.relative_attention_num_buckets, dtype=F64
+    )
+    for li in reversed(range(n_dec)):
+        block = dec.block[li]
+        a, y1, c, y2, f = dec_acts[li]
+        r_y2 = _t5_ff_lrp(block.layer[2], f, r_y)
+        r_y1, r_c = split_sum([y1, c["out"]], r_y2)
+        r_n2, r_hc, _ = _t5_attention_lrp(
+            block.layer[1].EncDecAttention, c, c["n"], h, zero_cross, cross, r_c, mode
+        )
+        r_h = r_h + r_hc
+        r_y1 = r_y1 + _lrp_rms(y1, c["n"], c["w"], c["s"], r_n2)
+        r_yin, r_a = split_sum([a["x"], a["out"]], r_y1)
+        r_n, r_n_kv, pairs = _t5_attention_lrp(
+            block.layer[0].SelfAttention, a, a["n"], a["n"], dec_bias, causal, r_a, mode
+        )
+        target_by_layer[li] = pairs.sum(0)
+        target_by_bucket.index_add_(0, dec_buckets[causal], pairs[causal])
+        r_y = r_yin + _lrp_rms(a["x"], a["n"], a["w"], a["s"], r_n + r_n_kv)
+    r_x = _lrp_rms(x, h, wh, sh, r_h)
+    by_layer = torch.zeros(n_enc, s_len, dtype=F64)
+    by_bucket = torch.zeros(enc.block[0].layer[0].SelfAttention.relative_attention_num_buckets, dtype=F64)
+    for li in reversed(range(n_enc)):
+        block = enc.block[li]
+        a, x1, f = enc_acts[li]
+        r_x1 = _t5_ff_lrp(block.layer[1], f, r_x)
+        r_xin, r_a = split_sum([a["x"], a["out"]], r_x1)
+        r_n, r_n_kv, pairs = _t5_attention_lrp(
+            block.layer[0].SelfAttention, a, a["n"], a["n"], enc_bias, ones_src, r_a, mode
+        )
+        by_layer[li] = pairs.sum(0)
+        by_bucket.index_add_(0, enc_buckets.flatten(), pairs.flatten())
+        r_x = r_xin + _lrp_rms(a["x"], a["n"], a["w"], a["s"], r_n + r_n_kv)
+    return dict(
+        token=r_x.sum(-1), position_by_layer=by_layer, position_by_distance=by_bucket, logit=logits[tgt_id],
+        target_token=r_y.sum(-1), target_position_by_layer=target_by_layer,
+        target_position_by_distance=target_by_bucket,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def t5_reference(model, input_ids, decoder_input_ids, *, mode, target=None, position=None) -> dict:
+    """Explicit PE-LRP of a ``T5ForConditionalGeneration`` (ReLU feed-forward, unpadded rows): source maps
+    (``token``, ``position_by_layer``, ``position_by_distance`` per bucket) and target-prefix maps
+    (``target_*``), per row, stacked."""
+    rows = []
+    for b in range(input_ids.shape[0]):
+        pos = decoder_input_ids.shape[1] - 1 if position is None else int(position[b])
+        rows.append(
+            _t5_row(
+                model, input_ids[b], decoder_input_ids[b], pos, None if target is None else target[b], mode
+            )
+        )
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
