@@ -112,3 +112,48 @@ def test_t5_default_prefix_is_the_decoder_start_token():
     attr = hf_pelrp.attribute(model, src)
     assert attr.target_input_ids.tolist() == [[0], [0]]
     assert attr.position_index.tolist() == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    from conftest import tiny_word_tokenizer
+
+    path = tmp_path_factory.mktemp("t5")
+    model = _model(scale=0.3).float()
+    model.config.architectures = ["T5ForConditionalGeneration"]
+    model.save_pretrained(path)
+    tiny_word_tokenizer(vocab_size=97).save_pretrained(path)
+    return path
+
+
+def test_pipeline_and_cli_take_text_and_continuation(t5_dir, tmp_path, capsys):
+    import json
+
+    from transformers import pipeline
+
+    from hf_pelrp import cli
+
+    pipe = pipeline("lrp-attribution", model=str(t5_dir), device="cpu")
+    one = pipe("w1 w2 w3")
+    assert one["tokens"] == ["w1", "w2", "w3"] and one["target_tokens"] == ["[PAD]"]
+    assert one["token_relevance"].shape == (3,) and one["target_token"].shape == (1,)
+    rows = pipe("w1 w2 w3", continuation="w4 w5")
+    assert rows["token_relevance"].shape == (2, 3) and rows["target_token_relevance"].shape == (2, 2)
+    assert [t["label"] for t in rows["target"]] == ["w4", "w5"] and rows["generated_text"] == "w4 w5"
+    report = tmp_path / "out.json"
+    code = cli.main(
+        [
+            "explain",
+            "--model",
+            str(t5_dir),
+            "--text",
+            "w1 w2 w3",
+            "--continuation",
+            "w4 w5",
+            "--json",
+            str(report),
+        ]
+    )
+    assert code == 0 and "2 tokens explained" in capsys.readouterr().out
+    saved = json.loads(report.read_text())[0]
+    assert len(saved["target_token_relevance"]) == 2
