@@ -573,3 +573,139 @@ def t5_reference(model, input_ids, decoder_input_ids, *, mode, target=None, posi
             )
         )
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# ------------------------------------------------------------------------------------------------- DeBERTa-v2
+
+
+def deberta_bucket(relative: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+    """DeBERTa's log-bucketed relative position of ``i - j`` (exact below ``bucket_size / 2``)."""
+    sign = torch.sign(relative)
+    mid = bucket_size // 2
+    small = (relative < mid) & (relative > -mid)
+    absolute = torch.where(small, torch.full_like(relative, mid - 1), relative.abs()).double()
+    log_pos = torch.ceil(torch.log(absolute / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    return torch.where(absolute <= mid, relative.double(), log_pos * sign).long()
+
+
+def _post_ln(x, module):
+    return _ln(x, module)
+
+
+def _deberta_row(model, ids, target, mode):
+    base, cfg = model.deberta, model.config
+    heads = cfg.num_attention_heads
+    hidden = cfg.hidden_size
+    dim = hidden // heads
+    seq = ids.shape[0]
+    emb = base.embeddings
+    t = emb.word_embeddings.weight.detach().to(F64)[ids]
+    x, w0, s0 = _ln(t, emb.LayerNorm)
+    e_in = t
+    enc = base.encoder
+    rel, _, _ = _ln(enc.rel_embeddings.weight.detach().to(F64), enc.LayerNorm)
+    span = cfg.position_buckets
+    rel = rel[: 2 * span]
+    steps = torch.arange(seq)
+    bucket = deberta_bucket(steps[:, None] - steps[None, :], cfg.position_buckets, cfg.max_relative_positions)
+    c2p_index = (bucket + span).clamp(0, 2 * span - 1)  # [i, j]: P^k row for query i, key j
+    p2c_index = (-bucket.T + span).clamp(
+        0, 2 * span - 1
+    )  # [i, j]: P^q row of d(j, i), key j seen from query i
+    scale = math.sqrt(dim * 3)
+    acts = []
+    for layer in enc.layer:
+        att = layer.attention.self
+        a = {"x": x}
+        q = _apply(_lin(att.query_proj), x).view(seq, heads, dim).transpose(0, 1)
+        k = _apply(_lin(att.key_proj), x).view(seq, heads, dim).transpose(0, 1)
+        v = _apply(_lin(att.value_proj), x).view(seq, heads, dim).transpose(0, 1)
+        pk = _apply(_lin(att.key_proj), rel).view(-1, heads, dim).transpose(0, 1)  # share_att_key
+        pq = _apply(_lin(att.query_proj), rel).view(-1, heads, dim).transpose(0, 1)
+        qk = q @ k.transpose(1, 2) / scale
+        c2p = torch.einsum("hid,hijd->hij", q, pk[:, c2p_index]) / scale
+        p2c = torch.einsum("hjd,hijd->hij", k, pq[:, p2c_index]) / scale
+        scores = qk + c2p + p2c
+        probs = torch.softmax(scores, -1)
+        out = probs @ v
+        a.update(q=q, k=k, v=v, pk=pk, pq=pq, qk=qk, c2p=c2p, p2c=p2c, S=scores, A=probs, o=out)
+        a["o_flat"] = out.transpose(0, 1).reshape(seq, hidden)
+        a["d"] = _apply(_lin(layer.attention.output.dense), a["o_flat"])
+        a["sum1"] = a["d"] + x
+        a["x1"], a["w1"], a["s1"] = _ln(a["sum1"], layer.attention.output.LayerNorm)
+        a["f"] = _apply(_lin(layer.intermediate.dense), a["x1"])
+        a["g"] = layer.intermediate.intermediate_act_fn(a["f"])
+        a["m"] = _apply(_lin(layer.output.dense), a["g"])
+        a["sum2"] = a["m"] + a["x1"]
+        x, a["w2"], a["s2"] = _ln(a["sum2"], layer.output.LayerNorm)
+        a["y"] = x
+        acts.append(a)
+    pooler = _lin(model.pooler.dense)
+    pooled = _apply(pooler, x[0])
+    act = torch.nn.functional.gelu(pooled)
+    head = _lin(model.classifier)
+    logits = _apply(head, act)
+    tgt = int(logits.argmax()) if target is None else int(target)
+    r_logits = torch.zeros_like(logits)
+    r_logits[tgt] = logits[tgt]
+    r_act = lrp_linear(act[None], *head, r_logits[None])[0]
+    r_x = torch.zeros_like(x)
+    r_x[0] = lrp_linear(x[:1], *pooler, r_act[None])[0]  # identity rule at the pooler's GELU
+    by_layer = torch.zeros(len(acts), seq, dtype=F64)
+    by_distance = torch.zeros(2 * seq - 1, dtype=F64)
+    distance = steps[None, :] - steps[:, None] + seq - 1
+    for li in reversed(range(len(acts))):
+        layer, a = enc.layer[li], acts[li]
+        att = layer.attention.self
+        r_sum2 = lrp_layer_norm(a["sum2"], a["y"], a["w2"], a["s2"], r_x)
+        r_m, r_x1 = split_sum([a["m"], a["x1"]], r_sum2)
+        r_g = lrp_linear(a["g"], *_lin(layer.output.dense), r_m)
+        r_x1 = r_x1 + lrp_linear(a["x1"], *_lin(layer.intermediate.dense), r_g)
+        r_sum1 = lrp_layer_norm(a["sum1"], a["x1"], a["w1"], a["s1"], r_x1)
+        r_d, r_xin = split_sum([a["d"], a["x"]], r_sum1)
+        r_o = (
+            lrp_linear(a["o_flat"], *_lin(layer.attention.output.dense), r_d)
+            .view(seq, heads, dim)
+            .transpose(0, 1)
+        )
+        frac = a["A"][..., None] * a["v"][:, None] * safe_div(r_o, a["o"])[:, :, None]
+        a_share, v_share = (0.5, 0.5) if mode == "attnlrp" else (0.0, 1.0)
+        r_v = v_share * frac.sum(1)
+        r_q = torch.zeros_like(a["q"])
+        r_k = torch.zeros_like(a["k"])
+        if mode == "attnlrp":
+            r_probs = a_share * frac.sum(-1)
+            r_s = a["S"] * (r_probs - a["A"] * r_probs.sum(-1, keepdim=True))
+            r_qk, r_c2p, r_p2c = split_sum([a["qk"], a["c2p"], a["p2c"]], r_s)
+            terms = a["q"][:, :, None] * a["k"][:, None] / scale * safe_div(r_qk, a["qk"])[..., None]
+            r_q = 0.5 * terms.sum(2)
+            r_k = 0.5 * terms.sum(1)
+            pk_ij = a["pk"][:, c2p_index]
+            r_q = r_q + 0.5 * (a["q"][:, :, None] * pk_ij / scale * safe_div(r_c2p, a["c2p"])[..., None]).sum(
+                2
+            )
+            pq_ij = a["pq"][:, p2c_index]
+            r_k = r_k + 0.5 * (a["k"][:, None] * pq_ij / scale * safe_div(r_p2c, a["p2c"])[..., None]).sum(1)
+            pairs = 0.5 * (r_c2p + r_p2c).sum(0)
+            by_layer[li] = pairs.sum(0)
+            by_distance.index_add_(0, distance.flatten(), pairs.flatten())
+        flat = [t.transpose(0, 1).reshape(seq, hidden) for t in (r_q, r_k, r_v)]
+        r_x = (
+            r_xin
+            + lrp_linear(a["x"], *_lin(att.query_proj), flat[0])
+            + lrp_linear(a["x"], *_lin(att.key_proj), flat[1])
+            + lrp_linear(a["x"], *_lin(att.value_proj), flat[2])
+        )
+    r_t = lrp_layer_norm(e_in, acts[0]["x"], w0, s0, r_x)
+    return r_t.sum(-1), by_layer, by_distance, logits[tgt]
+
+
+@torch.no_grad()
+def deberta_reference(model, input_ids, *, mode, target=None) -> BiasReference:
+    """Explicit PE-LRP of a ``DebertaV2ForSequenceClassification`` (c2p + p2c, shared attention keys, layer-normed
+    relative embeddings, no token types, unpadded rows): the position leaf of a pair is the position half of its
+    c2p and p2c terms."""
+    rows = []
+    for b in range(input_ids.shape[0]):
+        rows.append(_deberta_row(model, input_ids[b], None if target is None else target[b], mode))
+    return BiasReference(*(torch.stack(col) for col in zip(*rows, strict=True)))

@@ -23,7 +23,6 @@ _DISENTANGLED = (
 REFUSED: dict[str, str] = {
     "longt5": _RELATIVE,
     "deberta": _DISENTANGLED,
-    "deberta-v2": _DISENTANGLED,
     "transfo-xl": _RELATIVE,
     "xlnet": _RELATIVE,
     "funnel": _RELATIVE,
