@@ -157,3 +157,24 @@ def test_pipeline_and_cli_take_text_and_continuation(t5_dir, tmp_path, capsys):
     assert code == 0 and "2 tokens explained" in capsys.readouterr().out
     saved = json.loads(report.read_text())[0]
     assert len(saved["target_token_relevance"]) == 2
+
+
+def test_encoder_decoder_classifiers_explain_source_and_shifted_target():
+    from transformers import BartForSequenceClassification, T5ForSequenceClassification
+
+    for model_type, cls in (("t5", T5ForSequenceClassification), ("bart", BartForSequenceClassification)):
+        model = _model(model_type, cls, scale=0.3, num_labels=3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+        src, _ = _inputs()
+        src[src == model.config.eos_token_id] = 5
+        src[:, -1] = model.config.eos_token_id  # the classifiers read the last end-of-sequence token
+        attr = hf_pelrp.attribute(model, src, mode="cp")
+        assert isinstance(attr, Seq2SeqAttribution) and attr.target_token.shape == src.shape
+        gap = (attr.conservation_gap.abs() / attr.target_value.abs()).max()
+        assert float(gap) < 1e-6, model_type  # exact only with the target prefix's share counted
+        assert float(attr.target_token.abs().sum()) > 0
+        with pytest.raises(AttributionInputError, match="derives its decoder input"):
+            hf_pelrp.attribute(model, src, decoder_input_ids=src)

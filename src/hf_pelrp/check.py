@@ -201,7 +201,25 @@ class _Checker:
             out["mask_token_id"] = self.mask_id
         if self.kind == SEQ2SEQ_LM:
             out.update(self.target_prefix(batch, gen))
-        return out
+        return self.with_eos(out)
+
+    @property
+    def reads_eos(self) -> bool:
+        """Encoder-decoder classifiers read the last end-of-sequence token of each row."""
+        return self.kind == SEQUENCE_CLASSIFICATION and bool(
+            getattr(self.model.config, "is_encoder_decoder", False)
+        )
+
+    def with_eos(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` whose rows end (their last real token) with the one end-of-sequence token a reader needs."""
+        if not self.reads_eos:
+            return inputs
+        eos = self.model.config.eos_token_id
+        ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"]
+        ids[ids == eos] = eos + 1
+        last = (torch.arange(ids.shape[1]) * mask).argmax(-1)
+        ids[torch.arange(ids.shape[0]), last] = eos
+        return {**inputs, "input_ids": ids}
 
     def target_prefix(self, batch: int, gen: torch.Generator) -> dict[str, Any]:
         """Encoder-decoder heads: a random target prefix of 4 tokens after the decoder start token."""
@@ -242,7 +260,7 @@ class _Checker:
             if side == "left":
                 position[row] = length - keep + 2
             out["position"] = position
-        return out
+        return self.with_eos(out)
 
     def attribute(self, inputs: dict[str, Any], mode: str, positional: bool = True):
         from .engine import attribute

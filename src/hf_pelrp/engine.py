@@ -630,9 +630,10 @@ def attribute(
     token_map = maps["token"]
     extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS}
     result_class = Attribution
-    if kind.name == SEQ2SEQ_LM:
+    if getattr(model.config, "is_encoder_decoder", False):  # source maps + target-prefix maps
         result_class = Seq2SeqAttribution
-        extras.update(_target_extras(done.inputs["decoder_input_ids"], done.target_mask, tokenizer))
+        if "decoder_input_ids" in done.inputs:
+            extras.update(_target_extras(done.inputs["decoder_input_ids"], done.target_mask, tokenizer))
     return result_class(
         token=token_map,
         position=maps["position"],

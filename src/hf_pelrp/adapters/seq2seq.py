@@ -31,12 +31,13 @@ from torch import nn
 from ..attention import attention_rule
 from ..config import LRPConfig
 from ..errors import AttributionInputError, UnsupportedModelError
+from ..heads import SEQ2SEQ_LM, head_of
 from ..hooks import Activation, Handles, HookRule, LeafStore, OutputGradient
 from ..inputs import Prepared, TextInputs, as_batch, check_unknown_inputs, validate_mask
 from ..modules import find_module
 from ..positions import Additive, AttentionBias, DistanceBins, bias_leaf
 from ..rules import relevance_of
-from .base import Adapter, register_adapter
+from .base import Adapter, FunctionalActivationSite, register_adapter
 from .norms import layer_norm, rms_norm
 
 TARGET_BIAS = "target_bias"
@@ -131,6 +132,10 @@ class Seq2SeqInputs:
     target_padding: str = "any"
     kind: str = "text"
 
+    @property
+    def padding(self) -> str:
+        return self.source.padding
+
     def accepted(self) -> tuple[str, ...]:
         return (*self.source.accepted(), "decoder_input_ids", "decoder_attention_mask")
 
@@ -143,6 +148,14 @@ class Seq2SeqInputs:
                     "decoder_input_ids (the target prefix)"
                 )
         check_unknown_inputs(inputs, self.accepted(), model)
+        if head_of(model).name != SEQ2SEQ_LM:
+            # encoder-decoder classifiers build their decoder input from input_ids (shifted right)
+            for key in ("decoder_input_ids", "decoder_attention_mask"):
+                if key in inputs:
+                    raise AttributionInputError(
+                        f"{type(model).__name__} derives its decoder input from input_ids: drop {key}="
+                    )
+            return self.source.validate(model, inputs)
         target = inputs.pop("decoder_input_ids", None)
         target_mask = inputs.pop("decoder_attention_mask", None)
         prepared = self.source.validate(model, inputs)
@@ -354,10 +367,16 @@ def t5_like(model_type: str, prefix: str, tiny: dict[str, Any] | None = None) ->
                 "LayerFF",
                 "DenseActDense",
                 "DenseGatedActDense",
+                "ForSequenceClassification",
+                "Model",
+                "ClassificationHead",
             )
         ),
-        inputs=Seq2SeqInputs(TextInputs(position_ids=None)),
-        heads=("seq2seq_lm",),
+        functional=(FunctionalActivationSite("classification_head.dense", "classification_head.out_proj"),),
+        # right-aligned sources: a classifier shifts input_ids into its decoder input, where left padding would
+        # be attended (the decoder gets no mask); relative positions make the alignment exact
+        inputs=Seq2SeqInputs(TextInputs(position_ids=None, padding="right")),
+        heads=("seq2seq_lm", "sequence_classification"),
         extra_maps=seq2seq_maps,
         checks=(_no_cache_position_bias,),
         tiny={**T5_TINY, **(tiny or {})},
@@ -395,6 +414,8 @@ register_adapter(
         norms={"LayerNorm": layer_norm},
         modules=(
             "BartForConditionalGeneration",
+            "BartForSequenceClassification",
+            "BartClassificationHead",
             "BartModel",
             "BartEncoder",
             "BartDecoder",
@@ -406,7 +427,8 @@ register_adapter(
             TextInputs(position_ids=None, max_positions=lambda c: c.max_position_embeddings, padding="right"),
             target_padding="right",
         ),
-        heads=("seq2seq_lm",),
+        heads=("seq2seq_lm", "sequence_classification"),
+        functional=(FunctionalActivationSite("classification_head.dense", "classification_head.out_proj"),),
         extra_rules=_bart_leaves_capture,
         extra_maps=seq2seq_maps,
         tiny={
