@@ -338,6 +338,10 @@ class AttentionBias(PositionalKind):
       [B, bins] labels the bins (a copy per row), ``position_distance_edges`` [B, bins, 2] gives their distance
       ranges where bins are ranges (T5 buckets).
 
+    Windowed attention (Swin) stores its leaves as [B * windows, H, W^2, W^2] with
+    ``store.aux[("windows", group, l)] = (windows, to_tokens)``: ``to_tokens`` maps the per-key relevance of each
+    window [B, windows, W^2] back onto the tokens [B, T].
+
     Parameters
     ----------
     leaves
@@ -380,6 +384,8 @@ class AttentionBias(PositionalKind):
     ) -> Maps:
         first = next(iter(leaves.values()))
         batch, keys = first.shape[0], first.shape[-1]
+        if like is not None:  # windowed leaves ([B * windows, H, W^2, W^2]) are read back onto the tokens
+            batch, keys = like.shape[0], like.shape[-1]
         dtype = relevance_dtype(first.dtype) if like is None else like.dtype
         device = first.device if like is None else like.device
         layers = max(num_layers, max(leaves) + 1) if group == BIAS_LEAF else max(leaves) + 1
@@ -392,8 +398,14 @@ class AttentionBias(PositionalKind):
                 pairs = torch.zeros(leaf.shape[0], *leaf.shape[2:], dtype=dtype, device=device)
             else:
                 pairs = relevance_of(leaf, (1,)).to(device=device, dtype=dtype)  # [B, Tq, Tk], heads summed
-            pairs = pairs.expand(batch, *pairs.shape[1:])
-            per_key = pairs.sum(1)
+            windows = store.aux.get(("windows", group, layer))
+            if windows is not None:
+                # a windowed layer: per-key relevance of each window, put back on the tokens by the layer's map
+                count, to_tokens = windows
+                per_key = to_tokens(pairs.sum(1).reshape(batch, count, -1)).to(dtype)
+            else:
+                pairs = pairs.expand(batch, *pairs.shape[1:])
+                per_key = pairs.sum(1)
             by_layer[:, layer] += per_key
             absolute += per_key.abs()
             bins = store.aux.get(("bins", group, layer), store.aux.get(("bins", group)))
@@ -402,7 +414,7 @@ class AttentionBias(PositionalKind):
                 if mask is None or mask.shape[-1] != keys or pairs.shape[1] != keys:
                     mask = torch.ones(batch, keys, dtype=torch.long, device=device)
                 bins = signed_distance_bins(mask.to(device))
-            index = bins.index.to(device).expand(batch, *bins.index.shape[1:])
+            index = bins.index.to(device).expand(pairs.shape[0], *bins.index.shape[1:])
             nbins = bins.labels.numel()
             if by_distance is None:
                 by_distance = torch.zeros(batch, nbins, dtype=dtype, device=device)
@@ -410,6 +422,7 @@ class AttentionBias(PositionalKind):
             if by_distance.shape[1] != nbins:
                 continue  # layers with other bins (e.g. other window sizes) only add to the per-key maps
             valid = index >= 0
+            # windows of one image (rows of the leaf beyond the batch) add to the image's bins
             flat = torch.where(valid, index, torch.zeros_like(index)).reshape(batch, -1)
             by_distance.scatter_add_(1, flat, torch.where(valid, pairs, 0.0).reshape(batch, -1))
         maps: Maps = {

@@ -1,6 +1,6 @@
 """Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-from . import alibi, beit, bert, deberta, gpt2, llama, seq2seq, vit  # noqa: F401  (importing a module registers its adapters)
+from . import alibi, beit, bert, deberta, gpt2, llama, seq2seq, swin, vit  # noqa: F401  (importing a module registers its adapters)
 from .base import (
     Adapter,
     FunctionalActivationSite,

@@ -26,7 +26,6 @@ REFUSED: dict[str, str] = {
     "transfo-xl": _RELATIVE,
     "xlnet": _RELATIVE,
     "funnel": _RELATIVE,
-    "swin": _WINDOWS,
     "swinv2": _WINDOWS,
 }
 
