@@ -79,3 +79,64 @@ def test_absolute_embeddings_and_padded_stages_are_refused():
         )
     with pytest.raises(UnsupportedModelError, match="whole windows"):
         hf_pelrp.attribute(_model(window_size=3), pixel_values=torch.randn(1, 3, 16, 16).double())
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_swinv2_cosine_attention_matches_the_explicit_rules(mode):
+    """One ``Swinv2SelfAttention`` re-computed by the adapter, against reference_bias.py's biased attention: the
+    cosine scores ``s q^ k^T`` with the norms constant (identity rule), the bias ``16 sigmoid(MLP)`` a leaf."""
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+
+    from hf_pelrp.adapters.swin import swinv2_attention
+    from hf_pelrp.config import LRPConfig
+    from hf_pelrp.hooks import LeafStore
+    from reference_absolute import lrp_linear
+    from reference_bias import biased_attention, lrp_biased_attention
+
+    config = AutoConfig.for_model("swinv2", **adapter_for_type("swinv2").tiny)
+    torch.manual_seed(0)
+    att = Swinv2SelfAttention(config, dim=16, num_heads=2, window_size=4).double().eval()
+    with torch.no_grad():
+        att.logit_scale.fill_(1.3)
+    hidden = torch.randn(3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    weight = torch.randn(3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    leaf = hidden.clone().requires_grad_(True)
+    store = LeafStore()
+    out = swinv2_attention(att, (leaf,), {}, config=LRPConfig(mode=mode), store=store, layer=0)
+    assert torch.allclose(out, att(hidden)[0], atol=1e-12)
+    (out * weight).sum().backward()
+    r_hidden = (hidden * leaf.grad).sum(-1)
+    bias_leaf = store.layers[0]["bias"]
+    r_bias = (
+        torch.zeros(3, dtype=torch.float64)
+        if bias_leaf.grad is None
+        else (bias_leaf.detach() * bias_leaf.grad).sum((1, 2, 3))
+    )
+    with torch.no_grad():
+        heads, dim = 2, 8
+        lin = {n: (getattr(att, n).weight, getattr(att, n).bias) for n in ("query", "key", "value")}
+        scale = float(torch.clamp(att.logit_scale, max=4.6052).exp()[0])
+        table = att.continuous_position_bias_mlp(att.relative_coords_table).view(-1, heads)
+        bias = 16 * torch.sigmoid(
+            table[att.relative_position_index.view(-1)].view(16, 16, -1).permute(2, 0, 1)
+        )
+        for row in range(3):
+            h = hidden[row]
+            q, k, v = (
+                (h @ lin[n][0].T + (0 if lin[n][1] is None else lin[n][1]))
+                .view(16, heads, dim)
+                .transpose(0, 1)
+                for n in ("query", "key", "value")
+            )
+            qn, kn = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+            allowed = torch.ones(16, 16, dtype=torch.bool)
+            scores, probs, o = biased_attention(scale * qn, kn, v, 1.0, bias, allowed)
+            r_o = (o.transpose(0, 1).reshape(16, 16) * weight[row]).view(16, heads, dim).transpose(0, 1)
+            r_q, r_k, r_v, r_b = lrp_biased_attention(
+                scale * qn, kn, v, 1.0, bias, allowed, scores, probs, o, r_o, mode
+            )
+            # identity rule of the normalisation: R_q = R_q^ (a diagonal map with a constant scale)
+            flat = [t.transpose(0, 1).reshape(16, 16) for t in (r_q, r_k, r_v)]
+            r_h = sum(lrp_linear(h, *lin[n], f) for n, f in zip(("query", "key", "value"), flat, strict=True))
+            torch.testing.assert_close(r_hidden[row], r_h.sum(-1), rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(r_bias[row], r_b.sum(), rtol=1e-8, atol=1e-12)

@@ -9,11 +9,6 @@ _RELATIVE = (
     "maps would be silently empty)."
 )
 
-_WINDOWS = (
-    "its relative position bias lives in shifted windows whose tokens are merged between stages (and SwinV2 "
-    "computes attention inline with cosine scores and a bias MLP); mapping the per-window bias leaves back to the "
-    "patches is not implemented yet, so its positional maps would be wrong or empty."
-)
 _DISENTANGLED = (
     "its disentangled attention (content-to-position and position-to-content terms of shared relative "
     "embeddings) is computed inline; the position-factor leaves it needs are not implemented yet, so its "
@@ -26,7 +21,6 @@ REFUSED: dict[str, str] = {
     "transfo-xl": _RELATIVE,
     "xlnet": _RELATIVE,
     "funnel": _RELATIVE,
-    "swinv2": _WINDOWS,
 }
 
 for _model_type, _reason in REFUSED.items():

@@ -16,6 +16,7 @@ first stage's window size (``position_offsets``: ``(dy, dx)`` of each bin).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,11 @@ from torch import nn
 from ..config import LRPConfig
 from ..errors import AttributionInputError, UnsupportedModelError
 from ..hooks import Handles, HookRule, LeafStore, make_leaf
+from ..inline_attention import Recomputed
 from ..inputs import Prepared, check_unknown_inputs
 from ..modules import find_module
 from ..positions import BIAS_LEAF, AttentionBias, DistanceBins, bias_leaf
+from ..rules import scale_gradient, straight_through
 from .base import Adapter, register_adapter
 from .norms import layer_norm
 from .vit import ImageInputs, _pair, vision_maps
@@ -245,6 +248,155 @@ register_adapter(
         extra_rules=_embedding_rules,
         extra_maps=vision_maps,
         checks=(_no_absolute_positions,),
+        tiny={
+            "image_size": 16,
+            "patch_size": 2,
+            "num_channels": 3,
+            "embed_dim": 16,
+            "depths": [2, 2],
+            "num_heads": [2, 4],
+            "window_size": 4,
+            "mlp_ratio": 2.0,
+            "num_labels": 3,
+        },
+    )
+)
+
+
+# ---- SwinV2: cosine attention and a continuous position bias, written inline --------------------------------------
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    """``x / ||x||`` (the model's ``F.normalize``) with the norm a constant of the backward pass: the identity rule
+    for a normalisation (AttnLRP Prop. 3.4), as for LayerNorm's scale."""
+    value = nn.functional.normalize(x, dim=-1)
+    norm = x.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return straight_through(value, x / norm)
+
+
+def swinv2_attention(
+    attention: nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    *,
+    config: LRPConfig,
+    store: LeafStore,
+    layer: int,
+) -> torch.Tensor:
+    """``Swinv2SelfAttention`` written out with the LRP factors: cosine scores ``s q^ . k^`` (the norms constant)
+    plus the bias ``16 sigmoid(MLP(log-spaced offsets))`` as the layer's leaf [B * windows, H, W^2, W^2]."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+    rows, length, _ = hidden.shape
+    heads, dim = attention.num_attention_heads, attention.attention_head_size
+    query = attention.query(hidden).view(rows, -1, heads, dim).transpose(1, 2)
+    key = attention.key(hidden).view(rows, -1, heads, dim).transpose(1, 2)
+    value = attention.value(hidden).view(rows, -1, heads, dim).transpose(1, 2)
+    query = scale_gradient(query, config.qk_factor)
+    key = scale_gradient(key, config.qk_factor)
+    value = scale_gradient(value, config.v_factor)
+    scores = _normalised(query) @ _normalised(key).transpose(-2, -1)
+    scores = scores * torch.clamp(attention.logit_scale, max=math.log(1.0 / 0.01)).exp()
+    table = attention.continuous_position_bias_mlp(attention.relative_coords_table).view(-1, heads)
+    bias = table[attention.relative_position_index.view(-1)].view(length, length, -1)
+    bias = 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())
+    if config.positional:
+        leaf = bias_leaf(store, layer, bias.detach().unsqueeze(0).expand(rows, -1, -1, -1))
+        scores = scores + scale_gradient(leaf, config.scores_factor)
+    else:
+        scores = scores + bias.detach().unsqueeze(0)
+    if mask is not None:  # as transformers does it (the mask enters twice)
+        count = mask.shape[0]
+        scores = scores.view(rows // count, count, heads, length, length) + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores.view(-1, heads, length, length)
+    probs = nn.functional.softmax(scores, dim=-1)
+    context = torch.matmul(probs, value).permute(0, 2, 1, 3).contiguous()
+    return context.view(context.size()[:-2] + (heads * dim,))
+
+
+@dataclass
+class Swinv2Windows(HookRule):
+    """Record one SwinV2 layer's geometry (attached to the layer) so that its leaf is read back onto the patches."""
+
+    store: LeafStore
+    layer: int
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        store, layer = self.store, self.layer
+
+        def layer_in(swin_layer, args, kwargs):
+            height, width = (int(d) for d in (args[1] if len(args) > 1 else kwargs["input_dimensions"]))
+            window = int(swin_layer.window_size)
+            if height % window or width % window:
+                raise UnsupportedModelError(
+                    f"a SwinV2 stage of {height}x{width} patches is padded to a multiple of its window ({window}); "
+                    "hf_pelrp explains image sizes whose stages divide into whole windows"
+                )
+            windows = (height // window) * (width // window)
+            grid = store.aux["grid"]
+            store.aux[("windows", BIAS_LEAF, layer)] = (
+                windows,
+                _to_patches(swin_layer, height, width, grid, windows),
+            )
+            index = swin_layer.attention.self.relative_position_index
+            key = ("bins", BIAS_LEAF) if layer == 0 else ("bins", BIAS_LEAF, layer)
+            if layer == 0 or window != store.aux.get("window0"):
+                store.aux[key] = _window_bins(window, index)
+            if layer == 0:
+                store.aux["window0"] = window
+
+        handles.append(module.register_forward_pre_hook(layer_in, with_kwargs=True))
+
+
+def _swinv2_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
+    rules: list[tuple[nn.Module, HookRule]] = [(model.base_model.embeddings, SwinEmbeddingLeaves(store))]
+    blocks = [b for stage in model.base_model.encoder.layers for b in stage.blocks]
+    for layer, block in enumerate(blocks):
+
+        def compute(att, args, kwargs, i=layer):
+            return swinv2_attention(att, args, kwargs, config=config, store=store, layer=i)
+
+        rules.append((block, Swinv2Windows(store, layer)))
+        rules.append((block.attention.self, Recomputed(compute, name=f"layer {layer} (Swinv2SelfAttention)")))
+    return rules
+
+
+register_adapter(
+    StagedAdapter(
+        model_types=("swinv2",),
+        name="swinv2",
+        layers="encoder.layers",
+        stage_blocks="blocks",
+        attention="attention.self",
+        embeddings={},
+        positions=AttentionBias(
+            description="continuous relative position bias inside shifted windows (SwinV2), cosine attention"
+        ),
+        norms={"LayerNorm": layer_norm},
+        modules=(
+            "Swinv2ForImageClassification",
+            "Swinv2Model",
+            "Swinv2Embeddings",
+            "Swinv2PatchEmbeddings",
+            "Swinv2Encoder",
+            "Swinv2Stage",
+            "Swinv2Layer",
+            "Swinv2Attention",
+            "Swinv2SelfAttention",
+            "Swinv2SelfOutput",
+            "Swinv2Intermediate",
+            "Swinv2Output",
+            "Swinv2PatchMerging",
+            "Swinv2DropPath",
+            "AdaptiveAvgPool1d",
+        ),
+        inputs=SwinImageInputs(),
+        heads=("image_classification",),
+        extra_rules=_swinv2_rules,
+        extra_maps=vision_maps,
+        checks=(_no_absolute_positions,),
+        attention_interface=False,
         tiny={
             "image_size": 16,
             "patch_size": 2,
