@@ -55,13 +55,14 @@ def test_unsupported_model_type_names_itself_and_the_supported_ones(build, model
 
 
 def test_relative_position_model_is_refused():
-    from transformers import T5Config, T5ForConditionalGeneration
+    """A bias that is none of the supported kinds (LongT5's local / transient-global attention) is refused."""
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
 
-    t5 = T5ForConditionalGeneration(
-        T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=101)
+    longt5 = LongT5ForConditionalGeneration(
+        LongT5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=101)
     )
-    with pytest.raises(UnsupportedModelError, match=r"'t5'.*relative"):
-        hf_pelrp.attribute(t5, _ids())
+    with pytest.raises(UnsupportedModelError, match=r"'longt5'.*relative"):
+        hf_pelrp.attribute(longt5, _ids())
 
 
 def test_bare_model_without_head_gets_a_clear_error():

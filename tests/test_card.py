@@ -79,12 +79,12 @@ def test_classifier_label_and_backticks_in_examples():
 
 
 def test_unsupported_model_says_no_with_the_reason():
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
 
-    config = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    section = attribution_section(T5ForConditionalGeneration(config))
+    config = LongT5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    section = attribution_section(LongT5ForConditionalGeneration(config))
     assert _row(section, "Supported by hf_pelrp") == "**no**"
-    assert "relative attention biases" in section and "`t5`" in section
+    assert "relative attention biases" in section and "`longt5`" in section
 
 
 def test_model_card_gets_the_section_once(llama):

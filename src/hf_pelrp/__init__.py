@@ -22,7 +22,7 @@ from .errors import (
 from .io import save_attribution
 from .loading import default_config, enable_attribution, from_pretrained
 from .pipeline import LRPAttributionPipeline  # importing registers the "lrp-attribution" pipeline
-from .result import Attribution, GenerationAttribution, load_attribution
+from .result import Attribution, GenerationAttribution, Seq2SeqAttribution, load_attribution
 from .version import package_version
 
 __version__ = package_version()
@@ -40,6 +40,7 @@ __all__ = [
     "LRPAttributionPipeline",
     "LRPConfig",
     "LRPContext",
+    "Seq2SeqAttribution",
     "UnsupportedModelError",
     "adapter_for",
     "add_attribution_section",

@@ -10,6 +10,7 @@ N x N attention matrix is kept for the backward pass beyond what the kernel itse
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,9 @@ class AttentionRule:
     rotary: float = 1.0
     rotated: tuple[int, str] | None = None
     calls: int = 0
+    #: ``f(module, position_bias, query) -> leaf``: makes the ``position_bias`` the module passes to the attention
+    #: interface a leaf (T5 / UMT5 compute it inside the module, so only the interface sees it with its batch)
+    bias_leaf: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def channel_factors(self, base: float, x: torch.Tensor) -> float | torch.Tensor:
         """``base`` for every channel of ``x`` [..., D], times ``rotary`` on the rotated ones."""
@@ -119,6 +123,8 @@ def lrp_attention_forward(
         if attention_mask is not None and attention_mask.requires_grad:
             attention_mask = scale_gradient(attention_mask, rule.scores)
         bias = kwargs.get("position_bias")
+        if bias is not None and rule.bias_leaf is not None:
+            bias = kwargs["position_bias"] = rule.bias_leaf(module, bias, query)
         if bias is not None and bias.requires_grad:
             kwargs["position_bias"] = scale_gradient(bias, rule.scores)
     if kwargs.get("softcap") is not None:

@@ -16,7 +16,7 @@ import torch
 from .adapters import adapter_for
 from .config import resolve_config
 from .errors import AttributionInputError, UnsupportedModelError
-from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, head_kind
+from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQ2SEQ_LM, head_kind
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -202,12 +202,18 @@ def attribution_section(
     sums = [f"token {float(attr.token[0].sum()):.4g}", f"position {float(attr.position[0].sum()):.4g}"]
     if attr.segment is not None:
         sums.append(f"segment {float(attr.segment[0].sum()):.4g}")
+    if "target_token" in attr.extras:  # encoder-decoder: the target prefix (decoder input) has its own maps
+        sums.append(f"target-prefix token {float(attr.target_token[0].sum()):.4g}")
+        sums.append(f"target-prefix position {float(attr.target_position[0].sum()):.4g}")
     target_id = int(attr.target[0])
     target_label = None
-    if kind in (CAUSAL_LM, MASKED_LM) and tokenizer is not None:
-        from .tokens import display_token
+    if kind in (CAUSAL_LM, MASKED_LM, SEQ2SEQ_LM):  # vocabulary ids: a label only with a tokenizer
+        if tokenizer is not None:
+            from .tokens import display_token
 
-        target_label = repr(display_token(tokenizer, target_id))  # quoted: a token's leading space matters
+            target_label = repr(
+                display_token(tokenizer, target_id)
+            )  # quoted: a token's leading space matters
     elif getattr(model.config, "id2label", None):
         target_label = model.config.id2label.get(target_id)
     target_text = f"{target_id}" + (f" ({_code_span(str(target_label))})" if target_label else "")

@@ -25,6 +25,7 @@ from .heads import (
     CAUSAL_LM,
     IMAGE_CLASSIFICATION,
     MASKED_LM,
+    SEQ2SEQ_LM,
     SEQUENCE_CLASSIFICATION,
     registered_head_classes,
 )
@@ -36,6 +37,7 @@ _HEAD_MAPPINGS = {
     MASKED_LM: "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
     SEQUENCE_CLASSIFICATION: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     IMAGE_CLASSIFICATION: "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    SEQ2SEQ_LM: "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
 }
 MODES = ("attnlrp", "cp")
 
@@ -225,7 +227,39 @@ class _Checker:
             out["input_ids"][:, 2] = self.mask_id
             out["position"] = 2
             out["mask_token_id"] = self.mask_id
-        return out
+        if self.kind == SEQ2SEQ_LM:
+            out.update(self.target_prefix(batch, gen))
+        return self.with_eos(out)
+
+    @property
+    def reads_eos(self) -> bool:
+        """Encoder-decoder classifiers read the last end-of-sequence token of each row."""
+        return self.kind == SEQUENCE_CLASSIFICATION and bool(
+            getattr(self.model.config, "is_encoder_decoder", False)
+        )
+
+    def with_eos(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` whose rows end (their last real token) with the one end-of-sequence token a reader needs."""
+        if not self.reads_eos:
+            return inputs
+        eos = self.model.config.eos_token_id
+        ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"]
+        ids[ids == eos] = eos + 1
+        last = (torch.arange(ids.shape[1]) * mask).argmax(-1)
+        ids[torch.arange(ids.shape[0]), last] = eos
+        return {**inputs, "input_ids": ids}
+
+    def target_prefix(self, batch: int, gen: torch.Generator) -> dict[str, Any]:
+        """Encoder-decoder heads: a random target prefix of 4 tokens after the decoder start token."""
+        from .adapters.seq2seq import decoder_start_id
+
+        vocab = self.model.get_input_embeddings().num_embeddings
+        pad = getattr(self.model.config, "pad_token_id", None)
+        ids = torch.randint(3, vocab, (batch, 4), generator=gen)
+        if pad is not None:
+            ids[ids == pad] = pad + 1
+        ids[:, 0] = decoder_start_id(self.model)
+        return {"decoder_input_ids": ids, "decoder_attention_mask": torch.ones_like(ids)}
 
     @property
     def mask_id(self) -> int:
@@ -254,7 +288,7 @@ class _Checker:
             if side == "left":
                 position[row] = length - keep + 2
             out["position"] = position
-        return out
+        return self.with_eos(out)
 
     def attribute(self, inputs: dict[str, Any], mode: str, positional: bool = True):
         from .engine import attribute
@@ -340,6 +374,11 @@ class _Checker:
                 }
                 if self.kind == MASKED_LM:
                     alone_inputs.update(position=2, mask_token_id=self.mask_id)
+                if self.kind == SEQ2SEQ_LM:
+                    alone_inputs.update(
+                        decoder_input_ids=padded["decoder_input_ids"][1:],
+                        decoder_attention_mask=padded["decoder_attention_mask"][1:],
+                    )
                 alone = self.attribute(alone_inputs, mode)
                 row = attr[1].unpad()
                 ok = _close(row.relevance, alone.relevance, 1e-9) and _close(

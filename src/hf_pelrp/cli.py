@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen = explain.add_mutually_exclusive_group()
     gen.add_argument(
-        "--continuation", metavar="TEXT", help="causal LMs: explain each token of this continuation of --text"
+        "--continuation",
+        metavar="TEXT",
+        help="causal and encoder-decoder LMs: explain each token of this continuation (target) of --text",
     )
     gen.add_argument(
         "--generate", type=int, metavar="N", help="causal LMs: generate N tokens greedily and explain each"

@@ -31,6 +31,7 @@ from .errors import AttributionInputError, AttributionStateError
 from .generation import continuation_inputs, greedy_continuation
 from .heads import (
     CAUSAL_LM,
+    SEQ2SEQ_LM,
     SEQUENCE_CLASSIFICATION,
     Request,
     check_pooled_position,
@@ -41,7 +42,7 @@ from .heads import (
 )
 from .hooks import Handles, LeafStore, make_leaf
 from .precision import half_precision_hint, watch_non_finite
-from .result import Attribution, GenerationAttribution
+from .result import Attribution, GenerationAttribution, Seq2SeqAttribution
 from .rules import relevance_of
 from .tokens import display_token, display_tokens, special_ids
 
@@ -265,10 +266,11 @@ def lrp(
         ctx.callback(_each(ATTENTION_RULES.pop, [(module, None) for module, _ in rules]))
         for module, rule in rules:
             set_attention_rule(module, rule)
-        swaps = _config_swaps(model)
-        ctx.callback(_each(operator.setitem, [(where, "config", old) for where, old, _ in swaps]))
-        for where, _, new in swaps:
-            where["config"] = new
+        if adapter.attention_interface:  # inline attention (BLOOM, MPT, ...) keeps its own implementation
+            swaps = _config_swaps(model)
+            ctx.callback(_each(operator.setitem, [(where, "config", old) for where, old, _ in swaps]))
+            for where, _, new in swaps:
+                where["config"] = new
         model.eval()
         return ctx
     except BaseException:
@@ -306,6 +308,7 @@ class _Pass:
     positions: torch.Tensor | None
     inputs: dict[str, Any]
     attention_mask: torch.Tensor
+    target_mask: torch.Tensor | None = None
 
 
 def explain(
@@ -359,9 +362,11 @@ def explain(
     if "use_cache" in _forward_parameters(model):
         inputs = {**inputs, "use_cache": False}
     request = Request(position=position, positions=positions, mask_token_id=mask_token_id)
+    # encoder-decoder models explain decoder positions: the head reads them from the target prefix's mask
+    select_mask = prepared.target_mask if prepared.target_mask is not None else run_mask
 
     def forward_and_seeds(ctx: LRPContext):
-        selection = select(model, kind, model, inputs, run_mask, request)
+        selection = select(model, kind, model, inputs, select_mask, request)
         ctx.check_attention_ran()
         logits = selection.logits
         targets = resolve_target(target, logits)
@@ -410,6 +415,7 @@ def explain(
         positions=None if out_positions is None else out_positions.detach(),
         inputs=inputs,
         attention_mask=mask,
+        target_mask=prepared.target_mask,
     )
 
     def locate() -> str:
@@ -433,6 +439,8 @@ def _forward_parameters(model: torch.nn.Module) -> frozenset[str]:
 
 
 def _is_sequence_map(name: str, value: Any, mask: torch.Tensor) -> bool:
+    if name.startswith("target_"):  # the target prefix of an encoder-decoder model is not source-aligned
+        return False
     return (
         isinstance(value, torch.Tensor)
         and value.dim() >= 2
@@ -613,7 +621,13 @@ def attribute(
             [[int(i) in specials for i in row] for row in input_ids_out.tolist()], dtype=torch.bool
         )
     token_map = maps["token"]
-    return Attribution(
+    extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS}
+    result_class = Attribution
+    if getattr(model.config, "is_encoder_decoder", False):  # source maps + target-prefix maps
+        result_class = Seq2SeqAttribution
+        if "decoder_input_ids" in done.inputs:
+            extras.update(_target_extras(done.inputs["decoder_input_ids"], done.target_mask, tokenizer))
+    return result_class(
         token=token_map,
         position=maps["position"],
         position_by_layer=maps["position_by_layer"],
@@ -631,8 +645,20 @@ def attribute(
         positional=cfg.positional,
         model_type=model.config.model_type,
         gamma=_gamma_of(cfg),
-        extras={k: v for k, v in maps.items() if k not in _CORE_MAPS},
+        extras=extras,
     )
+
+
+def _target_extras(ids: torch.Tensor, mask: torch.Tensor | None, tokenizer: Any) -> dict[str, Any]:
+    """The target prefix of an encoder-decoder explanation, for display: ids, mask and (with a tokenizer) tokens."""
+    ids = ids.detach()
+    out: dict[str, Any] = {
+        "target_input_ids": ids,
+        "target_attention_mask": torch.ones_like(ids) if mask is None else mask.detach(),
+    }
+    if tokenizer is not None:
+        out["target_tokens"] = [display_tokens(tokenizer, row) for row in ids.tolist()]
+    return out
 
 
 def as_user_ids(input_ids: Any, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -708,6 +734,26 @@ def explain_continuation(
     _check_grad_mode()
     cfg = resolve_rules(model, config, mode, positional)
     kind = adapter_for(model).head(model)
+    if kind.name == SEQ2SEQ_LM:
+        if inputs_embeds is not None:
+            raise AttributionInputError(
+                "explaining a continuation needs input_ids (token ids), not inputs_embeds"
+            )
+        return _explain_seq2seq_continuation(
+            model,
+            input_ids,
+            continuation_ids,
+            attention_mask=attention_mask,
+            generate=generate,
+            max_new_tokens=max_new_tokens,
+            foil=foil,
+            span_reduce=span_reduce,
+            config=cfg,
+            tokenizer=tokenizer,
+            progress=progress,
+            gradient_checkpointing=gradient_checkpointing,
+            **model_inputs,
+        )
     if kind.name != CAUSAL_LM:
         raise AttributionInputError(
             f"explaining a continuation needs a causal language model (*ForCausalLM), got {type(model).__name__}"
@@ -784,4 +830,131 @@ def explain_continuation(
         positional=cfg.positional,
         model_type=model.config.model_type,
         gamma=_gamma_of(cfg),
+    )
+
+
+def _explain_seq2seq_continuation(
+    model: torch.nn.Module,
+    input_ids: Any,
+    continuation_ids: Any = None,
+    *,
+    attention_mask: Any = None,
+    generate: bool = False,
+    max_new_tokens: int | None = None,
+    foil: Any = None,
+    span_reduce: str | None = None,
+    config: LRPConfig,
+    tokenizer: Any = None,
+    progress: bool = False,
+    gradient_checkpointing: bool | None = None,
+    decoder_input_ids: Any = None,
+    **model_inputs: Any,
+) -> Seq2SeqAttribution:
+    """Encoder-decoder models: explain each token of a target continuation (teacher forcing), one row per token.
+
+    The decoder input is the target prefix (``decoder_input_ids``, default the decoder start token) followed by
+    the continuation without its last token; row ``s`` explains continuation token ``s`` at the decoder position
+    before it, over the source (the :class:`Seq2SeqAttribution` fields) and the target prefix (``target_*``
+    extras: columns after the explained position are exactly 0). With ``generate=True`` the continuation is
+    generated greedily from the source (``max_new_tokens``).
+    """
+    from .adapters.seq2seq import decoder_start_id
+
+    if model_inputs:
+        raise AttributionInputError(
+            f"extra model inputs {sorted(model_inputs)} are not supported when explaining a continuation"
+        )
+    device = next(model.parameters()).device
+    source = torch.as_tensor(input_ids, device=device)
+    source = source[None] if source.dim() == 1 else source
+    if source.shape[0] != 1:
+        raise AttributionInputError(
+            f"explaining a continuation takes one source sequence, got a batch of {source.shape[0]}"
+        )
+    mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device).reshape(1, -1)
+    if mask is not None:
+        source = source[:, mask[0].bool()]
+    prefix = (
+        torch.tensor([decoder_start_id(model)], device=device)
+        if decoder_input_ids is None
+        else torch.as_tensor(decoder_input_ids, device=device).reshape(-1)
+    )
+    if generate:
+        if continuation_ids is not None:
+            raise AttributionInputError("pass either continuation_ids or generate=True, not both")
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=source,
+                decoder_input_ids=prefix[None],
+                max_new_tokens=max_new_tokens or 20,
+                do_sample=False,
+                num_beams=1,
+            )
+        continuation = out[0, prefix.numel() :]
+        if continuation.numel() == 0:
+            raise AttributionInputError("the model generated no new token: nothing to explain")
+    elif continuation_ids is None:
+        raise AttributionInputError(
+            "no continuation to explain: pass continuation_ids, or generate=True with max_new_tokens"
+        )
+    else:
+        if max_new_tokens is not None:
+            raise AttributionInputError("max_new_tokens= only applies with generate=True")
+        continuation = torch.as_tensor(continuation_ids, device=device).reshape(-1)
+        if continuation.numel() == 0:
+            raise AttributionInputError("continuation_ids is empty: nothing to explain")
+    steps = continuation.numel()
+    decoder = torch.cat([prefix, continuation[:-1]])[None]
+    positions = torch.arange(prefix.numel() - 1, prefix.numel() - 1 + steps, device=device)[None]
+    if isinstance(foil, torch.Tensor | list | tuple):
+        foil = torch.as_tensor(foil).reshape(-1)
+        if foil.numel() == 1:
+            foil = int(foil)
+        elif foil.numel() != steps:
+            raise AttributionInputError(
+                f"foil must be one id or one per continuation token ({steps}), got {foil.numel()}"
+            )
+    done = explain(
+        model,
+        {"input_ids": source, "decoder_input_ids": decoder},
+        config=config,
+        target=continuation[None],
+        foil=foil,
+        positions=positions,
+        span_reduce=span_reduce,
+        tokenizer=tokenizer,
+        gradient_checkpointing=gradient_checkpointing,
+        progress=progress,
+    )
+    maps = done.maps
+    rows = maps["token"].shape[0]
+    targets = continuation if span_reduce is None else continuation[-1:]
+    foils = None if done.foils is None else done.foils[0][:rows]
+    extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS}
+    extras.update(
+        _target_extras(decoder.expand(rows, -1), torch.ones_like(decoder).expand(rows, -1), tokenizer)
+    )
+    ids = continuation.tolist() + ([] if foils is None else foils.tolist())
+    source_rows = source.expand(rows, -1)
+    tokens = None
+    if tokenizer is not None:
+        tokens = [display_tokens(tokenizer, source[0].tolist())] * rows
+    return Seq2SeqAttribution(
+        token=maps["token"],
+        position=maps["position"],
+        position_by_layer=maps["position_by_layer"],
+        segment=maps["segment"],
+        foil=foils,
+        target=targets,
+        target_value=done.values[0].to(maps["token"]),
+        position_index=positions[0][:rows] if span_reduce is None else positions[0, -1:],
+        input_ids=source_rows,
+        attention_mask=torch.ones_like(source_rows),
+        tokens=tokens,
+        labels=_labels(model, tokenizer, ids, True),
+        mode=config.mode,
+        positional=config.positional,
+        model_type=model.config.model_type,
+        gamma=_gamma_of(config),
+        extras=extras,
     )

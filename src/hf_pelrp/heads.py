@@ -22,6 +22,7 @@ CAUSAL_LM = "causal_lm"
 MASKED_LM = "masked_lm"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 IMAGE_CLASSIFICATION = "image_classification"
+SEQ2SEQ_LM = "seq2seq_lm"
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,20 @@ class HeadKind:
         return any(class_name.endswith(s) or s in class_name for s in self.suffixes)
 
 
+@dataclass(frozen=True)
+class EncoderDecoderHeadKind(HeadKind):
+    """An encoder-decoder LM head (T5, BART ``*ForConditionalGeneration``): the logits of a target token read at
+    a decoder position, explained over the source and the target prefix. Decoder-only models with the same class
+    suffix (vision-language ``*ForConditionalGeneration``) are not this kind: ``config.is_encoder_decoder`` decides.
+    """
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return bool(getattr(config, "is_encoder_decoder", False)) and super().matches(model)
+
+
 HEAD_KINDS: tuple[HeadKind, ...] = (
+    EncoderDecoderHeadKind(SEQ2SEQ_LM, ("ForConditionalGeneration",), True, True),
     HeadKind(CAUSAL_LM, ("ForCausalLM", "LMHeadModel"), True, True),
     HeadKind(MASKED_LM, ("ForMaskedLM",), True, True),
     HeadKind(SEQUENCE_CLASSIFICATION, ("ForSequenceClassification",), False, False),
@@ -77,7 +91,8 @@ def head_of(model: torch.nn.Module) -> HeadKind:
             return kind
     raise AttributionInputError(
         f"{type(model).__name__} has no supported output head. hf_pelrp explains *ForCausalLM / *LMHeadModel, "
-        "*ForSequenceClassification, *ForMaskedLM and *ForImageClassification models; for a bare encoder, "
+        "*ForSequenceClassification, *ForMaskedLM, *ForImageClassification and encoder-decoder "
+        "*ForConditionalGeneration models; for a bare encoder, "
         "use hf_pelrp.lrp(model) and seed the backward pass yourself."
     )
 
@@ -315,6 +330,14 @@ def select(
             full = forward(**inputs).logits
             logits = torch.take_along_dim(full, positions[..., None].to(full.device), dim=1)
         return Selection(logits, positions)
+    if kind.name == SEQ2SEQ_LM:
+        # ``attention_mask`` is the decoder's: the explained positions are target-prefix positions
+        if request.positions is not None:
+            positions = request.positions.to(attention_mask.device)
+        else:
+            positions = explained_positions(request.position, attention_mask, batch)[:, None]
+        full = forward(**inputs).logits
+        return Selection(torch.take_along_dim(full, positions[..., None].to(full.device), dim=1), positions)
     if kind.name == MASKED_LM:
         positions = masked_positions(
             request.position, inputs.get("input_ids"), attention_mask, request.mask_token_id

@@ -216,11 +216,13 @@ class Alignment:
 
 @dataclass(frozen=True)
 class Prepared:
-    """Validated inputs: the model's keyword arguments, the [B, T] attention mask and an optional alignment."""
+    """Validated inputs: the model's keyword arguments, the [B, T] attention mask and an optional alignment;
+    encoder-decoder inputs also carry the [B, T'] mask of the target prefix (the decoder input)."""
 
     inputs: dict[str, Any]
     attention_mask: torch.Tensor
     alignment: Alignment | None = None
+    target_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from .adapters import adapter_for
 from .engine import attribute, explain_continuation
 from .errors import AttributionInputError
-from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, head_of, target_id_of
-from .result import Attribution, GenerationAttribution
+from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQ2SEQ_LM, head_of, target_id_of
+from .result import Attribution, GenerationAttribution, Seq2SeqAttribution
 from .tokens import display_token, display_tokens
 
 TASK = "lrp-attribution"
@@ -228,8 +228,10 @@ class LRPAttributionPipeline(Pipeline):
         model_inputs = {k: v for k, v in encoded.items() if k in self._text_keys}
         meta: dict[str, Any] = {"text": inputs, "continuation_ids": None}
         if continuation is not None:
-            if self.kind != CAUSAL_LM:
-                raise AttributionInputError("continuation= is only meaningful for causal language models")
+            if self.kind not in (CAUSAL_LM, SEQ2SEQ_LM):
+                raise AttributionInputError(
+                    "continuation= is only meaningful for causal and encoder-decoder language models"
+                )
             if not isinstance(continuation, str) or not continuation:
                 raise AttributionInputError(f"continuation must be a non-empty string, got {continuation!r}")
             ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
@@ -331,8 +333,10 @@ class LRPAttributionPipeline(Pipeline):
     def _forward_continuations(
         self, model_inputs: dict[str, Any], meta: list[dict], foil: int | None, rules: dict, params: dict
     ) -> list[dict[str, Any]]:
-        if self.kind != CAUSAL_LM:
-            raise AttributionInputError("continuation= / max_new_tokens= are only meaningful for causal LMs")
+        if self.kind not in (CAUSAL_LM, SEQ2SEQ_LM):
+            raise AttributionInputError(
+                "continuation= / max_new_tokens= are only meaningful for causal and encoder-decoder LMs"
+            )
         if params.get("target") is not None or params.get("position") is not None:
             raise AttributionInputError(
                 "target= and position= do not apply to a continuation: each of its tokens is explained"
@@ -367,6 +371,10 @@ class LRPAttributionPipeline(Pipeline):
         attr, meta = row["attribution"], row["meta"]
         if isinstance(attr, GenerationAttribution):
             out = self._generation_dict(attr)
+        elif isinstance(attr, Seq2SeqAttribution) and (
+            meta.get("continuation_ids") is not None or attr.batch_size > 1
+        ):
+            out = self._seq2seq_continuation_dict(attr)
         else:
             out = self._attribution_dict(attr, meta)
         relevance = out["relevance"] if out["relevance"].ndim == 1 else out["relevance"].sum(0)
@@ -403,6 +411,31 @@ class LRPAttributionPipeline(Pipeline):
         for name, value in attr.extras.items():
             if isinstance(value, torch.Tensor):
                 out[name] = _np(value[0])
+        if isinstance(attr, Seq2SeqAttribution) and self.tokenizer is not None:
+            out["target_tokens"] = display_tokens(self.tokenizer, attr.target_input_ids[0].tolist())
+        return out
+
+    def _seq2seq_continuation_dict(self, attr: Seq2SeqAttribution) -> dict[str, Any]:
+        """An encoder-decoder continuation: one row per target token, over the source and the target prefix."""
+        out: dict[str, Any] = {
+            "tokens": self._tokens(attr),
+            "target_tokens": display_tokens(self.tokenizer, attr.target_input_ids[0].tolist()),
+            "generated_text": self.tokenizer.decode(attr.target.tolist()),
+            "token_relevance": _np(attr.token),
+            "position_relevance": _np(attr.position),
+            "relevance": _np(attr.relevance),
+            "target_token_relevance": _np(attr.target_token),
+            "target_position_relevance": _np(attr.target_position),
+            "target": [{"id": int(t), "label": self._label_of(int(t))} for t in attr.target],
+            "score": [float(v) for v in attr.target_value],
+            "conservation_gap": [float(v) for v in attr.conservation_gap],
+            "mode": attr.mode,
+            "positional": attr.positional,
+        }
+        if attr.position_by_layer is not None:
+            out["position_relevance_by_layer"] = _np(attr.position_by_layer)
+        if attr.foil is not None:
+            out["foil"] = [{"id": int(f), "label": self._label_of(int(f))} for f in attr.foil]
         return out
 
     def _generation_dict(self, gen: GenerationAttribution) -> dict[str, Any]:

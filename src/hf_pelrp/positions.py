@@ -31,7 +31,7 @@ from .devices import execution_device
 from .errors import UnsupportedModelError
 from .hooks import EmbeddingLeaf, Handles, HookRule, LeafStore, make_leaf
 from .modules import find_module
-from .rules import relevance_of
+from .rules import relevance_dtype, relevance_of
 
 Maps = dict[str, Any]
 
@@ -330,3 +330,200 @@ class MultimodalRotary(Rotary):
             "M-RoPE: per-layer `(cos, sin)` leaves (`attr.position_by_layer`), split by axis "
             "(`attr.position_by_axis`: temporal, height, width)"
         )
+
+
+# ---- positions inside attention (method.md 2 "Positions inside attention") -----------------------------------
+
+#: the per-layer leaf name of a positional attention bias, and the prefix of the maps read from it
+BIAS_LEAF = "bias"
+
+
+@dataclass(frozen=True)
+class DistanceBins:
+    """Which bin of ``position_by_distance`` each (query, key) pair of a bias leaf falls into.
+
+    ``index`` [B or 1, Tq, Tk] long: the bin of each pair, ``-1`` for pairs that belong to no bin (padding);
+    ``labels`` [bins]: what each bin is (the signed distance ``j - i``, a T5 bucket's smallest distance, a
+    window offset's number); ``edges`` optional [bins, 2]: the distance range ``[low, high]`` each bin covers
+    (T5 buckets); ``offsets`` optional [bins, 2]: the 2-D offset ``(dy, dx)`` of each bin (vision windows).
+    """
+
+    index: torch.Tensor
+    labels: torch.Tensor
+    edges: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+
+
+def signed_distance_bins(attention_mask: torch.Tensor, length: int | None = None) -> DistanceBins:
+    """Bins of the signed distance ``j - i`` between real tokens, counted over real tokens (a left-padded row
+    has the distances of the row alone): bin ``d + T - 1`` for ``d`` in ``-(T-1) .. T-1``; pairs involving
+    padding get ``-1``."""
+    mask = attention_mask.long()
+    seq = mask.shape[-1] if length is None else length
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    index = pos[:, None, :] - pos[:, :, None] + (seq - 1)
+    real = mask.bool()
+    index = torch.where(real[:, :, None] & real[:, None, :], index, torch.full_like(index, -1))
+    labels = torch.arange(-(seq - 1), seq, device=mask.device)
+    return DistanceBins(index, labels)
+
+
+def bias_leaf(store: LeafStore, layer: int, value: torch.Tensor, name: str = BIAS_LEAF) -> torch.Tensor:
+    """The leaf ``name`` of ``layer`` holding ``value`` ([B, H, Tq, Tk]); re-running the same layer within one
+    forward pass (checkpoint recomputation) re-uses it, so no leaf is created twice."""
+    existing = store.layers.get(layer, {}).get(name)
+    if existing is not None and existing.shape == value.shape and existing.device == value.device:
+        return existing
+    leaf = make_leaf(value)
+    store.layers.setdefault(layer, {})[name] = leaf
+    return leaf
+
+
+def canonical_alibi(
+    bias: torch.Tensor, masked: torch.Tensor | None, factor: float, store: LeafStore, layer: int
+) -> torch.Tensor:
+    """``bias`` [B, H, T, T] as it enters the scores, backed by the canonical ALiBi leaf ``b_ij - b_ii``.
+
+    Implementations add a per-query constant to ALiBi's ``m_h (j - i)`` (softmax ignores it: BLOOM and Falcon use
+    ``m_h pos_j``, MPT ``m_h (j - T + 1)``); the leaf is the bias with distance 0 at 0 (method.md 2,
+    "Shift invariance"), masked pairs (``masked`` True) are 0 in the leaf and keep the model's value. The
+    returned tensor equals ``bias`` exactly (straight-through); its gradient reaches the leaf times ``factor``
+    (the ``scores`` factor: 1/2 AttnLRP, 0 CP).
+    """
+    from .rules import scale_gradient, straight_through
+
+    diagonal = bias.diagonal(dim1=-2, dim2=-1)[..., :, None].detach()
+    canonical = bias.detach() - diagonal
+    if masked is not None:
+        canonical = canonical.masked_fill(masked, 0.0)
+    leaf = bias_leaf(store, layer, canonical)
+    surrogate = scale_gradient(leaf, factor) + diagonal
+    if masked is not None:
+        surrogate = torch.where(masked, bias.detach(), surrogate)
+    return straight_through(bias, surrogate)
+
+
+@dataclass(frozen=True)
+class AttentionBias(PositionalKind):
+    """Positions that enter attention as a bias on the scores (method.md 2, "Positions inside attention").
+
+    ``s = c q k^T + b (+ mask)``: the epsilon rule at the sum gives ``R_b = b * g`` with ``g`` the gradient at the
+    scores, so ``b`` (per layer, per row: [B, H, Tq, Tk]) is a leaf of ``store.layers[l]["bias"]`` with the
+    ``scores`` factor of the attention rule (1/2 AttnLRP, 0 CP-LRP: exactly 0 relevance). The masking part stays
+    out of the leaf.
+
+    Maps (per leaf group: ``"bias"`` gives ``position*``; a group ``"<name>_bias"`` gives ``<name>_position*``,
+    e.g. the target prefix of an encoder-decoder model):
+
+    - ``position_by_layer`` [B, L, T]: ``sum_{h, i} R_l[b, h, i, j]``, relevance per key position;
+    - ``position`` [B, T] (summed over layers), ``position_abs`` [B, T] (sum over layers of ``|.|``);
+    - ``position_by_distance`` [B, bins] and ``position_distances`` [bins]: relevance per bin of
+      :class:`DistanceBins` (``store.aux[("bins", group)]``, or per layer ``store.aux[("bins", group, l)]``;
+      default: signed distance over real tokens of ``store.aux["attention_mask"]``); ``position_distances``
+      [B, bins] labels the bins (a copy per row), ``position_distance_edges`` [B, bins, 2] gives their distance
+      ranges where bins are ranges (T5 buckets).
+
+    Windowed attention (Swin) stores its leaves as [B * windows, H, W^2, W^2] with
+    ``store.aux[("windows", group, l)] = (windows, to_tokens)``: ``to_tokens`` maps the per-key relevance of each
+    window [B, windows, W^2] back onto the tokens [B, T].
+
+    Parameters
+    ----------
+    leaves
+        ``f(model, layers, attention, store) -> [(module, rule)]`` making the leaves where the ``"lrp"``
+        attention applies the factor (the bias reaches it as ``position_bias`` / a float mask). Families with
+        attention written inline make their leaves with their own factor rules (``Adapter.extra_rules``).
+    description
+        One line for the model card.
+    """
+
+    leaves: Callable[..., list[tuple[torch.nn.Module, HookRule]]] | None = None
+    description: str = "positional bias inside attention"
+    name: str = "attention bias"
+    inside_attention: bool = True
+
+    def rules(self, model, layers, attention, store):
+        return [] if self.leaves is None else list(self.leaves(model, layers, attention, store))
+
+    def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
+        groups: dict[str, dict[int, torch.Tensor]] = {}
+        for layer, named in store.layers.items():
+            for leaf_name, leaf in named.items():
+                if leaf_name == BIAS_LEAF or leaf_name.endswith("_" + BIAS_LEAF):
+                    groups.setdefault(leaf_name, {})[layer] = leaf
+        maps: Maps = {"position": torch.zeros_like(token), "position_abs": torch.zeros_like(token)}
+        for group, leaves in groups.items():
+            prefix = "position" if group == BIAS_LEAF else group[: -len(BIAS_LEAF)] + "position"
+            keys = token if group == BIAS_LEAF else store.aux.get(("keys", group))
+            maps.update(self._read_group(store, group, prefix, leaves, keys, num_layers))
+        return maps
+
+    def _read_group(
+        self,
+        store: LeafStore,
+        group: str,
+        prefix: str,
+        leaves: dict[int, torch.Tensor],
+        like: torch.Tensor | None,
+        num_layers: int,
+    ) -> Maps:
+        first = next(iter(leaves.values()))
+        batch, keys = first.shape[0], first.shape[-1]
+        if like is not None:  # windowed leaves ([B * windows, H, W^2, W^2]) are read back onto the tokens
+            batch, keys = like.shape[0], like.shape[-1]
+        dtype = relevance_dtype(first.dtype) if like is None else like.dtype
+        device = first.device if like is None else like.device
+        layers = max(num_layers, max(leaves) + 1) if group == BIAS_LEAF else max(leaves) + 1
+        by_layer = torch.zeros(batch, layers, keys, dtype=dtype, device=device)
+        absolute = torch.zeros(batch, keys, dtype=dtype, device=device)
+        by_distance: torch.Tensor | None = None
+        bins_out: DistanceBins | None = None
+        for layer, leaf in sorted(leaves.items()):
+            if leaf.grad is None:  # CP-LRP: nothing reaches the scores
+                pairs = torch.zeros(leaf.shape[0], *leaf.shape[2:], dtype=dtype, device=device)
+            else:
+                pairs = relevance_of(leaf, (1,)).to(device=device, dtype=dtype)  # [B, Tq, Tk], heads summed
+            windows = store.aux.get(("windows", group, layer))
+            if windows is not None:
+                # a windowed layer: per-key relevance of each window, put back on the tokens by the layer's map
+                count, to_tokens = windows
+                per_key = to_tokens(pairs.sum(1).reshape(batch, count, -1)).to(dtype)
+            else:
+                pairs = pairs.expand(batch, *pairs.shape[1:])
+                per_key = pairs.sum(1)
+            by_layer[:, layer] += per_key
+            absolute += per_key.abs()
+            bins = store.aux.get(("bins", group, layer), store.aux.get(("bins", group)))
+            if bins is None:
+                mask = store.aux.get("attention_mask")
+                if mask is None or mask.shape[-1] != keys or pairs.shape[1] != keys:
+                    mask = torch.ones(batch, keys, dtype=torch.long, device=device)
+                bins = signed_distance_bins(mask.to(device))
+            index = bins.index.to(device).expand(pairs.shape[0], *bins.index.shape[1:])
+            nbins = bins.labels.numel()
+            if by_distance is None:
+                by_distance = torch.zeros(batch, nbins, dtype=dtype, device=device)
+                bins_out = bins
+            if by_distance.shape[1] != nbins:
+                continue  # layers with other bins (e.g. other window sizes) only add to the per-key maps
+            valid = index >= 0
+            # windows of one image (rows of the leaf beyond the batch) add to the image's bins
+            flat = torch.where(valid, index, torch.zeros_like(index)).reshape(batch, -1)
+            by_distance.scatter_add_(1, flat, torch.where(valid, pairs, 0.0).reshape(batch, -1))
+        maps: Maps = {
+            f"{prefix}_by_layer": by_layer,
+            prefix: by_layer.sum(1),
+            f"{prefix}_abs": absolute,
+        }
+        if by_distance is not None and bins_out is not None:
+            maps[f"{prefix}_by_distance"] = by_distance
+            # one copy per row, so that rows of several backward passes stack like the other maps
+            maps[f"{prefix}_distances"] = bins_out.labels.to(device).expand(batch, -1)
+            if bins_out.edges is not None:
+                maps[f"{prefix}_distance_edges"] = bins_out.edges.to(device).expand(batch, -1, -1)
+            if bins_out.offsets is not None:
+                maps[f"{prefix}_offsets"] = bins_out.offsets.to(device).expand(batch, -1, -1)
+        return maps
+
+    def describe(self) -> str:
+        return f"{self.description}: per-layer bias leaves (`attr.position_by_layer`, `attr.position_by_distance`)"

@@ -525,3 +525,39 @@ def labels_from(names: Mapping[Any, Any] | None) -> dict[int, str]:
         except (TypeError, ValueError):
             continue
     return out
+
+
+@dataclass(repr=False)
+class Seq2SeqAttribution(Attribution):
+    """The explanation of a target token of an encoder-decoder model (T5, BART), over the source and the target
+    prefix.
+
+    The :class:`Attribution` fields keep their meaning for the **source** (the encoder input): ``token``,
+    ``position``, ``position_by_layer``, ``relevance``, ``input_ids``, ``attention_mask``, ``tokens``.
+    ``position_index`` is the decoder position whose logits were explained. The **target prefix** (the decoder
+    input) has its maps in ``extras`` (readable as attributes):
+
+    - ``target_token`` [B, T']: relevance of each decoder input token's content;
+    - ``target_position`` [B, T'] (and, for biases inside attention, ``target_position_by_layer`` [B, L', T'],
+      ``target_position_by_distance``, ...): relevance of the decoder's positions;
+    - ``target_input_ids`` / ``target_attention_mask`` [B, T'] and, with a tokenizer, ``target_tokens``.
+
+    Conservation covers both: ``target_value = relevance.sum(-1) + target_relevance.sum(-1) + conservation_gap``.
+    """
+
+    @property
+    def target_relevance(self) -> torch.Tensor:
+        """``target_token + target_position`` per target-prefix position, [B, T']."""
+        token = self.extras.get("target_token")
+        if token is None:
+            return torch.zeros_like(self.target_value)[:, None]
+        position = self.extras.get("target_position")
+        return token if position is None else token + position
+
+    @property
+    def conservation_gap(self) -> torch.Tensor:
+        """``target_value - relevance.sum(-1) - target_relevance.sum(-1)``, [B]."""
+        return self.target_value - self.relevance.sum(-1) - self.target_relevance.sum(-1)
+
+    def __repr__(self) -> str:
+        return "Seq2Seq" + super().__repr__()

@@ -1,11 +1,13 @@
 """Per-architecture adapter declarations; importing this package registers the built-in ones."""
 
-# importing a module registers its adapters
 from . import (  # noqa: F401
     albert,
+    alibi,
+    beit,
     bert,
     clip,
     cohere,
+    deberta,
     deepseek,
     dinov2,
     electra,
@@ -25,9 +27,11 @@ from . import (  # noqa: F401
     phi3,
     qwen2_vl,
     qwen3,
+    seq2seq,
     smollm3,
     stablelm,
     starcoder2,
+    swin,
     vit,
     xlm_roberta,
 )

@@ -131,6 +131,12 @@ class Adapter:
         Further refusals: ``f(model)`` raising :class:`UnsupportedModelError`.
     tiny
         Config overrides giving a tiny instance for :func:`hf_pelrp.check_adapter`.
+    attention_interface
+        Whether the attention modules call transformers' attention interface (default). Families whose attention
+        is written inline (BLOOM, MPT, Falcon with ALiBi, DeBERTa, SwinV2) set ``False``: their attention modules
+        get no :class:`AttentionRule` (the ``"lrp"`` attention would never run), the attention implementation is
+        left as it is, and ``extra_rules`` apply the same factors with hooks
+        (:mod:`hf_pelrp.inline_attention`).
     """
 
     model_types: tuple[str, ...]
@@ -151,6 +157,7 @@ class Adapter:
     checks: tuple[Callable[[nn.Module], None], ...] = ()
     tiny: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
+    attention_interface: bool = True
 
     # ---- structure ----------------------------------------------------------------------------------------
 
@@ -212,7 +219,7 @@ class Adapter:
             )
         check_dispatch_hooks(model)
         can_set = getattr(type(model), "_can_set_attn_implementation", None)
-        if can_set is not None and not can_set():
+        if self.attention_interface and can_set is not None and not can_set():
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so "
                 "the LRP attention rules cannot be attached to it."
@@ -330,7 +337,10 @@ class Adapter:
         return rules
 
     def attention_rules(self, model: nn.Module, config: LRPConfig) -> list[tuple[nn.Module, AttentionRule]]:
-        """One :class:`AttentionRule` per attention module (its own object: rotary leaves record on it)."""
+        """One :class:`AttentionRule` per attention module (its own object: rotary leaves record on it); none for
+        families whose attention is written inline (``attention_interface=False``)."""
+        if not self.attention_interface:
+            return []
         return [
             (
                 module,
