@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,15 @@ from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from .adapters import adapter_for
 from .engine import attribute, explain_continuation
 from .errors import AttributionInputError
-from .heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQ2SEQ_LM, head_of, target_id_of
+from .heads import (
+    CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
+    MASKED_LM,
+    SEQ2SEQ_LM,
+    SEQUENCE_CLASSIFICATION,
+    head_of,
+    target_id_of,
+)
 from .result import Attribution, GenerationAttribution, Seq2SeqAttribution
 from .tokens import display_token, display_tokens
 
@@ -219,14 +228,25 @@ class LRPAttributionPipeline(Pipeline):
     ) -> dict[str, Any]:
         if self.kind == IMAGE_CLASSIFICATION:
             return self._preprocess_image(inputs)
-        if not isinstance(inputs, str):
+        if isinstance(inputs, Chat):
+            encoded = self._encode_chat(inputs.messages)
+            text: Any = inputs.messages
+        elif isinstance(inputs, dict):
+            encoded = self._encode_pair(inputs, truncation)
+            text = dict(inputs)
+        elif isinstance(inputs, str):
+            if not inputs:
+                raise AttributionInputError("empty text: give at least one character to explain")
+            encoded = self.tokenizer(inputs, return_tensors="pt", truncation=bool(truncation))
+            text = inputs
+        else:
             raise AttributionInputError(
-                f"the {TASK} pipeline takes a string (or a list of strings) for {type(self.model).__name__}, "
-                f"got {type(inputs).__name__}"
+                f"the {TASK} pipeline takes a string, a sentence pair {{'text': ..., 'text_pair': ...}}, chat "
+                f"messages [{{'role': ..., 'content': ...}}, ...] (or a list of these) for "
+                f"{type(self.model).__name__}, got {type(inputs).__name__}"
             )
-        encoded = self.tokenizer(inputs, return_tensors="pt", truncation=bool(truncation))
         model_inputs = {k: v for k, v in encoded.items() if k in self._text_keys}
-        meta: dict[str, Any] = {"text": inputs, "continuation_ids": None}
+        meta: dict[str, Any] = {"text": text, "continuation_ids": None}
         if continuation is not None:
             if self.kind not in (CAUSAL_LM, SEQ2SEQ_LM):
                 raise AttributionInputError(
@@ -239,6 +259,46 @@ class LRPAttributionPipeline(Pipeline):
                 raise AttributionInputError(f"continuation {continuation!r} tokenizes to no tokens")
             meta["continuation_ids"] = torch.tensor(ids, dtype=torch.long)
         return {**model_inputs, "meta": [meta]}
+
+    def _encode_chat(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """The conversation in the model's chat template, with the generation prompt: the explained token is
+        the model's next token (its answer's first token)."""
+        if self.kind != CAUSAL_LM:
+            raise AttributionInputError(
+                f"chat messages are explained with causal language models, not {type(self.model).__name__}"
+            )
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise AttributionInputError(
+                "the tokenizer has no chat template (tokenizer.chat_template is None): pass the prompt as a string, "
+                "or a tokenizer with a template"
+            )
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return {k: v for k, v in encoded.items()}
+
+    def _encode_pair(self, pair: dict[str, Any], truncation: bool | None) -> dict[str, Any]:
+        """A sentence pair ``{"text": ..., "text_pair": ...}`` for a classifier (token types mark the second
+        sentence: its relevance is ``segment_relevance``)."""
+        unknown = sorted(set(pair) - {"text", "text_pair"})
+        if unknown or not isinstance(pair.get("text"), str) or not isinstance(pair.get("text_pair"), str):
+            raise AttributionInputError(
+                "a sentence pair is a dict {'text': str, 'text_pair': str}"
+                + (f"; unknown keys {unknown}" if unknown else "")
+            )
+        if self.kind not in (SEQUENCE_CLASSIFICATION,):
+            raise AttributionInputError(
+                f"sentence pairs are explained with sequence classifiers, not {type(self.model).__name__}"
+            )
+        if not pair["text"] or not pair["text_pair"]:
+            raise AttributionInputError("a sentence of the pair is empty")
+        return self.tokenizer(
+            pair["text"], pair["text_pair"], return_tensors="pt", truncation=bool(truncation)
+        )
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+        """Explain ``inputs``: a string, a sentence pair, chat messages, an image, or a list of any of these."""
+        return super().__call__(_normalise_inputs(inputs), **kwargs)
 
     def _preprocess_image(self, image: Any) -> dict[str, Any]:
         from transformers.image_utils import load_image
@@ -472,6 +532,31 @@ class LRPAttributionPipeline(Pipeline):
         specials = ["[CLS]", "[DIST]"][: max(length - num_patches, 0)]
         specials += [f"[SPECIAL{i}]" for i in range(len(specials), length - num_patches)]
         return specials + [f"patch {i}" for i in range(num_patches)]
+
+
+@dataclass(frozen=True)
+class Chat:
+    """One conversation (``[{"role": ..., "content": ...}, ...]``), kept whole through the pipeline's
+    batching (a bare list of dicts would be taken as a batch of inputs)."""
+
+    messages: list[dict[str, Any]]
+
+
+def _is_chat(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _normalise_inputs(inputs: Any) -> Any:
+    """One conversation becomes a :class:`Chat`; a list of conversations a list of them; the rest is unchanged."""
+    if _is_chat(inputs):
+        return Chat(list(inputs))
+    if isinstance(inputs, list | tuple) and inputs and all(_is_chat(x) for x in inputs):
+        return [Chat(list(x)) for x in inputs]
+    return inputs
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
