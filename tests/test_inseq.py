@@ -197,18 +197,12 @@ def test_default_attributed_fn_is_restored_on_unhook():
 
 @needs_inseq
 def test_refusals():
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import MambaConfig, MambaForCausalLM
 
-    config = OPTConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        ffn_dim=32,
-        num_attention_heads=2,
-        vocab_size=101,
-        word_embed_proj_dim=16,
-    )
-    with pytest.raises(UnsupportedModelError, match="opt"):
-        load(OPTForCausalLM(config).eval())
+    # a state-space model: no attention, no adapter
+    config = MambaConfig(vocab_size=101, hidden_size=16, num_hidden_layers=1, state_size=4, intermediate_size=32)
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        load(MambaForCausalLM(config).eval())
 
 
 @needs_inseq
