@@ -200,7 +200,9 @@ def test_refusals():
     from transformers import MambaConfig, MambaForCausalLM
 
     # a state-space model: no attention, no adapter
-    config = MambaConfig(vocab_size=101, hidden_size=16, num_hidden_layers=1, state_size=4, intermediate_size=32)
+    config = MambaConfig(
+        vocab_size=101, hidden_size=16, num_hidden_layers=1, state_size=4, intermediate_size=32
+    )
     with pytest.raises(UnsupportedModelError, match="mamba"):
         load(MambaForCausalLM(config).eval())
 
