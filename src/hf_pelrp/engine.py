@@ -669,6 +669,20 @@ def as_user_ids(input_ids: Any, attention_mask: torch.Tensor) -> torch.Tensor | 
     return ids.unsqueeze(0) if ids.dim() == 1 else ids
 
 
+def _continuation_foil(foil: Any, steps: int) -> Any:
+    """A continuation's foil: one id for every row, or one per continuation token (checked); strings pass."""
+    if isinstance(foil, torch.Tensor | list | tuple):
+        ids = torch.as_tensor(foil).reshape(-1)
+        if ids.numel() == 1 and not ids.is_floating_point():
+            return int(ids)
+        if ids.numel() != steps:
+            raise AttributionInputError(
+                f"foil must be one id or one per continuation token ({steps}), got {ids.numel()}"
+            )
+        return ids
+    return foil
+
+
 def explain_continuation(
     model: torch.nn.Module,
     input_ids: Any,
@@ -785,14 +799,7 @@ def explain_continuation(
     full = torch.cat([prompt, continuation])[None]
     prompt_len, steps = prompt.shape[0], continuation.shape[0]
     positions = torch.arange(prompt_len - 1, prompt_len - 1 + steps, device=device)[None]
-    if isinstance(foil, torch.Tensor) and foil.numel() == 1 and not foil.is_floating_point():
-        foil = foil.reshape(()).item()
-    if isinstance(foil, torch.Tensor | list | tuple):
-        foil = torch.as_tensor(foil).reshape(-1)
-        if foil.numel() != steps:
-            raise AttributionInputError(
-                f"foil must be one id or one per continuation token ({steps}), got {foil.numel()}"
-            )
+    foil = _continuation_foil(foil, steps)
     done = explain(
         model,
         {"input_ids": full, "attention_mask": torch.ones_like(full)},
@@ -906,14 +913,7 @@ def _explain_seq2seq_continuation(
     steps = continuation.numel()
     decoder = torch.cat([prefix, continuation[:-1]])[None]
     positions = torch.arange(prefix.numel() - 1, prefix.numel() - 1 + steps, device=device)[None]
-    if isinstance(foil, torch.Tensor | list | tuple):
-        foil = torch.as_tensor(foil).reshape(-1)
-        if foil.numel() == 1:
-            foil = int(foil)
-        elif foil.numel() != steps:
-            raise AttributionInputError(
-                f"foil must be one id or one per continuation token ({steps}), got {foil.numel()}"
-            )
+    foil = _continuation_foil(foil, steps)
     done = explain(
         model,
         {"input_ids": source, "decoder_input_ids": decoder},

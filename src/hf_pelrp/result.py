@@ -26,8 +26,30 @@ def _per_row(x: Any, batch: int) -> bool:
     return False
 
 
+class _Relevance:
+    """``relevance`` and ``conservation_gap`` from the maps every result has (token, position, segment)."""
+
+    token: torch.Tensor
+    position: torch.Tensor
+    segment: torch.Tensor | None
+    target_value: torch.Tensor
+
+    @property
+    def relevance(self) -> torch.Tensor:
+        """``token + position (+ segment)`` per row and position, [rows, T]."""
+        total = self.token + self.position
+        if self.segment is not None:
+            total = total + self.segment
+        return total
+
+    @property
+    def conservation_gap(self) -> torch.Tensor:
+        """``target_value - relevance.sum(-1)``, [rows]: the relevance the rules absorbed."""
+        return self.target_value - self.relevance.sum(-1)
+
+
 @dataclass
-class Attribution:
+class Attribution(_Relevance):
     """Relevance maps of one attribution, all detached, on one device (float32, or float64 for float64 models).
 
     Attributes
@@ -90,19 +112,6 @@ class Attribution:
     extras: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived maps -------------------------------------------------------------------------------------
-
-    @property
-    def relevance(self) -> torch.Tensor:
-        """``token + position (+ segment)`` per sequence position, [B, T]."""
-        total = self.token + self.position
-        if self.segment is not None:
-            total = total + self.segment
-        return total
-
-    @property
-    def conservation_gap(self) -> torch.Tensor:
-        """``target_value - relevance.sum(-1)``, [B]."""
-        return self.target_value - self.relevance.sum(-1)
 
     @property
     def batch_size(self) -> int:
@@ -344,7 +353,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @dataclass
-class GenerationAttribution:
+class GenerationAttribution(_Relevance):
     """Relevance of every continuation token over the prompt and the tokens generated before it.
 
     Rows are continuation tokens, columns are the positions of ``input_ids`` (prompt + continuation). Row ``s``
@@ -403,19 +412,6 @@ class GenerationAttribution:
     positional: bool = True
     model_type: str = ""
     gamma: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def relevance(self) -> torch.Tensor:
-        """``token + position (+ segment)`` per (row, position), [rows, T]."""
-        total = self.token + self.position
-        if self.segment is not None:
-            total = total + self.segment
-        return total
-
-    @property
-    def conservation_gap(self) -> torch.Tensor:
-        """``target_value - relevance.sum(-1)``, [rows]."""
-        return self.target_value - self.relevance.sum(-1)
 
     @property
     def generated_ids(self) -> torch.Tensor:

@@ -12,45 +12,20 @@ table, as in GPT-2). Cross-attention layers are refused.
 
 from __future__ import annotations
 
-from ..inputs import TextInputs
-from ..positions import Additive
-from .base import Adapter, register_adapter
-from .gpt2 import _no_cross_attention
-from .norms import layer_norm
+import dataclasses
 
+from .base import register_adapter
+from .gpt2 import GPT2
+
+# GPT-2's declaration with GPTBigCode's classes, its length limit (max_position_embeddings) and an MLP width
 GPT_BIGCODE = register_adapter(
-    Adapter(
+    dataclasses.replace(
+        GPT2,
         model_types=("gpt_bigcode",),
         name="gpt_bigcode",
-        layers="h",
-        attention="attn",
-        embeddings={"wte": ("token", "segment")},
-        positions=Additive({"wpe": "position"}),
-        norms={"LayerNorm": layer_norm},
-        modules=(
-            "GPTBigCodeForCausalLM",
-            "GPTBigCodeForSequenceClassification",
-            "GPTBigCodeModel",
-            "GPTBigCodeBlock",
-            "GPTBigCodeAttention",
-            "GPTBigCodeMLP",
-        ),
-        inputs=TextInputs(
-            position_ids="count", max_positions=lambda c: c.max_position_embeddings, token_types="vocab_size"
-        ),
-        heads=("causal_lm", "sequence_classification"),
-        checks=(_no_cross_attention,),
-        tiny={
-            "n_embd": 32,
-            "n_inner": 64,
-            "n_layer": 2,
-            "n_head": 4,
-            "vocab_size": 97,
-            "n_positions": 64,
-            "pad_token_id": 0,
-            "bos_token_id": 1,
-            "eos_token_id": 1,
-            "num_labels": 3,
-        },
+        modules=tuple(name.replace("GPT2", "GPTBigCode") for name in GPT2.modules if "LMHead" not in name)
+        + ("GPTBigCodeForCausalLM",),
+        inputs=dataclasses.replace(GPT2.inputs, max_positions=lambda c: c.max_position_embeddings),
+        tiny={**GPT2.tiny, "n_inner": 64},
     )
 )
