@@ -32,7 +32,7 @@ from ..errors import AttributionInputError
 from .colors import MEANING, color_scale, css_gradient, css_hex, diverging_rgb, diverging_rgb_array, text_rgb
 from .deps import require
 from .strings import clean, quoted, visible_text
-from .view import MAP_TITLES, Labels, RowView, generation_view, row_views
+from .view import MAP_TITLES, Labels, RowView, generation_view, is_generation, row_views
 from .vision import IMAGE_MAPS, ImageView, image_views, is_vision, picture_pixels, png_data_url
 
 #: the longer side of an image report's picture, in CSS pixels
@@ -683,9 +683,7 @@ def to_html(
     str
         The HTML.
     """
-    from ..result import GenerationAttribution
-
-    if isinstance(attr, GenerationAttribution):
+    if is_generation(attr):
         if image is not None:
             raise AttributionInputError("image= does not apply to a continuation attribution")
         return generation_html(

@@ -24,7 +24,7 @@ from ..errors import AttributionInputError
 from .colors import MEANING, color_scale, diverging_rgb, matplotlib_cmap, text_rgb
 from .deps import require
 from .strings import quoted, visible_text
-from .view import MAP_TITLES, GenerationView, RowView, generation_view, row_views
+from .view import MAP_TITLES, GenerationView, RowView, generation_view, is_generation, row_views
 from .vision import grey, image_array, image_view, is_vision
 
 __all__ = ["generation_plot", "generation_png", "image_array", "plot", "save_png"]
@@ -412,9 +412,7 @@ def plot(
     hide_special
         Leave special tokens out of the text figure.
     """
-    from ..result import GenerationAttribution
-
-    if isinstance(attr, GenerationAttribution):
+    if is_generation(attr):
         if image is not None:
             raise AttributionInputError("image= does not apply to a continuation attribution")
         return generation_plot(

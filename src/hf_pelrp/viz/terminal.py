@@ -15,7 +15,7 @@ from ..errors import AttributionInputError
 from .colors import color_scale, diverging_rgb, text_rgb
 from .deps import require
 from .strings import quoted, terminal_text
-from .view import MAP_TITLES, generation_view, row_views
+from .view import MAP_TITLES, generation_view, is_generation, row_views
 
 _MODES = {"attnlrp": "AttnLRP", "cp": "CP-LRP"}
 
@@ -68,9 +68,7 @@ def render_tables(
     colours compare across columns. A :class:`~hf_pelrp.GenerationAttribution` gives
     :func:`render_generation_table` (keyword arguments go there).
     """
-    from ..result import GenerationAttribution
-
-    if isinstance(attr, GenerationAttribution):
+    if is_generation(attr):
         return render_generation_table(
             attr, tokens=tokens, tokenizer=tokenizer, labels=labels, hide_special=hide_special, **kwargs
         )

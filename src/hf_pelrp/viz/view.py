@@ -72,6 +72,12 @@ class RowView:
     foil_label: str | None = None
 
 
+def is_generation(attr: Any) -> bool:
+    """Whether ``attr`` is a continuation's result (a :class:`~hf_pelrp.GenerationAttribution`): told by its
+    fields, so the viewers need not import the result module (which imports them)."""
+    return hasattr(attr, "prompt_length") and hasattr(attr, "generated_ids")
+
+
 def token_text(tokenizer: Any, token_id: int) -> str:
     """The display string of a token id (see :func:`hf_pelrp.tokens.display_token`), as valid Unicode."""
     return clean(display_token(tokenizer, token_id))
