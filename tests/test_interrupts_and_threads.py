@@ -26,7 +26,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 SRC = os.path.dirname(hf_pelrp.__file__)
 #: the modules whose lines change the model during set-up and tear-down
-CHANGING = {os.path.join(SRC, name) for name in ("engine.py", "hooks.py", "attention.py", "checkpointing.py")}
+CHANGING = {
+    os.path.join(SRC, name)
+    for name in ("context.py", "engine.py", "hooks.py", "attention.py", "checkpointing.py")
+}
 
 
 class _Interrupt:
