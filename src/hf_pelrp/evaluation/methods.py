@@ -378,6 +378,9 @@ def _positional_map(site, pairs, length: int, reference: bool) -> tuple[torch.Te
 
 
 def _input_x_gradient(model, sample, target, with_position: bool, reference: bool = False) -> Explanation:
+    """Input x Gradient (plain gradients). ``with_position``: plus the positional tensors' share, whose map is
+    ``x * grad`` or, with ``reference``, ``(x - neutral reference) * grad``; the ranking of the units is the same
+    for both (``token + x * grad``: the reference's share counts for the token, as in ``*_pe_ref``)."""
     if _is_vision(sample):
         return _input_x_gradient_vision(model, sample, target, with_position)
     grads = _token_and_positional_gradients(model, sample, target)
@@ -389,8 +392,9 @@ def _input_x_gradient(model, sample, target, with_position: bool, reference: boo
     if not with_position:
         return Explanation(torch.as_tensor(units).float())
     site = positional_site(model)
+    share, _ = _positional_map(site, grads["positional"], sample.length, reference=False)
     position, by_layer = _positional_map(site, grads["positional"], sample.length, reference)
-    return Explanation(units + position, position=position, position_by_layer=by_layer)
+    return Explanation(units + share, position=position, position_by_layer=by_layer)
 
 
 def _input_x_gradient_vision(model, sample, target, with_position: bool) -> Explanation:
