@@ -28,7 +28,7 @@ TEST_SEED = 1_000_001
 DEFAULT_SCHEDULE = (2.0, 2e-3)
 SCHEDULE = {
     ("distilbert", "token_at_k"): (6.0, 5e-4),
-    ("distilbert", "pair_equal"): (6.0, 5e-4),
+    ("distilbert", "pair_equal"): (14.0, 5e-4),
     ("distilbert", "order_ab"): (6.0, 5e-4),
     ("llama", "pair_equal"): (6.0, 1e-3),
 }
