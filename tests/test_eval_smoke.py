@@ -326,3 +326,32 @@ def test_verify_results_recomputes_recorded_samples(smoke_run, tmp_path, monkeyp
     path.write_text(yaml.safe_dump(config))
     assert verify.main() == 1
     assert "differs" in capsys.readouterr().out
+
+
+def test_collect_positions_writes_the_overview_and_full_tables(smoke_run, tmp_path):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "collect_positions", ROOT / "scripts" / "collect_positions.py"
+    )
+    collect_positions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect_positions)
+    out, _ = smoke_run
+    for name in ("tiny-llama-next-token", "tiny-distilbert-pair-equal"):
+        shutil.copytree(out / name, tmp_path / "runs" / "positional_tasks" / name)
+    (tmp_path / "docs").mkdir()
+    results = tmp_path / "docs" / "results.md"
+    results.write_text("# R\n\nbefore\n<!-- positions:begin -->\nold\n<!-- positions:end -->\nafter\n")
+    collect_positions.write(collect_positions.collect(tmp_path), tmp_path)
+    text = results.read_text()
+    assert text.startswith("# R\n\nbefore\n<!-- positions:begin -->") and text.endswith(
+        "<!-- positions:end -->\nafter\n"
+    )
+    assert "\nold\n" not in text
+    assert (
+        "Position flipping, LeRF − MoRF area of the probability" in text and "`tiny-llama-next-token`" in text
+    )
+    assert "Ground truth: hit rate of the position map" in text and "`tiny-distilbert-pair-equal`" in text
+    assert "#### Task: tiny-llama-next-token" in text
+    assert (tmp_path / "docs" / "results" / "positions" / "tiny-llama-next-token-curves.png").exists()
