@@ -355,3 +355,18 @@ def test_collect_positions_writes_the_overview_and_full_tables(smoke_run, tmp_pa
     assert "Ground truth: hit rate of the position map" in text and "`tiny-distilbert-pair-equal`" in text
     assert "#### Task: tiny-llama-next-token" in text
     assert (tmp_path / "docs" / "results" / "positions" / "tiny-llama-next-token-curves.png").exists()
+
+
+def test_rotary_anatomy_and_position_mass_on_the_smoke_models():
+    from hf_pelrp.evaluation.diagnostics import position_mass, rotary_anatomy
+
+    anatomy = rotary_anatomy(SMOKE, num_samples=1)
+    assert set(anatomy) == {"tiny-llama-next-token", "tiny-llama-classifier"}  # the rotary tasks only
+    for stats in anatomy.values():
+        assert 0 < stats["side_agreement"][0] <= 1 + 1e-6 and 0 < stats["layer_agreement"][0] <= 1 + 1e-6
+        assert 0 <= stats["first_slot_share"][0] <= 1
+        assert all(-1 <= stats[f"spearman_{m}"][0] <= 1 for m in ("attnlrp_pe", "attnlrp_pe_ref", "pos_ig"))
+    mass = position_mass(SMOKE, num_samples=1, methods=("attnlrp_pe", "cp_pe", "pos_occlusion"))
+    assert "tiny-vit" not in mass and "tiny-gpt2-classifier" in mass
+    assert mass["tiny-llama-next-token"]["cp_pe"][0] == 0  # CP gives rotary positions nothing
+    assert all(stats["removal_effect"][0] >= 0 for stats in mass.values())
