@@ -5,7 +5,7 @@ Usage: ``python scripts/collect_positions.py`` after the runs of configs/smollm2
 smollm2_paper_protocol.yaml, gpt2_positions.yaml and positional_tasks.yaml (any subset). It writes two overview
 tables built from the runs' ``summary.json`` (position flipping across models; the ground-truth hit rates of
 the nine task models), then every task's full tables and curves. The hand-written analysis outside the region
-stays as it is.
+stays as it is. Curve plots are copied for the real-model runs (the ground-truth tasks' stay in runs/).
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def collect(root: Path = ROOT) -> str:
         )
         body = re.sub(r"^#### (?!Task)", "##### ", body, flags=re.M)
         parts += [body, ""]
-        for png in sorted(t["dir"].glob("curves*.png")):
+        # curves of the real-model runs; the ground-truth tasks are read from their tables (keeps git light)
+        pngs = [] if t["run"] == "positional_tasks" else sorted(t["dir"].glob("curves*.png"))
+        for png in pngs:
             target = f"{name}-{png.stem}.png"
             shutil.copyfile(png, out / target)
             parts.append(f"![{name} {png.stem}](results/positions/{target})\n")

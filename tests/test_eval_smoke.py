@@ -354,7 +354,7 @@ def test_collect_positions_writes_the_overview_and_full_tables(smoke_run, tmp_pa
     )
     assert "Ground truth: hit rate of the position map" in text and "`tiny-distilbert-pair-equal`" in text
     assert "#### Task: tiny-llama-next-token" in text
-    assert (tmp_path / "docs" / "results" / "positions" / "tiny-llama-next-token-curves.png").exists()
+    assert (tmp_path / "docs" / "results" / "positions" / "tiny-llama-next-token.md").exists()
 
 
 def test_rotary_anatomy_and_position_mass_on_the_smoke_models():
