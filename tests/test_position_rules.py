@@ -173,3 +173,35 @@ def test_reference_method_is_the_prototype():
     torch.testing.assert_close(exp.position_by_layer, by_layer[0].float())
     torch.testing.assert_close(exp.units, (token[0] + by_layer[0].sum(0)).float(), rtol=1e-5, atol=1e-6)
     assert exp.position_by_layer.abs().sum() > 0
+
+
+def test_paper_aggregation_is_the_papers_recipe():
+    """``attnlrp_pe_paper``: token / max|token| + normalise(sum over layers and leaves |leaf / max|leaf||), the
+    normalisations of the paper's ``run_LRP`` (``single_norm=False``, absolute values), written out here."""
+    from hf_pelrp.evaluation.methods import MethodSettings, explain
+    from hf_pelrp.evaluation.samples import Sample
+
+    model = _model(torch.float32)
+    ids = torch.randint(1, 101, (1, 7), generator=torch.Generator().manual_seed(14))
+    sample = Sample(
+        0,
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        torch.ones(7, dtype=torch.bool),
+        position=6,
+    )
+    with torch.no_grad():
+        target = int(model(input_ids=ids).logits[0, -1].argmax())
+    with hf_pelrp.lrp(model, positional=True) as ctx, rotary_leaf_relevance(model) as leaves:
+        with torch.enable_grad():
+            model(input_ids=ids).logits[0, -1, target].backward()
+        token = ctx.maps()["token"][0]
+        per_leaf = leaves()[0]  # [L, 2, T]
+    acc = torch.zeros(7)
+    for layer in range(per_leaf.shape[0]):
+        for leaf in per_leaf[layer]:
+            if leaf.abs().max() > 0:
+                acc += (leaf / leaf.abs().max()).abs()
+    expected = token / token.abs().max() + acc / acc.abs().max()
+    exp = explain("attnlrp_pe_paper", model, sample, target, MethodSettings())
+    torch.testing.assert_close(exp.units, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exp.position, acc / acc.abs().max(), rtol=1e-5, atol=1e-6)
