@@ -13,8 +13,15 @@ from pathlib import Path
 
 import torch
 
-from hf_pelrp.evaluation.methods import MethodSettings
-from hf_pelrp.evaluation.runner import evaluate_sample, load_config, read_records, resolve_device
+from hf_pelrp.evaluation.methods import method_applies
+from hf_pelrp.evaluation.runner import (
+    evaluate_sample,
+    load_config,
+    method_settings,
+    read_records,
+    resolve_device,
+    task_config,
+)
 from hf_pelrp.evaluation.tasks import build_task
 
 
@@ -30,21 +37,24 @@ def main() -> int:
     torch.set_num_threads(int(config.get("threads") or 1))
     root = Path(config.get("root", Path.cwd()))
     out_dir = root / config.get("output_dir", Path("runs") / args.config.stem)
-    settings = MethodSettings(ig_steps=int(config.get("ig_steps", 32)), seed=int(config.get("seed", 0)))
     failed = False
     for spec in config["tasks"]:
         task = build_task(spec, root, seed=int(config.get("seed", 0))).to(resolve_device(args.device))
         records = {(r["sample"], r["method"]): r for r in read_records(out_dir / task.name)}
         if not records:
             raise SystemExit(f"{out_dir / task.name}: no records; run hf-pelrp evaluate {args.config} first")
+        merged = task_config(config, spec)
+        settings = method_settings(merged)
         worst: dict[str, float] = {}
         for sample in task.samples[: args.num_samples]:
             for method in config["methods"]:
                 old = records.get((sample.id, method))
-                if old is None:
+                if old is None or not method_applies(method, task.kind):
                     continue
-                new = evaluate_sample(task, sample, method, settings, {**config, **spec.get("overrides", {})})
-                diff = max(abs(old["scores"][k] - new["scores"][k]) for k in old["scores"])
+                new = evaluate_sample(task, sample, method, settings, merged)
+                # the scores the current configuration computes (a record may hold more: families since dropped)
+                common = old["scores"].keys() & new["scores"].keys()
+                diff = max((abs(old["scores"][k] - new["scores"][k]) for k in common), default=0.0)
                 worst[method] = max(worst.get(method, 0.0), diff)
         print(f"{task.name}: largest |score difference| over the first {args.num_samples} samples")
         for method, diff in worst.items():

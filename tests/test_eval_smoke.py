@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from hf_pelrp.evaluation import available_methods, load_config, read_records, run
-from hf_pelrp.evaluation.runner import run_task
+from hf_pelrp.evaluation.families import FAMILIES
+from hf_pelrp.evaluation.methods import method_applies
+from hf_pelrp.evaluation.runner import run_task, task_config
 from hf_pelrp.evaluation.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,22 +31,49 @@ def test_every_task_method_and_metric_is_reported(smoke_run):
     config = load_config(SMOKE)
     assert set(summaries) == {t["name"] for t in config["tasks"]}
     assert set(config["methods"]) == set(available_methods())
-    for name, summary in summaries.items():
+    for spec in config["tasks"]:
+        name = spec["name"]
+        summary = summaries[name]
         task_dir = out / name
         table = (task_dir / "table.md").read_text()
-        for method in config["methods"]:
-            assert f"`{method}`" in table
-            stats = summary["methods"][method]
-            assert stats["n"] == summary["num_samples"]
-            for value in stats.values():
-                if isinstance(value, dict):
-                    assert value["mean"] == value["mean"]  # not NaN
+        applicable = [m for m in config["methods"] if method_applies(m, summary["kind"])]
+        rotary = "llama" in name
+        for method in applicable:
+            if method == "pos_occlusion_layer" and not rotary:
+                continue  # additive positions have no layers: nothing to rank
+            assert f"`{method}`" in table, (name, method)
+        assert not [m for m in config["methods"] if m not in applicable and f"`{m}`" in table]
+        families = spec.get("metrics") or (["token_flip"] if summary["kind"] == "text" else ["perturbation"])
+        assert list(summary["families"]) == families
+        main_plot = next(f for f in families if FAMILIES[f].panels)
+        for family in families:
+            stats_by_method = summary["families"][family]["methods"]
+            assert stats_by_method, (name, family)
+            for method, stats in stats_by_method.items():
+                assert stats["n"] == summary["num_samples"], (name, family, method)
+                for key, _, _ in FAMILIES[family].columns:
+                    if key in stats:
+                        assert stats[key]["mean"] == stats[key]["mean"]  # not NaN
+            if FAMILIES[family].panels and family != main_plot:
+                assert (task_dir / f"curves_{family}.png").stat().st_size > 1000
         assert (task_dir / "curves.png").stat().st_size > 1000
         assert json.loads((task_dir / "summary.json").read_text())["task"] == name
-        assert "attnlrp_pe - attnlrp" in summary["paired"]
+        if families[0] == "token_flip":
+            assert "attnlrp_pe - attnlrp" in summary["paired"]
     vision = summaries["tiny-vit"]["methods"]["attnlrp_pe"]
     assert {"miou", "average_precision", "mass_inside", "positive_acc_auc"} <= set(vision)
     assert 0.0 <= vision["miou"]["mean"] <= 1.0
+    # the position families rank by the position maps: position-only methods are there, token-only ones not
+    llama = summaries["tiny-llama-next-token"]["families"]
+    assert {"pos_occlusion", "pos_ig", "attnlrp_pe_ref", "random"} <= set(llama["position_flip"]["methods"])
+    assert "attnlrp" not in llama["position_flip"]["methods"]
+    assert "pos_occlusion_layer" in llama["position_flip_layer"]["methods"]
+    assert "pos_occlusion" not in llama["paper_flip"]["methods"] and "ig" in llama["paper_flip"]["methods"]
+    assert "attnlrp_pe - random" in llama["position_flip"]["paired"]
+    truth = summaries["tiny-distilbert-pair-equal"]["families"]["ground_truth"]["methods"]
+    assert "gt_pos_hit" in truth["pos_occlusion"] and "gt_units_hit" not in truth["pos_occlusion"]
+    assert "gt_units_hit" in truth["attnlrp"] and "gt_pos_hit" not in truth["attnlrp"]
+    assert all(0 <= s["gt_units_hit"]["mean"] <= 1 for s in truth.values() if "gt_units_hit" in s)
 
 
 def test_resume_recomputes_only_missing_lines(smoke_run):
@@ -68,15 +97,21 @@ def test_resume_recomputes_only_missing_lines(smoke_run):
 def test_two_processes_give_the_single_process_results(smoke_run, tmp_path):
     out, _ = smoke_run
     config = load_config(SMOKE)
-    config["methods"] = ["attnlrp_pe", "ig", "random"]
-    spec = next(t for t in config["tasks"] if t["name"] == "tiny-gpt2-classifier")
-    task = build_task(spec, ROOT, seed=config["seed"])
-    for rank in (0, 1):
-        run_task(task, config, tmp_path, rank=rank, world=2)
-    split = read_records(tmp_path / task.name)
-    single = [r for r in read_records(out / task.name) if r["method"] in config["methods"]]
-    assert len(split) == len(single) == len(task.samples) * 3
-    assert json.dumps(split) == json.dumps(single)
+    methods = ["attnlrp_pe", "ig", "random", "pos_occlusion"]
+    for name in ("tiny-gpt2-classifier", "tiny-llama-next-token"):
+        spec = next(t for t in config["tasks"] if t["name"] == name)
+        task = build_task(spec, ROOT, seed=config["seed"])
+        for rank in (0, 1):
+            run_task(task, {**task_config(config, spec), "methods": methods}, tmp_path, rank=rank, world=2)
+
+        def timeless(records):
+            # the wall time of an explanation is the one field that differs between runs
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["method"] in methods]
+
+        split = timeless(read_records(tmp_path / task.name))
+        single = timeless(read_records(out / task.name))
+        assert len(split) == len(single) == len(task.samples) * len(methods)
+        assert json.dumps(split) == json.dumps(single)
 
 
 def test_bad_configuration_is_refused(tmp_path):
@@ -92,18 +127,32 @@ def test_bad_configuration_is_refused(tmp_path):
 
 def test_model_is_unchanged_by_the_evaluation(smoke_run):
     config = load_config(SMOKE)
-    spec = next(t for t in config["tasks"] if t["name"] == "tiny-bert-classifier")
-    task = build_task(spec, ROOT, seed=config["seed"])
-    sample = task.samples[0]
-    with torch.no_grad():
-        before = task.model(**sample.inputs).logits
-    task.samples = task.samples[:1]
-    # the methods that hook, patch or switch the attention implementation of the model
-    methods = ["attnlrp_pe", "cp_pe_abs", "ixg_pe", "ig", "rollout"]
-    run_task(task, {**config, "methods": methods}, Path(smoke_run[0]) / "again", 0, 1)
-    with torch.no_grad():
-        assert torch.equal(task.model(**sample.inputs).logits, before)
-    assert all(not p.requires_grad or p.grad is None for p in task.model.parameters())
+    # the methods and metric families that hook, patch or switch the attention implementation of the model
+    methods = [
+        "attnlrp_pe",
+        "cp_pe_abs",
+        "attnlrp_pe_paper",
+        "attnlrp_pe_ref",
+        "ixg_pe",
+        "ixg_pe_ref",
+        "pos_ig",
+        "pos_occlusion",
+        "ig",
+        "rollout",
+    ]
+    for name in ("tiny-bert-classifier", "tiny-llama-next-token"):
+        spec = next(t for t in config["tasks"] if t["name"] == name)
+        task = build_task(spec, ROOT, seed=config["seed"])
+        sample = task.samples[0]
+        with torch.no_grad():
+            before = task.model(**sample.inputs).logits
+        task.samples = task.samples[:1]
+        merged = {**config, "methods": methods + ["pos_occlusion_layer"], "metrics": spec.get("metrics")}
+        run_task(task, merged, Path(smoke_run[0]) / "again", 0, 1)
+        with torch.no_grad():
+            assert torch.equal(task.model(**sample.inputs).logits, before)
+        assert all(not p.requires_grad or p.grad is None for p in task.model.parameters())
+        assert all(p.requires_grad for p in task.model.parameters())
 
 
 def test_collect_results_writes_tables_and_plots_into_docs_and_readme(smoke_run, tmp_path):
@@ -277,3 +326,47 @@ def test_verify_results_recomputes_recorded_samples(smoke_run, tmp_path, monkeyp
     path.write_text(yaml.safe_dump(config))
     assert verify.main() == 1
     assert "differs" in capsys.readouterr().out
+
+
+def test_collect_positions_writes_the_overview_and_full_tables(smoke_run, tmp_path):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "collect_positions", ROOT / "scripts" / "collect_positions.py"
+    )
+    collect_positions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect_positions)
+    out, _ = smoke_run
+    for name in ("tiny-llama-next-token", "tiny-distilbert-pair-equal"):
+        shutil.copytree(out / name, tmp_path / "runs" / "positional_tasks" / name)
+    (tmp_path / "docs").mkdir()
+    results = tmp_path / "docs" / "results.md"
+    results.write_text("# R\n\nbefore\n<!-- positions:begin -->\nold\n<!-- positions:end -->\nafter\n")
+    collect_positions.write(collect_positions.collect(tmp_path), tmp_path)
+    text = results.read_text()
+    assert text.startswith("# R\n\nbefore\n<!-- positions:begin -->") and text.endswith(
+        "<!-- positions:end -->\nafter\n"
+    )
+    assert "\nold\n" not in text
+    assert (
+        "Position flipping, LeRF − MoRF area of the probability" in text and "`tiny-llama-next-token`" in text
+    )
+    assert "Ground truth: hit rate of the position map" in text and "`tiny-distilbert-pair-equal`" in text
+    assert "#### Task: tiny-llama-next-token" in text
+    assert (tmp_path / "docs" / "results" / "positions" / "tiny-llama-next-token.md").exists()
+
+
+def test_rotary_anatomy_and_position_mass_on_the_smoke_models():
+    from hf_pelrp.evaluation.diagnostics import position_mass, rotary_anatomy
+
+    anatomy = rotary_anatomy(SMOKE, num_samples=1)
+    assert set(anatomy) == {"tiny-llama-next-token", "tiny-llama-classifier"}  # the rotary tasks only
+    for stats in anatomy.values():
+        assert 0 < stats["side_agreement"][0] <= 1 + 1e-6 and 0 < stats["layer_agreement"][0] <= 1 + 1e-6
+        assert 0 <= stats["first_slot_share"][0] <= 1
+        assert all(-1 <= stats[f"spearman_{m}"][0] <= 1 for m in ("attnlrp_pe", "attnlrp_pe_ref", "pos_ig"))
+    mass = position_mass(SMOKE, num_samples=1, methods=("attnlrp_pe", "cp_pe", "pos_occlusion"))
+    assert "tiny-vit" not in mass and "tiny-gpt2-classifier" in mass
+    assert mass["tiny-llama-next-token"]["cp_pe"][0] == 0  # CP gives rotary positions nothing
+    assert all(stats["removal_effect"][0] >= 0 for stats in mass.values())

@@ -1,5 +1,7 @@
 """Faithfulness evaluation of attribution methods (method.md section 4): token flipping, patch perturbation
-and segmentation-style tests, methods side by side, data-parallel and resumable.
+and segmentation-style tests, position flipping (per slot and per rotary layer), token + position deletion,
+positional ground-truth tasks and the PE-LRP paper's generate / pruning protocol (docs/positions.md); methods
+side by side, data-parallel and resumable.
 
 >>> from hf_pelrp.evaluation import run   # doctest: +SKIP
 >>> run("configs/smoke.yaml")            # doctest: +SKIP

@@ -1,8 +1,9 @@
 """The attribution methods compared by the evaluation, found by name through a small registry.
 
 A method maps one sample (batch of 1) and the explained class to an :class:`Explanation`: relevance per
-perturbable unit (a token, or an image patch) and, for images, optionally per pixel. Adding a method is one
-function decorated with :func:`register_method`.
+perturbable unit (a token, or an image patch) and, where the method has them, a position map (per slot, and
+per layer for rotary models) and a pixel map. Adding a method is one function decorated with
+:func:`register_method`; ``kinds`` says which tasks it applies to (``"text"``, ``"vision"``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engine import attribute
+from ..engine import attribute, lrp
+from ._engine_gaps import (
+    ROTARY,
+    additive_position_gradient,
+    positional_leaves,
+    positional_site,
+    rotary_leaf_relevance,
+    rotary_split,
+    segment_module,
+)
+from .positions import default_removal, neutral_additive, neutral_rotary, position_occlusion
 from .samples import Sample, explained_logits
+
+TEXT_ONLY = ("text",)
+ALL_KINDS = ("text", "vision")
 
 
 @dataclass
@@ -25,19 +39,27 @@ class Explanation:
 
     Attributes
     ----------
-    units : FloatTensor [N]
-        Relevance per perturbable unit: per token (text) or per patch in row-major order (vision).
+    units : FloatTensor [N] or None
+        Relevance per perturbable unit: per token (text) or per patch in row-major order (vision); for PE-LRP
+        the ranking ``token + position`` (or the method's own aggregation). ``None`` for position-only methods.
     pixels : FloatTensor [H, W] or None
         Relevance per pixel (vision methods that reach the pixels), else None.
+    position : FloatTensor [N] or None
+        Position relevance per slot (text), for methods that have a position map.
+    position_by_layer : FloatTensor [L, N] or None
+        Per-layer position relevance (rotary models).
     """
 
-    units: torch.Tensor
+    units: torch.Tensor | None
     pixels: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+    position_by_layer: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """Knobs shared by the methods: Integrated-Gradients steps and the seed of the random baseline."""
+    """Knobs shared by the methods: Integrated-Gradients steps, the seed of the random baseline, and ``extra``
+    (``position_removal``: how positions are removed for occlusion, see :mod:`.positions`)."""
 
     ig_steps: int = 32
     seed: int = 0
@@ -45,14 +67,16 @@ class MethodSettings:
 
 
 MethodFn = Callable[[torch.nn.Module, Sample, int, MethodSettings], Explanation]
-_METHODS: dict[str, tuple[MethodFn, str]] = {}
+_METHODS: dict[str, tuple[MethodFn, str, tuple[str, ...]]] = {}
 
 
-def register_method(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn(model, sample, target, settings) -> Explanation`` under ``name``."""
+def register_method(
+    name: str, description: str, kinds: tuple[str, ...] = ALL_KINDS
+) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn(model, sample, target, settings) -> Explanation`` under ``name`` for tasks of ``kinds``."""
 
     def decorate(fn: MethodFn) -> MethodFn:
-        _METHODS[name] = (fn, description)
+        _METHODS[name] = (fn, description, tuple(kinds))
         return fn
 
     return decorate
@@ -67,20 +91,37 @@ def method_description(name: str) -> str:
     return _get(name)[1]
 
 
+def method_applies(name: str, kind: str) -> bool:
+    """Whether method ``name`` applies to tasks of ``kind`` (``"text"`` / ``"vision"``)."""
+    return kind in _get(name)[2]
+
+
 def explain(
     name: str, model: torch.nn.Module, sample: Sample, target: int, settings: MethodSettings
 ) -> Explanation:
     """Run method ``name`` on one sample; the result is detached float32 on the CPU."""
     fn = _get(name)[0]
     exp = fn(model, sample, target, settings)
-    units = exp.units.detach().float().cpu().reshape(-1)
-    pixels = exp.pixels.detach().float().cpu() if exp.pixels is not None else None
-    if not torch.isfinite(units).all():
-        raise FloatingPointError(f"method {name!r} returned non-finite relevance for sample {sample.id}")
-    return Explanation(units, pixels)
+
+    def clean(t, shape=None):
+        if t is None:
+            return None
+        t = t.detach().float().cpu()
+        t = t.reshape(-1) if shape is None else t.reshape(shape)
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(f"method {name!r} returned non-finite relevance for sample {sample.id}")
+        return t
+
+    by_layer = exp.position_by_layer
+    return Explanation(
+        clean(exp.units),
+        clean(exp.pixels, exp.pixels.shape) if exp.pixels is not None else None,
+        clean(exp.position),
+        clean(by_layer, by_layer.shape[-2:]) if by_layer is not None else None,
+    )
 
 
-def _get(name: str) -> tuple[MethodFn, str]:
+def _get(name: str) -> tuple[MethodFn, str, tuple[str, ...]]:
     if name not in _METHODS:
         raise KeyError(f"unknown attribution method {name!r}; registered: {', '.join(_METHODS)}")
     return _METHODS[name]
@@ -129,27 +170,20 @@ def _spread(units: torch.Tensor, patch: int, grid: tuple[int, int]) -> torch.Ten
     return F.interpolate(per_pixel, scale_factor=patch, mode="nearest")[0, 0]
 
 
-def _positional_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules whose outputs are the additive parts of the input embedding, or the rotary (cos, sin)."""
-    base = model.base_model
-    parts = {"token": model.get_input_embeddings()}
-    if hasattr(base, "rotary_emb"):
-        parts["rotary"] = base.rotary_emb
-    elif hasattr(base, "wpe"):
-        parts["position"] = base.wpe
-    else:
-        emb = getattr(base, "embeddings", None)
-        if emb is not None and hasattr(emb, "position_embeddings"):
-            parts["position"] = emb.position_embeddings
-        if emb is not None and hasattr(emb, "token_type_embeddings"):
-            parts["segment"] = emb.token_type_embeddings
-    return parts
-
-
 def _vision_grid(model: torch.nn.Module, sample: Sample) -> tuple[int, tuple[int, int]]:
     patch = int(model.config.patch_size)
     h, w = sample.inputs["pixel_values"].shape[-2:]
     return patch, (h // patch, w // patch)
+
+
+def _max_normalised(x: torch.Tensor) -> torch.Tensor:
+    """``x / max |x|`` (``x`` itself when it is all zero): the paper's per-map normalisation."""
+    peak = x.abs().max()
+    return x / peak if peak > 0 else x
+
+
+def _removal(model: torch.nn.Module, settings: MethodSettings) -> str:
+    return settings.extra.get("position_removal") or default_removal(positional_site(model))
 
 
 # ---------------------------------------------------------------------------------------------- hf_pelrp LRP
@@ -162,13 +196,41 @@ def _lrp_units(model, sample, target, mode: str, positional: bool) -> Explanatio
     attr = attribute(
         model, **sample.inputs, target=target, mode=mode, positional=positional, position=sample.position
     )
-    return Explanation(attr.relevance[0])
+    if not positional:
+        return Explanation(attr.relevance[0])
+    by_layer = attr.position_by_layer[0] if attr.position_by_layer is not None else None
+    return Explanation(attr.relevance[0], position=attr.position[0], position_by_layer=by_layer)
 
 
-def _lrp_paper(model, sample, target, mode: str) -> Explanation:
-    """The paper's aggregation: token map plus the absolute position relevance of every layer (rotary) or of
-    every additive positional part; for ViT, the position relevance spread over the patch pixels, clamped at 0."""
+def _backward(ctx, model, sample, target) -> dict[str, torch.Tensor]:
+    """Inside an ``lrp()`` block: one forward and one backward pass of the explained logit; the maps.
+
+    The backward reaches every leaf, the engine's and those of hooks entered inside the block (the parameters
+    are frozen, so nothing else accumulates a gradient)."""
+    logit = _select_logit(model, sample, target, **sample.inputs)
+    logit.sum().backward()
+    return ctx.maps()
+
+
+def _additive_leaves(maps: dict) -> dict[str, torch.Tensor]:
+    """Per-slot relevance of each non-token additive leaf (position, segment) of a PE-LRP pass."""
+    out = {"position": maps["position"][0]}
+    if maps.get("segment") is not None:
+        out["segment"] = maps["segment"][0]
+    return out
+
+
+def _lrp_abs(model, sample, target, mode: str, paper: bool) -> Explanation:
+    """PE-LRP with the paper's absolute-value aggregation of the positional leaves.
+
+    ``paper=False`` (``*_pe_abs``): ``token + sum over leaves |R_leaf|`` (per layer, cos and sin separately for
+    rotary positions; position and segment for additive ones). ``paper=True`` (``*_pe_paper``, the paper's
+    public code exactly): every map is first divided by its maximum absolute value -- the token map, each
+    leaf of each layer -- then ``token / max + normalise(sum |leaf / max|)``.
+    """
     if _is_vision(sample):
+        if paper:
+            raise NotImplementedError("the paper recipe for ViT is the *_pe_abs pixel map")
         attr = attribute(
             model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=True
         )
@@ -176,13 +238,58 @@ def _lrp_paper(model, sample, target, mode: str) -> Explanation:
         # the adapter's pixel_map already holds the position relevance spread over each patch's pixels
         pixels = attr.pixel_map[0].clamp(min=0)
         return Explanation(_patch_sum(pixels, patch), pixels)
-    attr = attribute(
-        model, **sample.inputs, target=target, mode=mode, positional=True, position=sample.position
-    )
-    total = attr.token[0] + attr.extras["position_abs"][0]
-    if attr.segment is not None:
-        total = total + attr.segment[0].abs()
-    return Explanation(total)
+    site = positional_site(model)
+    norm = _max_normalised if paper else (lambda x: x)
+    with _frozen(model), lrp(model, mode=mode, positional=True) as ctx:
+        if site.kind == ROTARY:
+            with rotary_leaf_relevance(model) as read:
+                maps = _backward(ctx, model, sample, target)
+                leaves = read()[0]  # [L, 2, T]
+            by_layer = torch.stack(
+                [norm(leaves[layer, i]).abs() for layer in range(len(leaves)) for i in (0, 1)]
+            )
+            by_layer = by_layer.view(len(leaves), 2, -1).sum(1)
+            position = by_layer.sum(0)
+        else:
+            maps = _backward(ctx, model, sample, target)
+            parts = _additive_leaves(maps)
+            by_layer = None
+            position = norm(parts["position"]).abs()
+            position_all = sum(norm(v).abs() for v in parts.values())
+    token = maps["token"][0]
+    aggregate = position if site.kind == ROTARY else position_all
+    if paper:
+        return Explanation(norm(token) + norm(aggregate), position=norm(position), position_by_layer=by_layer)
+    return Explanation(token + aggregate, position=position, position_by_layer=by_layer)
+
+
+def _lrp_reference(model, sample, target, mode: str) -> Explanation:
+    """PE-LRP with the identity-reference split of the positional part (docs/positions.md, a rule variant).
+
+    Rotary: ``q_rot = q + (R_theta - I) q``; the content term keeps ``q . g``, the position gets
+    ``((R_theta - I) q) . g`` (prototype :func:`._engine_gaps.rotary_split`). Additive: the position gets
+    ``(p_i - mean_j p_j) . g`` and the token ``t . g + mean_j p_j . g`` (the same backward pass as PE-LRP, the
+    part of ``p`` that every slot shares is credited to the content). Both conservative.
+    """
+    site = positional_site(model)
+    with _frozen(model):
+        if site.kind == ROTARY:
+            with lrp(model, mode=mode, positional=False) as ctx, rotary_split(model, "reference") as read:
+                maps = _backward(ctx, model, sample, target)
+                by_layer = read()[0]
+            token, position = maps["token"][0], by_layer.sum(0)
+            segment = 0
+        else:
+            with lrp(model, mode=mode, positional=True) as ctx, additive_position_gradient(model) as read:
+                maps = _backward(ctx, model, sample, target)
+                p, g = read()
+            p, g = p.expand_as(g)[0], g[0]
+            shared = (p.mean(0, keepdim=True) * g).sum(-1)
+            by_layer = None
+            position = maps["position"][0] - shared
+            token = maps["token"][0] + shared
+            segment = maps["segment"][0] if maps.get("segment") is not None else 0
+    return Explanation(token + position + segment, position=position, position_by_layer=by_layer)
 
 
 for _mode, _label in (("attnlrp", "AttnLRP"), ("cp", "CP-LRP")):
@@ -192,54 +299,102 @@ for _mode, _label in (("attnlrp", "AttnLRP"), ("cp", "CP-LRP")):
     register_method(f"{_mode}", f"{_label} without positional relevance (positional=False)")(
         lambda m, s, t, st, _mode=_mode: _lrp_units(m, s, t, _mode, False)
     )
-    register_method(f"{_mode}_pe_abs", f"PE-LRP, {_label} rules, the paper's aggregation of positions")(
-        lambda m, s, t, st, _mode=_mode: _lrp_paper(m, s, t, _mode)
-    )
+    register_method(
+        f"{_mode}_pe_abs", f"PE-LRP, {_label} rules, token + absolute position relevance per leaf"
+    )(lambda m, s, t, st, _mode=_mode: _lrp_abs(m, s, t, _mode, paper=False))
+register_method(
+    "attnlrp_pe_paper",
+    "PE-LRP, AttnLRP rules, the paper's code: every map / leaf max-normalised, positions as absolute values",
+    TEXT_ONLY,
+)(lambda m, s, t, st: _lrp_abs(m, s, t, "attnlrp", paper=True))
+for _mode, _label in (("attnlrp", "AttnLRP"), ("cp", "CP-LRP")):
+    register_method(
+        f"{_mode}_pe_ref",
+        f"PE-LRP, {_label} rules, identity-reference split of the positions (rule variant, docs/positions.md)",
+        TEXT_ONLY,
+    )(lambda m, s, t, st, _mode=_mode: _lrp_reference(m, s, t, _mode))
 
 
 # --------------------------------------------------------------------------------------- gradient baselines
-def _input_x_gradient(model, sample, target, with_position: bool) -> Explanation:
-    if _is_vision(sample):
-        return _input_x_gradient_vision(model, sample, target, with_position)
-    parts = _positional_parts(model)
-    leaves: dict[str, list[torch.Tensor]] = {}
+def _token_and_positional_gradients(model, sample, target, make=None, rows: int = 1):
+    """Plain gradients (no LRP) at the token embedding, the segment embedding and the positional tensors.
+
+    Returns ``{name: [(value, grad), ...]}`` with names ``token``, ``segment`` and ``positional`` (per layer
+    for rotary models, in layer order). ``make`` builds the positional tensors (see
+    :func:`._engine_gaps.positional_leaves`); ``rows`` repeats the sample (Integrated-Gradients steps).
+    """
+    captured: dict[str, torch.Tensor] = {}
 
     def capture(name):
         def hook(_module, _args, output):
             # the embedding outputs depend on ids and (frozen) weights only: detaching them loses nothing
-            if isinstance(output, tuple):
-                out = tuple(o.detach().requires_grad_(True) for o in output)
-                leaves.setdefault(name, []).extend(out)
-                return out
             out = output.detach().requires_grad_(True)
-            leaves.setdefault(name, []).append(out)
+            captured[name] = out
             return out
 
         return hook
 
-    handles = [module.register_forward_hook(capture(name)) for name, module in parts.items()]
+    handles = [model.get_input_embeddings().register_forward_hook(capture("token"))]
+    segment = segment_module(model)
+    if segment is not None:
+        handles.append(segment.register_forward_hook(capture("segment")))
+    inputs = {k: v.expand(rows, *v.shape[1:]) for k, v in sample.inputs.items()}
     try:
-        with _frozen(model):
-            logit = _select_logit(model, sample, target, **sample.inputs)
-            flat = [t for ts in leaves.values() for t in ts]
+        with _frozen(model), positional_leaves(model, make) as made:
+            logit = _select_logit(model, sample, target, **inputs)
+            positional = [t for layer in sorted(made) for t in made[layer]]
+            flat = list(captured.values()) + positional
             grads = torch.autograd.grad(logit.sum(), flat, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    grad_of = {id(t): g for t, g in zip(flat, grads, strict=True)}
+    pairs = [
+        (t.detach(), g if g is not None else torch.zeros_like(t)) for t, g in zip(flat, grads, strict=True)
+    ]
+    out = {name: [pairs[i]] for i, name in enumerate(captured)}
+    out["positional"] = pairs[len(captured) :]
+    return out
 
-    def share(name):
-        total = 0
-        for t in leaves.get(name, []):
-            g = grad_of[id(t)]
-            if g is not None:
-                total = total + (t * g).sum(-1)[0].expand(sample.length)
-        return total
 
-    units = share("token") + share("segment")
-    if with_position:
-        units = units + share("position") + share("rotary")
-    return Explanation(torch.as_tensor(units).float())
+def _positional_map(site, pairs, length: int, reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient x input at the positional tensors (``reference``: x minus the neutral reference), per slot and,
+    for rotary models, per layer."""
+
+    def share(value, grad, name):
+        if reference:
+            if site.kind == ROTARY:
+                ref = neutral_rotary(value, site.attention_scaling)[0 if name == "cos" else 1]
+            else:
+                ref = neutral_additive(value, "mean")
+            value = value - ref
+        return (value * grad).sum(-1)[0].expand(length)
+
+    if site.kind == ROTARY:
+        by_layer = torch.stack(
+            [share(*pairs[2 * i], "cos") + share(*pairs[2 * i + 1], "sin") for i in range(len(pairs) // 2)]
+        )
+        return by_layer.sum(0), by_layer
+    return share(*pairs[0], "position"), None
+
+
+def _input_x_gradient(model, sample, target, with_position: bool, reference: bool = False) -> Explanation:
+    """Input x Gradient (plain gradients). ``with_position``: plus the positional tensors' share, whose map is
+    ``x * grad`` or, with ``reference``, ``(x - neutral reference) * grad``; the ranking of the units is the same
+    for both (``token + x * grad``: the reference's share counts for the token, as in ``*_pe_ref``)."""
+    if _is_vision(sample):
+        return _input_x_gradient_vision(model, sample, target, with_position)
+    grads = _token_and_positional_gradients(model, sample, target)
+    units = sum(
+        (v * g).sum(-1)[0].expand(sample.length)
+        for name in ("token", "segment")
+        for v, g in grads.get(name, [])
+    )
+    if not with_position:
+        return Explanation(torch.as_tensor(units).float())
+    site = positional_site(model)
+    share, _ = _positional_map(site, grads["positional"], sample.length, reference=False)
+    position, by_layer = _positional_map(site, grads["positional"], sample.length, reference)
+    return Explanation(units + share, position=position, position_by_layer=by_layer)
 
 
 def _input_x_gradient_vision(model, sample, target, with_position: bool) -> Explanation:
@@ -267,9 +422,68 @@ def _input_x_gradient_vision(model, sample, target, with_position: bool) -> Expl
 register_method("ixg", "Input x Gradient at the token embedding / pixels (no position share)")(
     lambda m, s, t, st: _input_x_gradient(m, s, t, False)
 )
-register_method("ixg_pe", "Input x Gradient plus the position-embedding share")(
+register_method("ixg_pe", "Input x Gradient plus the share of the positional tensors (cos / sin, or p)")(
     lambda m, s, t, st: _input_x_gradient(m, s, t, True)
 )
+register_method(
+    "ixg_pe_ref",
+    "Input x Gradient; positions as (x - neutral reference) x gradient (identity rotation / mean row)",
+    TEXT_ONLY,
+)(lambda m, s, t, st: _input_x_gradient(m, s, t, True, reference=True))
+
+
+def _positional_ig(model, sample, target, settings: MethodSettings) -> Explanation:
+    """Integrated Gradients on the positional tensors, from the neutral reference (identity rotation in every
+    layer / the mean position row) to the actual ones, all layers along one straight path; midpoint rule with
+    ``settings.ig_steps`` nodes, run as one batch. Sums to ``f(x) - f(reference)`` up to the quadrature error."""
+    site = positional_site(model)
+    steps = settings.ig_steps
+    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    deltas: list[tuple[torch.Tensor, str]] = []
+
+    def make(layer, value, name):
+        value = value[:1].detach()
+        if site.kind == ROTARY:
+            ref = neutral_rotary(value, site.attention_scaling)[0 if name == "cos" else 1]
+        else:
+            ref = neutral_additive(value, "mean")
+        delta = value - ref
+        deltas.append((delta, name))
+        a = alphas.to(value.device, value.dtype).view(-1, *([1] * (value.dim() - 1)))
+        return (ref + a * delta).requires_grad_(True)
+
+    grads = _token_and_positional_gradients(model, sample, target, make=make, rows=steps)["positional"]
+    shares = [(d * g.mean(0, keepdim=True)).sum(-1)[0] for (d, _), (_, g) in zip(deltas, grads, strict=True)]
+    if site.kind == ROTARY:
+        by_layer = torch.stack([shares[2 * i] + shares[2 * i + 1] for i in range(len(shares) // 2)])
+        return Explanation(None, position=by_layer.sum(0), position_by_layer=by_layer)
+    return Explanation(None, position=shares[0])
+
+
+register_method(
+    "pos_ig",
+    "Integrated Gradients on the positional tensors from the neutral reference (positions only)",
+    TEXT_ONLY,
+)(_positional_ig)
+register_method(
+    "pos_occlusion",
+    "single-slot occlusion of positions with the test's removal (T extra forwards; positions only)",
+    TEXT_ONLY,
+)(lambda m, s, t, st: Explanation(None, position=position_occlusion(m, s, t, _removal(m, st))))
+
+
+def _layer_occlusion(model, sample, target, settings) -> Explanation:
+    if positional_site(model).kind != ROTARY:
+        return Explanation(None)  # additive positions have no layers: this method has nothing to rank
+    by_layer = position_occlusion(model, sample, target, _removal(model, settings), per_layer=True)
+    return Explanation(None, position_by_layer=by_layer)
+
+
+register_method(
+    "pos_occlusion_layer",
+    "occlusion of single (layer, slot) rotary cells (L x T extra forwards; per-layer position map only)",
+    TEXT_ONLY,
+)(_layer_occlusion)
 
 
 def integrated_gradients(
@@ -371,13 +585,21 @@ register_method("rollout", "attention rollout (Abnar & Zuidema 2020)")(_attentio
 
 # ------------------------------------------------------------------------------------------------------ random
 def _random(model, sample, target, settings) -> Explanation:
-    # seeded by the sample id: the same map whichever process explains the sample
+    # seeded by the sample id: the same maps whichever process explains the sample
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + sample.id)
     if _is_vision(sample):
         patch, grid = _vision_grid(model, sample)
         units = torch.rand(grid[0] * grid[1], generator=gen)
         return Explanation(units, _spread(units, patch, grid))
-    return Explanation(torch.rand(sample.length, generator=gen))
+    units = torch.rand(sample.length, generator=gen)
+    # the position maps come from their own stream, so adding them left the token ranking unchanged
+    gen_pos = torch.Generator().manual_seed(settings.seed * 1_000_003 + sample.id + 7_919)
+    position = torch.rand(sample.length, generator=gen_pos)
+    by_layer = None
+    site = positional_site(model)
+    if site.kind == ROTARY:
+        by_layer = torch.rand(site.num_layers, sample.length, generator=gen_pos)
+    return Explanation(units, position=position, position_by_layer=by_layer)
 
 
 register_method("random", "uniform random relevance (seeded by sample id)")(_random)

@@ -11,9 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-# two-sided 95% quantile of the standard normal; used for the confidence interval of a mean over samples
-_Z95 = 1.959963984540054
-
 
 def fractions(steps: int = 11, start: float = 0.0, stop: float = 1.0) -> list[float]:
     """``steps`` evenly spaced perturbation fractions from ``start`` to ``stop`` (0, 0.1, ..., 1 by default)."""
@@ -129,8 +126,61 @@ def relevance_mass_inside(relevance_map: torch.Tensor, mask: torch.Tensor) -> fl
     return float(positive[mask.bool()].sum() / total)
 
 
+def _student_t_cdf(t: float, df: int) -> float:
+    """CDF of Student's t with ``df`` degrees of freedom at ``t >= 0``: composite Simpson rule on the density
+    over [0, t] with 4,000 panels (error below 1e-12 for the 95% quantiles of df >= 3)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(x: float) -> float:
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+
+    panels = 4000
+    h = t / panels
+    total = density(0.0) + density(t)
+    for i in range(1, panels):
+        total += (4 if i % 2 else 2) * density(i * h)
+    return 0.5 + total * h / 3
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (``p > 0.5``) of Student's t with ``df >= 1`` degrees of freedom.
+
+    Closed forms for 1 and 2 degrees of freedom, bisection on the CDF otherwise (no SciPy needed).
+    """
+    if not 0.5 < p < 1:
+        raise ValueError(f"p must be in (0.5, 1), got {p}")
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    lo, hi = 0.0, 1.0
+    while _student_t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _student_t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+_T95_CACHE: dict[int, float] = {}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t (cached)."""
+    if df not in _T95_CACHE:
+        _T95_CACHE[df] = student_t_quantile(0.975, df)
+    return _T95_CACHE[df]
+
+
 def mean_confidence_interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% confidence interval (normal approximation, sample standard deviation).
+    """Mean and half-width of its 95% confidence interval: Student's t with ``n - 1`` degrees of freedom and the
+    sample standard deviation (``t_{0.975, n-1} * s / sqrt(n)``; for small ``n`` much wider than the normal
+    approximation's 1.96).
 
     The half-width is ``nan`` for fewer than two values.
     """
@@ -141,7 +191,7 @@ def mean_confidence_interval(values: Sequence[float]) -> tuple[float, float]:
     if n < 2:
         return float(mean), float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return float(mean), float(_Z95 * math.sqrt(var / n))
+    return float(mean), float(t95(n - 1) * math.sqrt(var / n))
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .methods import MethodSettings, available_methods, explain
-from .metrics import fractions
-from .perturbation import patch_perturbation, token_flip
+from .families import FAMILIES, curve_fractions, task_families
+from .methods import MethodSettings, available_methods, explain, method_applies
 from .report import write_report
 from .samples import explained_logits
-from .segmentation import segmentation_scores
-from .tasks import TEXT, Task, build_task
+from .tasks import Task, build_task
 
 RESULTS_GLOB = "samples.rank*.jsonl"
 
@@ -62,33 +61,48 @@ def read_records(task_dir: Path) -> list[dict[str, Any]]:
     return [records[k] for k in sorted(records)]
 
 
+#: task-entry keys that override the configuration's top-level value for that task
+TASK_KEYS = ("metrics", "pairs", "position_removal", "steps", "ig_steps")
+
+
+def task_config(config: dict, spec: dict) -> dict:
+    """The configuration one task runs with: top level, then the task entry's own keys and ``overrides``."""
+    return {**config, **{k: spec[k] for k in TASK_KEYS if k in spec}, **spec.get("overrides", {})}
+
+
+def method_settings(config: dict) -> MethodSettings:
+    """The methods' knobs from a (task-merged) configuration."""
+    return MethodSettings(
+        ig_steps=int(config.get("ig_steps", 32)),
+        seed=int(config.get("seed", 0)),
+        extra={"position_removal": config.get("position_removal")},
+    )
+
+
 def evaluate_sample(
     task: Task, sample, method: str, settings: MethodSettings, config: dict
 ) -> dict[str, Any]:
-    """All metrics of one method on one sample."""
+    """All metrics of one method on one sample: every metric family of the task whose map the method has.
+
+    ``seconds`` is the wall time of the explanation alone (the method's cost per sample).
+    """
     model = task.model
     with torch.no_grad():
         logits = explained_logits(model, sample, sample.inputs)
     target = int(logits[0].argmax())
+    start = time.perf_counter()
     exp = explain(method, model, sample, target, settings)
+    seconds = time.perf_counter() - start
     rec: dict[str, Any] = {"sample": sample.id, "method": method, "target": target, "label": sample.label}
-    if task.kind == TEXT:
-        fr = fractions(int(config.get("steps", 11)))
-        result = token_flip(model, sample, target, exp.units, task.replacement_id, fr)
-    else:
-        fr = fractions(int(config.get("vision_steps", 9)), 0.1, 0.9)
-        patch = int(model.config.patch_size)
-        result = patch_perturbation(model, sample, target, exp.units, patch, task.image_replacement, fr)
-        pixels = exp.pixels
-        if pixels is None:
-            from .methods import _spread
-
-            h, w = sample.mask.shape
-            pixels = _spread(exp.units, patch, (h // patch, w // patch))
-        result.update(segmentation_scores(pixels, sample.mask))
+    result: dict[str, Any] = {}
+    for family in task_families(task.kind, config):
+        out = FAMILIES[family].run(task, sample, target, exp, config)
+        if out is not None:
+            result.update(out)
     rec["scores"] = {k: v for k, v in result.items() if not k.endswith("_curve")}
     rec["curves"] = {k: v for k, v in result.items() if k.endswith("_curve")}
-    rec["fractions"] = fr
+    rec["fractions"] = curve_fractions(task.kind, config)
+    rec["seconds"] = seconds
     return rec
 
 
@@ -97,8 +111,8 @@ def run_task(task: Task, config: dict, out_dir: Path, rank: int = 0, world: int 
     task_dir = out_dir / task.name
     task_dir.mkdir(parents=True, exist_ok=True)
     done = {(r["sample"], r["method"]) for r in read_records(task_dir)}
-    settings = MethodSettings(ig_steps=int(config.get("ig_steps", 32)), seed=int(config.get("seed", 0)))
-    methods = config["methods"]
+    settings = method_settings(config)
+    methods = [m for m in config["methods"] if method_applies(m, task.kind)]
     mine = [s for s in task.samples if s.id % world == rank]
     todo = [(s, m) for s in mine for m in methods if (s.id, m) not in done]
     path = task_dir / f"samples.rank{rank}.jsonl"
@@ -206,9 +220,11 @@ def run(
         task_dir = out_dir / task.name
         task_dir.mkdir(parents=True, exist_ok=True)
         if not report_only:
-            run_task(task, {**config, **spec.get("overrides", {})}, out_dir, rank, world)
+            run_task(task, task_config(config, spec), out_dir, rank, world)
         barrier()
         if rank == 0:
-            summaries[task.name] = write_report(task, read_records(task_dir), task_dir, config["methods"])
+            merged = task_config(config, spec)
+            methods = [m for m in config["methods"] if method_applies(m, task.kind)]
+            summaries[task.name] = write_report(task, read_records(task_dir), task_dir, methods, merged)
         barrier()
     return summaries

@@ -31,6 +31,8 @@ class Sample:
         Ground-truth object mask (vision).
     text : str or None
         The text, for display.
+    ground_truth : list of int or None
+        Sequence indices the label depends on (positional ground-truth tasks).
     """
 
     id: int
@@ -41,6 +43,7 @@ class Sample:
     label: int | None = None
     mask: torch.Tensor | None = None
     text: str | None = None
+    ground_truth: list[int] | None = None
 
     @property
     def length(self) -> int:

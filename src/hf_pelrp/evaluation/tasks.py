@@ -32,6 +32,7 @@ class Task:
     replacement_id: int | None = None
     image_replacement: str = "zero"
     info: dict[str, Any] = field(default_factory=dict)
+    paper_replacement_id: int | None = None
 
     def to(self, device: str | torch.device) -> Task:
         """Move the model and the samples' model inputs to ``device`` (in place; returns the task). The
@@ -71,7 +72,8 @@ def _resolve(root: Path, path: str) -> Path:
 def tiny_model(
     family: str, head: str, seed: int = 0, num_labels: int = 2, **overrides: Any
 ) -> torch.nn.Module:
-    """A tiny randomly initialised model of ``family`` (llama, gpt2, bert, vit) with a ``head``, for smoke runs."""
+    """A tiny randomly initialised model of ``family`` (llama, gpt2, bert, distilbert with sinusoidal positions,
+    vit) with a ``head``, for smoke runs."""
     import transformers as tf
 
     specs = {
@@ -106,6 +108,20 @@ def tiny_model(
                 pad_token_id=0,
             ),
             {"sequence_classification": tf.BertForSequenceClassification},
+        ),
+        "distilbert": (
+            tf.DistilBertConfig,
+            dict(
+                dim=32,
+                hidden_dim=64,
+                n_layers=2,
+                n_heads=4,
+                vocab_size=101,
+                max_position_embeddings=64,
+                sinusoidal_pos_embds=True,
+                pad_token_id=0,
+            ),
+            {"sequence_classification": tf.DistilBertForSequenceClassification},
         ),
         "vit": (
             tf.ViTConfig,
@@ -174,7 +190,7 @@ def _smollm2(spec: dict, root: Path, seed: int):
 # ---------------------------------------------------------------------------------------------------- data
 def _readout(model: torch.nn.Module, length: int) -> int:
     """The row the classification head reads: CLS (0) for encoders, the last token for decoders."""
-    return 0 if model.config.model_type in ("bert", "roberta", "vit", "deit") else length - 1
+    return 0 if model.config.model_type in ("bert", "roberta", "distilbert", "vit", "deit") else length - 1
 
 
 @data_builder("random_tokens")
@@ -282,6 +298,30 @@ def _review_windows(spec: dict, model, tokenizer, seed: int, causal: bool) -> li
     return out
 
 
+@data_builder("positional_task")
+def _positional_task(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    """Held-out sequences of a task with known positional ground truth (:mod:`.ground_truth`); the allowed units
+    are the content slots (not CLS / END)."""
+    from .ground_truth import PositionalTask
+
+    task = PositionalTask(**spec.get("task", {}))
+    ids, labels, truth = task.generate(spec["num_samples"], seed=int(spec.get("test_seed", 1_000_001)))
+    length = ids.shape[1]
+    allowed = torch.zeros(length, dtype=torch.bool)
+    allowed[1:-1] = True
+    return [
+        Sample(
+            i,
+            {"input_ids": ids[i : i + 1], "attention_mask": torch.ones_like(ids[i : i + 1])},
+            allowed.clone(),
+            readout=_readout(model, length),
+            label=int(labels[i]),
+            ground_truth=list(truth[i]),
+        )
+        for i in range(len(labels))
+    ]
+
+
 @data_builder("fashion_mnist_test")
 def _fashion_mnist_test(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
     """The first ``num_samples`` Fashion-MNIST test images; the object mask is ``pixel > 0``."""
@@ -346,11 +386,16 @@ def build_task(spec: dict, root: Path, seed: int = 0) -> Task:
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     samples = _DATA[data_spec["kind"]](data_spec, model, tokenizer, seed, causal)
     kind = VISION if samples and "pixel_values" in samples[0].inputs else TEXT
-    replacement_id = None
+    replacement_id = paper_replacement = None
     if kind == TEXT:
         replacement_id = resolve_replacement(
             spec.get("replacement", "unk"), tokenizer, spec.get("neutral_token")
         )
+        paper_replacement = spec.get("paper_replacement")
+        if paper_replacement is None and tokenizer is not None:
+            from .paper_protocol import paper_replacement_id
+
+            paper_replacement = paper_replacement_id(tokenizer)
     info = dict(spec.get("info", {}))
     metrics_file = model_spec.get("metrics_file")
     if metrics_file and _resolve(root, metrics_file).exists():
@@ -358,5 +403,12 @@ def build_task(spec: dict, root: Path, seed: int = 0) -> Task:
 
         info["training"] = json.loads(_resolve(root, metrics_file).read_text())
     return Task(
-        spec["name"], kind, model, samples, replacement_id, spec.get("image_replacement", "zero"), info
+        spec["name"],
+        kind,
+        model,
+        samples,
+        replacement_id,
+        spec.get("image_replacement", "zero"),
+        info,
+        paper_replacement,
     )

@@ -1,0 +1,370 @@
+"""What the position-faithfulness evaluation needs from the engine that its public API does not offer yet.
+
+Everything here uses only public surfaces (``hf_pelrp.lrp`` and its ``ctx.maps()``, plus ordinary torch hooks on
+the model's own modules); nothing reads the engine's internal leaf store or adapter. Each function's docstring
+names the engine API that should replace it; the lead moves them into the engine, after which this module
+shrinks to re-exports.
+
+- :func:`positional_site` (and :func:`segment_module`) -- where a model's positional tensors enter (additive
+  embedding module, or the rotary ``(cos, sin)`` keyword of each attention layer). Replace by ``adapter.positions`` (architecture.md), e.g. a
+  public ``hf_pelrp.positional_site(model)``.
+- :func:`rotary_leaf_relevance` -- relevance of each rotary leaf separately (cos vs sin, per layer), which the
+  paper's aggregation needs. Replace by ``Attribution.position_by_leaf`` [B, L, 2, T] (or ``ctx.maps(per_leaf=True)``).
+- :func:`additive_position_gradient` -- the (modified) gradient at an additive position embedding, per hidden
+  unit, for the reference-centred position map. Replace by ``LRPConfig(position_reference="mean")``.
+- :func:`positional_leaves` -- plain-gradient leaves at the positional tensors (no LRP rule anywhere), for
+  gradient x input and Integrated Gradients on positions. Replace by ``lrp(model, mode="gradient")``.
+- :func:`rotary_split` -- prototype of the rotary rule variants (``"uniform"``: the paper's 1/2 split, which must
+  reproduce the engine; ``"reference"``: the identity-reference split proposed in docs/positions.md). Replace
+  by ``LRPConfig(rotary_split="uniform" | "reference")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ROTARY = "rotary"
+ADDITIVE = "additive"
+#: model types whose attention layers take ``position_embeddings=(cos, sin)`` and rotate with ``rotate_half``
+ROTARY_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROTARY_SPLITS = ("uniform", "reference")
+
+
+@dataclass(frozen=True)
+class PositionalSite:
+    """Where the positional information of a model enters.
+
+    Attributes
+    ----------
+    kind
+        ``"rotary"`` or ``"additive"``.
+    module
+        Additive: the position-embedding module, whose output ``[1 or B, T, H]`` is added to the token embedding.
+    attention
+        Rotary: the attention module of each layer, called with ``position_embeddings=(cos, sin)`` ``[B, T, d]``.
+    projections
+        Rotary: per layer, the ``(q_proj, k_proj)`` modules whose outputs are rotated.
+    head_dim
+        Rotary: the size of one head (the rotated unit).
+    attention_scaling
+        Rotary: the factor of cos and sin (1 for the default RoPE); the identity rotation is ``(s, 0)``.
+    """
+
+    kind: str
+    module: nn.Module | None = None
+    attention: tuple[nn.Module, ...] = field(default_factory=tuple)
+    projections: tuple[tuple[nn.Module, nn.Module], ...] = field(default_factory=tuple)
+    head_dim: int = 0
+    attention_scaling: float = 1.0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention)
+
+
+def positional_site(model: nn.Module) -> PositionalSite:
+    """The positional tensors of a supported model (LLaMA family: rotary; GPT-2, BERT, DistilBERT: additive).
+
+    Engine API that replaces it: ``adapter.positions`` / a public ``hf_pelrp.positional_site(model)``.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base = getattr(model, "base_model", model)
+    if model_type in ROTARY_MODEL_TYPES:
+        layers = list(base.layers)
+        attention = tuple(layer.self_attn for layer in layers)
+        return PositionalSite(
+            ROTARY,
+            attention=attention,
+            projections=tuple((a.q_proj, a.k_proj) for a in attention),
+            head_dim=int(attention[0].head_dim),
+            attention_scaling=float(getattr(base.rotary_emb, "attention_scaling", 1.0)),
+        )
+    if model_type == "gpt2":
+        return PositionalSite(ADDITIVE, module=base.wpe)
+    if model_type in ("bert", "roberta", "distilbert"):
+        return PositionalSite(ADDITIVE, module=base.embeddings.position_embeddings)
+    raise NotImplementedError(
+        f"the position tests know the positional tensors of {ROTARY_MODEL_TYPES + ('gpt2', 'bert', 'distilbert')}, "
+        f"not of model type {model_type!r} (ALiBi / relative biases are not supported by the engine yet)"
+    )
+
+
+def segment_module(model: nn.Module) -> nn.Module | None:
+    """BERT's token-type (segment) embedding module, whose output is the third addend of the input embedding;
+    ``None`` for models without one. Part of the same engine API as :func:`positional_site`."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    return getattr(embeddings, "token_type_embeddings", None)
+
+
+def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _hidden_batch(args: tuple, kwargs: dict) -> int:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    return hidden.shape[0]
+
+
+# ------------------------------------------------------------------------------------------- per-leaf relevance
+@contextmanager
+def rotary_leaf_relevance(model: nn.Module) -> Iterator[Callable[[], torch.Tensor]]:
+    """Inside an ``hf_pelrp.lrp(model, positional=True)`` block: yields ``read()``, which after the backward pass
+    returns the relevance of every rotary leaf, ``[B, L, 2, T]`` (index 0: cos, 1: sin), float32.
+
+    A pre-hook on each attention layer, registered after the engine's own, sees the ``(cos, sin)`` leaves the
+    engine made for that layer; ``leaf * leaf.grad`` summed over the head dimension is their relevance.
+    Engine API that replaces it: ``Attribution.position_by_leaf`` (or ``ctx.maps(per_leaf=True)``).
+    """
+    site = positional_site(model)
+    if site.kind != ROTARY:
+        raise ValueError("rotary_leaf_relevance needs a rotary model")
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook_for(layer: int):
+        def hook(_module, _args, kwargs):
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                seen[layer] = pe
+
+        return hook
+
+    handles = [
+        a.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, a in enumerate(site.attention)
+    ]
+
+    def read() -> torch.Tensor:
+        if len(seen) != site.num_layers:
+            raise RuntimeError("no forward pass ran inside rotary_leaf_relevance()")
+        out = []
+        for layer in range(site.num_layers):
+            pair = []
+            for leaf in seen[layer]:
+                r = (
+                    (leaf.detach() * leaf.grad).sum(-1)
+                    if leaf.grad is not None
+                    else leaf.new_zeros(leaf.shape[:-1])
+                )
+                pair.append(r.float())
+            out.append(torch.stack(pair, 1))
+        return torch.stack(out, 1)
+
+    try:
+        yield read
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def additive_position_gradient(model: nn.Module) -> Iterator[Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """Inside an ``hf_pelrp.lrp(model, positional=True)`` block of an additive model: yields ``read()``, which after
+    the backward pass returns ``(p, g)``, the position embedding ``[B, T, H]`` and the (LRP-modified) gradient at
+    it. ``(p * g).sum(-1)`` is the engine's position map; ``((p - p_mean) * g).sum(-1)`` the reference-centred one.
+
+    Engine API that replaces it: ``LRPConfig(position_reference="mean")`` (see docs/positions.md).
+    """
+    site = positional_site(model)
+    if site.kind != ADDITIVE:
+        raise ValueError("additive_position_gradient needs an additive-position model")
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        seen["p"] = output  # the engine's leaf (its hook ran first)
+
+    handle = site.module.register_forward_hook(hook)
+
+    def read() -> tuple[torch.Tensor, torch.Tensor]:
+        p = seen["p"]
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        return p.detach(), g
+
+    try:
+        yield read
+    finally:
+        handle.remove()
+
+
+# ----------------------------------------------------------------------------------------- plain-gradient leaves
+@contextmanager
+def positional_leaves(
+    model: nn.Module, make: Callable[[int, torch.Tensor, str], torch.Tensor] | None = None
+) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Replace the positional tensors of every forward pass by tensors of one's own (plain autograd, no LRP).
+
+    ``make(layer, value, name)`` returns the tensor to use instead of ``value`` (``name``: ``"cos"``, ``"sin"``
+    or ``"position"``; ``layer``: the attention layer, 0 for an additive embedding); default: a fresh leaf
+    with the same value. Yields ``{layer: [tensors]}`` of the latest forward pass. Used for gradient x input
+    and Integrated Gradients at the positional tensors.
+
+    Engine API that replaces it: ``lrp(model, mode="gradient")`` (every rule off, positions as leaves).
+    """
+    site = positional_site(model)
+    made: dict[int, list[torch.Tensor]] = {}
+
+    def default(_layer, value, _name):
+        return value.detach().clone().requires_grad_(True)
+
+    make = make or default
+    handles = []
+    if site.kind == ROTARY:
+
+        def hook_for(layer: int):
+            def hook(_module, args, kwargs):
+                pe = kwargs.get("position_embeddings")
+                if pe is None:
+                    return None
+                batch = _hidden_batch(args, kwargs)
+                cos, sin = (
+                    make(layer, _batched(t, batch), n) for t, n in zip(pe, ("cos", "sin"), strict=True)
+                )
+                made[layer] = [cos, sin]
+                return args, {**kwargs, "position_embeddings": (cos, sin)}
+
+            return hook
+
+        handles = [
+            a.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, a in enumerate(site.attention)
+        ]
+    else:
+
+        def hook(_module, _args, output):
+            made[0] = [make(0, output, "position")]
+            return made[0][0]
+
+        handles = [site.module.register_forward_hook(hook)]
+    try:
+        yield made
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------- rotary rule prototype
+class _RotationInverseGradient(torch.autograd.Function):
+    """Identity forward; the backward applies the rotation ``R`` to the incoming gradient (divided by ``s^2``).
+
+    Placed on q (k) before the rotation ``q_rot = R q``, whose backward gives ``R^T g``: this turns it into
+    ``g``, the gradient q would get if the rotation were the identity (``R R^T = s^2 I``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, head_dim, scale):
+        ctx.save_for_backward(cos, sin)
+        ctx.head_dim, ctx.scale = head_dim, scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        b, t, width = grad.shape
+        g = grad.reshape(b, t, width // ctx.head_dim, ctx.head_dim)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        rotated = (g * c + _rotate_half(g) * s) / ctx.scale**2
+        return rotated.reshape(b, t, width), None, None, None, None
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+@contextmanager
+def rotary_split(model: nn.Module, split: str) -> Iterator[Callable[[], torch.Tensor]]:
+    """Prototype of the rotary rule variants; use inside ``hf_pelrp.lrp(model, mode, positional=False)``.
+
+    With ``positional=False`` the engine applies the attention factors to the rotated q and k and treats cos and
+    sin as constants; this context gives every layer its own rotary leaves and sets the rule at the rotation
+    ``q_rot = q * cos + rotate_half(q) * sin`` (likewise k) by hooks on ``q_proj`` / ``k_proj`` and the attention's
+    ``position_embeddings`` keyword. Yields ``read()``: after the backward pass, the position relevance per layer
+    ``[B, L, T]`` (q and k sides, cos and sin, all heads).
+
+    ``"uniform"`` (the paper, the engine's ``positional=True``): each product gives 1/2 to q and 1/2 to cos / sin,
+    so ``R_q = R_pos = R_{q_rot} / 2`` element-wise.
+
+    ``"reference"`` (identity-reference split): ``q_rot = q + (R_theta - I) q`` is split by the epsilon rule over
+    its two addends, the content term (the rotation of the identity, i.e. position 0) and the positional term;
+    the positional term's relevance goes to the angle: ``R_q = q . g``, ``R_pos = ((R_theta - I) q) . g`` with
+    ``g`` the (modified) gradient at ``q_rot``; leaves ``cos - s`` and ``sin``. Conservative
+    (``R_q + R_pos = q_rot . g``); a slot whose rotation is the identity (position 0, or removed) gets exactly 0.
+
+    Engine API that replaces it: ``LRPConfig(rotary_split="uniform" | "reference")``.
+    """
+    if split not in ROTARY_SPLITS:
+        raise ValueError(f"unknown rotary split {split!r}; choose one of {ROTARY_SPLITS}")
+    site = positional_site(model)
+    if site.kind != ROTARY:
+        raise ValueError("rotary_split needs a rotary model")
+    scale = site.attention_scaling
+    current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    content_factor = 0.5 if split == "uniform" else 1.0
+    leaf_factor = 0.5 if split == "uniform" else 1.0
+
+    def attention_hook(layer: int):
+        def hook(_module, args, kwargs):
+            pe = kwargs.get("position_embeddings")
+            if pe is None:
+                return None
+            batch = _hidden_batch(args, kwargs)
+            cos, sin = (_batched(t, batch).detach() for t in pe)
+            reference = torch.full_like(cos, scale) if split == "reference" else torch.zeros_like(cos)
+            u = (cos - reference).clone().requires_grad_(True)  # the angle's deviation from the reference
+            v = sin.clone().requires_grad_(True)
+            leaves[layer] = (u, v)
+            current[layer] = (cos, sin)
+            # value exactly (cos, sin); gradient to the leaves, scaled by the rule's share
+            cos_in = cos + (_ScaleGradient.apply(u, leaf_factor) - u.detach())
+            sin_in = sin + (_ScaleGradient.apply(v, leaf_factor) - v.detach())
+            return args, {**kwargs, "position_embeddings": (cos_in, sin_in)}
+
+        return hook
+
+    def projection_hook(layer: int):
+        def hook(_module, _args, output):
+            cos, sin = current[layer]
+            if split == "reference":
+                # the content path sees the identity rotation: q gets g instead of R^T g
+                return _RotationInverseGradient.apply(output, cos, sin, site.head_dim, scale)
+            return _ScaleGradient.apply(output, content_factor)
+
+        return hook
+
+    handles = []
+    for i, attention in enumerate(site.attention):
+        handles.append(attention.register_forward_pre_hook(attention_hook(i), with_kwargs=True))
+        for proj in site.projections[i]:
+            handles.append(proj.register_forward_hook(projection_hook(i)))
+
+    def read() -> torch.Tensor:
+        rows = []
+        for layer in range(site.num_layers):
+            total = 0
+            for leaf in leaves[layer]:
+                if leaf.grad is not None:
+                    total = total + (leaf.detach() * leaf.grad).sum(-1)
+            if not torch.is_tensor(total):
+                total = leaves[layer][0].new_zeros(leaves[layer][0].shape[:-1])
+            rows.append(total.float())
+        return torch.stack(rows, 1)
+
+    try:
+        yield read
+    finally:
+        for h in handles:
+            h.remove()
