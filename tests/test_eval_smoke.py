@@ -370,3 +370,20 @@ def test_rotary_anatomy_and_position_mass_on_the_smoke_models():
     assert "tiny-vit" not in mass and "tiny-gpt2-classifier" in mass
     assert mass["tiny-llama-next-token"]["cp_pe"][0] == 0  # CP gives rotary positions nothing
     assert all(stats["removal_effect"][0] >= 0 for stats in mass.values())
+
+
+def test_the_evaluation_does_nothing_global():
+    """Importing the suite and building its models leaves torch's global state alone."""
+    import importlib
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("hf_pelrp.evaluation")]:
+        del sys.modules[name]
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.random.get_rng_state())
+    evaluation = importlib.import_module("hf_pelrp.evaluation")
+    from hf_pelrp.evaluation.tasks import tiny_model
+
+    tiny_model("llama", "causal_lm", seed=3)
+    after = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.random.get_rng_state())
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2])
+    assert callable(evaluation.run)

@@ -36,6 +36,33 @@ from .rules import relevance_dtype, relevance_of
 Maps = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class PositionalSite:
+    """Where a model's positional tensors enter, as its adapter declares it (:func:`positional_site`).
+
+    Attributes
+    ----------
+    kind
+        The positional kind's name: ``"additive"``, ``"rotary"``, ``"alibi"`` / ``"relative-bias"``, ``"none"``.
+    modules
+        Additive kinds: the modules whose outputs are the position embedding (added to the token embedding).
+    attention
+        Kinds that act inside attention: the attention module of each layer (rotary: called with the
+        ``keyword`` pair, in the order ``names``).
+    keyword, names
+        Rotary: the attention keyword carrying the pair, and the order of the pair (``("cos", "sin")``).
+    attention_scaling
+        Rotary: the factor of cos and sin (1 for plain RoPE): the identity rotation is ``(scaling, 0)``.
+    """
+
+    kind: str
+    modules: tuple[torch.nn.Module, ...] = ()
+    attention: tuple[torch.nn.Module, ...] = ()
+    keyword: str = ""
+    names: tuple[str, ...] = ()
+    attention_scaling: float = 1.0
+
+
 class PositionalKind(ABC):
     """Where positions enter one family. Subclasses are small declarations (see the module docstring)."""
 
@@ -235,13 +262,23 @@ class Rotary(PositionalKind):
     def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
         batch, seq = token.shape
         by_layer = torch.zeros(batch, num_layers, seq, device=token.device, dtype=token.dtype)
+        # [B, L, 2, T]: each leaf of the pair (in the order of ``names``) separately
+        by_leaf = torch.zeros(batch, num_layers, len(self.names), seq, device=token.device, dtype=token.dtype)
         absolute = torch.zeros_like(token)
         for layer, leaves in store.layers.items():
-            for leaf in leaves.values():
-                r = _as_map(self.leaf_relevance(leaf), token)
+            for i, name in enumerate(self.names):
+                if name not in leaves:
+                    continue
+                r = _as_map(self.leaf_relevance(leaves[name]), token)
+                by_leaf[:, layer, i] = r
                 by_layer[:, layer] += r
                 absolute += r.abs()
-        return {"position_by_layer": by_layer, "position": by_layer.sum(1), "position_abs": absolute}
+        return {
+            "position_by_layer": by_layer,
+            "position": by_layer.sum(1),
+            "position_abs": absolute,
+            "position_by_leaf": by_leaf,
+        }
 
     def describe(self) -> str:
         parts = {"half": "rotary", "interleaved": "interleaved rotary"}[self.layout]

@@ -48,12 +48,19 @@ from .base import (
 )
 from .refusals import REFUSED  # noqa: F401  (registers the model types refused by name)
 
+
+def positional_site(model):
+    """Where ``model``'s positional tensors enter (:class:`hf_pelrp.positions.PositionalSite`), from its adapter."""
+    return adapter_for(model).positional_site(model)
+
+
 __all__ = [
     "Adapter",
     "FunctionalActivationSite",
     "GatedProduct",
     "adapter_for",
     "adapter_for_type",
+    "positional_site",
     "refuse_model_type",
     "refused_model_types",
     "register_adapter",

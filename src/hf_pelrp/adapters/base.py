@@ -36,7 +36,7 @@ from ..hooks import (
 )
 from ..inputs import Prepared, TextInputs
 from ..modules import find_module, find_optional
-from ..positions import PositionalKind
+from ..positions import PositionalKind, PositionalSite, Rotary
 from .norms import ACTIVATIONS, is_activation_like, is_norm_like
 
 #: module classes whose computation is one the rules already cover without a hook: linear maps and
@@ -178,6 +178,24 @@ class Adapter:
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The attention module of each block."""
         return [find_module(block, self.attention) for block in self.blocks(model)]
+
+    def positional_site(self, model: nn.Module) -> PositionalSite:
+        """Where this model's positional tensors enter, read off the declaration (for tools that intervene on
+        positions, e.g. the evaluation's position flipping)."""
+        kind = self.positions
+        modules = tuple(find_module(self.base(model), path) for path in _positional_paths(kind))
+        attention: tuple[nn.Module, ...] = ()
+        keyword, names, scaling = "", (), 1.0
+        if kind.inside_attention:
+            attention = tuple(self.attention_modules(model))
+        if isinstance(kind, Rotary):
+            keyword, names = kind.keyword, tuple(kind.names)
+            rotary = next(
+                (m for m in model.modules() if hasattr(m, "attention_scaling") and hasattr(m, "inv_freq")),
+                None,
+            )
+            scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        return PositionalSite(kind.name, modules, attention, keyword, names, scaling)
 
     def head(self, model: nn.Module) -> HeadKind:
         kind = head_of(model)

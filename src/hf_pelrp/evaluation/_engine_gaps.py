@@ -5,11 +5,10 @@ the model's own modules); nothing reads the engine's internal leaf store or adap
 names the engine API that should replace it; the lead moves them into the engine, after which this module
 shrinks to re-exports.
 
-- :func:`positional_site` (and :func:`segment_module`) -- where a model's positional tensors enter (additive
-  embedding module, or the rotary ``(cos, sin)`` keyword of each attention layer). Replace by ``adapter.positions`` (architecture.md), e.g. a
-  public ``hf_pelrp.positional_site(model)``.
-- :func:`rotary_leaf_relevance` -- relevance of each rotary leaf separately (cos vs sin, per layer), which the
-  paper's aggregation needs. Replace by ``Attribution.position_by_leaf`` [B, L, 2, T] (or ``ctx.maps(per_leaf=True)``).
+- :func:`positional_site` (and :func:`segment_module`) -- where a model's positional tensors enter: read off
+  the adapter declaration (:func:`hf_pelrp.adapters.positional_site`), in the shape the position tests use.
+- :func:`rotary_leaf_relevance` -- relevance of each rotary leaf separately (cos vs sin, per layer), read by
+  hooks: an independent check of the engine's own ``position_by_leaf`` map [B, L, 2, T] (the methods use that).
 - :func:`additive_position_gradient` -- the (modified) gradient at an additive position embedding, per hidden
   unit, for the reference-centred position map. Replace by ``LRPConfig(position_reference="mean")``.
 - :func:`positional_leaves` -- plain-gradient leaves at the positional tensors (no LRP rule anywhere), for
@@ -28,16 +27,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters import adapter_for
+from ..adapters import positional_site as engine_positional_site
+from ..modules import find_module
+
 ROTARY = "rotary"
 ADDITIVE = "additive"
-#: model types whose attention layers take ``position_embeddings=(cos, sin)`` and rotate with ``rotate_half``
-ROTARY_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROTARY_SPLITS = ("uniform", "reference")
 
 
 @dataclass(frozen=True)
 class PositionalSite:
-    """Where the positional information of a model enters.
+    """Where the positional information of a model enters (read off its adapter declaration).
 
     Attributes
     ----------
@@ -48,7 +49,9 @@ class PositionalSite:
     attention
         Rotary: the attention module of each layer, called with ``position_embeddings=(cos, sin)`` ``[B, T, d]``.
     projections
-        Rotary: per layer, the ``(q_proj, k_proj)`` modules whose outputs are rotated.
+        Rotary, LLaMA layout (``q_proj`` / ``k_proj`` feeding the rotation directly): per layer, the
+        ``(q_proj, k_proj)`` modules whose outputs are rotated (the rule prototype and the diagnostics need them;
+        empty for other layouts).
     head_dim
         Rotary: the size of one head (the rotated unit).
     attention_scaling
@@ -68,37 +71,38 @@ class PositionalSite:
 
 
 def positional_site(model: nn.Module) -> PositionalSite:
-    """The positional tensors of a supported model (LLaMA family: rotary; GPT-2, BERT, DistilBERT: additive).
-
-    Engine API that replaces it: ``adapter.positions`` / a public ``hf_pelrp.positional_site(model)``.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    base = getattr(model, "base_model", model)
-    if model_type in ROTARY_MODEL_TYPES:
-        layers = list(base.layers)
-        attention = tuple(layer.self_attn for layer in layers)
+    """The positional tensors of a supported model, from its adapter's declaration
+    (:func:`hf_pelrp.adapters.positional_site`); the position tests handle rotary (``cos, sin`` pairs) and
+    additive positions and refuse the other kinds."""
+    site = engine_positional_site(model)
+    if site.kind == ROTARY and site.keyword == "position_embeddings" and tuple(site.names) == ("cos", "sin"):
+        attention = site.attention
+        plain = all(hasattr(a, "q_proj") and hasattr(a, "k_proj") for a in attention) and not any(
+            hasattr(a, "q_norm") for a in attention
+        )
         return PositionalSite(
             ROTARY,
             attention=attention,
-            projections=tuple((a.q_proj, a.k_proj) for a in attention),
-            head_dim=int(attention[0].head_dim),
-            attention_scaling=float(getattr(base.rotary_emb, "attention_scaling", 1.0)),
+            projections=tuple((a.q_proj, a.k_proj) for a in attention) if plain else (),
+            head_dim=int(getattr(attention[0], "head_dim", 0)),
+            attention_scaling=site.attention_scaling,
         )
-    if model_type == "gpt2":
-        return PositionalSite(ADDITIVE, module=base.wpe)
-    if model_type in ("bert", "roberta", "distilbert"):
-        return PositionalSite(ADDITIVE, module=base.embeddings.position_embeddings)
+    if site.kind == ADDITIVE and len(site.modules) == 1:
+        return PositionalSite(ADDITIVE, module=site.modules[0])
     raise NotImplementedError(
-        f"the position tests know the positional tensors of {ROTARY_MODEL_TYPES + ('gpt2', 'bert', 'distilbert')}, "
-        f"not of model type {model_type!r} (ALiBi / relative biases are not supported by the engine yet)"
+        f"the position tests intervene on rotary (cos, sin) and additive position embeddings; model type "
+        f"{model.config.model_type!r} has {site.kind!r} positions"
     )
 
 
 def segment_module(model: nn.Module) -> nn.Module | None:
-    """BERT's token-type (segment) embedding module, whose output is the third addend of the input embedding;
-    ``None`` for models without one. Part of the same engine API as :func:`positional_site`."""
-    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
-    return getattr(embeddings, "token_type_embeddings", None)
+    """The token-type (segment) embedding module whose output is an addend of the input embedding, as the
+    adapter declares it; ``None`` for models without one."""
+    adapter = adapter_for(model)
+    for path, names in adapter.embeddings.items():
+        if tuple(names) == ("segment",):
+            return find_module(adapter.base(model), path)
+    return None
 
 
 def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -308,8 +312,10 @@ def rotary_split(model: nn.Module, split: str) -> Iterator[Callable[[], torch.Te
     if split not in ROTARY_SPLITS:
         raise ValueError(f"unknown rotary split {split!r}; choose one of {ROTARY_SPLITS}")
     site = positional_site(model)
-    if site.kind != ROTARY:
-        raise ValueError("rotary_split needs a rotary model")
+    if site.kind != ROTARY or not site.projections:
+        raise ValueError(
+            "rotary_split (a prototype) needs a rotary model of the LLaMA layout (q_proj / k_proj rotated)"
+        )
     scale = site.attention_scaling
     current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..engine import attribute, lrp
-from ._engine_gaps import ROTARY_MODEL_TYPES, positional_site
+from ._engine_gaps import positional_site
 from .methods import MethodSettings, explain
 from .metrics import mean_confidence_interval
 from .runner import load_config
@@ -128,7 +128,10 @@ def rotary_anatomy(config_path: str | Path, num_samples: int = 30, removal: str 
     results = {}
     for spec in config["tasks"]:
         task = build_task(spec, root, seed=int(config.get("seed", 0)))
-        if task.model.config.model_type not in ROTARY_MODEL_TYPES:
+        try:
+            if not positional_site(task.model).projections:
+                continue
+        except NotImplementedError:
             continue
         stats: dict[str, list[float]] = {}
         for sample in task.samples[:num_samples]:

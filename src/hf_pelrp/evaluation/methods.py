@@ -22,7 +22,6 @@ from ._engine_gaps import (
     additive_position_gradient,
     positional_leaves,
     positional_site,
-    rotary_leaf_relevance,
     rotary_split,
     segment_module,
 )
@@ -242,9 +241,8 @@ def _lrp_abs(model, sample, target, mode: str, paper: bool) -> Explanation:
     norm = _max_normalised if paper else (lambda x: x)
     with _frozen(model), lrp(model, mode=mode, positional=True) as ctx:
         if site.kind == ROTARY:
-            with rotary_leaf_relevance(model) as read:
-                maps = _backward(ctx, model, sample, target)
-                leaves = read()[0]  # [L, 2, T]
+            maps = _backward(ctx, model, sample, target)
+            leaves = maps["position_by_leaf"][0].float()  # [L, 2, T]: cos and sin of every layer
             by_layer = torch.stack(
                 [norm(leaves[layer, i]).abs() for layer in range(len(leaves)) for i in (0, 1)]
             )

@@ -143,13 +143,15 @@ def tiny_model(
     if head not in heads:
         raise ValueError(f"tiny {family} models have heads {sorted(heads)}, not {head!r}")
     kwargs = {**kwargs, "num_labels": num_labels, **overrides}
-    torch.manual_seed(seed)
-    model = heads[head](config_cls(**kwargs))
-    with torch.no_grad():
-        # random-init norms are all-ones; perturb them so the norm rules matter
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                p.add_(0.1 * torch.randn_like(p))
+    # seeded without touching the caller's random state (the suite does nothing global)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = heads[head](config_cls(**kwargs))
+        with torch.no_grad():
+            # random-init norms are all-ones; perturb them so the norm rules matter
+            for name, p in model.named_parameters():
+                if "norm" in name.lower() and name.endswith("weight"):
+                    p.add_(0.1 * torch.randn_like(p))
     return model.eval()
 
 
