@@ -379,11 +379,19 @@ def test_the_evaluation_does_nothing_global():
 
     for name in [m for m in sys.modules if m.startswith("hf_pelrp.evaluation")]:
         del sys.modules[name]
-    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.random.get_rng_state())
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+        torch.random.get_rng_state(),
+    )
     evaluation = importlib.import_module("hf_pelrp.evaluation")
     from hf_pelrp.evaluation.tasks import tiny_model
 
     tiny_model("llama", "causal_lm", seed=3)
-    after = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.random.get_rng_state())
+    after = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+        torch.random.get_rng_state(),
+    )
     assert before[:2] == after[:2] and torch.equal(before[2], after[2])
     assert callable(evaluation.run)

@@ -17,8 +17,8 @@ import torch
 import hf_pelrp
 from conftest import tiny_llama_family
 from helpers import reference_lrp
-from hf_pelrp.inputs import causal_position_ids
 from hf_pelrp.evaluation._engine_gaps import rotary_leaf_relevance, rotary_split
+from hf_pelrp.inputs import causal_position_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,7 +94,9 @@ def test_uniform_prototype_reproduces_the_engine(mode):
     torch.testing.assert_close(token, engine["token"].double(), rtol=0, atol=1e-6 * scale)
     torch.testing.assert_close(by_layer, engine["position_by_layer"].double(), rtol=0, atol=1e-6 * scale)
     # cos and sin leaves read separately add up to the engine's per-layer map; sin(0) = 0
-    torch.testing.assert_close(per_leaf.sum(2), engine["position_by_layer"].float(), rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(
+        per_leaf.sum(2), engine["position_by_layer"].float(), rtol=0, atol=1e-6 * scale
+    )
     assert per_leaf[0, :, 1, 0].abs().max() == 0
     # the engine's own per-leaf map (Attribution.position_by_leaf) is the same reading
     torch.testing.assert_close(engine["position_by_leaf"].float(), per_leaf, rtol=0, atol=1e-6 * scale)
