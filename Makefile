@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results
+.PHONY: setup demo test lint bench results positions
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -36,3 +36,14 @@ results: $(STAMP)
 	test -f $(MODELS)/vit-fashion-mnist/config.json || nice -n 15 $(PY) scripts/train_vit.py
 	for c in $(EVAL_CONFIGS); do nice -n 15 .venv/bin/hf-pelrp evaluate configs/$$c.yaml || exit 1; done
 	$(PY) scripts/collect_results.py
+
+# The position-faithfulness evaluation of issue 14 (docs/results.md, "position faithfulness"): the nine
+# ground-truth models, then position flipping, the ground-truth tasks and the paper's protocol; resumable.
+POSITION_CONFIGS := positional_tasks gpt2_positions smollm2_positions smollm2_paper_protocol
+
+positions: $(STAMP)
+	$(PY) scripts/prepare_data.py
+	test -f $(MODELS)/gpt2-sentiment/config.json || nice -n 15 $(PY) scripts/train_gpt2.py
+	nice -n 15 $(PY) scripts/train_positional.py
+	for c in $(POSITION_CONFIGS); do nice -n 15 .venv/bin/hf-pelrp evaluate configs/$$c.yaml || exit 1; done
+	$(PY) scripts/collect_positions.py
