@@ -29,6 +29,7 @@ from torch import nn
 
 from ..adapters import adapter_for
 from ..adapters import positional_site as engine_positional_site
+from ..errors import UnsupportedModelError
 from ..modules import find_module
 
 ROTARY = "rotary"
@@ -89,7 +90,7 @@ def positional_site(model: nn.Module) -> PositionalSite:
         )
     if site.kind == ADDITIVE and len(site.modules) == 1:
         return PositionalSite(ADDITIVE, module=site.modules[0])
-    raise NotImplementedError(
+    raise UnsupportedModelError(
         f"the position tests intervene on rotary (cos, sin) and additive position embeddings; model type "
         f"{model.config.model_type!r} has {site.kind!r} positions"
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..engine import attribute, lrp
+from ..errors import UnsupportedModelError
 from ._engine_gaps import positional_site
 from .methods import MethodSettings, explain
 from .metrics import mean_confidence_interval
@@ -131,7 +132,7 @@ def rotary_anatomy(config_path: str | Path, num_samples: int = 30, removal: str 
         try:
             if not positional_site(task.model).projections:
                 continue
-        except NotImplementedError:
+        except UnsupportedModelError:
             continue
         stats: dict[str, list[float]] = {}
         for sample in task.samples[:num_samples]:

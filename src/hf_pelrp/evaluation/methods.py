@@ -229,7 +229,7 @@ def _lrp_abs(model, sample, target, mode: str, paper: bool) -> Explanation:
     """
     if _is_vision(sample):
         if paper:
-            raise NotImplementedError("the paper recipe for ViT is the *_pe_abs pixel map")
+            raise ValueError("the paper recipe for ViT is the *_pe_abs pixel map: use that method")
         attr = attribute(
             model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=True
         )
