@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..errors import AttributionInputError
+from ..heads import Request, head_of, select
 
 
 @dataclass
@@ -52,12 +54,22 @@ class Sample:
 
 
 def explained_logits(model: torch.nn.Module, sample: Sample, inputs: dict[str, Any]) -> torch.Tensor:
-    """The [B, C] logits the sample's explanation is about: the class logits, or for a causal LM the
-    next-token logits at ``sample.position`` (only that position goes through the vocabulary-sized head when
-    it is the last one and the model supports ``logits_to_keep``)."""
-    if sample.position is None:
-        return model(**inputs).logits
-    length = next(v for k, v in inputs.items() if k in ("input_ids", "inputs_embeds")).shape[1]
-    if sample.position == length - 1 and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return model(**inputs, logits_to_keep=1).logits[:, -1]
-    return model(**inputs).logits[:, sample.position]
+    """The [B, C] logits the sample's explanation is about, read the way the engine reads them
+    (:func:`hf_pelrp.heads.select`): the class logits, or for a causal LM the next-token logits at
+    ``sample.position``. A toy model without a transformers head (the metric tests) gives its logits as they are,
+    or at ``sample.position``."""
+    try:
+        kind = head_of(model)
+    except AttributionInputError:
+        logits = model(**inputs).logits
+        return logits if sample.position is None else logits[:, sample.position]
+    reference = next(
+        v for k, v in inputs.items() if k in ("input_ids", "inputs_embeds", "pixel_values") and v is not None
+    )
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        length = reference.shape[1] if kind.explains_positions else 1
+        mask = torch.ones(reference.shape[0], length, dtype=torch.long, device=reference.device)
+    position = sample.position if kind.explains_positions else None
+    selection = select(model, kind, model, inputs, mask, Request(position=position))
+    return selection.logits[:, 0]
