@@ -2,8 +2,8 @@
 threads race for it.
 
 The interrupt test injects ``KeyboardInterrupt`` (through ``sys.settrace``) at the k-th executed line of the
-modules that change the model (the engine, the hooks, the attention implementation, checkpointing), for every
-k until a run completes, and checks after each run that the model is exactly as before and not marked busy.
+modules that change the model (the engine, the hooks, the attention implementation, checkpointing, the hub-kernel
+swap), for every k until a run completes, and checks after each run that the model is exactly as before and not marked busy.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import torch
 
 import hf_pelrp
 from helpers.builders import tiny_llama_family
+from helpers.kernels import kernelize_on_cpu
 from hf_pelrp import AttributionStateError
 from hf_pelrp.attention import attention_rule
 from hf_pelrp.check import _differences, _snapshot
 from hf_pelrp.engine import is_busy
+from hf_pelrp.hub_kernels import kernel_forwards
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,7 +30,7 @@ SRC = os.path.dirname(hf_pelrp.__file__)
 #: the modules whose lines change the model during set-up and tear-down
 CHANGING = {
     os.path.join(SRC, name)
-    for name in ("context.py", "engine.py", "hooks.py", "attention.py", "checkpointing.py")
+    for name in ("context.py", "engine.py", "hooks.py", "attention.py", "checkpointing.py", "hub_kernels.py")
 }
 
 
@@ -71,7 +73,10 @@ def _restored(model, before) -> list[str]:
 def test_interrupt_at_every_line_leaves_the_model_as_it_was():
     # with gradient checkpointing: the set-up then also replaces the blocks' forward methods
     checkpointing = True
-    model = tiny_llama_family("llama", num_layers=1)
+    # with hub kernels bound (norms, activation, rotary): the set-up also swaps them for the torch forwards
+    pytest.importorskip("kernels")
+    model = kernelize_on_cpu(tiny_llama_family("llama", num_layers=1))
+    assert kernel_forwards(model)
     ids = torch.tensor([[5, 6, 7, 8]])
     reference = hf_pelrp.attribute(model, ids, gradient_checkpointing=checkpointing)
     before = _snapshot(model)

@@ -151,13 +151,21 @@ def _snapshot(model: torch.nn.Module) -> dict[str, Any]:
         "attn": getattr(model.config, "_attn_implementation", None),
         "training": {name: m.training for name, m in model.named_modules()},
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "forwards": {name for name, m in model.named_modules() if "forward" in m.__dict__},
+        # instance forwards by identity (hub-kernel bindings must come back as the same bound methods)
+        "forwards": {
+            (name, key, id(own[key]))
+            for name, m in model.named_modules()
+            for own in (m.__dict__, *(f.__dict__ for f in m.__dict__.get("_kernel_funcs", {}).values()))
+            for key in ("forward", "_old_forward")
+            if key in own
+        },
+        "kernels": (getattr(model, "use_kernels", None), getattr(model, "kernels_mode", None)),
     }
 
 
 def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     problems = []
-    for key in ("hooks", "configs", "attn", "training", "requires_grad", "forwards"):
+    for key in ("hooks", "configs", "attn", "training", "requires_grad", "forwards", "kernels"):
         if before[key] != after[key]:
             problems.append(key)
     if before["state"].keys() != after["state"].keys() or any(

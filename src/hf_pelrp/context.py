@@ -26,6 +26,7 @@ from .checkpointing import checkpoint_layers, wants_checkpointing
 from .config import LRPConfig, resolve_rules
 from .errors import AttributionStateError
 from .hooks import Handles, LeafStore, make_leaf
+from .hub_kernels import kernel_forwards
 from .rules import relevance_of
 
 #: the key, in a model's own __dict__, of the token of the lrp() context that holds it
@@ -205,8 +206,9 @@ def lrp(
     Raises
     ------
     UnsupportedModelError
-        The model type has no adapter, the model is not what its declaration covers, or it was modified (hub
-        kernels) in a way the rules cannot see.
+        The model type has no adapter, the model is not what its declaration covers, or a module's forward
+        was replaced on the instance by something other than a hub kernel (hub kernels are switched off for the
+        duration of the block and put back exactly).
     AttributionStateError
         The model is already inside an ``lrp()`` context (in this thread or another one).
     """
@@ -226,7 +228,16 @@ def lrp(
         handles = Handles()
         # every hook registered below is removed by its own handle; the iteration runs in C
         ctx.callback(collections.deque, map(operator.methodcaller("remove"), handles), 0)
-        ctx.callback(_each(setattr, [(m, "training", m.training) for m in model.modules()]))
+        modules = list(model.modules())
+        ctx.callback(_each(setattr, [(m, "training", m.training) for m in modules]))
+        # hub kernels: the modules' own torch forwards run inside the block, the kernels' bindings come back
+        kernels = kernel_forwards(model)
+        ctx.callback(_each(operator.setitem, [(k.own, k.key, k.kernel) for k in kernels]))
+        for k in kernels:
+            if k.torch is None:
+                del k.own[k.key]
+            else:
+                k.own[k.key] = k.torch
         # the modified backward pass defines no parameter gradients: freeze the parameters so that a backward
         # pass inside the block cannot write LRP-modified values into param.grad
         flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -250,7 +261,8 @@ def lrp(
             ctx.callback(_each(operator.setitem, [(where, "config", old) for where, old, _ in swaps]))
             for where, _, new in swaps:
                 where["config"] = new
-        model.eval()
+        # the flags, not model.eval(): transformers' train() / eval() re-kernelize a model with use_kernels on
+        _each(setattr, [(m, "training", False) for m in modules])()
         return ctx
     except BaseException:
         ctx.close()

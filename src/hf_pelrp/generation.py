@@ -86,9 +86,11 @@ def greedy_continuation(model: torch.nn.Module, prompt: torch.Tensor, max_new_to
         pad = getattr(gen_cfg, "eos_token_id", None)
         if isinstance(pad, list):
             pad = pad[0] if pad else None
-    was_training = model.training
+    # the flags, not model.eval() / train(): transformers' train() re-kernelizes a model with hub kernels on
+    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        for m, _ in flags:
+            m.training = False
         with torch.no_grad():
             out = model.generate(
                 prompt[None],
@@ -99,7 +101,8 @@ def greedy_continuation(model: torch.nn.Module, prompt: torch.Tensor, max_new_to
                 pad_token_id=pad,
             )
     finally:
-        model.train(was_training)
+        for m, training in flags:
+            m.training = training
     return out[0, prompt.shape[0] :]
 
 

@@ -34,6 +34,7 @@ from ..hooks import (
     Norm,
     OutputGradient,
 )
+from ..hub_kernels import is_kernel_forward
 from ..inputs import Prepared, TextInputs
 from ..modules import find_module, find_optional
 from ..positions import PositionalKind, PositionalSite, Rotary
@@ -210,20 +211,16 @@ class Adapter:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` for anything the declaration does not cover."""
-        if getattr(model, "use_kernels", False) or getattr(model, "_use_kernels", False):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} was loaded with use_kernels=True: hub kernels replace the norm, MLP and "
-                "attention modules the LRP rules are attached to. Reload the model without use_kernels (or call "
-                "model.set_use_kernels(False)) before attributing."
-            )
+        # hub kernels (on by default in from_pretrained since transformers 5.25) are fine: lrp() runs the
+        # modules' own torch forwards for the duration of the attribution (hf_pelrp.hub_kernels)
         for path, module in model.named_modules():
             replaced = module.__dict__.get("forward")
             # accelerate's dispatch hooks keep the original forward as `_old_forward` and call it: those are fine
-            if replaced is not None and not hasattr(module, "_hf_hook"):
+            if replaced is not None and not hasattr(module, "_hf_hook") and not is_kernel_forward(module):
                 raise UnsupportedModelError(
                     f"module {path or type(model).__name__!r} ({type(module).__name__}) has its forward replaced on "
-                    "the instance (hub kernels, torch.compile or another patching library); the LRP rules need the "
-                    "original transformers modules. Load a fresh model without that patch."
+                    "the instance (torch.compile or another patching library, not a hub kernel); the LRP rules "
+                    "need the original transformers modules. Load a fresh model without that patch."
                 )
         params = list(model.parameters())
         if (
