@@ -24,9 +24,7 @@ from .generation import continuation_inputs, greedy_continuation
 from .heads import (
     CAUSAL_LM,
     SEQ2SEQ_LM,
-    SEQUENCE_CLASSIFICATION,
     Request,
-    check_pooled_position,
     explained_positions,
     resolve_target,
     select,
@@ -116,12 +114,6 @@ def explain(
             :, 0
         ]
     run_mask = inputs.get("attention_mask", mask)
-    if (
-        kind.name == SEQUENCE_CLASSIFICATION
-        and adapter.inputs.kind == "text"
-        and adapter.inputs.padding == "any"
-    ):
-        check_pooled_position(model, inputs, run_mask)
     if "use_cache" in _forward_parameters(model):
         inputs = {**inputs, "use_cache": False}
     request = Request(position=position, positions=positions, mask_token_id=mask_token_id)

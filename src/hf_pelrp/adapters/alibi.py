@@ -42,7 +42,10 @@ ALIBI_INPUTS = TextInputs(position_ids=None, max_positions=None)
 #: a left-padded query row (all keys masked) is NaN, and the NaN reaches every real token through its value
 #: (0 * NaN). Their bias depends only on distances between real tokens, so the engine runs every batch
 #: right-padded (moving the user's left padding) and puts the maps back: the same maps in every precision.
-RIGHT_PADDED_INPUTS = TextInputs(position_ids=None, max_positions=None, padding="right")
+#: Their sequence classifiers read the last token that is not config.pad_token_id, as the causal families do.
+RIGHT_PADDED_INPUTS = TextInputs(
+    position_ids=None, max_positions=None, padding="right", last_token_pooling=True
+)
 
 
 def _factors(config: LRPConfig) -> tuple[float, float, float]:
