@@ -65,6 +65,14 @@ def check_unknown_inputs(inputs: dict[str, Any], accepted: Iterable[str], model:
             continue
         if key in _REFUSED:
             raise AttributionInputError(f"{key}= is not accepted by hf_pelrp.attribute: {_REFUSED[key]}")
+        if key == "position_ids":
+            # ALiBi, relative biases, T5 buckets, BART's own counting: the model's forward ignores the ids (or
+            # has no such argument), so accepting them would give the same maps whatever they say
+            raise AttributionInputError(
+                f"position_ids= is not accepted for {type(model).__name__}: the model computes its positions "
+                "itself (from the sequence and the attention_mask) and does not read position_ids, so they "
+                "would change nothing. Drop position_ids; to move tokens, change input_ids / attention_mask."
+            )
         raise AttributionInputError(
             f"unknown keyword argument {key!r} for {type(model).__name__}: hf_pelrp.attribute accepts "
             f"{', '.join(sorted(accepted))} as model inputs (besides target=, foil=, position=, mode=, ...). "
@@ -234,7 +242,9 @@ class TextInputs:
     ----------
     position_ids
         ``"count"``: position ids are counted over real tokens from ``position_offset`` (a left-padded row sees
-        the positions of the row alone); ``None``: the model's own.
+        the positions of the row alone), and the user's ``position_ids`` are accepted and passed on; ``None``:
+        the model computes its positions itself and does not read ``position_ids`` (ALiBi, relative biases,
+        BART's decoder), so the user's are refused with a reason rather than silently ignored.
     position_offset
         First position id (RoBERTa: ``padding_idx + 1``, with padding at ``padding_idx``); a callable of the config.
     max_positions
@@ -273,7 +283,9 @@ class TextInputs:
 
     def accepted(self) -> tuple[str, ...]:
         # use_cache is accepted and ignored: attribution runs one forward pass without a cache
-        keys = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache")
+        keys = ("input_ids", "inputs_embeds", "attention_mask", "use_cache")
+        if self.position_ids is not None:
+            keys += ("position_ids",)
         if self.token_types is not None:
             keys += ("token_type_ids",)
         return keys + self.extra
