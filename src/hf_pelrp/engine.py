@@ -113,6 +113,11 @@ def explain(
         position = alignment.align_positions(explained_positions(position, mask, mask.shape[0])[:, None])[
             :, 0
         ]
+    if mask.numel() == 0:  # one check for every family's declaration (text, images, encoder-decoder)
+        raise AttributionInputError(
+            f"empty input (attention mask of shape {tuple(mask.shape)}): give at least one row with at least one "
+            "token or image"
+        )
     run_mask = inputs.get("attention_mask", mask)
     if "use_cache" in _forward_parameters(model):
         inputs = {**inputs, "use_cache": False}
