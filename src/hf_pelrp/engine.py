@@ -107,17 +107,17 @@ def explain(
     kind = adapter.head(model)
     prepared = adapter.validate_inputs(model, {k: _plain(v) for k, v in model_inputs.items()})
     inputs, mask, alignment = prepared.inputs, prepared.attention_mask, prepared.alignment
+    if mask.numel() == 0:  # one check for every family's declaration (text, images, encoder-decoder)
+        raise AttributionInputError(
+            f"empty input (attention mask of shape {tuple(mask.shape)}): give at least one row with at least one "
+            "token or image"
+        )
     target = target_id_of(target, model, tokenizer, "target")
     foil = target_id_of(foil, model, tokenizer, "foil")
     if alignment is not None and position is not None:
         position = alignment.align_positions(explained_positions(position, mask, mask.shape[0])[:, None])[
             :, 0
         ]
-    if mask.numel() == 0:  # one check for every family's declaration (text, images, encoder-decoder)
-        raise AttributionInputError(
-            f"empty input (attention mask of shape {tuple(mask.shape)}): give at least one row with at least one "
-            "token or image"
-        )
     run_mask = inputs.get("attention_mask", mask)
     if "use_cache" in _forward_parameters(model):
         inputs = {**inputs, "use_cache": False}
