@@ -24,9 +24,7 @@ from .generation import continuation_inputs, greedy_continuation
 from .heads import (
     CAUSAL_LM,
     SEQ2SEQ_LM,
-    SEQUENCE_CLASSIFICATION,
     Request,
-    check_pooled_position,
     explained_positions,
     resolve_target,
     select,
@@ -109,6 +107,11 @@ def explain(
     kind = adapter.head(model)
     prepared = adapter.validate_inputs(model, {k: _plain(v) for k, v in model_inputs.items()})
     inputs, mask, alignment = prepared.inputs, prepared.attention_mask, prepared.alignment
+    if mask.numel() == 0:  # one check for every family's declaration (text, images, encoder-decoder)
+        raise AttributionInputError(
+            f"empty input (attention mask of shape {tuple(mask.shape)}): give at least one row with at least one "
+            "token or image"
+        )
     target = target_id_of(target, model, tokenizer, "target")
     foil = target_id_of(foil, model, tokenizer, "foil")
     if alignment is not None and position is not None:
@@ -116,12 +119,6 @@ def explain(
             :, 0
         ]
     run_mask = inputs.get("attention_mask", mask)
-    if (
-        kind.name == SEQUENCE_CLASSIFICATION
-        and adapter.inputs.kind == "text"
-        and adapter.inputs.padding == "any"
-    ):
-        check_pooled_position(model, inputs, run_mask)
     if "use_cache" in _forward_parameters(model):
         inputs = {**inputs, "use_cache": False}
     request = Request(position=position, positions=positions, mask_token_id=mask_token_id)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import AttributionInputError
+from .heads import SEQUENCE_CLASSIFICATION, check_pooled_position, head_of
 
 #: keywords that make no sense for one explained forward pass, with the reason given to the user
 _REFUSED = {
@@ -64,6 +65,14 @@ def check_unknown_inputs(inputs: dict[str, Any], accepted: Iterable[str], model:
             continue
         if key in _REFUSED:
             raise AttributionInputError(f"{key}= is not accepted by hf_pelrp.attribute: {_REFUSED[key]}")
+        if key == "position_ids":
+            # ALiBi, relative biases, T5 buckets, BART's own counting: the model's forward ignores the ids (or
+            # has no such argument), so accepting them would give the same maps whatever they say
+            raise AttributionInputError(
+                f"position_ids= is not accepted for {type(model).__name__}: the model computes its positions "
+                "itself (from the sequence and the attention_mask) and does not read position_ids, so they "
+                "would change nothing. Drop position_ids; to move tokens, change input_ids / attention_mask."
+            )
         raise AttributionInputError(
             f"unknown keyword argument {key!r} for {type(model).__name__}: hf_pelrp.attribute accepts "
             f"{', '.join(sorted(accepted))} as model inputs (besides target=, foil=, position=, mode=, ...). "
@@ -233,7 +242,9 @@ class TextInputs:
     ----------
     position_ids
         ``"count"``: position ids are counted over real tokens from ``position_offset`` (a left-padded row sees
-        the positions of the row alone); ``None``: the model's own.
+        the positions of the row alone), and the user's ``position_ids`` are accepted and passed on; ``None``:
+        the model computes its positions itself and does not read ``position_ids`` (ALiBi, relative biases,
+        BART's decoder), so the user's are refused with a reason rather than silently ignored.
     position_offset
         First position id (RoBERTa: ``padding_idx + 1``, with padding at ``padding_idx``); a callable of the config.
     max_positions
@@ -248,6 +259,12 @@ class TextInputs:
         aligned internally (:class:`Alignment`).
     extra
         Further model keywords the family accepts.
+    last_token_pooling
+        Whether the family's sequence classifier reads its logits at the last token that is not
+        ``config.pad_token_id`` (decoder classifiers); ``None``: the families with ``padding="any"`` (the causal
+        ones). Such classifiers get :func:`hf_pelrp.heads.check_pooled_position` on the user's layout, and an
+        aligned batch gets ``config.pad_token_id`` at its padding, so the pooled token is the one the model
+        reads on the user's input.
     """
 
     position_ids: str | None = "count"
@@ -256,11 +273,19 @@ class TextInputs:
     token_types: str | None = None
     padding: str = "any"
     extra: tuple[str, ...] = ()
+    last_token_pooling: bool | None = None
     kind: str = "text"
+
+    @property
+    def pools_last_token(self) -> bool:
+        """See ``last_token_pooling``."""
+        return self.padding == "any" if self.last_token_pooling is None else self.last_token_pooling
 
     def accepted(self) -> tuple[str, ...]:
         # use_cache is accepted and ignored: attribution runs one forward pass without a cache
-        keys = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache")
+        keys = ("input_ids", "inputs_embeds", "attention_mask", "use_cache")
+        if self.position_ids is not None:
+            keys += ("position_ids",)
         if self.token_types is not None:
             keys += ("token_type_ids",)
         return keys + self.extra
@@ -358,11 +383,42 @@ class TextInputs:
         for key in self.extra:
             if key in inputs:
                 out[key] = inputs.pop(key)
+        pooled = self.pools_last_token and head_of(model).name == SEQUENCE_CLASSIFICATION
+        if pooled:
+            # where the model reads its logits on the user's layout (before any alignment)
+            check_pooled_position(model, out, mask)
         if alignment is not None:
             for key in ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids"):
                 if key in out:
                     out[key] = alignment.apply(out[key])
+            if pooled:
+                out["input_ids"] = _pad_aligned(model, out.get("input_ids"), out["attention_mask"])
         return Prepared(out, mask, alignment)
+
+
+def _pad_aligned(
+    model: torch.nn.Module, ids: torch.Tensor | None, aligned_mask: torch.Tensor
+) -> torch.Tensor:
+    """The aligned ``input_ids`` of a last-token classifier with ``config.pad_token_id`` at every padding position.
+
+    The model finds its pooled token as the last one that is not the pad id. On the user's (left-padded) layout
+    that is the last real token whatever the padding holds (:func:`check_pooled_position` has refused the
+    rest); once the alignment has moved the padding to the end, only the pad id there keeps it so. Padding is
+    masked, so its ids change nothing else. Without input_ids (or a pad id) the model reads the last position,
+    which after the alignment is padding: refused.
+    """
+    config = model.config
+    get_text = getattr(config, "get_text_config", None)
+    pad_id = getattr(get_text() if callable(get_text) else config, "pad_token_id", None)
+    if ids is None or pad_id is None:
+        what = "inputs_embeds" if ids is None else "input_ids with config.pad_token_id=None"
+        raise AttributionInputError(
+            f"{type(model).__name__} reads its logits at the last position when it cannot find padding by "
+            f"config.pad_token_id ({what}); hf_pelrp runs this family right-padded (it moves left padding to the "
+            "right), where that position is padding. Pass input_ids padded with config.pad_token_id (and set it "
+            "when it is None), or explain the rows one at a time without padding."
+        )
+    return torch.where(aligned_mask.bool(), ids, torch.full_like(ids, pad_id))
 
 
 def _validate_ids(ids: Any, name: str, attention_mask: torch.Tensor, num_ids: int, what: str) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Attributions that last: :func:`save_attribution` / :func:`load_attribution` in one safetensors file.
 
-The tensors (every tensor field of :class:`~hf_pelrp.Attribution` and every tensor in ``extras``) are stored
-as safetensors; everything else (mode, model type, token strings, labels, JSON-serialisable extras, the
+The tensors (every tensor field of the result and every tensor in ``extras``) are stored as safetensors;
+everything else (the result class, mode, model type, token strings, labels, JSON-serialisable extras, the
 declared shape and dtype of each tensor, a SHA-256 over the tensor bytes *and* the metadata) is one JSON
-document in the file's header metadata. Nothing is pickled, so loading a file cannot run code. Loading checks
+document in the file's header metadata. The result class is kept: a :class:`~hf_pelrp.Seq2SeqAttribution`
+loads as one (its target-prefix maps count in ``conservation_gap``), a :class:`~hf_pelrp.GenerationAttribution`
+(no ``extras``, one ``input_ids`` row) as one. Nothing is pickled, so loading a file cannot run code. Loading checks
 the format name and version, the JSON, the type of every field, that the tensors are exactly the declared ones
 with the declared shapes, that the shapes fit together, and the digest; anything else raises
 :class:`~hf_pelrp.errors.AttributionFileError`.
@@ -29,9 +31,12 @@ from .version import package_version
 
 FORMAT_NAME = "hf_pelrp.attribution"
 #: version 1: fields/<name> and extras/<key> tensors, JSON under the "hf_pelrp" metadata key, digest of the
-#: tensors; version 2: the digest covers the JSON fields and extras too (an edited "mode" is detected)
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+#: tensors; version 2: the digest covers the JSON fields and extras too (an edited "mode" is detected);
+#: version 3: the result class is stored (metadata "class", covered by the digest)
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+#: the result classes a file can hold (names in hf_pelrp.result)
+_RESULT_CLASSES = ("Attribution", "Seq2SeqAttribution", "GenerationAttribution")
 METADATA_KEY = "hf_pelrp"
 _FIELD_PREFIX = "fields/"
 _EXTRA_PREFIX = "extras/"
@@ -50,6 +55,23 @@ _FIELD_SHAPES = {
     "foil": ("B",),
     "special_tokens_mask": ("B", "T"),
 }
+#: the same for a GenerationAttribution: R rows (S continuation tokens, or 1 with span_reduce), T positions of
+#: the one input_ids row (prompt + continuation)
+_GENERATION_SHAPES = {
+    "token": ("R", "T"),
+    "position": ("R", "T"),
+    "target": ("S",),
+    "target_value": ("R",),
+    "position_by_layer": ("R", "L", "T"),
+    "segment": ("R", "T"),
+    "foil": ("S",),
+    "input_ids": ("T",),
+    "special_tokens_mask": ("T",),
+}
+
+
+def _shapes_of(class_name: str) -> dict[str, tuple[str, ...]]:
+    return _GENERATION_SHAPES if class_name == "GenerationAttribution" else _FIELD_SHAPES
 
 
 def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> str:
@@ -62,14 +84,17 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     if meta is not None:
         described = {"fields": meta.get("fields"), "extras": meta.get("extras")}
+        version = meta.get("format_version")
+        if isinstance(version, int) and version >= 3:
+            described["class"] = meta.get("class")
         h.update(json.dumps(described, sort_keys=True, allow_nan=False).encode())
     return h.hexdigest()
 
 
-def _check_shapes(shapes: dict[str, list[int]], where: str) -> None:
+def _check_shapes(shapes: dict[str, list[int]], where: str, class_name: str = "Attribution") -> None:
     """The known fields must agree on B, T and L (e.g. ``position`` has the shape of ``token``)."""
     sizes: dict[str, tuple[int, str]] = {}
-    for field, dims in _FIELD_SHAPES.items():
+    for field, dims in _shapes_of(class_name).items():
         if field not in shapes:
             continue
         shape = shapes[field]
@@ -105,6 +130,11 @@ def save_attribution(attr: Any, path: str | os.PathLike[str]) -> Path:
     AttributionFileError
         An extra (or a non-tensor field) cannot be stored without pickling.
     """
+    class_name = type(attr).__name__
+    if class_name not in _RESULT_CLASSES or not dataclasses.is_dataclass(attr):
+        raise AttributionFileError(
+            f"save_attribution saves {', '.join(_RESULT_CLASSES)} results, got a {class_name}"
+        )
     tensors: dict[str, torch.Tensor] = {}
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(attr):
@@ -123,7 +153,7 @@ def save_attribution(attr: Any, path: str | os.PathLike[str]) -> Path:
             )
     extra_tensors: dict[str, str] = {}
     extra_values: dict[str, Any] = {}
-    for key, value in attr.extras.items():
+    for key, value in getattr(attr, "extras", {}).items():  # a GenerationAttribution has no extras
         if not isinstance(key, str):
             raise AttributionFileError(f"extras keys must be strings to be saved, got {key!r}")
         if isinstance(value, torch.Tensor):
@@ -144,10 +174,11 @@ def save_attribution(attr: Any, path: str | os.PathLike[str]) -> Path:
         for name, t in tensors.items()
         if name.startswith(_FIELD_PREFIX)
     }
-    _check_shapes(shapes, "cannot save the attribution")
+    _check_shapes(shapes, "cannot save the attribution", class_name)
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "class": class_name,
         "hf_pelrp_version": package_version(),
         "fields": fields,
         "extras": {"tensors": extra_tensors, "values": extra_values},
@@ -157,7 +188,10 @@ def save_attribution(attr: Any, path: str | os.PathLike[str]) -> Path:
         },
     }
     _check_fields(
-        fields, {n.removeprefix(_FIELD_PREFIX): list(t.shape) for n, t in tensors.items()}, "cannot save"
+        fields,
+        {n.removeprefix(_FIELD_PREFIX): list(t.shape) for n, t in tensors.items()},
+        "cannot save",
+        class_name,
     )
     meta["sha256"] = _digest(tensors, meta)
     path = Path(path)
@@ -206,6 +240,7 @@ def _validate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
     for key, kind in (("fields", dict), ("extras", dict), ("tensors", dict), ("sha256", str)):
         if not isinstance(meta.get(key), kind):
             raise AttributionFileError(f"{where}: metadata entry {key!r} is missing or not a {kind.__name__}")
+    class_name = _saved_class(meta, where)
     extras = meta["extras"]
     if not isinstance(extras.get("tensors"), dict) or not isinstance(extras.get("values"), dict):
         raise AttributionFileError(
@@ -250,12 +285,12 @@ def _validate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
         for n, t in tensors.items()
         if n.startswith(_FIELD_PREFIX)
     }
-    _check_shapes(shapes, where)
+    _check_shapes(shapes, where, class_name)
     fields = meta["fields"]
     doubled = sorted(n for n in fields if _FIELD_PREFIX + n in tensors)
     if doubled:
         raise AttributionFileError(f"{where}: fields {doubled} are stored both as JSON and as tensors")
-    _check_fields(fields, shapes, where)
+    _check_fields(fields, shapes, where, class_name)
     expected = _digest(tensors, meta if version >= 2 else None)
     if expected != meta["sha256"]:
         raise AttributionFileError(
@@ -267,7 +302,28 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _check_fields(fields: dict[str, Any], shapes: dict[str, list[int]], where: str) -> None:
+def _saved_class(meta: dict[str, Any], where: str) -> str:
+    """The name of the result class a file holds. Files before format version 3 did not record it: only an
+    :class:`Attribution` or a :class:`Seq2SeqAttribution` could be saved then, the latter recognised by its
+    target-prefix maps (``extras["target_token"]``)."""
+    version = meta.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        return "Attribution"  # _validate refuses the version with its own message
+    if version >= 3:
+        name = meta.get("class")
+        if name not in _RESULT_CLASSES:
+            raise AttributionFileError(
+                f"{where}: metadata entry 'class' is {name!r}, not one of {_RESULT_CLASSES}"
+            )
+        return name
+    extras = meta.get("extras")
+    tensors = extras.get("tensors") if isinstance(extras, dict) else None
+    return "Seq2SeqAttribution" if isinstance(tensors, dict) and "target_token" in tensors else "Attribution"
+
+
+def _check_fields(
+    fields: dict[str, Any], shapes: dict[str, list[int]], where: str, class_name: str = "Attribution"
+) -> None:
     """Every JSON field has the type (and, for ``tokens``, the shape) the result class gives it."""
     if fields.get("mode") not in MODES:
         raise AttributionFileError(f"{where}: mode {fields.get('mode')!r} is not one of {MODES}")
@@ -292,6 +348,9 @@ def _check_fields(fields: dict[str, Any], shapes: dict[str, list[int]], where: s
         isinstance(k, str) and k.lstrip("-").isdigit() and isinstance(v, str) for k, v in labels.items()
     ):
         raise AttributionFileError(f"{where}: 'labels' must map ids to strings, got {labels!r}")
+    if class_name == "GenerationAttribution":
+        _check_generation_fields(fields, shapes, where)
+        return
     tokens = fields.get("tokens")
     if tokens is not None:
         token_shape = shapes.get("token")
@@ -306,12 +365,55 @@ def _check_fields(fields: dict[str, Any], shapes: dict[str, list[int]], where: s
             )
 
 
+def _check_generation_fields(fields: dict[str, Any], shapes: dict[str, list[int]], where: str) -> None:
+    """A :class:`GenerationAttribution`'s own fields: the prompt length, the span reduction, one token string
+    per position, and rows that fit them."""
+    length = (shapes.get("input_ids") or [0])[0]
+    prompt = fields.get("prompt_length")
+    if not isinstance(prompt, int) or isinstance(prompt, bool) or not 0 < prompt <= length:
+        raise AttributionFileError(
+            f"{where}: 'prompt_length' must be an integer in 1..{length} (the input_ids length), got {prompt!r}"
+        )
+    reduce = fields.get("span_reduce")
+    if reduce not in (None, "sum"):
+        raise AttributionFileError(f"{where}: 'span_reduce' must be null or 'sum', got {reduce!r}")
+    steps = (shapes.get("target") or [0])[0]
+    rows = (shapes.get("token") or [0])[0]
+    if steps != length - prompt or rows != (1 if reduce else steps):
+        raise AttributionFileError(
+            f"{where}: {steps} targets and {rows} rows do not fit a continuation of {length - prompt} tokens "
+            f"(span_reduce={reduce!r})"
+        )
+    tokens = fields.get("tokens")
+    if tokens is not None and (not _is_str_list(tokens) or len(tokens) != length):
+        raise AttributionFileError(f"{where}: 'tokens' must be a list of {length} strings, one per position")
+
+
+def _result_class(name: str) -> type:
+    from . import result
+
+    return getattr(result, name)
+
+
+def load_attribution(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
+    """Read a file written by :func:`save_attribution` as the result class it was saved from
+    (:class:`hf_pelrp.Attribution`, :class:`hf_pelrp.Seq2SeqAttribution` or :class:`hf_pelrp.GenerationAttribution`).
+
+    Raises
+    ------
+    FileNotFoundError, AttributionFileError
+        As :func:`read_attribution`.
+    """
+    return read_attribution(path, None, device=device)
+
+
 def read_attribution(
-    path: str | os.PathLike[str], result_class: type, device: str | torch.device = "cpu"
+    path: str | os.PathLike[str], result_class: type | None, device: str | torch.device = "cpu"
 ) -> Any:
-    """Read a file written by :func:`save_attribution` into an instance of ``result_class`` (a dataclass with
-    an ``extras`` field, e.g. :class:`hf_pelrp.Attribution`; :meth:`hf_pelrp.Attribution.load` is the public
-    entry point).
+    """Read a file written by :func:`save_attribution` as the class it was saved from, which must be
+    ``result_class`` or a subclass of it (``None``: any result class). :meth:`hf_pelrp.Attribution.load` is the
+    public entry point for attributions (a saved :class:`hf_pelrp.Seq2SeqAttribution` loads as one),
+    :func:`load_attribution` for any result.
 
     Raises
     ------
@@ -319,12 +421,20 @@ def read_attribution(
         There is no file at ``path``.
     AttributionFileError
         The file is truncated or corrupted, not an attribution, of an unsupported format version, its
-        metadata and tensors do not agree (missing or extra tensors, shapes, types, digest), or it names
-        fields ``result_class`` does not have.
+        metadata and tensors do not agree (missing or extra tensors, shapes, types, digest), it names
+        fields its class does not have, or it holds a result that is not a ``result_class``.
     """
     path = Path(path)
     meta, tensors = _read(path)
     where = str(path)
+    saved = _result_class(_saved_class(meta, where))
+    if result_class is not None and not issubclass(saved, result_class):
+        raise AttributionFileError(
+            f"{where} holds a {saved.__name__}, which is no {result_class.__name__}: read it with "
+            "hf_pelrp.io.load_attribution(path), which returns the class it was saved from"
+        )
+    result_class = saved
+    has_extras = any(f.name == "extras" for f in dataclasses.fields(result_class))
     known = {f.name for f in dataclasses.fields(result_class)} - {"extras"}
     unknown = sorted(set(meta.get("fields") or {}) - known) if isinstance(meta.get("fields"), dict) else []
     if unknown:
@@ -349,8 +459,12 @@ def read_attribution(
     for key, kind in meta["extras"]["tensors"].items():
         t = tensors[_EXTRA_PREFIX + key]
         extras[key] = t.numpy() if kind == "numpy" else t.to(device)
+    if not has_extras and extras:
+        raise AttributionFileError(
+            f"{where}: a {result_class.__name__} has no extras, but the file holds some"
+        )
     try:
-        return result_class(**kwargs, extras=extras)
+        return result_class(**kwargs, extras=extras) if has_extras else result_class(**kwargs)
     except TypeError as err:
         raise AttributionFileError(
             f"{where}: the file does not describe a complete attribution ({err})"

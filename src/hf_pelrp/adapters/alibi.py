@@ -36,13 +36,17 @@ from .base import Adapter, register_adapter
 from .norms import layer_norm
 
 ALIBI = AttentionBias(description="ALiBi: linear bias m_h (j - i) on the attention scores")
-#: ALiBi extrapolates: no position limit; there are no position ids
+#: ALiBi extrapolates: no position limit; there are no position ids (the bias is built from the attention mask,
+#: so position_ids= is refused rather than ignored; Falcon's forward reads them only for its rotary variant)
 ALIBI_INPUTS = TextInputs(position_ids=None, max_positions=None)
 #: BLOOM and MPT take the softmax of a float64 model in float32, where the mask's float64 minimum becomes -inf:
 #: a left-padded query row (all keys masked) is NaN, and the NaN reaches every real token through its value
 #: (0 * NaN). Their bias depends only on distances between real tokens, so the engine runs every batch
 #: right-padded (moving the user's left padding) and puts the maps back: the same maps in every precision.
-RIGHT_PADDED_INPUTS = TextInputs(position_ids=None, max_positions=None, padding="right")
+#: Their sequence classifiers read the last token that is not config.pad_token_id, as the causal families do.
+RIGHT_PADDED_INPUTS = TextInputs(
+    position_ids=None, max_positions=None, padding="right", last_token_pooling=True
+)
 
 
 def _factors(config: LRPConfig) -> tuple[float, float, float]:

@@ -28,7 +28,7 @@ from ..inline_attention import BiasArgument
 from ..positions import BIAS_LEAF, AttentionBias, DistanceBins, bias_leaf
 from .base import Adapter, register_adapter
 from .norms import layer_norm
-from .vit import _GAMMA, ImageInputs, vision_maps
+from .vit import _GAMMA, ImageInputs, VisionLayout, vision_maps
 
 
 @dataclass
@@ -129,6 +129,20 @@ def _embedding_rules(
     return [(model.base_model.embeddings, BeitEmbeddingLeaves(store))]
 
 
+@dataclass(frozen=True)
+class BeitLayout(VisionLayout):
+    """ViT's layout without an absolute position table.
+
+    ``interpolate_pos_encoding=True`` works for BEiT's relative bias: the model resamples its bias table to the
+    window of the image (``BeitRelativePositionBias.forward``) and the leaf is whatever bias the attention
+    receives, with the offset bins of that window (:func:`_window_bins`); the flag adds only a resize of the
+    [T, T] bias to its own size. The size checks of :class:`ImageInputs` read the training grid here.
+    """
+
+    def table_rows(self, emb: nn.Module) -> int:
+        return emb.patch_embeddings.num_patches + len(self.special_tokens(emb))
+
+
 def _relative_bias_only(model: nn.Module) -> None:
     config = model.config
     if getattr(config, "use_absolute_position_embeddings", False):
@@ -163,7 +177,7 @@ BEIT = register_adapter(
             "BeitPooler",
         ),
         gamma=_GAMMA,
-        inputs=ImageInputs(),
+        inputs=ImageInputs(layout=BeitLayout()),
         heads=("image_classification",),
         extra_rules=_embedding_rules,
         extra_maps=vision_maps,

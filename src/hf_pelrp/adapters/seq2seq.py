@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,11 +126,14 @@ class Seq2SeqInputs:
     with ``decoder_attention_mask`` (default: the decoder start token alone, i.e. explain the first target token).
 
     ``target_padding`` ``"any"``: the decoder's positions are relative (T5); ``"right"``: they are absolute
-    (BART), so a target prefix must be right-padded (a left-padded one is refused).
+    (BART), so a target prefix must be right-padded (a left-padded one is refused). ``target_positions``: the
+    longest target prefix, as a callable of the config (BART's learned decoder table:
+    ``max_position_embeddings``); ``None`` for no limit (relative buckets).
     """
 
     source: TextInputs = dataclasses.field(default_factory=lambda: TextInputs(position_ids=None))
     target_padding: str = "any"
+    target_positions: Callable[[Any], int | None] | None = None
     kind: str = "text"
 
     @property
@@ -182,6 +186,13 @@ class Seq2SeqInputs:
         if bad.numel():
             raise AttributionInputError(
                 f"decoder token id {int(bad[0])} is out of range: the model's vocabulary has {size} ids"
+            )
+        limit = self.target_positions(model.config) if self.target_positions is not None else None
+        if limit is not None and target.shape[1] > limit:
+            raise AttributionInputError(
+                f"decoder_input_ids has {target.shape[1]} positions but {type(model).__name__}'s decoder has "
+                f"{limit} (config.max_position_embeddings): shorten the target prefix to at most {limit} tokens "
+                "(explain a later target token with the most recent tokens only)"
             )
         target_mask = validate_mask(target_mask, batch, target.shape[1], device)
         if self.target_padding == "right":
@@ -426,6 +437,7 @@ register_adapter(
         inputs=Seq2SeqInputs(
             TextInputs(position_ids=None, max_positions=lambda c: c.max_position_embeddings, padding="right"),
             target_padding="right",
+            target_positions=lambda c: c.max_position_embeddings,
         ),
         heads=("seq2seq_lm", "sequence_classification"),
         functional=(FunctionalActivationSite("classification_head.dense", "classification_head.out_proj"),),
