@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 README_PATH = Path(__file__).resolve().parents[1] / "README.md"
 README = README_PATH.read_text(encoding="utf-8")
@@ -77,6 +77,18 @@ GROUPS = parse(README)
 
 def _slug(heading: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
+
+
+# a group that loads real pretrained weights (SmolLM2, MiniLM) is `slow`, the rest (tiny models) is not
+REAL_WEIGHTS = ("smollm2_checkpoint(", "load_smollm2(", "minilm_dir(")
+
+
+def _params(groups: list[Group]) -> list[Any]:
+    params = []
+    for group in groups:
+        real = any(call in b.code for b in group.blocks if not b.needs_network for call in REAL_WEIGHTS)
+        params.append(pytest.param(group, id=_slug(group.heading), marks=[pytest.mark.slow] if real else []))
+    return params
 
 
 # ---- what the blocks claim, checked after the block named by (heading, index among its Python blocks) ----
@@ -220,7 +232,7 @@ def sandbox(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("group", GROUPS, ids=[_slug(g.heading) for g in GROUPS])
+@pytest.mark.parametrize("group", _params(GROUPS))
 def test_readme_section_runs_as_written(group, sandbox, tmp_path, monkeypatch):
     # The reader's script: the group's blocks saved in one file, each at its README line numbers (so a
     # traceback's line number is the README's), run as a module with that file as its source. Classes a block
