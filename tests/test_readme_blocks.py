@@ -231,6 +231,11 @@ def sandbox(tmp_path, monkeypatch):
     _REGISTRY.update(saved)
 
 
+def _runnable(group: Group) -> list[tuple[int, Block]]:
+    """The blocks the test runs, with their index among the group's Python blocks (the key of CHECKS)."""
+    return [(i, b) for i, b in enumerate(group.blocks) if not b.needs_network]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("group", _params(GROUPS))
 def test_readme_section_runs_as_written(group, sandbox, tmp_path, monkeypatch):
@@ -238,7 +243,7 @@ def test_readme_section_runs_as_written(group, sandbox, tmp_path, monkeypatch):
     # traceback's line number is the README's), run as a module with that file as its source. Classes a block
     # defines then live in a module with readable source, as in a script or a package: transformers reads that
     # source to decide whether a model dispatches attention through its AttentionInterface.
-    runnable = [(i, b) for i, b in enumerate(group.blocks) if not b.needs_network]
+    runnable = _runnable(group)
     lines = [""] * len(README.splitlines())
     for _, block in runnable:
         code = block.code.splitlines()
@@ -258,12 +263,15 @@ def test_readme_section_runs_as_written(group, sandbox, tmp_path, monkeypatch):
 
 def test_every_python_block_is_run():
     """No block escapes: the parser finds every Python fence, and only marked blocks are skipped."""
-    fences = [line for line in README.splitlines() if PYTHON_FENCE.match(line)]
-    blocks = [b for g in GROUPS for b in g.blocks]
-    network = [b.line for b in blocks if b.needs_network]
-    executed = [b for b in blocks if not b.needs_network]
-    assert len(blocks) == len(fences) > 0
-    assert len(executed) == len(fences) - len(network)
+    # counted on the raw text, independently of the parser: Python fences, and markers right after one
+    lines = README.splitlines()
+    fences = [n for n, line in enumerate(lines) if PYTHON_FENCE.match(line)]
+    marked = [n + 2 for n in fences if n + 1 < len(lines) and lines[n + 1].strip() == NETWORK_MARKER]
+    executed = [b for g in GROUPS for _, b in _runnable(g)]
+    assert len(fences) > 0
+    assert len(executed) == len(fences) - len(marked)
+    network = [b.line for g in GROUPS for b in g.blocks if b.needs_network]
+    assert network == marked
     # the network is the rare exception, and the blocks the checks name still exist (a renamed heading or a
     # removed block would otherwise switch its checks off silently)
     assert len(network) <= 1, f"README blocks needing the network (lines {network}): make them run offline"
