@@ -214,3 +214,52 @@ def test_terminal_text_has_no_line_separators(separator):
     assert shown == "a↵b"
     assert len(shown.splitlines()) == 1  # str.splitlines breaks at every Unicode line boundary
     assert visible_text(f"a{separator}b") == "a↵b"
+
+
+# ---- Captum ----------------------------------------------------------------------------------------------------
+
+
+def test_captum_records_take_an_int_target(tok):
+    pytest.importorskip("captum.attr", reason="the captum extra is not installed")
+    from hf_pelrp.captum import PELRP, visualization_records
+
+    ids = tok(["w1 w2 w3 w4", "w5 w6 w7 w8"], return_tensors="pt").input_ids
+    attributions, delta = PELRP(tiny_llama_family()).attribute(ids, target=7, return_convergence_delta=True)
+    tokens = [tok.convert_ids_to_tokens(row) for row in ids]
+    for target in (7, torch.tensor(7), [7, 7], torch.tensor([7, 7])):  # the README passes an int
+        records = visualization_records(attributions, tokens, target, delta)
+        assert [r.attr_class for r in records] == [7, 7]
+    with pytest.raises(AttributionInputError, match="3 entries for 2 rows"):
+        visualization_records(attributions, tokens, [7, 7, 7])
+
+
+def test_captum_visualize_text_names_ipython_when_missing(monkeypatch, tok):
+    pytest.importorskip("captum.attr", reason="the captum extra is not installed")
+    import importlib.util
+
+    from hf_pelrp import captum as pe_captum
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "IPython" else real(name, *a)
+    )
+    ids = tok(["w1 w2"], return_tensors="pt").input_ids
+    attributions = pe_captum.PELRP(tiny_llama_family()).attribute(ids, target=7)
+    records = pe_captum.visualization_records(attributions, [["w1", "w2"]], 7)
+    with pytest.raises(ImportError, match="pip install ipython"):
+        pe_captum.visualize_text(records)
+
+
+def test_captum_delta_on_t5_is_the_conservation_gap(tok):
+    pytest.importorskip("captum.attr", reason="the captum extra is not installed")
+    from hf_pelrp.captum import PELRP
+
+    model = _seq2seq("t5", T5ForConditionalGeneration)
+    src = tok(["w1 w2 w3 w4", "w5 w6 w7 w8"], return_tensors="pt")["input_ids"]
+    decoder = torch.tensor([[0, 10, 11], [0, 12, 13]])
+    _attributions, delta = PELRP(model).attribute(
+        src, target=[20, 21], decoder_input_ids=decoder, return_convergence_delta=True
+    )
+    attr = hf_pelrp.attribute(model, src, target=torch.tensor([20, 21]), decoder_input_ids=decoder)
+    assert float(attr.target_relevance.sum(-1).abs().max()) > 1e-4  # the prefix holds relevance
+    torch.testing.assert_close(delta, attr.conservation_gap)
