@@ -263,3 +263,62 @@ def test_captum_delta_on_t5_is_the_conservation_gap(tok):
     attr = hf_pelrp.attribute(model, src, target=torch.tensor([20, 21]), decoder_input_ids=decoder)
     assert float(attr.target_relevance.sum(-1).abs().max()) > 1e-4  # the prefix holds relevance
     torch.testing.assert_close(delta, attr.conservation_gap)
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_model(tmp_path, monkeypatch, tok):
+    """A model folder for the argument checks, and the pipeline built in memory (no from_pretrained)."""
+    from hf_pelrp import cli
+
+    model = tiny_llama_family()
+    model.config.save_pretrained(tmp_path)
+    monkeypatch.setattr(
+        cli,
+        "_load_pipeline",
+        lambda args: pipeline("lrp-attribution", model=model, tokenizer=tok, device="cpu"),
+    )
+    return tmp_path
+
+
+def test_cli_progress_counts_one_input_as_one(cli_model, capsys):
+    from hf_pelrp import cli
+
+    assert cli.main(["explain", "--model", str(cli_model), "--text", "w1 w2 w3", "--target", "w7"]) == 0
+    err = capsys.readouterr().err
+    assert "1/1" in err and "2/2" not in err, err[-500:]
+
+
+def test_cli_summary_names_the_foil(cli_model, capsys):
+    from hf_pelrp import cli
+
+    argv = ["explain", "--model", str(cli_model), "--text", "w1 w2 w3", "--target", "w7", "--foil", "w8"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "target 'w7' (id 12) versus foil 'w8' (id 13) score (difference)" in out, out
+    argv = [
+        "explain",
+        "--model",
+        str(cli_model),
+        "--text",
+        "w1 w2",
+        "--continuation",
+        "w3 w4",
+        "--foil",
+        "w8",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "versus foil 'w8' (id 13)" in out, out
+
+
+def test_cli_no_positional_report_has_no_layer_chart(cli_model, tmp_path):
+    from hf_pelrp import cli
+
+    base = ["explain", "--model", str(cli_model), "--text", "w1 w2 w3", "--quiet"]
+    assert cli.main([*base, "--out", str(tmp_path / "on.html")]) == 0
+    assert cli.main([*base, "--no-positional", "--out", str(tmp_path / "off.html")]) == 0
+    assert CHART in (tmp_path / "on.html").read_text(encoding="utf-8")
+    assert CHART not in (tmp_path / "off.html").read_text(encoding="utf-8")
