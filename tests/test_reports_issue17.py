@@ -179,6 +179,28 @@ def test_unpad_drops_padding_from_every_per_position_map(tok):
     torch.testing.assert_close(short.position_by_leaf[0], attr.position_by_leaf[1, ..., -1:])
 
 
+def test_unpad_of_a_seq2seq_row_drops_the_padding_of_both_sides(tok):
+    model = _seq2seq("t5", T5ForConditionalGeneration)
+    src = tok(["w1 w2 w3 w4", "w5 w6"], return_tensors="pt", padding=True)
+    decoder = torch.tensor([[0, 10, 11, 12], [0, 13, 0, 0]])
+    decoder_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    attr = hf_pelrp.attribute(
+        model, **src, decoder_input_ids=decoder, decoder_attention_mask=decoder_mask, tokenizer=tok
+    )
+    assert int(attr.position_index[1]) == 1  # the last real decoder position of row 1
+    row = attr[1].unpad()
+    assert row.tokens == [["w5", "w6"]] and row.position_abs.shape == (1, 2)  # the source's padding
+    for name in ("target_token", "target_position", "target_position_abs", "target_input_ids"):
+        assert row.extras[name].shape == (1, 2), name  # the target prefix's own padding
+    assert row.target_position_by_layer.shape[-1] == 2 and len(row.target_tokens[0]) == 2
+    # distance bins are not positions: they keep their size
+    assert row.target_position_by_distance.shape == attr.target_position_by_distance[1:].shape
+    # the explained position counts decoder positions (the source's mask said nothing about it)
+    assert int(row.position_index[0]) == 1
+    torch.testing.assert_close(row.conservation_gap, attr.conservation_gap[1:])
+    torch.testing.assert_close(row.target_token[0], attr.target_token[1, :2])
+
+
 def test_pipeline_rows_are_unpadded_consistently(tok):
     pipe = pipeline("lrp-attribution", model=tiny_llama_family(), tokenizer=tok, device="cpu")
     outs = pipe(["w1 w2 w3 w4 w5 w6 w7 w8", "w9"], batch_size=2)
