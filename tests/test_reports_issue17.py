@@ -77,6 +77,17 @@ def test_seq2seq_html_outlines_the_decoder_position_and_keeps_every_target(conti
         assert decoder.count('class="hfp-tok') == int(attr.position_index[r]) + 1
 
 
+def test_seq2seq_explained_decoder_start_token_is_never_hidden(continuation, tok):
+    attr = continuation
+    html = to_html(attr, tokenizer=tok)  # the tokenizer marks the decoder start token ([PAD] / [CLS]) special
+    assert 'class="hfp-hide"' in html  # special tokens exist (in the decoder prefix): the switch is offered
+    first = _row_blocks(html)[0].partition('class="hfp-text hfp-decoder"')[2]
+    chip = re.search(r'<span class="(hfp-tok hfp-c[^"]*hfp-explained[^"]*)"', first).group(1)
+    assert "hfp-special" not in chip  # hiding special tokens would hide what row 0 explains
+    later = _row_blocks(html)[1].partition('class="hfp-text hfp-decoder"')[2]
+    assert re.search(r'class="hfp-tok hfp-c hfp-special"', later)  # elsewhere it is hideable
+
+
 def test_seq2seq_gap_covers_the_target_prefix_even_for_a_plain_attribution(continuation):
     attr = continuation
     gap = attr.conservation_gap
@@ -165,8 +176,9 @@ def test_generation_matrix_is_not_clipped_by_the_page_width(tok):
 # ---- unpadding every per-position map ---------------------------------------------------------------------------
 
 
-def test_unpad_drops_padding_from_every_per_position_map(tok):
+def test_unpad_drops_padding_from_every_per_position_map():
     model = tiny_llama_family()
+    tok = tiny_word_tokenizer()  # its own: the module's tokenizer stays right-padding
     tok.padding_side = "left"
     batch = tok(["w1 w2 w3 w4 w5 w6", "w7"], return_tensors="pt", padding=True)
     attr = hf_pelrp.attribute(model, **batch, tokenizer=tok)
@@ -181,6 +193,7 @@ def test_unpad_drops_padding_from_every_per_position_map(tok):
 
 def test_unpad_of_a_seq2seq_row_drops_the_padding_of_both_sides(tok):
     model = _seq2seq("t5", T5ForConditionalGeneration)
+    assert tok.padding_side == "right"  # T5's own side (a left-padded source is re-aligned by the engine)
     src = tok(["w1 w2 w3 w4", "w5 w6"], return_tensors="pt", padding=True)
     decoder = torch.tensor([[0, 10, 11, 12], [0, 13, 0, 0]])
     decoder_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])

@@ -285,7 +285,8 @@ def _token_cells(
                 "text": visible_text(text),
                 "title": f"{quoted(text)} at {where}position {pos}\ncombined {_fmt(maps['relevance'][i])} "
                 f"({detail})",
-                "special": special[i],
+                # the explained token stays visible when special tokens are hidden (a decoder start token)
+                "special": special[i] and explained != i,
                 "explained": explained == i,
                 "index": offset + i,
                 "bg": payload["colors"][initial_key][first][offset + i],
@@ -305,7 +306,11 @@ def _text_rows(
         decoder = view.decoder
         # an encoder-decoder row colours its source and its target prefix on one scale (one explanation)
         all_maps = {k: list(v) + (decoder.maps[k] if decoder else []) for k, v in maps.items()}
-        all_special = list(view.special) + (decoder.special if decoder else [])
+        # (the explained decoder token is never hidden, so it also sets the scale)
+        shown_special = (
+            [s and i != decoder.explained for i, s in enumerate(decoder.special)] if decoder else []
+        )
+        all_special = list(view.special) + shown_special
         payload = _colour_payload(all_maps, _subsets(all_special), shared_scale)
         payload["tokens"] = view.tokens
         payload["positions"] = view.positions
@@ -388,7 +393,7 @@ def _text_html(
 ) -> str:
     views = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)
     maps = list(views[0].maps) if views else ["relevance", "token", "position"]
-    any_special = any(any(v.special) for v in views)
+    any_special = any(any(v.special) or (v.decoder is not None and any(v.decoder.special)) for v in views)
     # rows without special tokens have identical "visible" and "all" colours, so one key serves every row
     initial_key = "visible" if hide_special and any_special else "all"
     rows, payloads = _text_rows(views, shared_scale, initial_key, layer_chart_title(attr))
