@@ -191,6 +191,25 @@ def test_unpad_drops_padding_from_every_per_position_map():
     torch.testing.assert_close(short.position_by_leaf[0], attr.position_by_leaf[1, ..., -1:])
 
 
+def test_unpad_keeps_non_positional_extras_of_the_same_length():
+    # 4 positions, 1 of them padding; the M-RoPE axes are per position, 4 distance bins are not
+    mask = torch.tensor([[0, 1, 1, 1]])
+    by_axis = torch.arange(12.0).reshape(1, 3, 4)
+    bins = torch.arange(4.0)[None]
+    attr = Attribution(
+        token=torch.ones(1, 4),
+        position=torch.zeros(1, 4),
+        target=torch.tensor([0]),
+        target_value=torch.tensor([3.0]),
+        attention_mask=mask,
+        extras={"position_by_axis": by_axis, "position_by_distance": bins, "patch_map": torch.ones(1, 2, 4)},
+    )
+    row = attr.unpad()
+    torch.testing.assert_close(row.position_by_axis, by_axis[..., 1:])
+    torch.testing.assert_close(row.position_by_distance, bins)
+    assert row.patch_map.shape == (1, 2, 4)
+
+
 def test_unpad_of_a_seq2seq_row_drops_the_padding_of_both_sides(tok):
     model = _seq2seq("t5", T5ForConditionalGeneration)
     assert tok.padding_side == "right"  # T5's own side (a left-padded source is re-aligned by the engine)

@@ -18,8 +18,9 @@ from .errors import AttributionInputError, AttributionStateError
 _SEQUENCE_FIELDS = ("token", "position", "segment", "position_by_layer", "input_ids", "attention_mask")
 _SEQUENCE_FIELDS += ("special_tokens_mask",)
 #: maps the positional kinds put in ``extras`` with the sequence as last axis (hf_pelrp.positions): the PE-LRP
-#: aggregation [B, T] and the rotary pair kept apart [B, L, 2, T]
-_SEQUENCE_EXTRAS = ("position_abs", "position_by_leaf")
+#: aggregation [B, T], the rotary pair kept apart [B, L, 2, T], the M-RoPE axes [B, 3, T]. (Distance bins,
+#: ``position_by_distance`` [B, bins], are not positions: they stay as they are.)
+_SEQUENCE_EXTRAS = ("position_abs", "position_by_leaf", "position_by_axis")
 #: an encoder-decoder result's target prefix: the same maps under this prefix, masked by its own
 #: ``target_attention_mask`` (hf_pelrp.positions.AttentionBias names a leaf group's maps "<group>_position...")
 _TARGET_PREFIX = "target_"
