@@ -217,9 +217,10 @@ def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, 
         lax.set_yticks(range(0, layers, step), [f"layer {i}" for i in range(0, layers, step)], fontsize=7)
         _token_ticks(lax, names)
         over = " over the source" if decoder is not None else ""
-        lax.set_title(
-            _plain(f"position relevance per layer{over}: {layer_chart_title(attr)}"), fontsize=9, loc="left"
-        )
+        heading = f"position relevance per layer{over}: {layer_chart_title(attr)}"
+        if len(heading) > 64:  # a long kind (T5's bias table) on its own line, clear of the bars' axis labels
+            heading = heading.replace(": ", ":\n", 1)
+        lax.set_title(_plain(heading), fontsize=9, loc="left")
         totals = grid.sum(1)
         bar_scale = color_scale(totals.tolist())
         tax = fig.add_subplot(grid_spec[-1, 1], sharey=lax)
