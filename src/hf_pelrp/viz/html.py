@@ -263,7 +263,6 @@ def _layer_chart(
 
 
 def _token_cells(
-    row: int,
     texts: Sequence[str],
     positions: Sequence[int],
     special: Sequence[bool],
@@ -306,11 +305,10 @@ def _text_rows(
         decoder = view.decoder
         # an encoder-decoder row colours its source and its target prefix on one scale (one explanation)
         all_maps = {k: list(v) + (decoder.maps[k] if decoder else []) for k, v in maps.items()}
-        # (the explained decoder token is never hidden, so it also sets the scale)
-        shown_special = (
-            [s and i != decoder.explained for i, s in enumerate(decoder.special)] if decoder else []
-        )
-        all_special = list(view.special) + shown_special
+        # the explained token is never hidden (see _token_cells), so it also sets the scale
+        all_special = [s and i != view.explained for i, s in enumerate(view.special)]
+        if decoder is not None:
+            all_special += [s and i != decoder.explained for i, s in enumerate(decoder.special)]
         payload = _colour_payload(all_maps, _subsets(all_special), shared_scale)
         payload["tokens"] = view.tokens
         payload["positions"] = view.positions
@@ -322,7 +320,6 @@ def _text_rows(
         payloads.append(payload)
         common = {"maps": maps, "payload": payload, "initial_key": initial_key}
         tokens = _token_cells(
-            view.row,
             view.tokens,
             view.positions,
             view.special,
@@ -334,7 +331,6 @@ def _text_rows(
         decoder_tokens = None
         if decoder is not None:
             decoder_tokens = _token_cells(
-                view.row,
                 decoder.tokens,
                 decoder.positions,
                 decoder.special,
