@@ -10,6 +10,7 @@ Needs the ``captum`` extra (``pip install "hf_pelrp[captum]"``). Each call is on
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from typing import Any
 
@@ -23,7 +24,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from . import Attribution, AttributionInputError, LRPConfig
 from . import attribute as _attribute
 
-__all__ = ["PELRP", "visualization_records"]
+__all__ = ["PELRP", "visualization_records", "visualize_text"]
 
 #: options of :func:`hf_pelrp.attribute` that do not fit Captum's one-row-per-example contract
 _NOT_CAPTUM = ("continuation_ids", "generate", "max_new_tokens", "span_reduce")
@@ -167,7 +168,13 @@ class PELRP(GradientAttribution):
         if not return_positions and is_tuple:
             attributions = (attributions,)
         if return_convergence_delta:
-            return attributions, self.compute_convergence_delta(attributions, result.target_value)
+            delta = self.compute_convergence_delta(attributions, result.target_value)
+            prefix = _target_prefix_sum(result)
+            if prefix is not None:
+                # an encoder-decoder's target prefix (decoder input) holds relevance too: it is explained, not
+                # absorbed, so the delta is the result's conservation gap, as for every other model
+                delta = delta - prefix
+            return attributions, delta
         return attributions
 
     def compute_convergence_delta(
@@ -177,7 +184,9 @@ class PELRP(GradientAttribution):
 
         LRP has no baseline: ``output`` is the explained logit (``Attribution.target_value``) and the delta is
         the relevance the rules absorbed (biases, AttnLRP's softmax rule). For the text maps and for
-        ``return_positions=True`` it equals :attr:`hf_pelrp.Attribution.conservation_gap`; the pixel map
+        ``return_positions=True`` it equals :attr:`hf_pelrp.Attribution.conservation_gap` (for encoder-decoder
+        models :meth:`attribute` also subtracts the target prefix's relevance, which the source maps leave
+        out: the delta is :attr:`hf_pelrp.Seq2SeqAttribution.conservation_gap`); the pixel map
         leaves out the special tokens and the patch convolution's bias, whose share the delta then includes.
         Note the sign: Captum's path methods define ``sum(attributions) - (f(x) - f(baseline))``, the opposite.
         """
@@ -237,6 +246,14 @@ class PELRP(GradientAttribution):
         return result.relevance
 
 
+def _target_prefix_sum(result: Attribution) -> torch.Tensor | None:
+    """The summed relevance of an encoder-decoder result's target prefix per example, [B]; None otherwise."""
+    prefix = getattr(result, "target_relevance", None)
+    if not isinstance(prefix, torch.Tensor) or "target_token" not in result.extras:
+        return None
+    return prefix.sum(-1)
+
+
 def _as_target(target: Any) -> int | torch.Tensor | None:
     """Captum's target forms (None, int, list of ints, tensor) as :func:`hf_pelrp.attribute` takes them."""
     if isinstance(target, tuple):
@@ -249,29 +266,50 @@ def _as_target(target: Any) -> int | torch.Tensor | None:
     return target
 
 
+def _row_targets(target: Any, batch: int) -> list[int]:
+    """One class id per row from an int (every row, as Captum's ``target=`` takes it), a list or a tensor."""
+    if isinstance(target, bool):
+        raise AttributionInputError(f"target must be an int, a list of ints or a tensor, got {target!r}")
+    if isinstance(target, int):
+        return [target] * batch
+    if isinstance(target, torch.Tensor):
+        if target.dim() == 0:
+            return [int(target)] * batch
+        target = target.reshape(-1).tolist()
+    if not isinstance(target, list | tuple):
+        raise AttributionInputError(
+            f"target must be an int, a list of ints or a tensor, got {type(target).__name__}"
+        )
+    if len(target) != batch:
+        raise AttributionInputError(f"target has {len(target)} entries for {batch} rows of attributions")
+    return [int(t) for t in target]
+
+
 def visualization_records(
     attributions: torch.Tensor,
     tokens: list[list[str]],
-    target: torch.Tensor | list[int],
+    target: int | torch.Tensor | list[int],
     delta: torch.Tensor | None = None,
     *,
     true_class: list[Any] | None = None,
     pred_prob: torch.Tensor | None = None,
 ) -> list[Any]:
-    """Captum ``VisualizationDataRecord`` objects for :func:`captum.attr.visualization.visualize_text`.
+    """Captum ``VisualizationDataRecord`` objects for :func:`visualize_text`.
 
     Each row of ``attributions`` [B, T] is scaled by its largest absolute value (Captum's colours span
     [-1, 1]); the attribution score column shows the row's total relevance, the convergence column ``delta``.
+    ``target`` is what :meth:`PELRP.attribute` took: an int (every row), a list of ints or a tensor.
     ``pred_prob`` (e.g. the softmax of the logits) fills the "Predicted Label" column; without it that column
     shows the class id only (``nan``).
     """
     from captum.attr import visualization
 
+    targets = _row_targets(target, attributions.shape[0])
     rows = []
     for b in range(attributions.shape[0]):
         row = attributions[b].detach().float().cpu()
         scale = row.abs().max().clamp_min(torch.finfo(row.dtype).tiny)
-        label = int(target[b])
+        label = targets[b]
         rows.append(
             visualization.VisualizationDataRecord(
                 word_attributions=row / scale,
@@ -285,3 +323,24 @@ def visualization_records(
             )
         )
     return rows
+
+
+def visualize_text(records: list[Any], legend: bool = True) -> Any:
+    """:func:`captum.attr.visualization.visualize_text` of ``records`` (:func:`visualization_records`), which
+    shows an HTML table in a notebook.
+
+    Raises
+    ------
+    ImportError
+        IPython is not installed: Captum's view needs it, and ``pip install "hf_pelrp[captum]"`` does not
+        install it (``pip install ipython``; outside a notebook, ``Attribution.to_html`` writes a report).
+    """
+    from captum.attr import visualization
+
+    if importlib.util.find_spec("IPython") is None:
+        # Captum only asserts (and a bare AssertionError vanishes under python -O): say what is missing
+        raise ImportError(
+            "captum's visualize_text needs IPython, which the hf_pelrp[captum] extra does not install: "
+            "pip install ipython (it displays in a Jupyter notebook; elsewhere use Attribution.to_html(path))"
+        )
+    return visualization.visualize_text(records, legend=legend)

@@ -245,17 +245,29 @@ def _load_pipeline(args: argparse.Namespace):
     )
 
 
+def _named(entry: dict[str, Any]) -> str:
+    return f"{entry['label']!r} (id {entry['id']})"
+
+
 def _summary_line(index: int, result: dict[str, Any]) -> str:
     target = result["target"]
+    foil = result.get("foil")
     if isinstance(target, list):  # a continuation: one target per generated token
         gaps = result["conservation_gap"]
+        versus = ""
+        if foil:
+            names = list(dict.fromkeys(_named(f) for f in foil))
+            versus = f" versus foil {', '.join(names)}"
         return (
-            f"[{index}] continuation {result['generated_text']!r}: {len(target)} tokens explained, "
+            f"[{index}] continuation {result['generated_text']!r}{versus}: {len(target)} tokens explained, "
             f"conservation gap max {max(abs(g) for g in gaps):.4g}"
         )
     top = ", ".join(f"{t['token']!r} {t['relevance']:+.4g}" for t in result["top_tokens"])
+    # with a foil the score is logit(target) - logit(foil): the line says so
+    versus = f" versus foil {_named(foil)}" if foil else ""
+    score = "score (difference)" if foil else "score"
     return (
-        f"[{index}] target {target['label']!r} (id {target['id']}) score {result['score']:.4g} "
+        f"[{index}] target {_named(target)}{versus} {score} {result['score']:.4g} "
         f"conservation gap {result['conservation_gap']:.4g} | top: {top}"
     )
 
@@ -331,10 +343,10 @@ def _explain(args: argparse.Namespace) -> int:
     }
     params = {k: v for k, v in params.items() if v is not None}
     batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
-    with tqdm(total=len(inputs) + 1, desc="hf-pelrp explain", unit="input", disable=args.quiet) as bar:
+    # the bar counts the inputs only (loading the model is its status, not a step: one input reads "1/1")
+    with tqdm(total=len(inputs), desc="hf-pelrp explain", unit=" input", disable=args.quiet) as bar:
         bar.set_postfix_str("loading model")
         pipe = _load_pipeline(args)
-        bar.update()
         results: list[dict[str, Any]] = []
         for batch in batches:
             bar.set_postfix_str("attributing")

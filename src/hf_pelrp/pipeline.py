@@ -297,7 +297,17 @@ class LRPAttributionPipeline(Pipeline):
         )
 
     def __call__(self, inputs: Any, **kwargs: Any) -> Any:
-        """Explain ``inputs``: a string, a sentence pair, chat messages, an image, or a list of any of these."""
+        """Explain ``inputs``: a string, a sentence pair, chat messages, an image, or a list of any of these.
+
+        Raises
+        ------
+        AttributionInputError
+            ``inputs`` is an empty list (transformers would fail on it with an IndexError).
+        """
+        if isinstance(inputs, list | tuple) and len(inputs) == 0:
+            raise AttributionInputError(
+                "no inputs: give a string, a sentence pair, chat messages or an image, or a non-empty list of them"
+            )
         return super().__call__(_normalise_inputs(inputs), **kwargs)
 
     def _preprocess_image(self, image: Any) -> dict[str, Any]:
@@ -560,7 +570,10 @@ def _normalise_inputs(inputs: Any) -> Any:
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
+    """A tensor as a NumPy array: relevance maps as float32, ids, masks and counts keep an integer (or bool)
+    dtype (``target_input_ids`` are ids, not floats)."""
+    x = x.detach().cpu()
+    return x.numpy() if not x.is_floating_point() and not x.is_complex() else x.float().numpy()
 
 
 def register() -> None:

@@ -17,6 +17,13 @@ from .errors import AttributionInputError, AttributionStateError
 #: tensor fields whose last axis is the sequence (they are padded, unpadded and sliced along it)
 _SEQUENCE_FIELDS = ("token", "position", "segment", "position_by_layer", "input_ids", "attention_mask")
 _SEQUENCE_FIELDS += ("special_tokens_mask",)
+#: maps the positional kinds put in ``extras`` with the sequence as last axis (hf_pelrp.positions): the PE-LRP
+#: aggregation [B, T], the rotary pair kept apart [B, L, 2, T], the M-RoPE axes [B, 3, T]. (Distance bins,
+#: ``position_by_distance`` [B, bins], are not positions: they stay as they are.)
+_SEQUENCE_EXTRAS = ("position_abs", "position_by_leaf", "position_by_axis")
+#: an encoder-decoder result's target prefix: the same maps under this prefix, masked by its own
+#: ``target_attention_mask`` (hf_pelrp.positions.AttentionBias names a leaf group's maps "<group>_position...")
+_TARGET_PREFIX = "target_"
 
 
 def _per_row(x: Any, batch: int) -> bool:
@@ -178,28 +185,44 @@ class Attribution(_Relevance):
     def unpad(self) -> Attribution:
         """This single-row attribution without its padding positions (they hold exactly 0 relevance).
 
-        ``position_index`` is re-counted among the remaining positions. Use ``[a.unpad() for a in attr.rows()]``
-        for a batch: its rows may keep different numbers of positions.
+        Every per-position map loses the same positions: the fields with the sequence as last axis, their
+        counterparts in ``extras`` (``position_abs`` [1, T], ``position_by_leaf`` [1, L, 2, T], ...) and
+        ``tokens``; an encoder-decoder result's target prefix (``target_*`` extras) loses its own padding
+        (``target_attention_mask``). ``position_index`` is re-counted among the remaining positions. Use
+        ``[a.unpad() for a in attr.rows()]`` for a batch: its rows may keep different numbers of positions.
         """
         if self.batch_size != 1:
             raise AttributionStateError(
                 f"unpad() takes a single row (this attribution has {self.batch_size}); use "
                 "[row.unpad() for row in attr.rows()]"
             )
-        if self.attention_mask is None or bool(self.attention_mask.all()):
-            return self.replace()
-        keep = self.attention_mask[0].bool()
         changes: dict[str, Any] = {}
-        for name in _SEQUENCE_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                changes[name] = value[..., keep.to(value.device)]
-        if self.tokens is not None:
-            changes["tokens"] = [[t for t, k in zip(self.tokens[0], keep.tolist(), strict=True) if k]]
-        if self.position_index is not None:
-            pos = int(self.position_index[0])
-            changes["position_index"] = keep[:pos].sum().reshape(1).to(self.position_index)
-        return self.replace(**changes)
+        extras = dict(self.extras)
+
+        def recount(keep: torch.Tensor) -> None:
+            if self.position_index is not None:
+                pos = int(self.position_index[0])
+                changes["position_index"] = keep[:pos].sum().reshape(1).to(self.position_index)
+
+        target_mask = extras.get(_TARGET_PREFIX + "attention_mask")
+        decoder_side = isinstance(extras.get(_TARGET_PREFIX + "token"), torch.Tensor)
+        if isinstance(target_mask, torch.Tensor) and not bool(target_mask.all()):
+            keep = target_mask[0].bool()
+            _unpad_extras(extras, keep, _TARGET_PREFIX)
+            if decoder_side:  # an encoder-decoder's explained position is a decoder position
+                recount(keep)
+        if self.attention_mask is not None and not bool(self.attention_mask.all()):
+            keep = self.attention_mask[0].bool()
+            for name in _SEQUENCE_FIELDS:
+                value = getattr(self, name)
+                if value is not None:
+                    changes[name] = value[..., keep.to(value.device)]
+            _unpad_extras(extras, keep, "")
+            if self.tokens is not None:
+                changes["tokens"] = [[t for t, k in zip(self.tokens[0], keep.tolist(), strict=True) if k]]
+            if not decoder_side:
+                recount(keep)
+        return self.replace(**changes, extras=extras)
 
     @classmethod
     def stack(cls, rows: Sequence[Attribution]) -> Attribution:
@@ -290,7 +313,10 @@ class Attribution(_Relevance):
     # lazily: the viewers pull in matplotlib and rich, which plain attribution does not need).
 
     def to_html(self, tokens: Any = None, path: str | None = None, **kwargs: Any) -> str:
-        """Self-contained HTML view (see :func:`hf_pelrp.viz.to_html`); written to ``path`` if given."""
+        """Self-contained HTML view (see :func:`hf_pelrp.viz.to_html`); written to ``path`` if given.
+
+        ``attr.to_html("report.html")`` writes the file too (a path ending in ``.html`` is not tokens), as
+        :meth:`GenerationAttribution.to_html` does."""
         from .viz import to_html
 
         return to_html(self, tokens, path, **kwargs)
@@ -336,6 +362,27 @@ class Attribution(_Relevance):
 def load_attribution(path: str, device: str | torch.device = "cpu") -> Attribution:
     """Read an attribution written by :meth:`Attribution.save` (see :meth:`Attribution.load`)."""
     return Attribution.load(path, device=device)
+
+
+def _unpad_extras(extras: dict[str, Any], keep: torch.Tensor, prefix: str) -> None:
+    """Drop the positions ``keep`` excludes from the per-position extras named ``prefix + name`` (in place).
+
+    ``name`` is a sequence field or a sequence extra (:data:`_SEQUENCE_EXTRAS`); the source side (no prefix)
+    skips the ``target_`` maps, which run along the target prefix. ``prefix + "tokens"`` (lists of strings per
+    row) is unpadded too.
+    """
+    names = {prefix + n for n in (*_SEQUENCE_FIELDS, *_SEQUENCE_EXTRAS)}
+    for name, value in extras.items():
+        if (
+            name in names
+            and isinstance(value, torch.Tensor)
+            and value.dim() >= 2
+            and value.shape[-1] == len(keep)
+        ):
+            extras[name] = value[..., keep.to(value.device)]
+    tokens = extras.get(prefix + "tokens")
+    if prefix and isinstance(tokens, list) and tokens and len(tokens[0]) == len(keep):
+        extras[prefix + "tokens"] = [[t for t, k in zip(tokens[0], keep.tolist(), strict=True) if k]]
 
 
 def _tensor_fields(cls: type) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ import importlib.resources
 import json
 import secrets
 from collections.abc import Mapping, Sequence
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from ..errors import AttributionInputError
 from .colors import MEANING, color_scale, css_gradient, css_hex, diverging_rgb, diverging_rgb_array, text_rgb
 from .deps import require
 from .strings import clean, quoted, visible_text
-from .view import MAP_TITLES, Labels, RowView, generation_view, is_generation, row_views
+from .view import MAP_TITLES, Labels, RowView, generation_view, is_generation, layer_chart_title, row_views
 from .vision import IMAGE_MAPS, ImageView, image_views, is_vision, picture_pixels, png_data_url
 
 #: the longer side of an image report's picture, in CSS pixels
@@ -178,7 +179,7 @@ def _summary(
     value_name: str = "logit",
 ) -> dict[str, Any]:
     share = abs(gap) / abs(value) if value != 0 else float("inf")
-    sums = [(MAP_TITLES[k], _fmt(sum(v))) for k, v in (maps or {}).items() if k != "relevance"]
+    sums = [(_sum_title(k), _fmt(sum(v))) for k, v in (maps or {}).items() if k != "relevance"]
     return {
         "row": row,
         "target": {"label": None if target[0] is None else visible_text(target[0]), "id": target[1]},
@@ -191,6 +192,12 @@ def _summary(
         "gap_share": f"{share:.1%}",
         "sums": sums,
     }
+
+
+def _sum_title(key: str) -> str:
+    """``token`` -> ``token``; ``decoder position`` -> ``decoder position`` (the target prefix's maps)."""
+    side, _, name = key.rpartition(" ")
+    return f"{side} {MAP_TITLES[name]}" if side else MAP_TITLES[name]
 
 
 def _layer_chart(
@@ -255,32 +262,85 @@ def _layer_chart(
 # ---- text report ---------------------------------------------------------------------------------------------
 
 
-def _text_rows(views: list[RowView], shared_scale: bool, initial_key: str) -> tuple[list[Any], list[Any]]:
+def _token_cells(
+    texts: Sequence[str],
+    positions: Sequence[int],
+    special: Sequence[bool],
+    explained: int | None,
+    maps: Mapping[str, Sequence[float]],
+    payload: Mapping[str, Any],
+    initial_key: str,
+    offset: int,
+    where: str,
+) -> list[dict[str, Any]]:
+    """The coloured token chips of one strip; ``offset`` is the strip's first index in the row's colours."""
+    first = next(iter(maps))
+    others = [k for k in maps if k != "relevance"]
+    cells = []
+    for i, (pos, text) in enumerate(zip(positions, texts, strict=True)):
+        detail = " · ".join(f"{MAP_TITLES[k]} {_fmt(maps[k][i])}" for k in others)
+        cells.append(
+            {
+                "text": visible_text(text),
+                "title": f"{quoted(text)} at {where}position {pos}\ncombined {_fmt(maps['relevance'][i])} "
+                f"({detail})",
+                # the explained token stays visible when special tokens are hidden (a decoder start token)
+                "special": special[i] and explained != i,
+                "explained": explained == i,
+                "index": offset + i,
+                "bg": payload["colors"][initial_key][first][offset + i],
+                "fg": payload["text"][initial_key][first][offset + i],
+            }
+        )
+    return cells
+
+
+def _text_rows(
+    views: list[RowView], shared_scale: bool, initial_key: str, chart_title: str
+) -> tuple[list[Any], list[Any]]:
     rows, payloads = [], []
     for view in views:
         maps = view.maps
         first = next(iter(maps))
-        payload = _colour_payload(maps, _subsets(view.special), shared_scale)
+        decoder = view.decoder
+        # an encoder-decoder row colours its source and its target prefix on one scale (one explanation)
+        all_maps = {k: list(v) + (decoder.maps[k] if decoder else []) for k, v in maps.items()}
+        # the explained token is never hidden (see _token_cells), so it also sets the scale
+        all_special = [s and i != view.explained for i, s in enumerate(view.special)]
+        if decoder is not None:
+            all_special += [s and i != decoder.explained for i, s in enumerate(decoder.special)]
+        payload = _colour_payload(all_maps, _subsets(all_special), shared_scale)
         payload["tokens"] = view.tokens
         payload["positions"] = view.positions
         payload["values"] = maps
+        if decoder is not None:
+            payload["decoder_tokens"] = decoder.tokens
+            payload["decoder_positions"] = decoder.positions
+            payload["decoder_values"] = decoder.maps
         payloads.append(payload)
-        others = [k for k in maps if k != "relevance"]
-        tokens = []
-        for i, (pos, text) in enumerate(zip(view.positions, view.tokens, strict=True)):
-            detail = " · ".join(f"{MAP_TITLES[k]} {_fmt(maps[k][i])}" for k in others)
-            tokens.append(
-                {
-                    "text": visible_text(text),
-                    "title": f"{quoted(text)} at position {pos}\ncombined {_fmt(maps['relevance'][i])} ({detail})",
-                    "special": view.special[i],
-                    "explained": view.explained == i,
-                    "bg": payload["colors"][initial_key][first][i],
-                    "fg": payload["text"][initial_key][first][i],
-                }
+        common = {"maps": maps, "payload": payload, "initial_key": initial_key}
+        tokens = _token_cells(
+            view.tokens,
+            view.positions,
+            view.special,
+            view.explained,
+            **common,
+            offset=0,
+            where="source " if decoder else "",
+        )
+        decoder_tokens = None
+        if decoder is not None:
+            decoder_tokens = _token_cells(
+                decoder.tokens,
+                decoder.positions,
+                decoder.special,
+                decoder.explained,
+                **{**common, "maps": decoder.maps},
+                offset=len(view.tokens),
+                where="decoder ",
             )
         next_token = None
-        if view.explained is not None:
+        if view.predicts_next:
             next_token = (
                 visible_text(view.target_label) if view.target_label is not None else f"[{view.target_id}]"
             )
@@ -290,6 +350,9 @@ def _text_rows(views: list[RowView], shared_scale: bool, initial_key: str) -> tu
                 view.position_by_layer, view.tokens, view.positions, view.special, range(len(view.positions))
             )
         foil = (view.foil_label, view.foil_id) if view.foil_id is not None else None
+        sums = dict(maps)
+        if decoder is not None:
+            sums.update({f"decoder {k}": v for k, v in decoder.maps.items() if k != "relevance"})
         rows.append(
             {
                 "index": view.row,
@@ -299,12 +362,14 @@ def _text_rows(views: list[RowView], shared_scale: bool, initial_key: str) -> tu
                     foil,
                     view.target_value,
                     view.gap,
-                    maps,
+                    sums,
                 ),
                 "tokens": tokens,
+                "decoder_tokens": decoder_tokens,
                 "next_token": next_token,
                 "scale": payload["scale"][initial_key][first],
                 "chart": chart,
+                "chart_title": f"position relevance per layer{' over the source' if decoder else ''}: {chart_title}",
                 "chart_open": len(views) == 1,
             }
         )
@@ -324,10 +389,10 @@ def _text_html(
 ) -> str:
     views = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)
     maps = list(views[0].maps) if views else ["relevance", "token", "position"]
-    any_special = any(any(v.special) for v in views)
+    any_special = any(any(v.special) or (v.decoder is not None and any(v.decoder.special)) for v in views)
     # rows without special tokens have identical "visible" and "all" colours, so one key serves every row
     initial_key = "visible" if hide_special and any_special else "all"
-    rows, payloads = _text_rows(views, shared_scale, initial_key)
+    rows, payloads = _text_rows(views, shared_scale, initial_key, layer_chart_title(attr))
     return _render(
         "text.html.j2",
         path,
@@ -622,6 +687,7 @@ def generation_html(
         rows=rows,
         legend_note=f"{MEANING}; {note}",
         charts=charts,
+        chart_title=f"position relevance per layer, per explained token: {layer_chart_title(gen)}",
         data={"kind": "generation", "maps": keys, "rows": payloads, "tokens": view.tokens},
     )
 
@@ -655,7 +721,8 @@ def to_html(
         The :class:`~hf_pelrp.Attribution` (every row of the batch is shown) or generation attribution.
     tokens
         Display strings, one per position (a list for a batch of 1, else a list per row). Defaults to
-        ``attr.tokens``, which the pipeline and the CLI fill.
+        ``attr.tokens``, which the pipeline and the CLI fill. A ``pathlib.Path`` or a string ending in
+        ``.html`` / ``.htm`` given here (without ``path``) is the file to write: ``attr.to_html("x.html")``.
     path
         Where to write the page (UTF-8); the HTML is returned either way.
     tokenizer
@@ -683,6 +750,13 @@ def to_html(
     str
         The HTML.
     """
+    if path is None and (
+        isinstance(tokens, PathLike)
+        or (isinstance(tokens, str) and tokens.lower().endswith((".html", ".htm")))
+    ):
+        # attr.to_html("report.html"): GenerationAttribution.to_html takes the path first, so both spellings
+        # write the file (any other lone string is refused as tokens: one string per position is needed)
+        tokens, path = None, tokens
     if is_generation(attr):
         if image is not None:
             raise AttributionInputError("image= does not apply to a continuation attribution")

@@ -24,7 +24,15 @@ from ..errors import AttributionInputError
 from .colors import MEANING, color_scale, diverging_rgb, matplotlib_cmap, text_rgb
 from .deps import require
 from .strings import quoted, visible_text
-from .view import MAP_TITLES, GenerationView, RowView, generation_view, is_generation, row_views
+from .view import (
+    MAP_TITLES,
+    GenerationView,
+    RowView,
+    generation_view,
+    is_generation,
+    layer_chart_title,
+    row_views,
+)
 from .vision import grey, image_array, image_view, is_vision
 
 __all__ = ["generation_plot", "generation_png", "image_array", "plot", "save_png"]
@@ -124,33 +132,11 @@ def _outline(ax: Any, col: int, row_lo: float, row_hi: float) -> None:
 # ---- text --------------------------------------------------------------------------------------------------
 
 
-def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, hide_special: bool) -> Any:
-    view = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)[row]
-    shown = [i for i in range(len(view.positions)) if not (hide_special and view.special[i])] or list(
-        range(len(view.positions))
-    )
+def _strip(ax: Any, view: Any, shown: list[int], keys: list[str], scale: float, cmap_kw: dict) -> Any:
+    """One heat strip (maps x tokens) with its values and the explained position outlined (bold label)."""
     names = [_label(view.tokens[i]) for i in shown]
-    keys = list(view.maps)
     strip = np.array([[view.maps[k][i] for i in shown] for k in keys])
-    scale = color_scale(strip.reshape(-1).tolist())
-    cmap = matplotlib_cmap()
-    has_layers = bool(view.position_by_layer)
-    layers = len(view.position_by_layer) if has_layers else 0
-    longest = max((len(n) for n in names), default=1)
-    label_room = 0.09 * min(longest, 24) if len(shown) > 8 or longest > 10 else 0.3
-    width = min(max(7.0, 0.55 * len(shown) + 3.2), 26.0)
-    strip_h = 0.32 * len(keys) + 0.9 + label_room
-    layer_h = (0.17 * min(layers, 40) + 1.1 + label_room) if has_layers else 0.0
-    fig = _figure(width, strip_h + layer_h + 0.5)
-    cmap_kw = {"cmap": cmap, "vmin": -scale, "vmax": scale, "interpolation": "nearest"}
-    if has_layers:
-        grid_spec = fig.add_gridspec(
-            2, 2, height_ratios=[strip_h, layer_h], width_ratios=[max(len(shown), 2), 2.2]
-        )
-        ax = fig.add_subplot(grid_spec[0, :])
-    else:
-        ax = fig.add_subplot(1, 1, 1)
-    shown_strip = ax.imshow(strip, aspect="auto", **cmap_kw)
+    image = ax.imshow(strip, aspect="auto", **cmap_kw)
     ax.set_yticks(range(len(keys)), [MAP_TITLES[k] for k in keys], fontsize=8)
     _token_ticks(ax, names)
     ax.tick_params(length=0)
@@ -162,28 +148,82 @@ def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, 
         for tick, label in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True):
             if int(tick) == col:
                 label.set_fontweight("bold")
+    return image
+
+
+def _shown(special: list[bool], hide_special: bool, keep: int | None = None) -> list[int]:
+    """The indices drawn: without the special tokens (if asked), but always ``keep`` (the explained one)."""
+    return [i for i in range(len(special)) if not (hide_special and special[i]) or i == keep] or list(
+        range(len(special))
+    )
+
+
+def _text_figure(attr: Any, row: int, tokens: Any, tokenizer: Any, labels: Any, hide_special: bool) -> Any:
+    view = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)[row]
+    decoder = view.decoder
+    shown = _shown(view.special, hide_special)
+    shown_dec = _shown(decoder.special, hide_special, decoder.explained) if decoder is not None else []
+    names = [_label(view.tokens[i]) for i in shown]
+    keys = list(view.maps)
+    values = [view.maps[k][i] for k in keys for i in shown]
+    if decoder is not None:  # source and target prefix of one explanation: one colour scale
+        values += [decoder.maps[k][i] for k in keys for i in shown_dec]
+    scale = color_scale(values)
+    cmap = matplotlib_cmap()
+    has_layers = bool(view.position_by_layer)
+    layers = len(view.position_by_layer) if has_layers else 0
+    every = names + [_label(decoder.tokens[i]) for i in shown_dec] if decoder is not None else names
+    longest = max((len(n) for n in every), default=1)
+    label_room = 0.09 * min(longest, 24) if max(len(shown), len(shown_dec)) > 8 or longest > 10 else 0.3
+    width = min(max(7.0, 0.55 * max(len(shown), len(shown_dec)) + 3.2), 26.0)
+    strip_h = 0.32 * len(keys) + 0.9 + label_room
+    dec_h = strip_h if decoder is not None else 0.0
+    layer_h = (0.17 * min(layers, 40) + 1.1 + label_room) if has_layers else 0.0
+    fig = _figure(width, strip_h + dec_h + layer_h + 0.5)
+    cmap_kw = {"cmap": cmap, "vmin": -scale, "vmax": scale, "interpolation": "nearest"}
+    heights = [strip_h] + ([dec_h] if decoder is not None else []) + ([layer_h] if has_layers else [])
+    grid_spec = fig.add_gridspec(
+        len(heights), 2, height_ratios=heights, width_ratios=[max(len(shown), 2), 2.2]
+    )
+    ax = fig.add_subplot(grid_spec[0, :])
+    shown_strip = _strip(ax, view, shown, keys, scale, cmap_kw)
     title = _summary(view)
-    if view.explained is not None:
-        target = _target_text(view.target_label, None if view.target_label is not None else view.target_id)
-        title += _plain(f"\nnext token after the outlined position: {target}")
+    target = _target_text(view.target_label, None if view.target_label is not None else view.target_id)
+    if decoder is not None:
+        title += "\nsource (encoder input)"
+        dax = fig.add_subplot(grid_spec[1, :])
+        _strip(dax, decoder, shown_dec, keys, scale, cmap_kw)
+        dax.set_title(
+            _plain(f"decoder prefix (target side) · next token after the outlined position: {target}"),
+            fontsize=9,
+            loc="left",
+        )
+        bar = fig.colorbar(shown_strip, ax=[ax, dax], fraction=0.025, pad=0.01, aspect=20)
+    else:
+        if view.explained is not None:
+            title += _plain(f"\nnext token after the outlined position: {target}")
+        bar = fig.colorbar(shown_strip, ax=ax, fraction=0.025, pad=0.01, aspect=12)
     ax.set_title(title, fontsize=9, loc="left")
-    bar = fig.colorbar(shown_strip, ax=ax, fraction=0.025, pad=0.01, aspect=12)
     bar.ax.tick_params(labelsize=7)
     bar.set_label("relevance (logit units)\nred supports, blue opposes", fontsize=7)
     if has_layers:
         grid = np.asarray(view.position_by_layer)[:, shown]
         grid_scale = color_scale(grid.reshape(-1).tolist())
-        lax = fig.add_subplot(grid_spec[1, 0])
+        lax = fig.add_subplot(grid_spec[-1, 0])
         heat = lax.imshow(
             grid, aspect="auto", cmap=cmap, vmin=-grid_scale, vmax=grid_scale, interpolation="nearest"
         )
         step = max(1, -(-layers // 16))
         lax.set_yticks(range(0, layers, step), [f"layer {i}" for i in range(0, layers, step)], fontsize=7)
         _token_ticks(lax, names)
-        lax.set_title("position relevance per layer (rotary cos + sin)", fontsize=9, loc="left")
+        over = " over the source" if decoder is not None else ""
+        heading = f"position relevance per layer{over}: {layer_chart_title(attr)}"
+        if len(heading) > 64:  # a long kind (T5's bias table) on its own line, clear of the bars' axis labels
+            heading = heading.replace(": ", ":\n", 1)
+        lax.set_title(_plain(heading), fontsize=9, loc="left")
         totals = grid.sum(1)
         bar_scale = color_scale(totals.tolist())
-        tax = fig.add_subplot(grid_spec[1, 1], sharey=lax)
+        tax = fig.add_subplot(grid_spec[-1, 1], sharey=lax)
         tax.barh(range(layers), totals, color=[_rgb(t, bar_scale) for t in totals], edgecolor="#888", lw=0.4)
         tax.axvline(0, color="#444", lw=0.6)
         tax.set_xlim(-1.05 * bar_scale, 1.05 * bar_scale)

@@ -20,6 +20,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: bidirectional embeddings, overrides, isolates and marks: in a terminal they reorder the text around them
 _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: Unicode line breaks other than ``\n`` / ``\r``: NEL (U+0085), LINE SEPARATOR (U+2028), PARAGRAPH SEPARATOR
+#: (U+2029). Terminals and editors may start a new line at them; shown as ``↵`` (other C0 breaks such as the
+#: vertical tab are control characters: removed from terminal text, shown as control pictures in reports)
+_LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
 
 
 def clean(text: str) -> str:
@@ -40,27 +44,30 @@ def _control_picture(match: re.Match[str]) -> str:
 
 
 def visible_text(text: str) -> str:
-    """A token as shown in HTML and figures: valid Unicode, newline ``↵``, tab ``⇥``, carriage return ``␍``,
-    other control characters as their Unicode control pictures (``␛`` for ESC), the empty token ``∅``.
+    """A token as shown in HTML and figures: valid Unicode, newline ``↵`` (also U+2028, U+2029 and NEL), tab
+    ``⇥``, carriage return ``␍``, other control characters as their Unicode control pictures (``␛`` for ESC),
+    the empty token ``∅``.
 
     Spaces stay spaces (a leading space is part of a byte-level BPE token's text).
     """
     text = clean(text)
     if text == "":
         return "∅"
-    text = text.replace("\n", "↵").replace("\t", "⇥")
+    text = _LINE_BREAKS.sub("↵", text.replace("\n", "↵").replace("\t", "⇥"))
     return _CONTROL.sub(_control_picture, text)
 
 
 def terminal_text(text: str) -> str:
     """A token as printed to a terminal: like :func:`visible_text`, but ANSI escape sequences, other control
     characters and bidirectional controls are removed, so a token cannot move the cursor, recolour, clear or
-    reorder the terminal."""
+    reorder the terminal; Unicode line and paragraph separators (U+2028, U+2029, NEL) show as ``↵``, so a
+    token cannot break a table row either."""
     text = clean(text)
     if text == "":
         return "∅"
     text = _ANSI.sub("", text)
     text = text.replace("\r\n", "↵").replace("\n", "↵").replace("\t", "⇥")
+    text = _LINE_BREAKS.sub("↵", text)  # before the control characters go: NEL (U+0085) is one
     return _BIDI.sub("", _CONTROL.sub("", text))
 
 

@@ -80,7 +80,19 @@ def render_tables(
     for view in views:
         shown = [i for i in range(len(view.positions)) if not (hide_special and view.special[i])]
         keys = list(view.maps)
-        scale = color_scale([view.maps[k][i] for k in keys for i in shown])
+        decoder = view.decoder
+        shown_dec = (
+            []
+            if decoder is None
+            else [
+                i
+                for i in range(len(decoder.positions))
+                if not (hide_special and decoder.special[i]) or i == decoder.explained
+            ]
+        )
+        values = [view.maps[k][i] for k in keys for i in shown]
+        values += [decoder.maps[k][i] for k in keys for i in shown_dec] if decoder is not None else []
+        scale = color_scale(values)  # an encoder-decoder row: source and target prefix on one scale
         target = _target(view.target_label, view.target_id)
         if view.foil_id is not None:
             target += f" vs foil {_target(view.foil_label, view.foil_id)}"
@@ -101,11 +113,27 @@ def render_tables(
             marker = " ◀ explained" if view.explained == i else ""
             token = text(terminal_text(view.tokens[i]) + marker, style="italic" if view.special[i] else "")
             table.add_row(text(str(view.positions[i])), token, *(_cell(view.maps[k][i], scale) for k in keys))
+        if decoder is not None:
+            # the target prefix (decoder input): its positions are "d0", "d1", ...; the target follows the marker
+            table.add_section()
+            for i in shown_dec:
+                marker = f" ◀ explained → {target}" if decoder.explained == i else ""
+                token = text(
+                    terminal_text(decoder.tokens[i]) + marker, style="italic" if decoder.special[i] else ""
+                )
+                cells = (_cell(decoder.maps[k][i], scale) for k in keys)
+                table.add_row(text(f"d{decoder.positions[i]}"), token, *cells)
         table.add_section()
+        hidden = len(shown) < len(view.positions) or (
+            decoder is not None and len(shown_dec) < len(decoder.positions)
+        )
         table.add_row(
             text(""),
-            text("sum (all positions)" if len(shown) < len(view.positions) else "sum", style="bold"),
-            *(text(f"{sum(view.maps[k]):+.4g}", justify="right") for k in keys),
+            text("sum (all positions)" if hidden else "sum", style="bold"),
+            *(
+                text(f"{sum(view.maps[k]) + (sum(decoder.maps[k]) if decoder else 0):+.4g}", justify="right")
+                for k in keys
+            ),
         )
         parts.append(table)
     return group(*parts)

@@ -20,8 +20,8 @@ from ..errors import AttributionInputError
 from ..tokens import display_token
 from .strings import clean, visible_text
 
-__all__ = ["MAP_TITLES", "GenerationRow", "GenerationView", "RowView", "generation_view", "row_views"]
-__all__ += ["token_text", "visible_text"]
+__all__ = ["MAP_TITLES", "DecoderView", "GenerationRow", "GenerationView", "RowView", "generation_view"]
+__all__ += ["layer_chart_title", "row_views", "token_text", "visible_text"]
 
 #: map key -> the name shown to the user
 MAP_TITLES = {"relevance": "combined", "token": "token", "position": "position", "segment": "segment"}
@@ -54,7 +54,11 @@ class RowView:
     foil_id, foil_label
         The contrast id of a contrastive explanation and its label (None without a foil).
     position_by_layer : list[list[float]] or None
-        ``[layer][shown position]`` position relevance of rotary models.
+        ``[layer][shown position]`` position relevance of models whose positions enter every layer (rotary,
+        biases inside attention); None when the positions were constants (``positional=False``: all zero).
+    decoder : DecoderView or None
+        Encoder-decoder models: the target prefix (decoder input), where the explained position lies; the
+        source then has no explained position (``explained`` is None).
     """
 
     row: int
@@ -70,6 +74,79 @@ class RowView:
     position_by_layer: list[list[float]] | None
     foil_id: int | None = None
     foil_label: str | None = None
+    decoder: DecoderView | None = None
+
+    @property
+    def predicts_next(self) -> bool:
+        """Whether the target is the token after an explained position (causal LMs, encoder-decoder models)."""
+        return self.explained is not None or (self.decoder is not None and self.decoder.explained is not None)
+
+
+@dataclass
+class DecoderView:
+    """The target prefix (decoder input) of an encoder-decoder row: the tokens the decoder saw before the
+    explained target token.
+
+    Attributes
+    ----------
+    positions : list[int]
+        Decoder positions shown (the non-padding ones).
+    tokens : list[str]
+        Display string of each shown position.
+    special : list[bool]
+        Whether each shown position is a special token (the decoder start token, ...).
+    maps : dict[str, list[float]]
+        ``relevance``, ``token``, ``position`` (the keys of the row's source maps) at each shown position.
+    explained : int or None
+        Index into ``positions`` of the decoder position whose logits were explained.
+    """
+
+    positions: list[int]
+    tokens: list[str]
+    special: list[bool]
+    maps: dict[str, list[float]]
+    explained: int | None
+
+
+def is_seq2seq(attr: Any) -> bool:
+    """Whether ``attr`` explains an encoder-decoder target (its target-prefix maps are in the extras): told by
+    the data, so a result read back as a plain :class:`~hf_pelrp.Attribution` is recognised too."""
+    extras = getattr(attr, "extras", None) or {}
+    return isinstance(extras.get("target_token"), torch.Tensor)
+
+
+def conservation_gap(attr: Any) -> torch.Tensor:
+    """``target_value`` minus all the relevance of the result, [rows]: for an encoder-decoder result the
+    target prefix's relevance counts too (as :attr:`hf_pelrp.Seq2SeqAttribution.conservation_gap`)."""
+    gap = attr.target_value - attr.relevance.sum(-1)
+    if is_seq2seq(attr):
+        extras = attr.extras
+        prefix = extras["target_token"]
+        if isinstance(extras.get("target_position"), torch.Tensor):
+            prefix = prefix + extras["target_position"]
+        gap = gap - prefix.sum(-1).to(gap)
+    return gap
+
+
+def layer_chart_title(attr: Any) -> str:
+    """What the per-layer position chart shows, named by the model's positional kind (its adapter's
+    declaration): ``"rotary cos + sin"``, the bias of T5 / ALiBi (``"relative position buckets inside attention
+    (T5 bias table)"``), ..."""
+    from ..adapters import adapter_for_type
+    from ..errors import UnsupportedModelError
+
+    try:
+        kind = adapter_for_type(attr.model_type).positions if attr.model_type else None
+    except UnsupportedModelError:  # a model type this version does not know (e.g. a file from another one)
+        kind = None
+    name = getattr(kind, "name", "")
+    if name in ("rotary", "mrope"):
+        return f"{'M-RoPE' if name == 'mrope' else 'rotary'} cos + sin"
+    if name == "attention bias":
+        return clean(kind.description)
+    if "position_by_distance" in (getattr(attr, "extras", None) or {}):
+        return "positional bias inside attention"
+    return clean(name) if name else "per-layer positional leaves"
 
 
 def is_generation(attr: Any) -> bool:
@@ -184,8 +261,11 @@ def row_views(
         maps_full["segment"] = attr.segment
     maps_full = {k: v.detach().float().cpu() for k, v in maps_full.items()}
     by_layer = attr.position_by_layer.detach().float().cpu() if attr.position_by_layer is not None else None
-    gaps = attr.conservation_gap.detach().float().cpu().tolist()
+    if by_layer is not None and not attr.positional:
+        by_layer = None  # positions were constants: the per-layer map is all zero, nothing to draw
+    gaps = conservation_gap(attr).detach().float().cpu().tolist()
     foils = attr.foil.detach().cpu().tolist() if getattr(attr, "foil", None) is not None else None
+    decoders = _decoder_views(attr, tokenizer, list(maps_full)) if is_seq2seq(attr) else None
 
     vision_names: list[str] = []
     prefix = 0
@@ -228,7 +308,8 @@ def row_views(
             special = [False] * len(positions)
 
         explained = None
-        if attr.position_index is not None:
+        # an encoder-decoder's explained position is in the decoder (its target prefix), not in the source
+        if attr.position_index is not None and decoders is None:
             pos = int(attr.position_index[r])
             explained = positions.index(pos) if pos in positions else None
         target_id = int(attr.target[r])
@@ -249,6 +330,59 @@ def row_views(
                 position_by_layer=by_layer[r][:, positions].tolist() if by_layer is not None else None,
                 foil_id=foil_id,
                 foil_label=label_of(foil_id, **find) if foil_id is not None else None,
+                decoder=decoders[r] if decoders is not None else None,
+            )
+        )
+    return views
+
+
+def _decoder_views(attr: Any, tokenizer: Any, keys: list[str]) -> list[DecoderView]:
+    """The target prefix of each row of an encoder-decoder result (``target_*`` extras), padding dropped."""
+    extras = attr.extras
+    token = extras["target_token"].detach().float().cpu()
+    position = extras.get("target_position")
+    position = (
+        position.detach().float().cpu() if isinstance(position, torch.Tensor) else torch.zeros_like(token)
+    )
+    maps = {"relevance": token + position, "token": token, "position": position}
+    maps = {k: maps.get(k, torch.zeros_like(token)) for k in keys}  # the source's keys (a segment is 0 here)
+    ids = extras.get("target_input_ids")
+    ids = ids.detach().cpu() if isinstance(ids, torch.Tensor) else None
+    mask = extras.get("target_attention_mask")
+    keep = (
+        (mask.detach().cpu() != 0)
+        if isinstance(mask, torch.Tensor)
+        else torch.ones_like(token, dtype=torch.bool)
+    )
+    stored = extras.get("target_tokens")
+    special_ids = _special_ids(tokenizer)
+    views = []
+    for r in range(token.shape[0]):
+        positions = keep[r].nonzero().flatten().tolist()
+        if attr.position_index is not None:
+            # the decoder is causal: positions after the explained one cannot carry relevance (a continuation's
+            # rows share one decoder input), so they are not part of this row's prefix
+            positions = [p for p in positions if p <= int(attr.position_index[r])]
+        if stored is not None and len(stored[r]) == token.shape[-1]:
+            texts = [clean(str(stored[r][p])) for p in positions]
+        elif tokenizer is not None and ids is not None:
+            texts = [token_text(tokenizer, int(ids[r, p])) for p in positions]
+        elif ids is not None:
+            texts = [f"[{int(ids[r, p])}]" for p in positions]
+        else:
+            texts = [f"#{p}" for p in positions]
+        special = [ids is not None and int(ids[r, p]) in special_ids for p in positions]
+        explained = None
+        if attr.position_index is not None:
+            pos = int(attr.position_index[r])
+            explained = positions.index(pos) if pos in positions else None
+        views.append(
+            DecoderView(
+                positions=positions,
+                tokens=texts,
+                special=special,
+                maps={k: v[r, positions].tolist() for k, v in maps.items()},
+                explained=explained,
             )
         )
     return views
@@ -375,6 +509,8 @@ def generation_view(
         maps_full["segment"] = gen.segment
     maps_full = {k: v.detach().float().cpu() for k, v in maps_full.items()}
     by_layer = gen.position_by_layer.detach().float().cpu() if gen.position_by_layer is not None else None
+    if by_layer is not None and not gen.positional:
+        by_layer = None  # positions were constants: the per-layer map is all zero
     values = gen.target_value.detach().float().cpu().tolist()
     gaps = gen.conservation_gap.detach().float().cpu().tolist()
     targets = gen.target.detach().cpu().reshape(-1).tolist()
