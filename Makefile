@@ -1,10 +1,11 @@
 # The two commands of the README: `make demo` (set up + run the demo) and `make test` (set up + run the tests).
+# Both install exactly the versions of constraints/lock.txt (what the suite last passed with).
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results positions
+.PHONY: setup demo test lint bench results positions lock test-latest test-oldest
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh constraints/lock.txt
 	bash scripts/setup.sh
 	touch $(STAMP)
 
@@ -19,6 +20,29 @@ test: $(STAMP)
 lint: $(STAMP)
 	.venv/bin/ruff check src tests scripts
 	.venv/bin/ruff format --check src tests scripts
+
+# Drift: the paths users take (the demo, the README's blocks, from_pretrained / pipeline / CLI, check_adapter for
+# every registered type), in an environment of the newest releases pyproject.toml's ranges allow and in one of
+# their lower bounds. CI runs both after the locked suite.
+UPSTREAM_TESTS := tests/test_readme.py tests/test_readme_blocks.py tests/test_hub_kernels.py tests/test_loading.py tests/test_pipeline.py \
+	tests/test_cli.py tests/test_smollm2.py tests/test_adapters.py
+
+test-latest:
+	bash scripts/setup.sh --latest
+	.venv-latest/bin/python -m hf_pelrp.demo
+	.venv-latest/bin/python -m pytest -q $(UPSTREAM_TESTS)
+
+test-oldest:
+	bash scripts/setup.sh --oldest
+	.venv-oldest/bin/python -m hf_pelrp.demo
+	.venv-oldest/bin/python -m pytest -q $(UPSTREAM_TESTS)
+
+# Refresh constraints/lock.txt: the newest releases the ranges allow, the whole suite on them, and only if it
+# passes, their versions into the lock (then `make setup` re-installs .venv from it).
+lock:
+	bash scripts/setup.sh --latest
+	.venv-latest/bin/python -m pytest -q
+	.venv-latest/bin/python scripts/constraints.py lock --python .venv-latest/bin/python
 
 bench: $(STAMP)
 	$(PY) scripts/bench_attribution.py

@@ -12,6 +12,7 @@ claims (shapes, targets, files), so a block that runs but shows something else f
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 import types
@@ -83,11 +84,22 @@ def _slug(heading: str) -> str:
 REAL_WEIGHTS = ("smollm2_checkpoint(", "load_smollm2(", "minilm_dir(")
 
 
+#: optional extras a block may import, and the environment that leaves one out (make test-oldest: inseq)
+EXTRAS = ("inseq",)
+
+
 def _params(groups: list[Group]) -> list[Any]:
     params = []
     for group in groups:
         real = any(call in b.code for b in group.blocks if not b.needs_network for call in REAL_WEIGHTS)
-        params.append(pytest.param(group, id=_slug(group.heading), marks=[pytest.mark.slow] if real else []))
+        marks = [pytest.mark.slow] if real else []
+        for extra in EXTRAS:
+            imported = any(re.search(rf"^\s*(import|from) {extra}\b", b.code, re.M) for b in group.blocks)
+            if imported and importlib.util.find_spec(extra) is None:
+                marks.append(
+                    pytest.mark.skip(reason=f"the {extra} extra is not installed in this environment")
+                )
+        params.append(pytest.param(group, id=_slug(group.heading), marks=marks))
     return params
 
 

@@ -224,9 +224,9 @@ def test_generation_attribution_round_trips(tmp_path, span_reduce):
     sequence = ids(1, 7)[0]
     attr = hf_pelrp.explain_continuation(model, sequence[:4], sequence[4:], foil=9, span_reduce=span_reduce)
     path = hf_pelrp.save_attribution(attr, tmp_path / "gen.safetensors")
-    loaded = hf_pelrp.io.load_attribution(path)
-    assert isinstance(loaded, GenerationAttribution)
-    _assert_same_result(attr, loaded)
+    for loaded in (hf_pelrp.io.load_attribution(path), hf_pelrp.load_attribution(path)):
+        assert isinstance(loaded, GenerationAttribution)
+        _assert_same_result(attr, loaded)
     with pytest.raises(AttributionFileError, match="holds a GenerationAttribution.*load_attribution"):
         Attribution.load(path)
 
@@ -299,3 +299,21 @@ def test_beit_interpolate_pos_encoding_explains_the_resampled_bias(mode):
     assert got.position_by_distance.shape == (2, (2 * windows - 1) ** 2 + 3)
     if mode == "attnlrp":
         assert float(got.position.abs().max()) > 0
+
+
+def test_seq2seq_position_index_is_a_decoder_position_with_a_left_padded_source():
+    """The source of an encoder-decoder model is re-padded internally; the explained position is a decoder
+    position and must not be mapped back through the source's alignment (it read 3 instead of 1)."""
+    model = tiny("t5", "seq2seq")
+    src = ids(1, 6)
+    source_mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    target = ids(1, 4, seed=5)
+    target_mask = torch.tensor([[1, 1, 0, 0]])
+    padded = hf_pelrp.attribute(
+        model, src, attention_mask=source_mask, decoder_input_ids=target, decoder_attention_mask=target_mask
+    )
+    plain = hf_pelrp.attribute(
+        model, src[:, 2:], decoder_input_ids=target[:, :2], decoder_attention_mask=target_mask[:, :2]
+    )
+    assert int(padded.position_index[0]) == int(plain.position_index[0]) == 1
+    torch.testing.assert_close(padded.target_value, plain.target_value)

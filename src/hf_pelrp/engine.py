@@ -165,7 +165,8 @@ def explain(
     out_positions = selection.positions
     if alignment is not None:
         maps = {k: alignment.restore(v) if _is_sequence_map(k, v, mask) else v for k, v in maps.items()}
-        if out_positions is not None:
+        # an encoder-decoder's explained positions are decoder positions: the source's alignment is not theirs
+        if out_positions is not None and kind.name != SEQ2SEQ_LM:
             out_positions = alignment.restore_positions(out_positions)
     result = _Pass(
         maps=maps,

@@ -325,7 +325,12 @@ def select(
         else:
             positions = explained_positions(request.position, attention_mask, batch)[:, None]
         if accepts_logits_to_keep(model):
-            logits = forward(**inputs, logits_to_keep=positions).logits
+            # 1-D indices (the same positions for every row) mean the same in every transformers 5.x release;
+            # per-row 2-D indices only since 5.25 (earlier ones index the sequence with the 2-D tensor as a
+            # whole and return [B, B, K, C])
+            kept, inverse = torch.unique(positions, return_inverse=True)
+            logits = forward(**inputs, logits_to_keep=kept).logits
+            logits = torch.take_along_dim(logits, inverse[..., None].to(logits.device), dim=1)
         else:
             full = forward(**inputs).logits
             logits = torch.take_along_dim(full, positions[..., None].to(full.device), dim=1)

@@ -431,7 +431,7 @@ def read_attribution(
     if result_class is not None and not issubclass(saved, result_class):
         raise AttributionFileError(
             f"{where} holds a {saved.__name__}, which is no {result_class.__name__}: read it with "
-            "hf_pelrp.io.load_attribution(path), which returns the class it was saved from"
+            "hf_pelrp.load_attribution(path), which returns the class it was saved from"
         )
     result_class = saved
     has_extras = any(f.name == "extras" for f in dataclasses.fields(result_class))

@@ -359,9 +359,14 @@ class Attribution(_Relevance):
         return read_attribution(path, cls, device=device)
 
 
-def load_attribution(path: str, device: str | torch.device = "cpu") -> Attribution:
-    """Read an attribution written by :meth:`Attribution.save` (see :meth:`Attribution.load`)."""
-    return Attribution.load(path, device=device)
+def load_attribution(
+    path: str, device: str | torch.device = "cpu"
+) -> Attribution | Seq2SeqAttribution | GenerationAttribution:
+    """Read a result written by :meth:`Attribution.save` / :func:`hf_pelrp.save_attribution` as the class it
+    was saved from (:class:`Attribution`, :class:`Seq2SeqAttribution` or :class:`GenerationAttribution`)."""
+    from .io import load_attribution as load
+
+    return load(path, device=device)
 
 
 def _unpad_extras(extras: dict[str, Any], keep: torch.Tensor, prefix: str) -> None:
