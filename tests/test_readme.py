@@ -33,3 +33,26 @@ def test_refused_model_types_are_named_in_the_readme():
     section = _section("architectures")
     for model_type in refused_model_types():
         assert f"`{model_type}`" in section, model_type
+
+
+def test_the_readme_names_the_locked_versions_and_the_lower_bounds():
+    """The overview's "Versions" paragraph says what constraints/lock.txt pins and what make test-oldest
+    installs (pyproject's lower bounds): a refreshed lock or a raised bound must update it."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    section = " ".join(_section("overview").split())
+    lock = dict(
+        line.split("==")
+        for line in (root / "constraints" / "lock.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    lock = {k.lower().replace("_", "-"): v for k, v in lock.items()}
+    for package in ("transformers", "tokenizers", "huggingface-hub", "kernels", "accelerate", "datasets"):
+        assert f"{package} {lock[package]}," in section, package
+    assert f"torch {lock['torch']} (CPU build)" in section
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    bounds = {re.split(r"[<>=]", d)[0]: d for d in project["dependencies"]}
+    lower = re.search(r"transformers>=([\d.]+)", bounds["transformers"])[1]
+    assert f"transformers >= {lower} and < 6" in section
+    assert f"`make test-oldest`: transformers {lower}.0," in section
