@@ -1,4 +1,4 @@
-"""Attributions that last: :func:`save_attribution` / :func:`load_attribution` in one safetensors file.
+"""Attributions that last: :func:`save_attribution` and the reader behind :func:`hf_pelrp.load_attribution`, one safetensors file.
 
 The tensors (every tensor field of the result and every tensor in ``extras``) are stored as safetensors;
 everything else (the result class, mode, model type, token strings, labels, JSON-serialisable extras, the
@@ -302,6 +302,10 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
 def _saved_class(meta: dict[str, Any], where: str) -> str:
     """The name of the result class a file holds. Files before format version 3 did not record it: only an
     :class:`Attribution` or a :class:`Seq2SeqAttribution` could be saved then, the latter recognised by its
@@ -389,31 +393,13 @@ def _check_generation_fields(fields: dict[str, Any], shapes: dict[str, list[int]
         raise AttributionFileError(f"{where}: 'tokens' must be a list of {length} strings, one per position")
 
 
-def _result_class(name: str) -> type:
-    from . import result
-
-    return getattr(result, name)
-
-
-def load_attribution(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
-    """Read a file written by :func:`save_attribution` as the result class it was saved from
-    (:class:`hf_pelrp.Attribution`, :class:`hf_pelrp.Seq2SeqAttribution` or :class:`hf_pelrp.GenerationAttribution`).
-
-    Raises
-    ------
-    FileNotFoundError, AttributionFileError
-        As :func:`read_attribution`.
-    """
-    return read_attribution(path, None, device=device)
-
-
 def read_attribution(
-    path: str | os.PathLike[str], result_class: type | None, device: str | torch.device = "cpu"
+    path: str | os.PathLike[str], accepted: tuple[type, ...], device: str | torch.device = "cpu"
 ) -> Any:
-    """Read a file written by :func:`save_attribution` as the class it was saved from, which must be
-    ``result_class`` or a subclass of it (``None``: any result class). :meth:`hf_pelrp.Attribution.load` is the
-    public entry point for attributions (a saved :class:`hf_pelrp.Seq2SeqAttribution` loads as one),
-    :func:`load_attribution` for any result.
+    """Read a file written by :func:`save_attribution` as the class it was saved from, which must be one of
+    ``accepted`` or a subclass of one. :meth:`hf_pelrp.Attribution.load` (a saved
+    :class:`hf_pelrp.Seq2SeqAttribution` loads as one) and :func:`hf_pelrp.load_attribution` (any result) are
+    the public entry points; they pass the classes, so this module needs none of them.
 
     Raises
     ------
@@ -422,18 +408,19 @@ def read_attribution(
     AttributionFileError
         The file is truncated or corrupted, not an attribution, of an unsupported format version, its
         metadata and tensors do not agree (missing or extra tensors, shapes, types, digest), it names
-        fields its class does not have, or it holds a result that is not a ``result_class``.
+        fields its class does not have, or it holds a result that is none of ``accepted``.
     """
     path = Path(path)
     meta, tensors = _read(path)
     where = str(path)
-    saved = _result_class(_saved_class(meta, where))
-    if result_class is not None and not issubclass(saved, result_class):
+    name = _saved_class(meta, where)
+    by_name = {c.__name__: c for a in accepted for c in (a, *_subclasses(a))}
+    if name not in by_name:
         raise AttributionFileError(
-            f"{where} holds a {saved.__name__}, which is no {result_class.__name__}: read it with "
+            f"{where} holds a {name}, which is no {' or '.join(a.__name__ for a in accepted)}: read it with "
             "hf_pelrp.load_attribution(path), which returns the class it was saved from"
         )
-    result_class = saved
+    result_class = by_name[name]
     has_extras = any(f.name == "extras" for f in dataclasses.fields(result_class))
     known = {f.name for f in dataclasses.fields(result_class)} - {"extras"}
     unknown = sorted(set(meta.get("fields") or {}) - known) if isinstance(meta.get("fields"), dict) else []

@@ -356,7 +356,7 @@ class Attribution(_Relevance):
         for truncated, tampered or unknown files."""
         from .io import read_attribution
 
-        return read_attribution(path, cls, device=device)
+        return read_attribution(path, (cls,), device=device)
 
 
 def load_attribution(
@@ -364,9 +364,9 @@ def load_attribution(
 ) -> Attribution | Seq2SeqAttribution | GenerationAttribution:
     """Read a result written by :meth:`Attribution.save` / :func:`hf_pelrp.save_attribution` as the class it
     was saved from (:class:`Attribution`, :class:`Seq2SeqAttribution` or :class:`GenerationAttribution`)."""
-    from .io import load_attribution as load
+    from .io import read_attribution
 
-    return load(path, device=device)
+    return read_attribution(path, (Attribution, GenerationAttribution), device=device)
 
 
 def _unpad_extras(extras: dict[str, Any], keep: torch.Tensor, prefix: str) -> None:
