@@ -12,6 +12,8 @@ interface. :func:`hf_pelrp.check_adapter` proves the rest on a tiny random insta
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -233,12 +235,14 @@ class Adapter:
                 "(from_pretrained, or to_empty + load_state_dict) before attributing."
             )
         check_dispatch_hooks(model)
-        can_set = getattr(type(model), "_can_set_attn_implementation", None)
-        if self.attention_interface and can_set is not None and not can_set():
-            raise UnsupportedModelError(
-                f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so "
-                "the LRP attention rules cannot be attached to it."
-            )
+        if self.attention_interface:
+            inline = sorted({type(m).__name__ for m in self.attention_modules(model) if not _dispatches(type(m))})
+            if inline:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}'s attention ({', '.join(inline)}) does not dispatch through "
+                    "transformers' AttentionInterface (or its source cannot be read), so the LRP attention rules "
+                    "cannot be attached to it."
+                )
         self._check_coverage(model)
         for check in self.checks:
             check(model)
@@ -379,6 +383,18 @@ def _second_half(module: nn.Module) -> slice:
             f"{type(module).__name__} is declared as a fused gate/up projection but has {width} outputs"
         )
     return slice(width // 2, None)
+
+
+def _dispatches(attention_class: type) -> bool:
+    """Whether the module that defines ``attention_class`` calls transformers' attention interface: the heuristic
+    of transformers' own ``_can_set_attn_implementation``, asked of the attention's module rather than of the
+    model's, so that a head class defined in a notebook around transformers' layers is judged by those layers.
+    (Whether every layer's attention really ran through it is checked at each forward.)"""
+    try:
+        code = inspect.getsource(sys.modules[attention_class.__module__])
+    except (KeyError, OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in code
 
 
 def _positional_paths(kind: PositionalKind) -> tuple[str, ...]:
