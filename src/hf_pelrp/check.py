@@ -4,13 +4,18 @@ The declaration says which rule each module gets; this check shows that the resu
 promises, for every mode: forward outputs unchanged, exact conservation in the bias-free CP configuration,
 non-zero position relevance under AttnLRP, exactly zero relevance at padding, the same maps for a row alone
 and inside a padded batch (left and right padding), for rotary families the exact split at the rotation in
-one layer, and the model restored exactly afterwards. It runs in the
-test suite for every registered model type; users who register their own adapter run it the same way.
+one layer, every gated product and norm against its explicit float64 rule in every mode
+(:mod:`hf_pelrp.check_sites`: the only check that sees a gated product's 1/2 on the wrong factor, which CP
+conservation cannot, the gate being a constant there), and the model restored exactly afterwards. Each property
+runs on its own: one that raises is reported and the others still run, so the report lists every failure. It
+runs in the test suite for every registered model type; users who register their own adapter run it the same
+way.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -419,6 +424,21 @@ class _Checker:
             f"relative difference {worst:.2e}",
         )
 
+    def rule_sites(self) -> None:
+        """Every gated product and norm, in every mode, against its explicit float64 rule
+        (:mod:`hf_pelrp.check_sites`): the only check that sees a factor on the wrong side of a gated product."""
+        from .check_sites import check_sites
+
+        inputs = self.inputs()
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("position", "mask_token_id")}
+        for mode in MODES:
+            sites = check_sites(self.model, self.adapter, model_inputs, mode, self.tol, self.seed)
+            for kind in dict.fromkeys(s.kind for s in sites):
+                mine = [s for s in sites if s.kind == kind]
+                failed = [s for s in mine if not s.passed]
+                detail = "; ".join(f"{s.site}: {s.detail}" for s in failed) or f"{len(mine)} sites"
+                self.record(f"{kind} sites match the explicit float64 rule ({mode})", not failed, detail)
+
     def restoration(self, before: dict[str, Any]) -> None:
         problems = _differences(before, _snapshot(self.model))
         self.record(
@@ -485,15 +505,23 @@ def check_adapter(
         before = _snapshot(model)
         try:
             adapter.check_model(model)
-            checker.forward_equivalence()
-            checker.conservation()
-            checker.position_relevance()
-            checker.padding_and_batches()
-            checker.rotary_split(config)
         except Exception as err:  # noqa: BLE001 - a failing declaration is reported, not hidden
-            report.results.append(
-                CheckResult(cls.__name__, "attribution runs", False, f"{type(err).__name__}: {err}")
+            # every property below attributes, and every attribution would refuse the same way
+            checker.record("the declaration covers the model", False, f"{type(err).__name__}: {err}")
+        else:
+            properties = (
+                ("forward equivalence", checker.forward_equivalence),
+                ("bias-free CP conservation", checker.conservation),
+                ("position relevance", checker.position_relevance),
+                ("padding and batches", checker.padding_and_batches),
+                ("rotary split", functools.partial(checker.rotary_split, config)),
+                ("rule sites", checker.rule_sites),
             )
+            for name, check in properties:  # each one runs: the report lists every failure, not the first
+                try:
+                    check()
+                except Exception as err:  # noqa: BLE001 - a failing declaration is reported, not hidden
+                    checker.record(f"{name} runs", False, f"{type(err).__name__}: {err}")
         checker.restoration(before)
     if raise_on_failure and not report.passed:
         raise AdapterCheckError(str(report))
