@@ -11,14 +11,19 @@ logits; the fast path's relevance at the site's inputs (``x * x.grad``) must the
 - Gated product ``p = act(g) * u`` (uniform rule, AttnLRP Prop. 3.2; identity rule on ``act``, Prop. 3.4):
   ``R_g = R_u = R_p / 2`` under AttnLRP, ``R_g = 0`` and ``R_u = R_p`` under CP-LRP (the gate is a constant),
   ``R_g`` read at the raw output of the projection that made ``g`` (so a factor on that projection counts),
-  ``R_u`` at the raw output of the declared up projection. The probe also proves the declaration's structure: some module inside the MLP must consume exactly
-  ``act(g) * u``, with ``u`` the declared up projection (or its declared channels).
+  ``R_u`` at the raw output of the declared up projection. The probe also proves the declaration's structure:
+  some module inside the MLP must consume exactly ``act(g) * u``, with ``u`` the declared up projection (or its
+  declared channels).
 - Norms (identity rule, Prop. 3.4: the normalising scale ``s`` is a constant, the layer a linear map): RMSNorm
   ``y = w s x``: ``R_x = x w s R_y / y``; LayerNorm ``y = w s (x - mean x) + b`` (epsilon rule of that linear
   map, the bias absorbing its share): ``R_x[i] = x[i] s (w[i] r[i] - mean_j w[j] r[j])`` with ``r = R_y / y``.
 
-Attention sites are proven by the exact CP conservation and, for rotary families, the one-layer rotary split in
-:mod:`hf_pelrp.check`; the ``"lrp"`` attention itself has its own float64 reference in the test suite.
+Attention has no per-site reference here: q, k and v are not outputs of modules that hooks can see in every
+family (they are reshaped, rotated and repeated inside the attention module). The exact CP conservation and, for
+rotary families, the one-layer rotary split of :mod:`hf_pelrp.check` cover part of it; the ``"lrp"`` attention
+has its own float64 references in the test suite. Gated products that families apply with their own rules
+(``extra_rules``: T5's gated feed-forward, DINOv2's SwiGLU, mixture-of-experts experts) are not declared as
+``gated`` and are covered by their family's reference tests, not here.
 """
 
 from __future__ import annotations
