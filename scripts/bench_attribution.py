@@ -11,7 +11,8 @@ median wall time and the peak extra memory of each method and their ratios.
 
 Time: one warm-up pass per method, then ``--repeats`` rounds that run both methods back to back (alternating
 which goes first), median per method. Interleaving matters on a shared machine: a burst of load from other
-processes hits both methods instead of one.
+processes hits both methods instead of one. ``--clock cpu`` times by the process's CPU time instead of the wall
+clock: with ``--threads 1`` on a crowded CPU it is the only clock other processes do not inflate.
 
 Memory on CPU: every measurement runs in a fresh subprocess that loads the model, builds the inputs, pages
 in the memory-mapped weights with a short no-grad forward, returns freed heap pages to the OS
