@@ -92,6 +92,25 @@ def test_a_norm_rule_that_keeps_the_scale_in_the_backward_is_refused(monkeypatch
     assert "model.norm (LlamaRMSNorm)" in norm_failures[0].detail
 
 
+def test_a_layer_norm_rule_that_keeps_the_scale_in_the_backward_is_refused(monkeypatch):
+    """The same for LayerNorm (GPT-2): the explicit reference ``R_x[i] = x[i] s (w[i] r[i] - mean_j w[j] r[j])``
+    refuses a surrogate whose standard deviation is differentiated, at each LayerNorm."""
+    from transformers import GPT2LMHeadModel
+
+    from hf_pelrp.adapters import norms
+
+    def not_detached(x, weight, bias, eps):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * weight + bias
+
+    monkeypatch.setattr(norms, "layer_norm_identity", not_detached)
+    report = hf_pelrp.check_adapter("gpt2", classes=[GPT2LMHeadModel], raise_on_failure=False)
+    norm_failures = [r for r in report.failures if r.name.startswith("norm sites")]
+    assert len(norm_failures) == 2, str(report)
+    for layer_norm in ("transformer.h.0.ln_1", "transformer.h.1.ln_2", "transformer.ln_f"):
+        assert f"{layer_norm} (LayerNorm)" in norm_failures[0].detail
+
+
 def test_every_failure_is_reported_not_only_the_first(monkeypatch):
     """A property that raises is recorded as a failure, and the properties after it still run."""
 
