@@ -130,6 +130,36 @@ def test_every_failure_is_reported_not_only_the_first(monkeypatch):
     assert names[-1].startswith("model restored exactly")
 
 
+def test_a_mode_that_raises_does_not_hide_the_other_mode(monkeypatch):
+    """Inside a property too: the AttnLRP site check and left padding raise; the CP site check and right
+    padding still run and are reported."""
+    from hf_pelrp import check_sites as sites_module
+
+    real_sites, real_pad = sites_module.check_sites, _Checker.pad
+
+    def sites(model, adapter, inputs, mode, tol, seed):
+        if mode == "attnlrp":
+            raise RuntimeError("attnlrp broken")
+        return real_sites(model, adapter, inputs, mode, tol, seed)
+
+    def pad(self, inputs, row, keep, side):
+        if side == "left":
+            raise RuntimeError("left broken")
+        return real_pad(self, inputs, row, keep, side)
+
+    monkeypatch.setattr(sites_module, "check_sites", sites)
+    monkeypatch.setattr(_Checker, "pad", pad)
+    report = hf_pelrp.check_adapter("llama", classes=[LlamaForCausalLM], raise_on_failure=False)
+    assert _failures(report) == {
+        ("rule sites (attnlrp) runs", "RuntimeError: attnlrp broken"),
+        ("padding and batch invariance (attnlrp, left padding) runs", "RuntimeError: left broken"),
+        ("padding and batch invariance (cp, left padding) runs", "RuntimeError: left broken"),
+    }
+    passed = {r.name for r in report.results if r.passed}
+    assert f"{SITE_CHECK} (cp)" in passed
+    assert {"batch invariance (attnlrp, right padding)", "batch invariance (cp, right padding)"} <= passed
+
+
 def test_the_right_declarations_pass_the_site_checks():
     """LLaMA (separate gate / up) and Phi-3 (fused gate_up_proj, up = second half): every site in both modes."""
     for model_type in ("llama", "phi3"):
