@@ -111,6 +111,21 @@ def test_a_layer_norm_rule_that_keeps_the_scale_in_the_backward_is_refused(monke
         assert f"{layer_norm} (LayerNorm)" in norm_failures[0].detail
 
 
+def test_a_norm_surrogate_without_reference_is_reported_as_skipped(scratch_registry):
+    """A user's own surrogate has no explicit reference here: the report says so instead of claiming it."""
+    from hf_pelrp.adapters.norms import rms_norm
+
+    def my_rms_norm(module, x):
+        return rms_norm(module, x)
+
+    register_adapter(llama_like(("llama",), "Llama", name="own", norms={"LlamaRMSNorm": my_rms_norm}))
+    report = hf_pelrp.check_adapter("llama", classes=[LlamaForCausalLM])
+    norms = [r for r in report.results if r.name.startswith("norm sites")]
+    assert norms and all(
+        r.detail == "5 sites; skipped: no explicit reference for surrogate my_rms_norm" for r in norms
+    )
+
+
 def test_every_failure_is_reported_not_only_the_first(monkeypatch):
     """A property that raises is recorded as a failure, and the properties after it still run."""
 

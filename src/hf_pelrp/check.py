@@ -450,7 +450,10 @@ class _Checker:
                 for kind in dict.fromkeys(s.kind for s in sites):
                     mine = [s for s in sites if s.kind == kind]
                     failed = [s for s in mine if not s.passed]
-                    detail = "; ".join(f"{s.site}: {s.detail}" for s in failed) or f"{len(mine)} sites"
+                    skipped = sorted({s.detail for s in mine if s.passed and s.detail.startswith("skipped")})
+                    detail = "; ".join(f"{s.site}: {s.detail}" for s in failed) or "; ".join(
+                        [f"{len(mine)} sites", *skipped]
+                    )
                     self.record(f"{kind} sites match the explicit float64 rule ({mode})", not failed, detail)
 
     def restoration(self, before: dict[str, Any]) -> None:
