@@ -150,8 +150,7 @@ def _gated_sites(model: nn.Module, adapter: Adapter, handles: Handles) -> list[_
             parent = find_optional(block, parent_path) or block
             channels = None
             if product.up_channels is not None:
-                width = up.out_features
-                channels = slice(width // 2, None)
+                channels = slice(getattr(up, "out_features", 0) // 2, None)
             site = _GatedSite(f"{paths[act]} * {paths[up]}", act, up, channels)
             _probe_gated(site, parent, handles)
             sites.append(site)
@@ -168,8 +167,9 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 def _probe_gated(site: _GatedSite, parent: nn.Module, handles: Handles) -> None:
-    """Probes around ``act(g) * u`` inside ``parent``; the pre-hooks run inside the rules' hooks (they see
-    and feed the tensors the rules act on)."""
+    """Probes around ``act(g) * u`` inside ``parent``. The probes' copies are made before the rules' own hooks
+    run (pre-hooks, prepended forward hooks), so the rules act on the copies and a copy's gradient includes
+    every factor a rule puts after it."""
 
     def start(_m, _args):
         site.calls.append({})
