@@ -1,5 +1,9 @@
 """Cost of one PE-LRP attribution against one plain Gradient x Input pass on SmolLM2-135M-Instruct.
 
+``--model llama-4x256`` measures a 4-layer LLaMA 256 wide with random weights (no download) instead: at short
+inputs (``--lengths 128 --batches 1``) its forward takes milliseconds, so the ratio shows the fixed work of
+each attribution (rules set up, checks, hooks) rather than the arithmetic.
+
 Both methods run on the same model, inputs and attention kernel (SDPA), with the parameters frozen and only
 the explained position sent through the LM head (``logits_to_keep``); the baseline seeds the same arg-max
 logit and back-propagates to ``inputs_embeds``. The table gives, per sequence length and batch size, the
@@ -7,7 +11,8 @@ median wall time and the peak extra memory of each method and their ratios.
 
 Time: one warm-up pass per method, then ``--repeats`` rounds that run both methods back to back (alternating
 which goes first), median per method. Interleaving matters on a shared machine: a burst of load from other
-processes hits both methods instead of one.
+processes hits both methods instead of one. ``--clock cpu`` times by the process's CPU time instead of the wall
+clock: with ``--threads 1`` on a crowded CPU it is the only clock other processes do not inflate.
 
 Memory on CPU: every measurement runs in a fresh subprocess that loads the model, builds the inputs, pages
 in the memory-mapped weights with a short no-grad forward, returns freed heap pages to the OS
@@ -52,6 +57,8 @@ import time
 import torch
 
 METHODS = ("gradient_x_input", "pe_lrp")
+MODELS = ("smollm2", "llama-4x256")
+_TITLES = {"smollm2": "SmolLM2-135M", "llama-4x256": "LLaMA 4 layers x 256 (random)"}
 
 
 # ---- the two methods ----
@@ -122,14 +129,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _worker(spec: dict) -> dict:
+def _load(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The benchmarked model: SmolLM2 (converted once by the parent), or the small random LLaMA."""
+    if name == "llama-4x256":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=4096,
+            max_position_embeddings=4096,
+            attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(config).to(dtype).eval()
     from hf_pelrp.assets import load_smollm2
 
+    model, _ = load_smollm2(dtype=dtype, attn_implementation="sdpa")
+    return model
+
+
+def _worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
-    model, _ = load_smollm2(dtype=dtype, attn_implementation="sdpa")
+    model = _load(spec.get("model", "smollm2"), dtype)
     model.to(device)
     generator = torch.Generator().manual_seed(spec["seed"])
     # token ids of the ordinary vocabulary (SmolLM2's first ids are special tokens)
@@ -168,14 +196,16 @@ def _worker(spec: dict) -> dict:
         times: dict[str, list[float]] = {m: [] for m in METHODS}
         for method in METHODS:  # warm-up: lazy initialisation, kernel selection, allocator growth
             runs[method]()
+        # the process's CPU time is what a crowded machine cannot inflate (meaningful with --threads 1 on CPU)
+        clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
         for r in range(spec["repeats"]):
             order = METHODS if r % 2 == 0 else METHODS[::-1]
             for method in order:
                 _sync(device)
-                start = time.perf_counter()
+                start = clock()
                 runs[method]()
                 _sync(device)
-                times[method].append(time.perf_counter() - start)
+                times[method].append(clock() - start)
         out["times"] = times
     return out
 
@@ -271,6 +301,7 @@ def _machine(args) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "model": args.model,
         "device": args.device,
         "dtype": args.dtype,
         "mode": args.mode,
@@ -287,9 +318,16 @@ def _parse(argv):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (median)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--model", default="smollm2", choices=MODELS, help="the benchmarked model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="time by the wall clock, or by this process's CPU time (CPU, --threads 1, on a shared machine)",
+    )
     parser.add_argument("--mode", default="attnlrp", choices=["attnlrp", "cp"])
     parser.add_argument("--no-positional", action="store_true", help="benchmark the AttnLRP baseline rules")
     parser.add_argument(
@@ -321,11 +359,13 @@ def _measure(args, console) -> dict:
     """Run the grid; returns ``{"machine", "settings", "rows"}`` (also written to ``--json`` row by row)."""
     from hf_pelrp.assets import smollm2_checkpoint
 
-    smollm2_checkpoint()  # convert once here, not inside a timed worker
+    if args.model == "smollm2":
+        smollm2_checkpoint()  # convert once here, not inside a timed worker
     limit = args.max_memory_gb or 0.5 * _mem_available_gib()
     machine = _machine(args)
     console.print(f"machine: {json.dumps(machine)}; worker memory budget {limit:.1f} GiB")
     base = {
+        "model": args.model,
         "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,
@@ -333,6 +373,7 @@ def _measure(args, console) -> dict:
         "positional": not args.no_positional,
         "seed": args.seed,
         "repeats": args.repeats,
+        "clock": args.clock,
     }
     rows: list[dict] = []
     report = {"machine": machine, "settings": base, "rows": rows}
@@ -416,8 +457,8 @@ def _render(report: dict, console, markdown: bool) -> None:
             [
                 str(r["length"]),
                 str(r["batch"]),
-                _fmt(r["gradient_x_input_time_s"], ".2f"),
-                _fmt(r["pe_lrp_time_s"], ".2f"),
+                _fmt(r["gradient_x_input_time_s"], ".4f"),
+                _fmt(r["pe_lrp_time_s"], ".4f"),
                 _fmt(r["time_ratio"], ".2f"),
                 _fmt(r["min_time_ratio"], ".2f"),
                 _fmt(r.get(_memory_key("gradient_x_input", "tensors")), ".0f"),
@@ -429,7 +470,7 @@ def _render(report: dict, console, markdown: bool) -> None:
         )
     title = (
         f"PE-LRP ({settings['mode']}, positional={settings['positional']}) vs Gradient x Input (GxI), "
-        f"SmolLM2-135M, {settings['device']}, {settings['dtype']}"
+        f"{_TITLES[settings.get('model', 'smollm2')]}, {settings['device']}, {settings['dtype']}"
     )
     if markdown:
         print("| " + " | ".join(columns) + " |")

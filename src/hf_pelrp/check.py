@@ -4,14 +4,20 @@ The declaration says which rule each module gets; this check shows that the resu
 promises, for every mode: forward outputs unchanged, exact conservation in the bias-free CP configuration,
 non-zero position relevance under AttnLRP, exactly zero relevance at padding, the same maps for a row alone
 and inside a padded batch (left and right padding), for rotary families the exact split at the rotation in
-one layer, and the model restored exactly afterwards. It runs in the
-test suite for every registered model type; users who register their own adapter run it the same way.
+one layer, every gated product and norm against its explicit float64 rule in every mode
+(:mod:`hf_pelrp.check_sites`: the only check that sees a gated product's 1/2 on the wrong factor, which CP
+conservation cannot, the gate being a constant there), and the model restored exactly afterwards. Each property
+runs on its own: one that raises is reported and the others still run, so the report lists every failure. It
+runs in the test suite for every registered model type; users who register their own adapter run it the same
+way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +217,15 @@ class _Checker:
     def record(self, name: str, passed: bool, detail: str = "") -> None:
         self.report.results.append(CheckResult(self.name, name, bool(passed), detail))
 
+    @contextlib.contextmanager
+    def attempt(self, name: str) -> Iterator[None]:
+        """Run the block; an exception is recorded as the failure ``"<name> runs"`` and the caller goes on (one
+        mode that raises must not hide the others)."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - a failing declaration is reported, not hidden
+            self.record(f"{name} runs", False, f"{type(err).__name__}: {err}")
+
     # ---- inputs ---------------------------------------------------------------------------------------
 
     def inputs(self, batch: int = 2, length: int = 6) -> dict[str, Any]:
@@ -314,14 +329,14 @@ class _Checker:
             plain = self.model(**model_inputs).logits
         for mode in MODES:
             for positional in (True, False):
-                with lrp(self.model, mode=mode, positional=positional), torch.enable_grad():
-                    patched = self.model(**model_inputs).logits
-                ok = _close(patched.detach(), plain, 1e-12)
-                self.record(
-                    f"forward equivalence ({mode}, positional={positional})",
-                    ok,
-                    "" if ok else f"max diff {float((patched - plain).abs().max()):.3g}",
-                )
+                name = f"forward equivalence ({mode}, positional={positional})"
+                with self.attempt(name):
+                    with lrp(self.model, mode=mode, positional=positional), torch.enable_grad():
+                        patched = self.model(**model_inputs).logits
+                    ok = _close(patched.detach(), plain, 1e-12)
+                    self.record(
+                        name, ok, "" if ok else f"max diff {float((patched - plain).abs().max()):.3g}"
+                    )
 
     def conservation(self) -> None:
         """Bias-free CP: token + position (+ segment) = explained logit, to float64 precision."""
@@ -353,47 +368,50 @@ class _Checker:
         self.record("maps are finite", finite)
 
     def padding_and_batches(self) -> None:
-        if self.adapter.inputs.kind == "image":
-            inputs = self.inputs()
-            for mode in MODES:
-                both = self.attribute(inputs, mode)
-                alone = self.attribute({"pixel_values": inputs["pixel_values"][1:]}, mode)
-                ok = _close(both.relevance[1:], alone.relevance, 1e-9) and _close(
-                    both.position[1:], alone.position, 1e-9
-                )
-                self.record(f"batch invariance ({mode})", ok)
-            return
         inputs = self.inputs()
-        keep = inputs["input_ids"].shape[1] - 2
-        sides = ("left", "right")
-        for mode in MODES:
-            for side in sides:
-                padded = self.pad(inputs, 1, keep, side)
-                attr = self.attribute(padded, mode)
-                pad_positions = padded["attention_mask"][1] == 0
-                maps = [attr.token, attr.position] + [m for m in (attr.segment,) if m is not None]
-                zero = all(float(m[1][pad_positions.to(m.device)].abs().max()) == 0.0 for m in maps)
-                if attr.position_by_layer is not None:
-                    zero = zero and float(attr.position_by_layer[1][:, pad_positions].abs().max()) == 0.0
-                self.record(f"padding gets exactly 0 ({mode}, {side} padding)", zero)
-                alone_inputs = {
-                    "input_ids": padded["input_ids"][1:, ~pad_positions],
-                    "attention_mask": torch.ones(1, keep, dtype=torch.long),
-                }
-                if self.kind == MASKED_LM:
-                    alone_inputs.update(position=2, mask_token_id=self.mask_id)
-                if self.kind == SEQ2SEQ_LM:
-                    alone_inputs.update(
-                        decoder_input_ids=padded["decoder_input_ids"][1:],
-                        decoder_attention_mask=padded["decoder_attention_mask"][1:],
+        if self.adapter.inputs.kind == "image":
+            for mode in MODES:
+                with self.attempt(f"batch invariance ({mode})"):
+                    both = self.attribute(inputs, mode)
+                    alone = self.attribute({"pixel_values": inputs["pixel_values"][1:]}, mode)
+                    ok = _close(both.relevance[1:], alone.relevance, 1e-9) and _close(
+                        both.position[1:], alone.position, 1e-9
                     )
-                alone = self.attribute(alone_inputs, mode)
-                row = attr[1].unpad()
-                ok = _close(row.relevance, alone.relevance, 1e-9) and _close(
-                    row.position, alone.position, 1e-9
-                )
-                ok = ok and _close(row.target_value, alone.target_value, 1e-9)
-                self.record(f"batch invariance ({mode}, {side} padding)", ok)
+                    self.record(f"batch invariance ({mode})", ok)
+            return
+        for mode in MODES:
+            for side in ("left", "right"):
+                with self.attempt(f"padding and batch invariance ({mode}, {side} padding)"):
+                    self.padded_row(inputs, mode, side)
+
+    def padded_row(self, inputs: dict[str, Any], mode: str, side: str) -> None:
+        """Row 1 cut by two tokens and padded on ``side``: its padding gets exactly 0, and its maps equal those of
+        the row alone."""
+        keep = inputs["input_ids"].shape[1] - 2
+        padded = self.pad(inputs, 1, keep, side)
+        attr = self.attribute(padded, mode)
+        pad_positions = padded["attention_mask"][1] == 0
+        maps = [attr.token, attr.position] + [m for m in (attr.segment,) if m is not None]
+        zero = all(float(m[1][pad_positions.to(m.device)].abs().max()) == 0.0 for m in maps)
+        if attr.position_by_layer is not None:
+            zero = zero and float(attr.position_by_layer[1][:, pad_positions].abs().max()) == 0.0
+        self.record(f"padding gets exactly 0 ({mode}, {side} padding)", zero)
+        alone_inputs = {
+            "input_ids": padded["input_ids"][1:, ~pad_positions],
+            "attention_mask": torch.ones(1, keep, dtype=torch.long),
+        }
+        if self.kind == MASKED_LM:
+            alone_inputs.update(position=2, mask_token_id=self.mask_id)
+        if self.kind == SEQ2SEQ_LM:
+            alone_inputs.update(
+                decoder_input_ids=padded["decoder_input_ids"][1:],
+                decoder_attention_mask=padded["decoder_attention_mask"][1:],
+            )
+        alone = self.attribute(alone_inputs, mode)
+        row = attr[1].unpad()
+        ok = _close(row.relevance, alone.relevance, 1e-9) and _close(row.position, alone.position, 1e-9)
+        ok = ok and _close(row.target_value, alone.target_value, 1e-9)
+        self.record(f"batch invariance ({mode}, {side} padding)", ok)
 
     def rotary_split(self, config: PretrainedConfig) -> None:
         """One layer, bias-free, AttnLRP: ``token(positions on) + position = token(positions off)`` per position.
@@ -426,6 +444,25 @@ class _Checker:
             worst <= self.tol,
             f"relative difference {worst:.2e}",
         )
+
+    def rule_sites(self) -> None:
+        """Every gated product and norm, in every mode, against its explicit float64 rule
+        (:mod:`hf_pelrp.check_sites`): the only check that sees a factor on the wrong side of a gated product."""
+        from .check_sites import check_sites
+
+        inputs = self.inputs()
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("position", "mask_token_id")}
+        for mode in MODES:
+            with self.attempt(f"rule sites ({mode})"):
+                sites = check_sites(self.model, self.adapter, model_inputs, mode, self.tol, self.seed)
+                for kind in dict.fromkeys(s.kind for s in sites):
+                    mine = [s for s in sites if s.kind == kind]
+                    failed = [s for s in mine if not s.passed]
+                    skipped = sorted({s.detail for s in mine if s.passed and s.detail.startswith("skipped")})
+                    detail = "; ".join(f"{s.site}: {s.detail}" for s in failed) or "; ".join(
+                        [f"{len(mine)} sites", *skipped]
+                    )
+                    self.record(f"{kind} sites match the explicit float64 rule ({mode})", not failed, detail)
 
     def restoration(self, before: dict[str, Any]) -> None:
         problems = _differences(before, _snapshot(self.model))
@@ -493,15 +530,23 @@ def check_adapter(
         before = _snapshot(model)
         try:
             adapter.check_model(model)
-            checker.forward_equivalence()
-            checker.conservation()
-            checker.position_relevance()
-            checker.padding_and_batches()
-            checker.rotary_split(config)
         except Exception as err:  # noqa: BLE001 - a failing declaration is reported, not hidden
-            report.results.append(
-                CheckResult(cls.__name__, "attribution runs", False, f"{type(err).__name__}: {err}")
+            # every property below attributes, and every attribution would refuse the same way
+            checker.record("the declaration covers the model", False, f"{type(err).__name__}: {err}")
+        else:
+            properties = (
+                ("forward equivalence", checker.forward_equivalence),
+                ("bias-free CP conservation", checker.conservation),
+                ("position relevance", checker.position_relevance),
+                ("padding and batches", checker.padding_and_batches),
+                ("rotary split", functools.partial(checker.rotary_split, config)),
+                ("rule sites", checker.rule_sites),
             )
+            for name, check in properties:  # each one runs: the report lists every failure, not the first
+                try:
+                    check()
+                except Exception as err:  # noqa: BLE001 - a failing declaration is reported, not hidden
+                    checker.record(f"{name} runs", False, f"{type(err).__name__}: {err}")
         checker.restoration(before)
     if raise_on_failure and not report.passed:
         raise AdapterCheckError(str(report))

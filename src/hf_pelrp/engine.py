@@ -1,8 +1,8 @@
 """The attribution engine: the one flow behind every entry point (the reversible :func:`lrp` context it runs in
 lives in :mod:`hf_pelrp.context`).
 
-Data flows one way (architecture.md): resolve the rules once, check the inputs, attach the adapter's rules to
-this model instance, run one forward pass, seed the explained logit(s) with gradient 1, run the backward
+Data flows one way (docs/architecture.md): resolve the rules once, check the inputs, attach the adapter's rules
+to this model instance, run one forward pass, seed the explained logit(s) with gradient 1, run the backward
 pass(es), read ``leaf * leaf.grad`` through the positional kind, build the result once. :func:`attribute`,
 :func:`explain_continuation`, the pipeline, the CLI, the dataset runner and the evaluation all call
 :func:`explain`.

@@ -9,6 +9,7 @@ undoable, and composable with accelerate's own per-module hooks.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,7 +127,8 @@ class Norm(HookRule):
     as the forward value (:func:`hf_pelrp.rules.straight_through`), so outputs stay bit-identical. The
     surrogate must reproduce the output (up to rounding): if it does not, the declared surrogate is not the
     function this class computes (a ``(1 + w)`` norm declared as ``w * x / std``) and the rule refuses, naming
-    the module, instead of propagating relevance through the wrong function.
+    the module, instead of propagating relevance through the wrong function. The comparison is made once per
+    module and state (its parameters, settings and dtypes: see ``_REPRODUCED``), not at every forward pass.
     """
 
     surrogate: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
@@ -140,22 +142,49 @@ class Norm(HookRule):
             # under accelerate offload the weights are back on `meta` once the module's forward has returned
             with weights_on_device(mod):
                 surrogate = self.surrogate(mod, x.to(output.device))
-            check_reproduces(surrogate, output, self.name or type(mod).__name__, "norm surrogate")
+                state = _norm_state(mod, self.surrogate, x, output)
+            if _REPRODUCED.get(mod) != state:
+                where = self.name or type(mod).__name__
+                if check_reproduces(surrogate, output, where, "norm surrogate"):
+                    _REPRODUCED[mod] = state
             return straight_through(output, surrogate.to(output.dtype))
 
         handles.append(module.register_forward_hook(hook))
 
 
-def check_reproduces(value: torch.Tensor, reference: torch.Tensor, where: str, what: str) -> None:
+#: norm modules whose declared surrogate has reproduced their output, with the state it was proven in. The
+#: comparison costs a reduction and a device sync per norm and forward pass (about a tenth of a small model's
+#: attribution); a surrogate that reproduces a module once reproduces it for every input, as long as the
+#: surrogate, the module's parameters, buffers and settings and the dtypes stay what they were. Any change of
+#: those (weights loaded or edited in place: their version counter moves; a cast; a move) checks again, and a
+#: failed check is never remembered: a wrong declaration stays an error. Weakly keyed: no module is kept alive.
+_REPRODUCED: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _norm_state(module: torch.nn.Module, surrogate: Callable, x: torch.Tensor, output: torch.Tensor) -> tuple:
+    """What the surrogate check of ``module`` depends on besides the input values (see ``_REPRODUCED``)."""
+    tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    return (
+        surrogate,
+        x.dtype,
+        output.dtype,
+        output.device,
+        tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors),
+        tuple((k, v) for k, v in vars(module).items() if isinstance(v, int | float | str | bool | None)),
+    )
+
+
+def check_reproduces(value: torch.Tensor, reference: torch.Tensor, where: str, what: str) -> bool:
     """Raise :class:`UnsupportedModelError` unless ``value`` equals ``reference`` up to rounding.
 
     The tolerance is that of float32 at least (norms compute their statistics in float32 even in float64
     models), relative to the largest output: far below the difference a wrongly declared function makes.
+    Returns whether the comparison was made (``False``: ``reference`` is not finite, nothing was proven).
     """
     with torch.no_grad():
         a, b = value.detach().to(reference.dtype), reference.detach()
         if b.is_floating_point() and not bool(torch.isfinite(b).all()):
-            return  # an overflow: the engine's finiteness check names the module, with advice
+            return False  # an overflow: the engine's finiteness check names the module, with advice
         if a.shape != b.shape:
             ok = False
         else:
@@ -169,6 +198,7 @@ def check_reproduces(value: torch.Tensor, reference: torch.Tensor, where: str, w
             "does not describe this module (e.g. a (1 + w) RMSNorm declared as w * x / std). Fix the declaration "
             "(and run hf_pelrp.check_adapter) before attributing this model."
         )
+    return True
 
 
 @dataclass

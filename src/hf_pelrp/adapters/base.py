@@ -1,12 +1,13 @@
 """The adapter declaration and the registry that finds it by ``config.model_type``.
 
-An adapter is mostly data (architecture.md): which module classes are norms and with which surrogate, which
-are element-wise activations, where the gated products are, which modules are attention, which embeddings are
-leaves, the positional kind, and how inputs are checked. :meth:`Adapter.plan` turns the declaration into the
-rules for one model instance and refuses everything it does not cover: a module class the declaration does
-not name (its forward may do arithmetic the rules do not know), a norm without a surrogate, an activation
-without an identity rule, an attention module that does not dispatch through transformers' attention
-interface. :func:`hf_pelrp.check_adapter` proves the rest on a tiny random instance.
+An adapter is mostly data (docs/architecture.md): which module classes are norms and with which surrogate,
+which are element-wise activations, where the gated products are, which modules are attention, which embeddings
+are leaves, the positional kind, and how inputs are checked. :meth:`Adapter.module_rules` turns the declaration
+into the rules for one model instance; :meth:`Adapter.check_model` refuses everything it does not cover: a
+module class the declaration does not name (its forward may do arithmetic the rules do not know), a norm
+without a surrogate, an activation without an identity rule, an attention module that does not dispatch
+through transformers' attention interface. :func:`hf_pelrp.check_adapter` proves the rest on a tiny random
+instance.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from ..adapters import adapter_for
 from ..adapters import positional_site as engine_positional_site
 from ..errors import UnsupportedModelError
 from ..modules import find_module
+from ..rules import scale_gradient
 
 ROTARY = "rotary"
 ADDITIVE = "additive"
@@ -278,17 +279,6 @@ class _RotationInverseGradient(torch.autograd.Function):
         return rotated.reshape(b, t, width), None, None, None, None
 
 
-class _ScaleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
 @contextmanager
 def rotary_split(model: nn.Module, split: str) -> Iterator[Callable[[], torch.Tensor]]:
     """Prototype of the rotary rule variants; use inside ``hf_pelrp.lrp(model, mode, positional=False)``.
@@ -336,8 +326,8 @@ def rotary_split(model: nn.Module, split: str) -> Iterator[Callable[[], torch.Te
             leaves[layer] = (u, v)
             current[layer] = (cos, sin)
             # value exactly (cos, sin); gradient to the leaves, scaled by the rule's share
-            cos_in = cos + (_ScaleGradient.apply(u, leaf_factor) - u.detach())
-            sin_in = sin + (_ScaleGradient.apply(v, leaf_factor) - v.detach())
+            cos_in = cos + (scale_gradient(u, leaf_factor) - u.detach())
+            sin_in = sin + (scale_gradient(v, leaf_factor) - v.detach())
             return args, {**kwargs, "position_embeddings": (cos_in, sin_in)}
 
         return hook
@@ -348,7 +338,7 @@ def rotary_split(model: nn.Module, split: str) -> Iterator[Callable[[], torch.Te
             if split == "reference":
                 # the content path sees the identity rotation: q gets g instead of R^T g
                 return _RotationInverseGradient.apply(output, cos, sin, site.head_dim, scale)
-            return _ScaleGradient.apply(output, content_factor)
+            return scale_gradient(output, content_factor)
 
         return hook
 

@@ -1,0 +1,48 @@
+"""scripts/bench_attribution.py: the small random LLaMA case runs in a worker with either clock (no numbers
+are asserted: timings belong to the benchmark, not to the tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_attribution.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_attribution", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_small_llama_is_four_layers_256_wide(bench):
+    model = bench._load("llama-4x256", torch.float32)
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (4, 256)
+    assert not model.training
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_a_time_worker_runs_both_methods(bench, clock):
+    threads = torch.get_num_threads()
+    spec = {
+        "model": "llama-4x256",
+        "task": "time",
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": threads,
+        "mode": "attnlrp",
+        "positional": True,
+        "seed": 0,
+        "repeats": 2,
+        "clock": clock,
+        "length": 8,
+        "batch": 1,
+    }
+    times = bench._worker(spec)["times"]
+    assert set(times) == set(bench.METHODS)
+    assert all(len(v) == 2 and all(t >= 0 for t in v) for v in times.values())
