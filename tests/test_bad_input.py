@@ -195,3 +195,37 @@ def test_gradient_checkpointing_in_train_mode_gives_the_same_maps():
     torch.testing.assert_close(attr.position_by_layer, expected.position_by_layer, rtol=1e-6, atol=1e-8)
     assert model.training and all(m.training for m in model.modules())
     assert model.model.layers[0].gradient_checkpointing
+
+
+def test_a_model_class_without_source_is_judged_by_its_attention_layers():
+    """A head class typed into a notebook has no source for transformers' heuristic to read (its own
+    _can_set_attn_implementation says False); its attention layers are transformers' own and dispatch through
+    the interface, so it is explained, exactly as the class it wraps."""
+    from transformers import LlamaForCausalLM
+
+    from hf_pelrp.adapters import register_adapter
+    from hf_pelrp.adapters.base import _REGISTRY
+    from hf_pelrp.adapters.llama import llama_like
+    from hf_pelrp.adapters.norms import rms_norm
+
+    cell: dict = {"__name__": "notebook_cell", "LlamaForCausalLM": LlamaForCausalLM}
+    exec("class NotebookLlamaForCausalLM(LlamaForCausalLM):\n    pass\n", cell)
+    notebook = cell["NotebookLlamaForCausalLM"]
+    notebook._can_set_attn_implementation_cached_value = None  # not inherited from LlamaForCausalLM's cache
+    assert not notebook._can_set_attn_implementation()
+    plain = _lm()
+    model = notebook(copy.deepcopy(plain.config)).eval()
+    model.load_state_dict(plain.state_dict())
+    saved = dict(_REGISTRY)
+    try:
+        register_adapter(
+            llama_like(
+                ("llama",), "Llama", modules=("NotebookLlamaForCausalLM",), norms={"LlamaRMSNorm": rms_norm}
+            )
+        )
+        torch.testing.assert_close(
+            hf_pelrp.attribute(model, _ids()).relevance, hf_pelrp.attribute(plain, _ids()).relevance
+        )
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)

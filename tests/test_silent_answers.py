@@ -317,3 +317,19 @@ def test_seq2seq_position_index_is_a_decoder_position_with_a_left_padded_source(
     )
     assert int(padded.position_index[0]) == int(plain.position_index[0]) == 1
     torch.testing.assert_close(padded.target_value, plain.target_value)
+
+
+def test_a_label_named_by_id2label_is_a_target_when_label2id_is_stale():
+    """transformers 5 leaves label2id at LABEL_0 / LABEL_1 (or empty) when only id2label is given: the labels
+    the model shows must still be accepted as targets, and mean the class id2label gives them."""
+    model = copy.deepcopy(tiny("bert", "cls"))  # tiny() is cached: the labels stay with this copy
+    model.config.id2label = {0: "negative", 1: "positive"}
+    model.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
+    row = ids(1, 5)
+    by_name = hf_pelrp.attribute(model, row, target="positive")
+    by_id = hf_pelrp.attribute(model, row, target=1)
+    assert int(by_name.target[0]) == 1
+    torch.testing.assert_close(by_name.relevance, by_id.relevance, rtol=0, atol=0)
+    assert int(hf_pelrp.attribute(model, row, target="Negative").target[0]) == 0
+    with pytest.raises(AttributionInputError, match="'neutral' is not a label.*negative.*positive"):
+        hf_pelrp.attribute(model, row, target="neutral")

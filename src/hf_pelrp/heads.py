@@ -274,8 +274,12 @@ def token_id_of(tokenizer: Any, text: str, what: str) -> int:
 
 
 def label_id_of(config: Any, label: str, what: str) -> int:
-    """The class id of a label name (``config.label2id``; case-insensitive when unambiguous)."""
-    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    """The class id of a label name (``config.id2label``, then ``config.label2id``; case-insensitive when
+    unambiguous). ``id2label`` comes first: it is what transformers shows for a class, and in transformers 5
+    ``from_pretrained(..., id2label=...)`` or ``ViTConfig(id2label=...)`` leaves ``label2id`` stale or empty."""
+    label2id = {str(v): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    for k, v in (getattr(config, "label2id", None) or {}).items():
+        label2id.setdefault(str(k), int(v))
     if label in label2id:
         return label2id[label]
     folded = [v for k, v in label2id.items() if k.lower() == label.lower()]

@@ -237,7 +237,9 @@ class Adapter:
             )
         check_dispatch_hooks(model)
         if self.attention_interface:
-            inline = sorted({type(m).__name__ for m in self.attention_modules(model) if not _dispatches(type(m))})
+            inline = sorted(
+                {type(m).__name__ for m in self.attention_modules(model) if not _dispatches(type(m))}
+            )
             if inline:
                 raise UnsupportedModelError(
                     f"{type(model).__name__}'s attention ({', '.join(inline)}) does not dispatch through "
