@@ -46,6 +46,7 @@ from .base import (
     register_adapter,
     supported_model_types,
 )
+from .infer import describe_adapter  # installs the inference of declarations for types with none
 from .refusals import REFUSED  # noqa: F401  (registers the model types refused by name)
 
 
@@ -60,6 +61,7 @@ __all__ = [
     "GatedProduct",
     "adapter_for",
     "adapter_for_type",
+    "describe_adapter",
     "positional_site",
     "refuse_model_type",
     "refused_model_types",
