@@ -48,9 +48,9 @@ from . import base as _base
 from .base import _PRIMITIVE_NAMES, PRIMITIVES, Adapter, GatedProduct
 from .gemma import final_logit_softcap
 from .llama import DECODER_INPUTS
-from .norms import ACTIVATIONS, layer_norm, rms_norm, rms_norm_one_plus
+from .norms import ACTIVATIONS, _eps, layer_norm, rms_norm, rms_norm_one_plus
 
-__all__ = ["FixedEpsNorm", "describe_adapter", "infer_adapter", "inferred_adapters"]
+__all__ = ["FixedEpsNorm", "describe_adapter", "infer_adapter", "inferred_adapters", "layer_norm_one_plus"]
 
 _LOCK = threading.RLock()
 #: (model class, its module classes) -> the proven declaration
@@ -88,10 +88,17 @@ class FixedEpsNorm:
         )
 
 
+def layer_norm_one_plus(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std * (1 + w) + b`` with ``std`` detached (Nemotron's ``LayerNorm1P``): the identity rule
+    of a LayerNorm whose weight is stored minus one."""
+    return layer_norm_identity(x, module.weight + 1.0, getattr(module, "bias", None), _eps(module))
+
+
 _SURROGATES: tuple[tuple[str, Any], ...] = (
     ("rms_norm", rms_norm),
     ("rms_norm_one_plus", rms_norm_one_plus),
     ("layer_norm", layer_norm),
+    ("layer_norm_one_plus", layer_norm_one_plus),
     *(
         (f"FixedEpsNorm({kind!r}, {eps!r})", FixedEpsNorm(kind, eps))
         for kind in ("layer_norm", "rms_norm")
@@ -131,7 +138,17 @@ def infer_adapter(model: nn.Module) -> Adapter:
         try:
             with torch.random.fork_rng(devices=[]):
                 # (the caller's check_model then refuses a module of the user's instance the tiny one lacks)
-                adapter, tiny = _infer(model)
+                try:
+                    adapter, tiny = _infer(model)
+                except UnsupportedModelError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - the tiny instance does not run as probed: refused
+                    raise _refuse(
+                        model,
+                        "",
+                        None,
+                        f"probing a tiny float64 instance failed ({type(err).__name__}: {err}).",
+                    ) from err
                 _prove(model, adapter, tiny)
         except UnsupportedModelError as err:
             _REFUSED[key] = str(err)
@@ -173,7 +190,7 @@ def adapter_code(adapter: Adapter) -> str:
     lines = [
         "from hf_pelrp.adapters import Adapter, GatedProduct, register_adapter",
         "from hf_pelrp.adapters.gemma import final_logit_softcap",
-        "from hf_pelrp.adapters.infer import FixedEpsNorm",
+        "from hf_pelrp.adapters.infer import FixedEpsNorm, layer_norm_one_plus",
         "from hf_pelrp.adapters.llama import DECODER_INPUTS",
         "from hf_pelrp.adapters.norms import layer_norm, rms_norm, rms_norm_one_plus",
         "from hf_pelrp.positions import Rotary",
@@ -260,9 +277,12 @@ def _probe(model: nn.Module) -> tuple[dict[nn.Module, tuple[Any, Any]], dict[nn.
     """One forward pass recording each module's first (input, output) and each attention's rotary pair."""
     records: dict[nn.Module, tuple[Any, Any]] = {}
     pairs: dict[nn.Module, Any] = {}
+    pair_outputs: dict[nn.Module, list[torch.Tensor]] = {}
     handles = []
 
     def record(module, args, kwargs, output):
+        if isinstance(output, tuple) and len(output) == 2:
+            pair_outputs.setdefault(module, []).append(output[0])
         if module not in records:
             first = args[0] if args else next(iter(kwargs.values()), None)
             records[module] = (first, output)
@@ -281,6 +301,10 @@ def _probe(model: nn.Module) -> tuple[dict[nn.Module, tuple[Any, Any]], dict[nn.
     finally:
         for h in handles:
             h.remove()
+    # every pair a module returned (a rotary embedding called once per layer type), for _is_rotary_embedding
+    for module, outputs in pair_outputs.items():
+        if module in records:
+            records[module] = (records[module][0], records[module][1], outputs)
     return records, pairs
 
 
@@ -288,7 +312,7 @@ def _norm_surrogate(module: nn.Module, record: tuple[Any, Any] | None) -> Any:
     """The surrogate reproducing ``module`` on its recorded input and on a synthetic one, or None."""
     if record is None or not isinstance(record[0], torch.Tensor) or not isinstance(record[1], torch.Tensor):
         return None
-    x, y = record
+    x, y = record[0], record[1]
     gen = torch.Generator().manual_seed(7)
     synthetic = (torch.randn(x.shape, generator=gen, dtype=torch.float64) * 0.003 + 0.002).to(x.dtype)
     with torch.no_grad():
@@ -322,7 +346,7 @@ def _mlp_product(
             model, path, mlp, "an MLP the inference cannot read (not one activation between linears)."
         )
     act_name = acts[0]
-    act_in, act_out = records[children[act_name]]
+    act_in, act_out = records[children[act_name]][:2]
     x = records[mlp][0]
     downs = [n for n in linears if not _close(records[children[n]][0], x)]
     if len(downs) != 1:
@@ -334,7 +358,7 @@ def _mlp_product(
         if name == downs[0]:
             continue
         out = records[children[name]][1]
-        if _close(down_in, act_out * out):
+        if out.shape == act_out.shape and _close(down_in, act_out * out):
             return act_name, name, None
         width = out.shape[-1]
         half = width // 2
@@ -425,7 +449,7 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
                     "the inference covers rotary decoders only, and its relevance would be lost.",
                 )
             continue
-        if hasattr(module, "inv_freq") and not list(module.parameters()) and not list(module.children()):
+        if _is_rotary_embedding(module, records.get(module), pairs):
             modules.append(name)  # the rotary embedding: its (cos, sin) are the leaves
             continue
         children = list(module.children())
@@ -449,7 +473,8 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
                 path,
                 module,
                 "a module with parameters that is none of the norms hf_pelrp knows (w x / rms, (1 + w) x / rms, "
-                "LayerNorm) on its own output.",
+                "LayerNorm, (1 + w) LayerNorm) on its own output (an activation with parameters has no identity "
+                "rule in hf_pelrp).",
             )
         if all(
             isinstance(c, PRIMITIVES + ACTIVATIONS) or type(c).__name__ in _PRIMITIVE_NAMES for c in children
@@ -497,6 +522,18 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
         **extra,
     )
     return adapter, tiny
+
+
+def _is_rotary_embedding(
+    module: nn.Module, record: tuple[Any, Any] | None, pairs: dict[nn.Module, Any]
+) -> bool:
+    """A parameter-free leaf whose output pair is what the attention modules receive as ``(cos, sin)``."""
+    if record is None or list(module.parameters()) or list(module.children()):
+        return False
+    outputs = record[2] if len(record) > 2 else []
+    return any(
+        isinstance(p, tuple) and len(p) == 2 and any(p[0] is out for out in outputs) for p in pairs.values()
+    )
 
 
 def _rotary_kind(
