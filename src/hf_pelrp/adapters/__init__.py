@@ -27,6 +27,7 @@ from . import (  # noqa: F401
     phi3,
     qwen2_vl,
     qwen3,
+    rotary_decoders,
     seq2seq,
     smollm3,
     stablelm,

@@ -473,17 +473,20 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"{type(model).__name__} has no config.model_type; hf_pelrp explains transformers PreTrainedModel "
             f"instances of the supported types: {', '.join(supported_model_types())}."
         )
-    inferred = ""
     if model_type not in _REGISTRY and model_type not in _REFUSED and _INFERENCE:
         # no declaration: infer one from the module tree and config, proven by check_adapter (explicit
-        # refusals above stay refusals)
+        # refusals stay refusals)
         try:
             return _INFERENCE[0](model)
         except UnsupportedModelError as err:
-            inferred = f" No declaration could be inferred either: {err}"
+            raise UnsupportedModelError(
+                f"model type {model_type!r} ({type(model).__name__}) is not supported by hf_pelrp. Supported "
+                f"model types: {', '.join(supported_model_types())}. No declaration could be inferred either: "
+                f"{err}"
+            ) from None
     try:
         return adapter_for_type(model_type)
     except UnsupportedModelError as err:
         raise UnsupportedModelError(
-            str(err).replace(f"{model_type!r}", f"{model_type!r} ({type(model).__name__})", 1) + inferred
+            str(err).replace(f"{model_type!r}", f"{model_type!r} ({type(model).__name__})", 1)
         ) from None

@@ -245,14 +245,26 @@ def _tiny_config(config: Any) -> Any:
         tiny.sliding_window = 3
     if getattr(config, "initializer_range", None) is not None:
         tiny.initializer_range = 0.05
+    if getattr(tiny, "pad_token_id", 0) is None:
+        tiny.pad_token_id = 0  # the proof pads batches (a classifier refuses batches without a pad id)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value >= _TINY["vocab_size"]:
             setattr(tiny, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name])
     if isinstance(layers, int) and layers > 1:
-        for name, value in vars(config).items():
-            if isinstance(value, list | tuple) and len(value) == layers:
-                setattr(tiny, name, type(value)(value[:2]))
+        # keep one layer of every kind the per-layer lists describe (sliding / global, NoPE, ...), at least two
+        per_layer = {
+            n: v for n, v in vars(config).items() if isinstance(v, list | tuple) and len(v) == layers
+        }
+        kinds: dict[tuple[str, ...], int] = {}
+        for i in range(layers):
+            kinds.setdefault(tuple(repr(v[i]) for v in per_layer.values()), i)
+        keep = sorted(kinds.values())
+        if len(keep) < 2:
+            keep = [0, 1]
+        tiny.num_hidden_layers = len(keep)
+        for name, value in per_layer.items():
+            setattr(tiny, name, type(value)(value[i] for i in keep))
     return tiny
 
 
@@ -404,25 +416,30 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
             "interface (a state-space or recurrent model, or attention written inline).",
         )
     layers_path, blocks = lists[0]
+    prefix = next(p for p, m in probe.named_modules() if m is base)
+    model_layers_path = f"{prefix}.{layers_path}" if prefix else layers_path
     attention_paths = {
         p for block in blocks for p, m in block.named_modules() if m is not block and _dispatches_attention(m)
     }
     if len(attention_paths) != 1 or not all(
         any(p == next(iter(attention_paths)) for p, _ in b.named_modules()) for b in blocks
     ):
-        raise _refuse(model, layers_path, blocks[0], "blocks without exactly one attention module each.")
+        raise _refuse(
+            model, model_layers_path, blocks[0], "blocks without exactly one attention module each."
+        )
     attention_path = next(iter(attention_paths))
     attentions = [b.get_submodule(attention_path) for b in blocks]
     if not all(getattr(a, "is_causal", False) for a in attentions):
         raise _refuse(
             model,
-            f"{layers_path}.0.{attention_path}",
+            f"{model_layers_path}.0.{attention_path}",
             attentions[0],
             "bidirectional (encoder) attention: the inference covers causal decoders only.",
         )
 
     records, pairs = _probe(probe)
     positions = _rotary_kind(model, tiny, attentions, pairs)
+    _refuse_layers_ignoring_rotary(model, probe, model_layers_path, attention_path, attentions, positions)
 
     # every module: placed or refused
     embed = probe.get_input_embeddings()
@@ -534,6 +551,39 @@ def _is_rotary_embedding(
     return any(
         isinstance(p, tuple) and len(p) == 2 and any(p[0] is out for out in outputs) for p in pairs.values()
     )
+
+
+def _refuse_layers_ignoring_rotary(
+    model: nn.Module, probe: nn.Module, layers_path: str, attention_path: str, attentions: list, kind: Rotary
+) -> None:
+    """Refuse layers that receive the rotary pair but do not rotate (NoPE layers: the rotary 1/2 would reach
+    q and k there): the logits must change when that layer alone gets the identity rotation."""
+    ids = torch.arange(1, _PROBE_LENGTH + 1).reshape(1, -1) + 3
+    with torch.no_grad():
+        plain = probe(input_ids=ids).logits
+    for i, attention in enumerate(attentions):
+
+        def identity(module, args, kwargs):
+            pair = kwargs.get(kind.keyword)
+            cos = pair[kind.names.index("cos")]
+            new = {"cos": torch.ones_like(cos), "sin": torch.zeros_like(cos)}
+            return args, {**kwargs, kind.keyword: (new[kind.names[0]], new[kind.names[1]])}
+
+        handle = attention.register_forward_pre_hook(identity, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                unrotated = probe(input_ids=ids).logits
+        finally:
+            handle.remove()
+        if torch.equal(unrotated, plain):
+            raise _refuse(
+                model,
+                f"{layers_path}.{i}.{attention_path}",
+                attention,
+                "this layer receives the rotary (cos, sin) pair but does not rotate q and k (a NoPE layer, e.g. "
+                "the global layers of a sliding-window pattern): the inference cannot tell which layers rotate. "
+                "Declare it with Rotary(applies=...).",
+            )
 
 
 def _rotary_kind(
