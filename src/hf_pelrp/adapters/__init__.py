@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     alibi,
     beit,
     bert,
+    bert_variants,
     clip,
     cohere,
     deberta,
