@@ -1,6 +1,6 @@
-"""What check_adapter does not prove for the declarations of ``adapters/rotary_decoders.py``: NoPE layers get no
-rotary factor (EXAONE 4, Command R7B), and Nemotron's ``(1 + w)`` LayerNorm surrogate is the identity rule
-(float64 reference)."""
+"""What check_adapter does not prove for the declarations of ``adapters/rotary_decoders.py`` and ``olmoe.py``:
+NoPE layers get no rotary factor (EXAONE 4, Command R7B), Nemotron's ``(1 + w)`` LayerNorm surrogate is the
+identity rule (float64 reference), OLMoE's ``clip_qkv`` is refused."""
 
 from __future__ import annotations
 
@@ -92,3 +92,14 @@ def test_layer_norm_one_plus_is_the_identity_rule_of_nemotrons_norm():
     gw = g * (1 + norm.weight.detach()) / std
     reference = gw - gw.mean(-1, keepdim=True)
     assert torch.allclose(grad, reference, atol=1e-12)
+
+
+def test_olmoe_refuses_clip_qkv():
+    """OLMoE clamps the normed q, k (and v) in place: no rule covers it, so the model is refused by name."""
+    from transformers import OlmoeForCausalLM
+
+    config = tiny_config("olmoe")
+    config.clip_qkv = 0.5
+    model = OlmoeForCausalLM(config).eval()
+    with pytest.raises(hf_pelrp.UnsupportedModelError, match=r"clip_qkv=0\.5"):
+        hf_pelrp.attribute(model, IDS)
