@@ -74,6 +74,16 @@ FAMILIES = {
     "gemma": ("gemma", "Gemma", "GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
     "qwen3": ("qwen3", "Qwen3", "Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
 }
+#: a mixture of experts (fused experts, softmax top-k router); the eager experts loop runs in float64
+MOE = {
+    "mixtral": (
+        "mixtral",
+        "Mixtral",
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"},
+    )
+}
 #: not explained by inference: SmolLM3 with a NoPE layer (refused, below)
 NOPE = {"smollm3": ("smollm3", "SmolLM3", "SmolLM3Config", "SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]})}
 
@@ -82,7 +92,7 @@ def _pair(key: str, patch=None):
     """(original model, copied model with the same weights, the copy's model type), float64."""
     import transformers
 
-    family, prefix, config_name, model_name, extra = {**FAMILIES, **NOPE}[key]
+    family, prefix, config_name, model_name, extra = {**FAMILIES, **MOE, **NOPE}[key]
     new_type, new_prefix, config_class, modeling = copy_family(family, prefix, patch)
     torch.manual_seed(0)
     original = getattr(transformers, model_name)(getattr(transformers, config_name)(**SIZES, **extra))
@@ -97,7 +107,7 @@ def _pair(key: str, patch=None):
 IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60], [9, 2, 33, 71, 4, 25, 13]])
 
 
-@pytest.mark.parametrize("key", ["llama", "gemma", "qwen3"])
+@pytest.mark.parametrize("key", ["llama", "gemma", "qwen3", "mixtral"])
 def test_a_renamed_copy_is_explained_exactly_as_the_original(key):
     original, copied, new_type = _pair(key)
     assert new_type not in supported_model_types()

@@ -48,6 +48,7 @@ from . import base as _base
 from .base import _PRIMITIVE_NAMES, PRIMITIVES, Adapter, GatedProduct
 from .gemma import final_logit_softcap
 from .llama import DECODER_INPUTS
+from .moe import MixtureOfExperts
 from .norms import ACTIVATIONS, _eps, layer_norm, rms_norm, rms_norm_one_plus
 
 __all__ = ["FixedEpsNorm", "describe_adapter", "infer_adapter", "inferred_adapters", "layer_norm_one_plus"]
@@ -211,6 +212,10 @@ def adapter_code(adapter: Adapter) -> str:
     ]
     if adapter.extra_rules is final_logit_softcap:
         lines.append("        extra_rules=final_logit_softcap,")
+    if isinstance(adapter.extra_rules, MixtureOfExperts):
+        lines.insert(0, "from hf_pelrp.adapters.moe import MixtureOfExperts")
+        lines.append(f"        extra_rules={adapter.extra_rules!r},")
+        lines.append(f"        checks=({adapter.extra_rules!r}.check,),")
     lines += ["    )", ")"]
     return "\n".join(lines) + "\n"
 
@@ -243,6 +248,8 @@ def _tiny_config(config: Any) -> Any:
         tiny.query_pre_attn_scalar = 8
     if getattr(config, "sliding_window", None) is not None:
         tiny.sliding_window = 3
+    if hasattr(config, "_experts_implementation"):
+        tiny._experts_implementation = "eager"  # grouped_mm has no float64 kernel on CPU
     if getattr(config, "initializer_range", None) is not None:
         tiny.initializer_range = 0.05
     if getattr(tiny, "pad_token_id", 0) is None:
@@ -438,7 +445,7 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
         )
 
     records, pairs = _probe(probe)
-    positions = _rotary_kind(model, tiny, attentions, pairs)
+    positions = _rotary_kind(model, tiny, attentions, pairs, f"{model_layers_path}.0.{attention_path}")
     _refuse_layers_ignoring_rotary(model, probe, model_layers_path, attention_path, attentions, positions)
 
     # every module: placed or refused
@@ -447,6 +454,8 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
     modules: list[str] = []
     norms: dict[str, Any] = {}
     gated: dict[tuple[str, str, str | None], int] = {}
+    routers: list[nn.Module] = []
+    experts: list[nn.Module] = []
     # leaves first: an unknown activation is named as itself, not as the MLP around it
     ordered = sorted(probe.named_modules(), key=lambda item: bool(list(item[1].children())))
     for path, module in ordered:
@@ -470,6 +479,17 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
             modules.append(name)  # the rotary embedding: its (cos, sin) are the leaves
             continue
         children = list(module.children())
+        if _is_router(module, records.get(module)):
+            routers.append(module)
+            modules.append(name)
+            continue
+        if _is_fused_experts(module):
+            experts.append(module)
+            modules.append(name)
+            continue
+        if children and _is_mixture_block(module, routers, experts):
+            modules.append(name)
+            continue
         if not children:
             surrogate = _norm_surrogate(module, records.get(module))
             if surrogate is not None:
@@ -515,9 +535,14 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
             "rotary embedding): its forward may do arithmetic the rules do not cover.",
         )
 
-    extra = {}
+    extra: dict[str, Any] = {}
     if getattr(config, "final_logit_softcapping", None) is not None:
         extra["extra_rules"] = final_logit_softcap
+    if experts:
+        mixture = _mixture(model, routers, experts)
+        if extra:
+            raise _refuse(model, "", None, "a mixture of experts with soft-capped logits: not inferred.")
+        extra["extra_rules"], extra["checks"] = mixture, (mixture.check,)
     embed_path = base_paths.get(embed)
     if embed_path is None:
         raise _refuse(model, "", embed, "the input embedding is not inside the base model.")
@@ -539,6 +564,44 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
         **extra,
     )
     return adapter, tiny
+
+
+def _is_router(module: nn.Module, record: tuple[Any, ...] | None) -> bool:
+    """A top-k router: a leaf with one [experts, hidden] weight returning ``(logits, weights, index)``."""
+    weight = getattr(module, "weight", None)
+    if record is None or list(module.children()) or not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        return False
+    out = record[1]
+    return isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point()
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    """Fused experts: 3-D ``gate_up_proj`` / ``down_proj`` parameters and an activation child."""
+    weights = [getattr(module, n, None) for n in ("gate_up_proj", "down_proj")]
+    return all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights) and isinstance(
+        getattr(module, "act_fn", None), ACTIVATIONS
+    )
+
+
+def _is_mixture_block(module: nn.Module, routers: list[nn.Module], experts: list[nn.Module]) -> bool:
+    """A sparse block holding exactly one router and one experts module (and nothing else)."""
+    children = list(module.children())
+    return (
+        len(children) == 2
+        and sum(c in routers for c in children) == 1
+        and sum(_is_fused_experts(c) for c in children) == 1
+        and not list(module.parameters(recurse=False))
+    )
+
+
+def _mixture(model: nn.Module, routers: list[nn.Module], experts: list[nn.Module]) -> MixtureOfExperts:
+    """The mixture-of-experts rules of one router class and one experts class (softmax routing: the router
+    rule re-computes the weights and refuses a router that computes anything else)."""
+    router_names = {type(m).__name__ for m in routers}
+    expert_names = {type(m).__name__ for m in experts}
+    if len(router_names) != 1 or len(expert_names) != 1 or len(routers) != len(experts):
+        raise _refuse(model, "", experts[0], "experts without exactly one softmax top-k router class each.")
+    return MixtureOfExperts(experts=expert_names.pop(), router=router_names.pop())
 
 
 def _is_rotary_embedding(
@@ -587,13 +650,13 @@ def _refuse_layers_ignoring_rotary(
 
 
 def _rotary_kind(
-    model: nn.Module, tiny: Any, attentions: list[nn.Module], pairs: dict[nn.Module, Any]
+    model: nn.Module, tiny: Any, attentions: list[nn.Module], pairs: dict[nn.Module, Any], where: str
 ) -> Rotary:
     got = [pairs.get(a) for a in attentions]
     if not all(isinstance(p, tuple) and len(p) == 2 for p in got):
         raise _refuse(
             model,
-            "",
+            where,
             attentions[0],
             "attention receives no rotary (cos, sin) pair (absolute, relative or no positions): the inference "
             "covers rotary positions only.",
@@ -606,7 +669,7 @@ def _rotary_kind(
     elif bool((zero_first == 0).all()) and not bool((zero_second == 0).all()):
         names = ("sin", "cos")
     else:
-        raise _refuse(model, "", attentions[0], "a rotary pair whose cos and sin cannot be told apart.")
+        raise _refuse(model, where, attentions[0], "a rotary pair whose cos and sin cannot be told apart.")
     cos = first if names[0] == "cos" else second
     heads = tiny.num_attention_heads
     head_dim = getattr(tiny, "head_dim", None) or tiny.hidden_size // heads
@@ -623,7 +686,7 @@ def _rotary_kind(
     else:
         raise _refuse(
             model,
-            "",
+            where,
             attentions[0],
             f"a rotary cos of width {width} for {rotary_dim} rotary channels per head: an unknown layout.",
         )
