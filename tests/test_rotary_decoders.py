@@ -103,3 +103,31 @@ def test_olmoe_refuses_clip_qkv():
     model = OlmoeForCausalLM(config).eval()
     with pytest.raises(hf_pelrp.UnsupportedModelError, match=r"clip_qkv=0\.5"):
         hf_pelrp.attribute(model, IDS)
+
+
+def test_xielu_gets_the_identity_rule():
+    """Apertus' xIELU (element-wise, learned scalars): with the rule, x * grad = f(x) * g per element (float64
+    reference: R_x = R_y), which plain autograd does not give."""
+    from transformers.activations import XIELUActivation
+
+    from hf_pelrp.adapters.rotary_decoders import xielu_rules
+    from hf_pelrp.hooks import Handles
+
+    act = XIELUActivation(dtype=torch.float64)
+    holder = torch.nn.Sequential(act)
+    [(module, rule)] = xielu_rules(holder, None, None)
+    assert module is act
+    x = torch.randn(4, 16, dtype=torch.float64)
+    g = torch.randn(4, 16, dtype=torch.float64)
+    plain_x = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(act(plain_x), plain_x, g)
+    handles = Handles()
+    rule.attach(act, handles)
+    try:
+        x.requires_grad_(True)
+        y = act(x)
+        (grad,) = torch.autograd.grad(y, x, g)
+    finally:
+        handles.remove()
+    assert torch.allclose(x.detach() * grad, y.detach() * g, atol=1e-12)
+    assert not torch.allclose(x.detach() * plain, y.detach() * g, atol=1e-3)

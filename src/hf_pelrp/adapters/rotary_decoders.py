@@ -13,6 +13,11 @@ each proven by check_adapter like every registered type.
 - ``exaone4``, ``cohere2``: sliding-window layers rotate, the global layers do not (NoPE): ``Rotary(applies=)``
   gives the global layers no leaf, so their position relevance is exactly 0 and their q, k keep the full
   AttnLRP factor (method.md 2, "Rotary variants"). The tiny instances hold one layer of each kind.
+- ``apertus``: the LLaMA layout with an ungated MLP whose activation is xIELU (``XIELUActivation``: element-wise,
+  with two learned scalars): the identity rule ``R_x = R_y`` (AttnLRP Prop. 3.4) holds for any element-wise
+  activation, its scalars are constants of the backward pass (:func:`xielu_rules`, float64 reference in
+  ``tests/test_rotary_decoders.py``). At exactly ``x = 0`` xIELU gives ``-1e-6 * alpha_n`` rather than 0: that
+  output carries no relevance (the rule's ``f(x) / x`` is 0 there).
 - ``codegen``: GPT-J's layout (interleaved partial rotary of width ``rotary_dim / 2``, passed as
   ``(sin, cos)``, parallel blocks, one LayerNorm); token types are embedded with the token table (``segment``).
 """
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import LRPConfig
+from ..hooks import Activation, HookRule, LeafStore
 from ..inputs import TextInputs
 from ..positions import Rotary
 from .base import Adapter, GatedProduct, register_adapter
@@ -45,6 +52,11 @@ def exaone4_rotates(attention: nn.Module) -> bool:
 def cohere2_rotates(attention: nn.Module) -> bool:
     """``Cohere2Attention`` rotates q and k in its sliding-window layers only."""
     return attention.sliding_window is not None
+
+
+def xielu_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
+    """The identity rule on every ``XIELUActivation`` (an element-wise activation outside the built-in table)."""
+    return [(m, Activation()) for m in model.modules() if type(m).__name__ == "XIELUActivation"]
 
 
 MINISTRAL = register_adapter(
@@ -96,6 +108,19 @@ COHERE2 = register_adapter(
         positions=Rotary(applies=cohere2_rotates),
         heads=("causal_lm",),
         tiny={**_SLIDING_AND_GLOBAL, "logit_scale": 0.25},
+    )
+)
+
+APERTUS = register_adapter(
+    llama_like(
+        ("apertus",),
+        "Apertus",
+        name="apertus",
+        modules=("XIELUActivation",),
+        gated=(),
+        extra_rules=xielu_rules,
+        heads=("causal_lm",),
+        tiny={**_SMALL_HEADS, "hidden_act": "xielu", "max_position_embeddings": 16384},
     )
 )
 
