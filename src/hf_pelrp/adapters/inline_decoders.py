@@ -1,5 +1,5 @@
-"""Decoders with additive positions whose attention is written inline (no call of transformers' attention
-interface): ``gpt_neo``.
+"""Models with additive positions whose attention is written inline (no call of transformers' attention
+interface): ``gpt_neo`` and ``megatron-bert``.
 
 Their attention modules compute ``softmax(c q k^T + m) v`` themselves (GPT-Neo without the ``1 / sqrt(d)``
 scale, in float32), so the ``"lrp"`` attention never runs. :func:`projection_factors` gives exactly its factors with hooks on the separate
@@ -10,6 +10,10 @@ The softmax keeps its Gradient x Input rule (AttnLRP Prop. 3.1). No positional t
 - ``gpt_neo``: learned absolute ``wte + wpe`` (``token``, ``position``; ``segment`` when ``token_type_ids`` are
   given, embedded with the token table as GPT-2 does); local (windowed) and global layers differ only in the
   causal mask. The flash-attention class is not declared (refused by name).
+- ``megatron-bert``: the BERT layout (word + token-type + learned position: ``token``, ``segment``,
+  ``position``) with pre-LN blocks and a final LayerNorm; its self-attention (``query``, ``key``, ``value``,
+  scaled by ``1 / sqrt(d)``) gets the same factors. Heads as for BERT, plus ``MegatronBertForCausalLM``;
+  cross-attention layers are refused.
 
 XGLM (inline attention of the same kind, sinusoidal positions) is not declared: its attention does not run in
 float64 in transformers 5.25 (``torch.full((), finfo(float64).min)`` in a float32 tensor, modeling_xglm.py:213),
@@ -18,6 +22,8 @@ so check_adapter cannot prove a declaration.
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ..config import LRPConfig
@@ -25,20 +31,25 @@ from ..hooks import HookRule, LeafStore, OutputGradient
 from ..inputs import TextInputs
 from ..positions import Additive
 from .base import Adapter, register_adapter
+from .bert import bert_like
+from .electra import no_cross_attention
 from .norms import layer_norm
 
 
-def projection_factors(layers_path: str, attention_path: str):
+def projection_factors(
+    layers_path: str, attention_path: str, names: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
+):
     """``extra_rules`` giving the inline attention at ``attention_path`` of each block (``layers_path`` in the base
-    model) the factors of the ``"lrp"`` attention on its ``q_proj``, ``k_proj`` and ``v_proj`` outputs."""
+    model) the factors of the ``"lrp"`` attention on the outputs of its q, k and v projections (``names``)."""
 
     def rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
         out: list[tuple[nn.Module, HookRule]] = []
+        q, k, v = names
         for block in model.base_model.get_submodule(layers_path):
             attention = block.get_submodule(attention_path)
-            out.append((attention.q_proj, OutputGradient(config.qk_factor)))
-            out.append((attention.k_proj, OutputGradient(config.qk_factor)))
-            out.append((attention.v_proj, OutputGradient(config.v_factor)))
+            out.append((attention.get_submodule(q), OutputGradient(config.qk_factor)))
+            out.append((attention.get_submodule(k), OutputGradient(config.qk_factor)))
+            out.append((attention.get_submodule(v), OutputGradient(config.v_factor)))
         return out
 
     return rules
@@ -82,5 +93,20 @@ GPT_NEO = register_adapter(
             "eos_token_id": 1,
             "num_labels": 3,
         },
+    )
+)
+
+MEGATRON_BERT = register_adapter(
+    dataclasses.replace(
+        bert_like(
+            ("megatron-bert",),
+            "MegatronBert",
+            modules=("MegatronBertForCausalLM",),
+            name="megatron-bert",
+            extra_rules=projection_factors("encoder.layer", "attention.self", ("query", "key", "value")),
+            attention_interface=False,
+        ),
+        heads=("sequence_classification", "masked_lm", "causal_lm"),
+        checks=(no_cross_attention,),
     )
 )
