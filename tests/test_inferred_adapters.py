@@ -220,5 +220,9 @@ def test_a_layer_that_receives_the_rotary_pair_but_does_not_rotate_is_refused():
     and ignore them: a plain Rotary() would give their q, k the rotary 1/2, which check_adapter's one-layer
     split (layer 0 rotates) does not see. The inference finds the layer and refuses it."""
     _, copied, _ = _pair("smollm3")
+    # the same class with every layer rotating is explained; the cache is per config, so the declaration proven
+    # for it is not reused for the instance with a NoPE layer
+    rotating = type(copied)(type(copied.config)(**SIZES, no_rope_layers=[1, 1])).to(torch.float64).eval()
+    hf_pelrp.attribute(rotating, IDS)
     with pytest.raises(UnsupportedModelError, match=r"'model\.layers\.1\.self_attn' .*does not rotate"):
         hf_pelrp.attribute(copied, IDS)

@@ -54,10 +54,11 @@ from .norms import ACTIVATIONS, _eps, layer_norm, rms_norm, rms_norm_one_plus
 __all__ = ["FixedEpsNorm", "describe_adapter", "infer_adapter", "inferred_adapters", "layer_norm_one_plus"]
 
 _LOCK = threading.RLock()
-#: (model class, its module classes) -> the proven declaration
-_PROVEN: dict[tuple[type, frozenset[type]], Adapter] = {}
+#: (model class, its module classes, its config) -> the proven declaration: the config is part of the key, since
+#: options such as the layer types decide what the proof covers (a NoPE layer, a norm on q and k)
+_PROVEN: dict[tuple[type, frozenset[type], str], Adapter] = {}
 #: the same key -> why it was refused (inference or proof), so a refusal costs its minute once
-_REFUSED: dict[tuple[type, frozenset[type]], str] = {}
+_REFUSED: dict[tuple[type, frozenset[type], str], str] = {}
 #: model class -> the declaration being proven (the proof attributes tiny instances of that class)
 _PROVING: dict[type, Adapter] = {}
 
@@ -131,7 +132,7 @@ def infer_adapter(model: nn.Module) -> Adapter:
     with _LOCK:
         if cls in _PROVING:
             return _PROVING[cls]
-        key = (cls, frozenset(type(m) for m in model.modules()))
+        key = (cls, frozenset(type(m) for m in model.modules()), _config_key(model.config))
         if key in _PROVEN:
             return _PROVEN[key]
         if key in _REFUSED:
@@ -158,9 +159,20 @@ def infer_adapter(model: nn.Module) -> Adapter:
         return adapter
 
 
+def _config_key(config: Any) -> str:
+    """The config's values, without those that do not change the computation (name, versions, dtype)."""
+    try:
+        values = config.to_dict()
+    except Exception:  # noqa: BLE001 - a config that does not serialise: keyed by identity
+        return f"id:{id(config)}"
+    for name in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
+        values.pop(name, None)
+    return repr(sorted(values.items(), key=lambda item: item[0]))
+
+
 def inferred_adapters() -> dict[str, Adapter]:
     """The inferred (and proven) declarations so far, by model class name."""
-    return {cls.__name__: adapter for (cls, _), adapter in _PROVEN.items()}
+    return {cls.__name__: adapter for (cls, _, _), adapter in _PROVEN.items()}
 
 
 def describe_adapter(model: nn.Module, *, print_it: bool = True) -> str:
