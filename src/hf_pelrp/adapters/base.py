@@ -449,7 +449,9 @@ def refused_model_types() -> dict[str, str]:
 
 def adapter_for_type(model_type: str) -> Adapter:
     """The adapter registered for ``model_type``; :class:`UnsupportedModelError` otherwise."""
-    adapter = _REGISTRY.get(model_type) or _INFERRED.get(model_type)
+    adapter = _REGISTRY.get(model_type)
+    if adapter is None and model_type not in _REFUSED:
+        adapter = _INFERRED.get(model_type)  # explicit refusals stay refusals
     if adapter is not None:
         return adapter
     if model_type in _REFUSED:
