@@ -19,6 +19,7 @@ from . import (  # noqa: F401
     gpt_neox,
     gptj,
     granite,
+    granitemoe,
     inline_decoders,
     llama,
     modernbert,
