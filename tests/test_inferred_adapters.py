@@ -226,3 +226,23 @@ def test_a_layer_that_receives_the_rotary_pair_but_does_not_rotate_is_refused():
     hf_pelrp.attribute(rotating, IDS)
     with pytest.raises(UnsupportedModelError, match=r"'model\.layers\.1\.self_attn' .*does not rotate"):
         hf_pelrp.attribute(copied, IDS)
+
+
+@pytest.mark.parametrize("model_type", ["helium", "internlm3", "vaultgemma", "flex_olmo"])
+def test_transformers_types_without_a_declaration_are_inferred_and_proven(model_type):
+    """Real model types of transformers 5.25 that no declaration names (a LLaMA-like, a Gemma-like with
+    soft-capping, a mixture of experts): inferred from a tiny instance, proven by check_adapter, explained."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    config = infer._tiny_config(AutoConfig.for_model(model_type))
+    cls = getattr(transformers, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    adapter = hf_pelrp.adapter_for(model)
+    if model_type not in supported_model_types():
+        assert "inferred" in adapter.name and model_type not in _REGISTRY
+        assert "has no registered declaration" in hf_pelrp.describe_adapter(model, print_it=False)
+    attr = hf_pelrp.attribute(model, IDS, mode="cp")
+    assert float(attr.position.abs().max()) == 0.0 and bool(torch.isfinite(attr.token).all())
