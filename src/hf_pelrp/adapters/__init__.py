@@ -22,6 +22,7 @@ from . import (  # noqa: F401
     granitemoe,
     inline_decoders,
     llama,
+    llama_layout,
     modernbert,
     moe,
     olmo,
