@@ -19,12 +19,19 @@ tree and the config of a tiny float64 instance of the same classes:
   the one equal to the scaling at position 0), and the layout from the width of ``cos`` against the rotary
   width of the config (``head_dim x partial_rotary_factor`` or ``rotary_dim``): equal = the LLaMA layout
   (full, partial, or interleaved pairs with a repeated ``cos``), half = GPT-J's narrow interleaved layout.
+  A layer that receives the pair but does not rotate (NoPE: the logits do not change when that layer alone gets
+  the identity rotation) is refused: check_adapter's one-layer rotary split would not see the wrong 1/2 there.
+  The tiny instance keeps one layer of every kind the per-layer config lists describe;
+- a mixture of experts: fused experts (3-D ``gate_up_proj`` / ``down_proj``) and a top-k router returning
+  ``(logits, weights, index)`` get the rules of :mod:`hf_pelrp.adapters.moe`, whose re-computation is checked
+  against the modules' outputs at every call (a router that is not a softmax top-k fails there).
 
 Whatever it cannot place is refused, naming the module and what is unknown about it (a parameter-free module
 with no identity rule, an embedding table that is not the input embedding, a container that is none of the
 parts above, an encoder or additive positions, which need an explicit declaration). The inferred declaration is
 then **proven** by :func:`hf_pelrp.check_adapter` on a tiny float64 instance of the same config class and model
-class before the first attribution (cached per class), so an inference mistake is an error, never a silent map.
+class before the first attribution (cached per model class, module classes and config), so an inference mistake
+is an error, never a silent map.
 :func:`describe_adapter` shows the declaration and the code that registers it explicitly.
 
 Model types refused by name (:mod:`hf_pelrp.adapters.refusals`) are never inferred.
