@@ -5,7 +5,7 @@
 """
 
 from . import card, viz  # hf_pelrp.card.attribution_section(...), hf_pelrp.viz.to_html(...)
-from .adapters import Adapter, adapter_for, register_adapter, supported_model_types
+from .adapters import Adapter, adapter_for, describe_adapter, register_adapter, supported_model_types
 from .attention import LRP_ATTENTION
 from .card import add_attribution_section, attribution_section
 from .check import AdapterCheckError, check_adapter
@@ -50,6 +50,7 @@ __all__ = [
     "check_adapter",
     "card",
     "default_config",
+    "describe_adapter",
     "enable_attribution",
     "explain_continuation",
     "from_pretrained",

@@ -5,6 +5,8 @@ from . import (  # noqa: F401
     alibi,
     beit,
     bert,
+    bert_variants,
+    biogpt,
     clip,
     cohere,
     deberta,
@@ -17,16 +19,21 @@ from . import (  # noqa: F401
     gpt_neox,
     gptj,
     granite,
+    granitemoe,
+    inline_decoders,
     llama,
+    llama_layout,
     modernbert,
     moe,
     olmo,
     olmo2,
+    olmoe,
     opt,
     phi,
     phi3,
     qwen2_vl,
     qwen3,
+    rotary_decoders,
     seq2seq,
     smollm3,
     stablelm,
@@ -46,6 +53,7 @@ from .base import (
     register_adapter,
     supported_model_types,
 )
+from .infer import describe_adapter  # installs the inference of declarations for types with none
 from .refusals import REFUSED  # noqa: F401  (registers the model types refused by name)
 
 
@@ -60,6 +68,7 @@ __all__ = [
     "GatedProduct",
     "adapter_for",
     "adapter_for_type",
+    "describe_adapter",
     "positional_site",
     "refuse_model_type",
     "refused_model_types",

@@ -425,6 +425,12 @@ def _matching_pairs(model: nn.Module, site: FunctionalActivationSite) -> list[tu
 _REGISTRY: dict[str, Adapter] = {}
 #: model types refused by name, with the reason
 _REFUSED: dict[str, str] = {}
+#: declarations inferred for model types with none (:mod:`hf_pelrp.adapters.infer`), after (or while) they are
+#: proven by check_adapter; never listed by supported_model_types()
+_INFERRED: dict[str, Adapter] = {}
+#: ``f(model) -> Adapter`` inferring (and proving) a declaration, or raising UnsupportedModelError naming what
+#: it cannot place; installed by :mod:`hf_pelrp.adapters.infer`
+_INFERENCE: list[Callable[[nn.Module], Adapter]] = []
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
@@ -460,6 +466,8 @@ def refused_model_types() -> dict[str, str]:
 def adapter_for_type(model_type: str) -> Adapter:
     """The adapter registered for ``model_type``; :class:`UnsupportedModelError` otherwise."""
     adapter = _REGISTRY.get(model_type)
+    if adapter is None and model_type not in _REFUSED:
+        adapter = _INFERRED.get(model_type)  # explicit refusals stay refusals
     if adapter is not None:
         return adapter
     if model_type in _REFUSED:
@@ -483,6 +491,17 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"{type(model).__name__} has no config.model_type; hf_pelrp explains transformers PreTrainedModel "
             f"instances of the supported types: {', '.join(supported_model_types())}."
         )
+    if model_type not in _REGISTRY and model_type not in _REFUSED and _INFERENCE:
+        # no declaration: infer one from the module tree and config, proven by check_adapter (explicit
+        # refusals stay refusals)
+        try:
+            return _INFERENCE[0](model)
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(
+                f"model type {model_type!r} ({type(model).__name__}) is not supported by hf_pelrp. Supported "
+                f"model types: {', '.join(supported_model_types())}. No declaration could be inferred either: "
+                f"{err}"
+            ) from None
     try:
         return adapter_for_type(model_type)
     except UnsupportedModelError as err:
