@@ -71,6 +71,8 @@ def test_entries_sum_to_the_gap_and_the_maps_are_unchanged(family, mode):
     torch.testing.assert_close(sum(kinds.values()), ledger.values.sum(-1), rtol=0, atol=1e-9)
     table = ledger.to_markdown(row=1)
     assert all(name in table for name in ledger.stages) and "total gap" in table
+    layers = ledger.layer_table(row=1).splitlines()
+    assert len(layers) == 2 + n + 1 and layers[-1].startswith("| out |")
 
 
 def test_bias_free_llama_cp_every_entry_is_zero_and_attnlrp_loses_only_in_attention():

@@ -88,6 +88,30 @@ class ConservationLedger:
         lines.append(f"| explained logit | {value:+.4f} | | |")
         return "\n".join(lines)
 
+    def layer_table(self, row: int = 0) -> str:
+        """A markdown table of one row with a line per block: relevance on the stream at the block's input,
+        what its attention, MLP and the rest lose, and the relevance its positional leaves take (rotary)."""
+        layers = self.stream.shape[1] - 1
+        index = {name: i for i, name in enumerate(self.stages)}
+        by_layer = self.attribution.position_by_layer
+        values = self.values[row].tolist()
+
+        def cell(name: str) -> str:
+            return f"{values[index[name]]:+.4f}" if name in index else "—"
+
+        lines = [
+            "| layer | R(stream in) | attention | mlp | rest | to positions |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for layer in range(layers):
+            pos = "—" if by_layer is None else f"{float(by_layer[row, layer].sum()):+.4f}"
+            lines.append(
+                f"| {layer} | {float(self.stream[row, layer]):+.4f} | {cell(f'layer {layer} attention')} | "
+                f"{cell(f'layer {layer} mlp')} | {cell(f'layer {layer} rest')} | {pos} |"
+            )
+        lines.append(f"| out | {float(self.stream[row, layers]):+.4f} | | | | |")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         return self.to_markdown()
 
