@@ -1,9 +1,9 @@
 """Measure the conservation ledger (hf_pelrp.conservation_ledger) on the offline real-weight models.
 
-Usage: ``python scripts/ledger.py [--model smollm2|minilm|all] [--modes attnlrp cp]``. Prints, per model and
-mode, the ledger by kind (summed over layers), then the per-layer table; the tables of docs/results.md ("Where
-the unexplained logit goes") are this output. SmolLM2-135M-Instruct explains " Paris" after
-"The capital of France is"; all-MiniLM-L6-v2 gets a classification head with seed 0 (as tests/test_minilm.py)
+Usage: ``python scripts/ledger.py [--model smollm2|minilm|all] [--modes attnlrp cp] [--no-positional]``.
+Prints, per model and mode, the ledger by kind (summed over layers), then the per-layer table; the tables of
+docs/results.md ("Where the unexplained logit goes") are this output. SmolLM2-135M-Instruct explains " Paris"
+after "The capital of France is"; all-MiniLM-L6-v2 gets a classification head with seed 0 (as tests/test_minilm.py)
 and explains its arg-max class on the first sentence pair of that test.
 """
 
@@ -48,12 +48,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--modes", nargs="+", default=["attnlrp", "cp"])
+    parser.add_argument(
+        "--no-positional", action="store_true", help="the classic baseline (positional=False)"
+    )
     args = parser.parse_args()
     for name in MODELS if args.model == "all" else [args.model]:
         model, tokenizer, inputs, target = MODELS[name]()
         for mode in args.modes:
             ledger = hf_pelrp.conservation_ledger(
-                model, target=target, mode=mode, tokenizer=tokenizer, **inputs
+                model,
+                target=target,
+                mode=mode,
+                positional=not args.no_positional,
+                tokenizer=tokenizer,
+                **inputs,
             )
             attr = ledger.attribution
             label = attr.labels.get(int(attr.target[0]), str(int(attr.target[0]))) if attr.labels else ""
