@@ -121,3 +121,18 @@ def test_bias_free_bert_cp_conserves_at_every_stage():
     ledger = hf_pelrp.conservation_ledger(model, ids, mask, mode="cp")
     assert ledger.values.abs().max() < _tolerance(ledger)
     assert "n/a" in ledger.to_markdown()  # no shares of a gap at float rounding
+
+
+def test_html_report_shows_the_ledger_of_each_row():
+    model = tiny_llama_family(num_layers=1)
+    ids, mask = padded_batch("left", lengths=(5, 3))
+    ledger = hf_pelrp.conservation_ledger(model, ids, mask, mode="attnlrp")
+    page = ledger.to_html(full_page=False)
+    assert page.count("where the unexplained logit goes") == 2  # one table per row
+    for stage in ledger.stages:
+        assert f"<td>{stage}</td>" in page
+    gap = float(ledger.gap[1])
+    assert f"{gap:.4g}" in page
+    assert "where the unexplained logit goes" not in ledger.attribution.to_html(full_page=False)
+    many = hf_pelrp.conservation_ledger(tiny_llama_family(num_layers=3), ids, mask, mode="attnlrp")
+    assert "attention (all layers)" in many.to_html(full_page=False)  # 11 stages: summed by kind

@@ -112,6 +112,12 @@ class ConservationLedger:
         lines.append(f"| out | {float(self.stream[row, layers]):+.4f} | | | | |")
         return "\n".join(lines)
 
+    def to_html(self, path: Any = None, **kwargs: Any) -> str:
+        """The attribution's HTML report (:func:`hf_pelrp.viz.to_html`) with this ledger as a table per row."""
+        from .viz.html import to_html
+
+        return to_html(self.attribution, path=path, ledger=self, **kwargs)
+
     def __str__(self) -> str:
         return self.to_markdown()
 
