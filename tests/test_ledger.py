@@ -96,17 +96,26 @@ def test_bias_free_llama_cp_every_entry_is_zero_and_attnlrp_loses_only_in_attent
     assert att.attribution.position_by_layer.abs().sum() > 1e-3
 
 
-def test_a_bias_shows_up_in_its_own_stage_only():
+@pytest.mark.parametrize(
+    ("bias", "stage"),
+    [
+        ("transformer.h.1.attn.c_proj.bias", "layer 1 attention"),
+        ("transformer.h.1.mlp.c_proj.bias", "layer 1 mlp"),
+        ("transformer.h.0.ln_2.bias", "layer 0 rest"),  # a LayerNorm bias's share: outside attention / MLP
+        ("transformer.ln_f.bias", "head"),
+    ],
+)
+def test_a_bias_shows_up_in_its_own_stage_only(bias, stage):
     model = tiny_gpt2(biases=False)
     ids, mask = _inputs("gpt2")
     clean = hf_pelrp.conservation_ledger(model, ids, mask, mode="cp")
     assert clean.values.abs().max() < _tolerance(clean)  # bias-free GPT-2 under CP conserves at every stage
     with torch.no_grad():
-        model.transformer.h[1].mlp.c_proj.bias.copy_(
+        model.get_parameter(bias).copy_(
             torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(5))
         )
     biased = hf_pelrp.conservation_ledger(model, ids, mask, mode="cp")
-    where = biased.stages.index("layer 1 mlp")
+    where = biased.stages.index(stage)
     assert biased.values[:, where].abs().min() > 1e-3
     others = [i for i in range(len(biased.stages)) if i != where]
     assert biased.values[:, others].abs().max() < _tolerance(biased)
