@@ -145,3 +145,18 @@ def test_html_report_shows_the_ledger_of_each_row():
     assert "where the unexplained logit goes" not in ledger.attribution.to_html(full_page=False)
     many = hf_pelrp.conservation_ledger(tiny_llama_family(num_layers=3), ids, mask, mode="attnlrp")
     assert "attention (all layers)" in many.to_html(full_page=False)  # 11 stages: summed by kind
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_the_model_keeps_no_hook_after_the_ledger_or_its_failure():
+    model = tiny_llama_family(num_layers=1)
+    ids, mask = padded_batch("left", lengths=(4,))
+    before = _hook_count(model)
+    hf_pelrp.conservation_ledger(model, ids, mask)
+    assert _hook_count(model) == before
+    with pytest.raises(hf_pelrp.AttributionInputError):
+        hf_pelrp.conservation_ledger(model, ids, mask, target=" Paris")  # a string target needs a tokenizer
+    assert _hook_count(model) == before
