@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .io import save_attribution
+from .ledger import ConservationLedger, conservation_ledger
 from .loading import default_config, enable_attribution, from_pretrained
 from .pipeline import LRPAttributionPipeline  # importing registers the "lrp-attribution" pipeline
 from .result import Attribution, GenerationAttribution, Seq2SeqAttribution, load_attribution
@@ -35,6 +36,7 @@ __all__ = [
     "AttributionFileError",
     "AttributionInputError",
     "AttributionStateError",
+    "ConservationLedger",
     "GenerationAttribution",
     "HfPelrpError",
     "LRPAttributionPipeline",
@@ -48,6 +50,7 @@ __all__ = [
     "attribute_dataset",
     "attribution_section",
     "check_adapter",
+    "conservation_ledger",
     "card",
     "default_config",
     "describe_adapter",

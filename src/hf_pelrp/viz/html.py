@@ -376,6 +376,21 @@ def _text_rows(
     return rows, payloads
 
 
+def _ledger_rows(ledger: Any, row: int) -> list[dict[str, str]]:
+    """One row of a :class:`hf_pelrp.ConservationLedger` as table lines: stage, entry, share of the logit; the
+    stages summed by kind (``ledger.by_kind()``) when there are more than eight."""
+    value = float(ledger.target_value[row])
+    if len(ledger.stages) > 8:
+        entries = [(f"{k} (all layers)", float(v[row])) for k, v in ledger.by_kind().items()]
+    else:
+        entries = [(k, float(v)) for k, v in zip(ledger.stages, ledger.values[row].tolist(), strict=True)]
+    entries.append(("total gap", float(ledger.gap[row])))
+    return [
+        {"stage": clean(k), "value": _fmt(x), "share": f"{x / value:.1%}" if value != 0 else "n/a"}
+        for k, x in entries
+    ]
+
+
 def _text_html(
     attr: Any,
     tokens: Any,
@@ -386,6 +401,7 @@ def _text_html(
     shared_scale: bool,
     title: str | None,
     full_page: bool,
+    ledger: Any = None,
 ) -> str:
     views = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)
     maps = list(views[0].maps) if views else ["relevance", "token", "position"]
@@ -393,6 +409,8 @@ def _text_html(
     # rows without special tokens have identical "visible" and "all" colours, so one key serves every row
     initial_key = "visible" if hide_special and any_special else "all"
     rows, payloads = _text_rows(views, shared_scale, initial_key, layer_chart_title(attr))
+    for row in rows:
+        row["ledger"] = None if ledger is None else _ledger_rows(ledger, row["index"])
     return _render(
         "text.html.j2",
         path,
@@ -707,6 +725,7 @@ def to_html(
     shared_scale: bool = True,
     title: str | None = None,
     full_page: bool = True,
+    ledger: Any = None,
     **kwargs: Any,
 ) -> str:
     """Render an attribution as self-contained HTML (and write it to ``path`` if given).
@@ -744,6 +763,9 @@ def to_html(
     full_page
         A complete document with a Content-Security-Policy (default) or a fragment for embedding
         (notebooks use the fragment).
+    ledger
+        A :class:`hf_pelrp.ConservationLedger` of ``attr`` (text attributions): each row gets a small table of
+        where its conservation gap goes (``ledger.to_html()`` passes itself).
 
     Returns
     -------
@@ -757,6 +779,8 @@ def to_html(
         # attr.to_html("report.html"): GenerationAttribution.to_html takes the path first, so both spellings
         # write the file (any other lone string is refused as tokens: one string per position is needed)
         tokens, path = None, tokens
+    if ledger is not None and (is_generation(attr) or is_vision(attr)):
+        raise AttributionInputError("ledger= applies to text attributions (one explained logit per row)")
     if is_generation(attr):
         if image is not None:
             raise AttributionInputError("image= does not apply to a continuation attribution")
@@ -780,7 +804,9 @@ def to_html(
         raise AttributionInputError(
             "image= was given, but this attribution has no patch_map / pixel_map (it is not from a vision model)"
         )
-    return _text_html(attr, tokens, path, tokenizer, labels, hide_special, shared_scale, title, full_page)
+    return _text_html(
+        attr, tokens, path, tokenizer, labels, hide_special, shared_scale, title, full_page, ledger=ledger
+    )
 
 
 __all__ = ["content_security_policy", "generation_html", "json_for_script", "script_hash", "to_html"]
