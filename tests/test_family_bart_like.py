@@ -215,3 +215,17 @@ def test_position_ids_and_too_long_prefixes_are_refused(family):
         hf_pelrp.attribute(model, src[:1], decoder_input_ids=long)
     with pytest.raises(AttributionInputError):
         hf_pelrp.attribute(model, torch.full((1, limit + 1), 5), decoder_input_ids=tgt[:1])
+
+
+def test_marian_with_its_own_decoder_vocabulary():
+    """``share_encoder_decoder_embeddings=False``: the decoder's table (``decoder_vocab_size`` ids) is the
+    ``target_token`` leaf; target ids are checked against it, not against the source vocabulary."""
+    model = _model("marian", bias_free=True, share_encoder_decoder_embeddings=False, decoder_vocab_size=50)
+    assert model.get_decoder().embed_tokens.num_embeddings == 50
+    src, _ = _inputs(model)
+    tgt = torch.tensor([[1, 49, 7, 30], [1, 3, 48, 12]])
+    attr = hf_pelrp.attribute(model, src, decoder_input_ids=tgt, mode="cp")
+    assert float((attr.conservation_gap.abs() / attr.target_value.abs()).max()) < TOL
+    assert float(attr.target_token.abs().sum()) > 0
+    with pytest.raises(AttributionInputError, match="decoder vocabulary has 50 ids"):
+        hf_pelrp.attribute(model, src, decoder_input_ids=torch.tensor([[1, 60]]))

@@ -120,6 +120,16 @@ def decoder_start_id(model: nn.Module) -> int:
     return int(pad)
 
 
+def _decoder_vocabulary(model: nn.Module) -> int:
+    """The size of the table the decoder embeds the target prefix with (Marian without shared embeddings has
+    its own ``decoder_vocab_size``), else the model's input table."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    table = getattr(decoder, "embed_tokens", None)
+    if isinstance(table, nn.Embedding):
+        return table.num_embeddings
+    return model.get_input_embeddings().num_embeddings
+
+
 @dataclass(frozen=True)
 class Seq2SeqInputs:
     """The source (checked as ``source``, a :class:`TextInputs`) and the target prefix ``decoder_input_ids`` [B, T']
@@ -181,11 +191,11 @@ class Seq2SeqInputs:
                 f"decoder_input_ids has shape {tuple(target.shape)}: give one non-empty target prefix per source "
                 f"row ({batch})"
             )
-        size = model.get_input_embeddings().num_embeddings
+        size = _decoder_vocabulary(model)
         bad = target[(target < 0) | (target >= size)]
         if bad.numel():
             raise AttributionInputError(
-                f"decoder token id {int(bad[0])} is out of range: the model's vocabulary has {size} ids"
+                f"decoder token id {int(bad[0])} is out of range: the model's decoder vocabulary has {size} ids"
             )
         limit = self.target_positions(model.config) if self.target_positions is not None else None
         if limit is not None and target.shape[1] > limit:
