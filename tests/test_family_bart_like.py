@@ -229,3 +229,19 @@ def test_marian_with_its_own_decoder_vocabulary():
     assert float(attr.target_token.abs().sum()) > 0
     with pytest.raises(AttributionInputError, match="decoder vocabulary has 50 ids"):
         hf_pelrp.attribute(model, src, decoder_input_ids=torch.tensor([[1, 60]]))
+
+
+@pytest.mark.parametrize("family", ("marian", "m2m_100"))
+def test_continuation_rows_equal_single_explanations(family):
+    """A continuation is explained as one batch of right-padded target prefixes: each row's source and
+    target-prefix maps (positions included) equal the prefix explained alone."""
+    model = _model(family)
+    src, tgt = _inputs(model)
+    cont = tgt[0, 1:]
+    rows = hf_pelrp.attribute(model, src[0], continuation_ids=cont)
+    assert rows.batch_size == cont.numel()
+    for s in range(cont.numel()):
+        single = hf_pelrp.attribute(model, src[:1], decoder_input_ids=tgt[:1, : s + 1], target=int(cont[s]))
+        torch.testing.assert_close(rows.position[s], single.position[0])
+        torch.testing.assert_close(rows.target_position[s, : s + 1], single.target_position[0])
+        torch.testing.assert_close(rows.target_token[s, : s + 1], single.target_token[0])
