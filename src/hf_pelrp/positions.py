@@ -99,6 +99,28 @@ def _as_map(relevance: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return relevance.to(device=like.device, dtype=like.dtype).expand_as(like)
 
 
+class SharedRows(HookRule):
+    """Give a positional table's [T, H] output (position ids without a batch axis, shared by every row) the
+    batch axis [1, T, H] during the model's forward pass, before :class:`EmbeddingLeaf` (registered after it)
+    expands it to one leaf per row. ``[1, T, H] + [B, T, H]`` broadcasts as ``[T, H] + [B, T, H]`` did: the
+    forward pass is unchanged. Outputs of any other rank are left as they are."""
+
+    def __init__(self, store: LeafStore):
+        self.store = store
+
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        def hook(_module, _args, output):
+            if (
+                not self.store.aux.get("in_forward")
+                or not isinstance(output, torch.Tensor)
+                or output.dim() != 2
+            ):
+                return None
+            return output.unsqueeze(0)
+
+        handles.append(module.register_forward_hook(hook))
+
+
 @dataclass(frozen=True)
 class NoPositions(PositionalKind):
     """A family without positional encodings: the position map is exactly 0."""
@@ -118,7 +140,9 @@ class Additive(PositionalKind):
     ``modules`` maps a base-model module path to the leaf name its output becomes (``"position"``); the map
     is read from the ``"position"`` leaf (vision families build it from their own embedding rule, with no
     module here). The leaf is a copy of the module's output, one per batch row; a sinusoidal table is never
-    modified.
+    modified. A table that returns one [T, H] block for the whole batch (the sinusoidal and learned tables of
+    Marian, Pegasus and Blenderbot index it with a 1-D ``arange``) gets a batch axis first
+    (:class:`SharedRows`), so that it too becomes one leaf per batch row.
     """
 
     modules: Mapping[str, str] = field(default_factory=lambda: {"embeddings.position_embeddings": "position"})
@@ -127,9 +151,12 @@ class Additive(PositionalKind):
 
     def rules(self, model, layers, attention, store):
         base = model.base_model
-        return [
-            (find_module(base, path), EmbeddingLeaf(store, (leaf,))) for path, leaf in self.modules.items()
-        ]
+        rules: list[tuple[torch.nn.Module, HookRule]] = []
+        for path, leaf in self.modules.items():
+            module = find_module(base, path)
+            rules.append((module, SharedRows(store)))
+            rules.append((module, EmbeddingLeaf(store, (leaf,))))
+        return rules
 
     def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
         leaf = store.additive.get("position")

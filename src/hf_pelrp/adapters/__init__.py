@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     albert,
     alibi,
+    bart_like,
     beit,
     bert,
     bert_variants,

@@ -120,6 +120,16 @@ def decoder_start_id(model: nn.Module) -> int:
     return int(pad)
 
 
+def _decoder_vocabulary(model: nn.Module) -> int:
+    """The size of the table the decoder embeds the target prefix with (Marian without shared embeddings has
+    its own ``decoder_vocab_size``), else the model's input table."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    table = getattr(decoder, "embed_tokens", None)
+    if isinstance(table, nn.Embedding):
+        return table.num_embeddings
+    return model.get_input_embeddings().num_embeddings
+
+
 @dataclass(frozen=True)
 class Seq2SeqInputs:
     """The source (checked as ``source``, a :class:`TextInputs`) and the target prefix ``decoder_input_ids`` [B, T']
@@ -181,11 +191,11 @@ class Seq2SeqInputs:
                 f"decoder_input_ids has shape {tuple(target.shape)}: give one non-empty target prefix per source "
                 f"row ({batch})"
             )
-        size = model.get_input_embeddings().num_embeddings
+        size = _decoder_vocabulary(model)
         bad = target[(target < 0) | (target >= size)]
         if bad.numel():
             raise AttributionInputError(
-                f"decoder token id {int(bad[0])} is out of range: the model's vocabulary has {size} ids"
+                f"decoder token id {int(bad[0])} is out of range: the model's decoder vocabulary has {size} ids"
             )
         limit = self.target_positions(model.config) if self.target_positions is not None else None
         if limit is not None and target.shape[1] > limit:
@@ -408,10 +418,54 @@ def _bart_leaves_capture(
     return [(model, Seq2SeqMaskCapture(store))]
 
 
-register_adapter(
-    EncoderDecoderAdapter(
-        model_types=("bart",),
-        name="bart",
+BART_TINY = {
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "vocab_size": 97,
+    "max_position_embeddings": 64,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+    "forced_eos_token_id": None,
+}
+
+
+def bart_like(
+    model_type: str,
+    prefix: str,
+    *,
+    description: str,
+    modules: tuple[str, ...] = (),
+    heads: tuple[str, ...] = ("seq2seq_lm", "sequence_classification"),
+    tiny: dict[str, Any] | None = None,
+) -> EncoderDecoderAdapter:
+    """The declaration of a BART-layout encoder-decoder (``{prefix}Encoder`` / ``{prefix}Decoder`` with ``layers``
+    of ``self_attn`` (+ ``encoder_attn``), LayerNorms, ``embed_tokens`` and an additive ``embed_positions`` on each
+    side).
+
+    The token tables are the ``"token"`` / ``"target_token"`` leaves (a table that scales its own output, BART's
+    ``*ScaledWordEmbedding``, is a leaf after the scale; a model that scales outside the table multiplies the leaf
+    by a constant, which the gradient carries), the shared table is a constant, and both ``embed_positions`` are
+    additive leaves (``"position"``, ``"target_position"``). The model computes its own position ids (from the
+    sequence length, or from the pad ids for M2M100), so ``position_ids=`` is refused, and a source or target
+    prefix longer than ``config.max_position_embeddings`` is refused (the learned tables have no more rows; the
+    sinusoidal ones would be regrown or index out of range). ``modules``: the model's own class names besides
+    the standard ones (``{prefix}Model``, ``Encoder``, ``Decoder``, ``EncoderLayer``, ``DecoderLayer``,
+    ``Attention`` and the head classes), e.g. its scaled word or positional embedding classes when these are not
+    ``nn.Embedding`` subclasses.
+    """
+    head_classes = ["ForConditionalGeneration"]
+    if "sequence_classification" in heads:
+        head_classes += ["ForSequenceClassification", "ClassificationHead"]
+    return EncoderDecoderAdapter(
+        model_types=(model_type,),
+        name=model_type,
         layers="encoder.layers",
         attention="self_attn",
         decoder_layers="decoder.layers",
@@ -420,44 +474,33 @@ register_adapter(
         constants=("shared",),
         positions=Additive(
             {"encoder.embed_positions": "position", "decoder.embed_positions": "target_position"},
-            description="learned absolute (offset 2), encoder and decoder",
+            description=description,
         ),
         norms={"LayerNorm": layer_norm},
-        modules=(
-            "BartForConditionalGeneration",
-            "BartForSequenceClassification",
-            "BartClassificationHead",
-            "BartModel",
-            "BartEncoder",
-            "BartDecoder",
-            "BartEncoderLayer",
-            "BartDecoderLayer",
-            "BartAttention",
-        ),
+        modules=tuple(
+            prefix + p
+            for p in (
+                *head_classes,
+                "Model",
+                "Encoder",
+                "Decoder",
+                "EncoderLayer",
+                "DecoderLayer",
+                "Attention",
+            )
+        )
+        + modules,
         inputs=Seq2SeqInputs(
             TextInputs(position_ids=None, max_positions=lambda c: c.max_position_embeddings, padding="right"),
             target_padding="right",
             target_positions=lambda c: c.max_position_embeddings,
         ),
-        heads=("seq2seq_lm", "sequence_classification"),
+        heads=heads,
         functional=(FunctionalActivationSite("classification_head.dense", "classification_head.out_proj"),),
         extra_rules=_bart_leaves_capture,
         extra_maps=seq2seq_maps,
-        tiny={
-            "d_model": 32,
-            "encoder_layers": 2,
-            "decoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "decoder_attention_heads": 4,
-            "encoder_ffn_dim": 64,
-            "decoder_ffn_dim": 64,
-            "vocab_size": 97,
-            "max_position_embeddings": 64,
-            "pad_token_id": 1,
-            "bos_token_id": 0,
-            "eos_token_id": 2,
-            "decoder_start_token_id": 2,
-            "forced_eos_token_id": None,
-        },
+        tiny={**BART_TINY, **(tiny or {})},
     )
-)
+
+
+register_adapter(bart_like("bart", "Bart", description="learned absolute (offset 2), encoder and decoder"))
