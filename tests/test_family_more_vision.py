@@ -15,7 +15,7 @@ from transformers import (
 )
 
 import hf_pelrp
-from hf_pelrp import AttributionStateError
+from hf_pelrp import AttributionStateError, UnsupportedModelError
 from hf_pelrp.check import _randomise, _zero_biases, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -140,3 +140,32 @@ def test_registers_swiglu_variant_passes_check_adapter():
     config = tiny_config("dinov2_with_registers")
     config.use_swiglu_ffn = True
     assert hf_pelrp.check_adapter(config).passed
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("resnet", "convolutional"),
+        ("poolformer", "pooling"),
+        ("timm_wrapper", "timm"),
+        ("siglip2", "spatial_shapes"),
+        ("data2vec-vision", "inline"),
+        ("levit", "attention bias per patch offset"),
+        ("perceiver", "latent"),
+    ],
+)
+def test_vision_types_outside_the_method_are_refused_by_name(model_type, reason):
+    with pytest.raises(
+        UnsupportedModelError, match=rf"{model_type!r} is not supported by hf_pelrp: .*{reason}"
+    ):
+        hf_pelrp.adapters.adapter_for_type(model_type)
+
+
+def test_every_image_classifier_of_the_auto_map_is_explained_or_refused_by_name():
+    """Each image-classification type transformers maps is registered or refused with a reason, except the two
+    left to other work (``donut-swin``: Swin's layout; ``shieldgemma2``: a Gemma 3 multimodal classifier)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    known = set(hf_pelrp.supported_model_types()) | set(hf_pelrp.adapters.refused_model_types())
+    missing = set(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) - known - {"donut-swin", "shieldgemma2"}
+    assert not missing, sorted(missing)
