@@ -149,7 +149,6 @@ def test_registers_swiglu_variant_passes_check_adapter():
         ("poolformer", "pooling"),
         ("timm_wrapper", "timm"),
         ("siglip2", "spatial_shapes"),
-        ("data2vec-vision", "inline"),
         ("levit", "attention bias per patch offset"),
         ("perceiver", "latent"),
     ],
@@ -169,3 +168,96 @@ def test_every_image_classifier_of_the_auto_map_is_explained_or_refused_by_name(
     known = set(hf_pelrp.supported_model_types()) | set(hf_pelrp.adapters.refused_model_types())
     missing = set(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) - known - {"donut-swin", "shieldgemma2"}
     assert not missing, sorted(missing)
+
+
+# ---- data2vec-vision: BEiT's layout with attention written inline -------------------------------------------
+
+
+def _data2vec(attn_implementation: str = "sdpa", **overrides):
+    from transformers import Data2VecVisionForImageClassification
+
+    config = tiny_config("data2vec-vision")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    model = Data2VecVisionForImageClassification(config).to(F64).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if ("layernorm" in name and name.endswith("weight")) or "lambda" in name else 0.0
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.5 + base)
+    return model
+
+
+def _as_beit(model):
+    """The data2vec-vision model's parameters under the BEiT names the explicit reference reads (the two models
+    compute the same function; only the module names differ)."""
+    from types import SimpleNamespace as NS
+
+    base = model.data2vec_vision
+    layers = []
+    for layer in base.encoder.layer:
+        att = layer.attention.attention
+        layers.append(
+            NS(
+                relative_position_bias=att.relative_position_bias,
+                layernorm_before=layer.layernorm_before,
+                layernorm_after=layer.layernorm_after,
+                attention=NS(
+                    q_proj=att.query, k_proj=att.key, v_proj=att.value, o_proj=layer.attention.output.dense
+                ),
+                lambda_1=layer.lambda_1,
+                lambda_2=layer.lambda_2,
+                mlp=NS(
+                    fc1=layer.intermediate.dense,
+                    fc2=layer.output.dense,
+                    activation_fn=layer.intermediate.intermediate_act_fn,
+                ),
+            )
+        )
+    beit = NS(embeddings=base.embeddings, layers=layers, pooler=base.pooler)
+    return NS(beit=beit, config=model.config, classifier=model.classifier)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_data2vec_vision_matches_the_explicit_beit_reference(mode, attn_implementation):
+    """The inline attention re-computed with the LRP factors and the per-layer bias leaf gives BEiT's explicit
+    float64 reference (reference_bias.py) on data2vec-vision weights, for both attention classes."""
+    from helpers.reference_bias import beit_reference
+
+    model = _data2vec(attn_implementation)
+    pixels = _pixels(seed=2)
+    attr = hf_pelrp.attribute(model, pixel_values=pixels, mode=mode)
+    ref = beit_reference(_as_beit(model), pixels, mode=mode, target=attr.target)
+    for name in ("token", "position_by_layer", "position_by_distance"):
+        fast, want = getattr(attr, name), getattr(ref, name)
+        err = float((fast - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+    torch.testing.assert_close(attr.target_value, ref.logit)
+    if mode == "cp":
+        assert float(attr.position.abs().max()) == 0.0
+    else:
+        assert float(attr.position.abs().max()) > 1e-3 * float(attr.token.abs().max())
+        torch.testing.assert_close(attr.patch_map.flatten(1), (attr.token + attr.position)[:, 1:])
+
+
+def test_data2vec_vision_shared_bias_passes_check_adapter():
+    config = tiny_config("data2vec-vision")
+    config.use_relative_position_bias = False
+    config.use_shared_relative_position_bias = True
+    assert hf_pelrp.check_adapter(config).passed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"use_absolute_position_embeddings": True}, "absolute position embeddings"),
+        ({"use_relative_position_bias": False}, "no positional encoding"),
+    ],
+)
+def test_data2vec_vision_without_a_relative_bias_is_refused(overrides, match):
+    model = _data2vec(**overrides)
+    with pytest.raises(UnsupportedModelError, match=match):
+        hf_pelrp.attribute(model, pixel_values=_pixels())

@@ -80,7 +80,6 @@ REFUSED: dict[str, str] = {
     "imagegpt": "its attention is written inline (not through transformers' attention interface) and ImageGPTLayerNorm is an RMS-style norm without mean subtraction; a GPT-2-like declaration with inline attention factors and that norm's surrogate is not written yet.",
     "perceiver": "its image classifiers cross-attend from a learned latent array to the pixels, with the position encodings (trainable, or Fourier features) concatenated to the input channels rather than added, and attention written inline: neither that split nor those attention rules are implemented.",
     "siglip2": "its inputs are pre-patchified sequences (pixel_values [B, patches, C*p*p] with spatial_shapes and a pixel_attention_mask, padded per image) and its positions the learned grid resized per image (antialiased bilinear) to each aspect ratio; the split e = t + p is covered by the method, but hf_pelrp's image inputs, check_adapter's image instances and patch_map / pixel_map assume [B, C, H, W] images on one grid, so it is refused until they are written.",
-    "data2vec-vision": "its attention (Data2VecVisionSelfAttention and its SDPA subclass) is written inline with the relative position bias added to the scores, outside transformers' attention interface that the BEiT declaration relies on; an inline attention rule with that bias leaf is not implemented yet.",
 }
 
 for _model_type, _reason in REFUSED.items():
