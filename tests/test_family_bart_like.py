@@ -245,3 +245,13 @@ def test_continuation_rows_equal_single_explanations(family):
         torch.testing.assert_close(rows.position[s], single.position[0])
         torch.testing.assert_close(rows.target_position[s, : s + 1], single.target_position[0])
         torch.testing.assert_close(rows.target_token[s, : s + 1], single.target_token[0])
+
+
+def test_check_adapter_on_marian_with_its_own_smaller_decoder_vocabulary():
+    """check_adapter draws the target prefix from the decoder's table (it drew from the encoder's and ended in
+    an IndexError inside the checker)."""
+    from transformers import MarianConfig
+
+    config = MarianConfig(**{**adapter_for_type("marian").tiny, "share_encoder_decoder_embeddings": False})
+    config.decoder_vocab_size = 50
+    assert hf_pelrp.check_adapter(config).passed

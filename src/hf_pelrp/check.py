@@ -274,9 +274,9 @@ class _Checker:
 
     def target_prefix(self, batch: int, gen: torch.Generator) -> dict[str, Any]:
         """Encoder-decoder heads: a random target prefix of 4 tokens after the decoder start token."""
-        from .adapters.seq2seq import decoder_start_id
+        from .adapters.seq2seq import decoder_vocabulary, decoder_start_id
 
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = decoder_vocabulary(self.model)  # Marian can have a smaller decoder vocabulary of its own
         pad = getattr(self.model.config, "pad_token_id", None)
         ids = torch.randint(3, vocab, (batch, 4), generator=gen)
         if pad is not None:

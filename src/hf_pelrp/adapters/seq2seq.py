@@ -120,7 +120,7 @@ def decoder_start_id(model: nn.Module) -> int:
     return int(pad)
 
 
-def _decoder_vocabulary(model: nn.Module) -> int:
+def decoder_vocabulary(model: nn.Module) -> int:
     """The size of the table the decoder embeds the target prefix with (Marian without shared embeddings has
     its own ``decoder_vocab_size``), else the model's input table."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -191,7 +191,7 @@ class Seq2SeqInputs:
                 f"decoder_input_ids has shape {tuple(target.shape)}: give one non-empty target prefix per source "
                 f"row ({batch})"
             )
-        size = _decoder_vocabulary(model)
+        size = decoder_vocabulary(model)
         bad = target[(target < 0) | (target >= size)]
         if bad.numel():
             raise AttributionInputError(
