@@ -274,7 +274,7 @@ class _Checker:
 
     def target_prefix(self, batch: int, gen: torch.Generator) -> dict[str, Any]:
         """Encoder-decoder heads: a random target prefix of 4 tokens after the decoder start token."""
-        from .adapters.seq2seq import decoder_vocabulary, decoder_start_id
+        from .adapters.seq2seq import decoder_start_id, decoder_vocabulary
 
         vocab = decoder_vocabulary(self.model)  # Marian can have a smaller decoder vocabulary of its own
         pad = getattr(self.model.config, "pad_token_id", None)
