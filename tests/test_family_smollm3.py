@@ -95,3 +95,25 @@ def test_an_all_nope_model_is_its_own_baseline():
     off = hf_pelrp.attribute(model, ids, mask, mode="attnlrp", positional=False)
     assert torch.equal(on.token, off.token)
     assert torch.equal(on.position, torch.zeros_like(on.position))
+
+
+def test_check_adapter_proves_the_rotary_split_in_a_layer_of_each_kind():
+    """The rotary split runs on one layer of each kind (here the rotating layer 0 and the NoPE layer 1): a
+    declaration that has the NoPE layer rotate too is refused there, which layer 0 alone cannot see."""
+    import dataclasses
+
+    from hf_pelrp.adapters import adapter_for_type
+    from hf_pelrp.adapters.base import _REGISTRY
+    from hf_pelrp.positions import Rotary
+
+    right = hf_pelrp.check_adapter("smollm3")
+    assert "a layer like layer 1" in str(right) and right.passed
+    saved = _REGISTRY["smollm3"]
+    _REGISTRY["smollm3"] = dataclasses.replace(adapter_for_type("smollm3"), positions=Rotary())
+    try:
+        wrong = hf_pelrp.check_adapter("smollm3", raise_on_failure=False)
+    finally:
+        _REGISTRY["smollm3"] = saved
+    failed = [line for line in str(wrong).splitlines() if line.startswith("  [FAIL]") or "[FAIL]" in line]
+    assert failed and all("layer like layer 1" in line for line in failed if "rotary split" in line)
+    assert any("rotary split" in line and "layer like layer 1" in line for line in failed)

@@ -181,15 +181,32 @@ def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _one_layer(config: PretrainedConfig) -> PretrainedConfig | None:
-    """``config`` with one layer: per-layer lists (layer types, NoPE flags, ...) cut to their first entry."""
+def _per_layer(config: PretrainedConfig) -> dict[str, list | tuple]:
+    """The config's per-layer lists (layer types, NoPE flags, ...): one entry per hidden layer."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 2:
+        return {}
+    return {k: v for k, v in vars(config).items() if isinstance(v, list | tuple) and len(v) == layers}
+
+
+def _layer_kinds(config: PretrainedConfig) -> list[int]:
+    """The first layer of each kind: layers whose per-layer entries (global / sliding, rotary / NoPE, ...) all
+    agree are of one kind."""
+    lists = _per_layer(config)
+    first: dict[tuple, int] = {}
+    for index in range(getattr(config, "num_hidden_layers", 1) if lists else 1):
+        first.setdefault(tuple(repr(v[index]) for v in lists.values()), index)
+    return sorted(first.values())
+
+
+def _one_layer(config: PretrainedConfig, index: int = 0) -> PretrainedConfig | None:
+    """``config`` with one layer: per-layer lists (layer types, NoPE flags, ...) cut to their ``index``-th entry."""
     layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 1:
         return None
     one = copy.deepcopy(config)
-    for name, value in vars(config).items():
-        if isinstance(value, list | tuple) and len(value) == layers and layers > 1:
-            setattr(one, name, type(value)(value[:1]))
+    for name, value in _per_layer(config).items():
+        setattr(one, name, type(value)(value[index : index + 1]))
     one.num_hidden_layers = 1
     return one
 
@@ -424,26 +441,31 @@ class _Checker:
         """
         if not isinstance(self.adapter.positions, Rotary):
             return
-        one = _one_layer(config)
-        if one is None:
-            self.record("rotary split in one layer", True, "skipped: no one-layer variant of this config")
-            return
-        torch.manual_seed(self.seed)
-        model = type(self.model)(one).to(torch.float64).eval()
-        _randomise(model, self.seed)
-        _zero_biases(model)
-        checker = _Checker(model, self.adapter, AdapterReport(""), self.tol, self.seed)
-        inputs = checker.inputs()
-        on = checker.attribute(inputs, "attnlrp", positional=True)
-        off = checker.attribute(inputs, "attnlrp", positional=False)
-        total = on.token + on.position
-        scale = float(off.token.abs().max().clamp(min=1e-30))
-        worst = float((total - off.token).abs().max()) / scale
-        self.record(
-            "rotary split in one layer (token + position = token without positions)",
-            worst <= self.tol,
-            f"relative difference {worst:.2e}",
-        )
+        kinds = _layer_kinds(config)
+        for (
+            index
+        ) in kinds:  # one layer of each kind: a NoPE or global layer declared as rotating is caught too
+            one = _one_layer(config, index)
+            if one is None:
+                self.record("rotary split in one layer", True, "skipped: no one-layer variant of this config")
+                return
+            torch.manual_seed(self.seed)
+            model = type(self.model)(one).to(torch.float64).eval()
+            _randomise(model, self.seed)
+            _zero_biases(model)
+            checker = _Checker(model, self.adapter, AdapterReport(""), self.tol, self.seed)
+            inputs = checker.inputs()
+            on = checker.attribute(inputs, "attnlrp", positional=True)
+            off = checker.attribute(inputs, "attnlrp", positional=False)
+            total = on.token + on.position
+            scale = float(off.token.abs().max().clamp(min=1e-30))
+            worst = float((total - off.token).abs().max()) / scale
+            which = f", a layer like layer {index}" if len(kinds) > 1 else ""
+            self.record(
+                f"rotary split in one layer (token + position = token without positions{which})",
+                worst <= self.tol,
+                f"relative difference {worst:.2e}",
+            )
 
     def rule_sites(self) -> None:
         """Every gated product and norm, in every mode, against its explicit float64 rule
