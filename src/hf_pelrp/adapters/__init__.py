@@ -25,6 +25,7 @@ from . import (  # noqa: F401
     llama_layout,
     modernbert,
     moe,
+    more_encoders,
     olmo,
     olmo2,
     olmoe,
