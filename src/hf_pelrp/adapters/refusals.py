@@ -53,6 +53,18 @@ REFUSED: dict[str, str] = {
             ("minimax", "lightning (linear) attention"),
         )
     },
+    "fnet": "it mixes tokens with a Fourier transform instead of attention (no softmax attention): outside the method.",
+    "nystromformer": "its attention is a Nystrom approximation (landmark softmaxes joined by an iterative pseudo-inverse), not softmax attention: outside the method.",
+    "yoso": "its attention is LSH-based Bernoulli sampling (no softmax over scores): outside the method.",
+    "mra": "its attention is a multi-resolution block approximation (no softmax attention over the full scores): outside the method.",
+    "squeezebert": "its attention and feed-forward projections are grouped 1-D convolutions computed inline, with no declaration of which channels mix; not covered.",
+    "convbert": "half of its heads are span-based dynamic convolutions whose kernels are generated from the input (a softmax over kernel weights, not over positions): no rule for them.",
+    "canine": "it embeds characters through hash-bucket tables and mixes them with a strided downsampling convolution and local attention before the deep encoder; not covered.",
+    "perceiver": "learned latents cross-attend to preprocessed inputs (Fourier or trainable position encodings inside modality preprocessors), so relevance meets the latents, which are no input leaf; not covered.",
+    "reformer": "its LSH / local chunked attention, reversible residual layers and axial position embeddings are computed inline; not covered.",
+    "big_bird": "its block-sparse attention (window, global and random blocks) and its full attention are computed inline, not through transformers' attention interface; not covered.",
+    "longformer": "its sliding-window and global attention are computed inline in overlapping chunks, not through transformers' attention interface; not covered.",
+    "ibert": "its quantisation-aware modules (QuantAct, QuantLinear, IntGELU, IntSoftmax, IntLayerNorm) compute integer approximations; no LRP rule covers them.",
 }
 
 for _model_type, _reason in REFUSED.items():
