@@ -372,8 +372,15 @@ class UnusedSubtrees(Adapter):
 
     def _check_coverage(self, model: nn.Module) -> None:
         base = self.base(model)
+        for check in self.checks:  # a variant refused by name gets its reason, not "module not covered"
+            check(model)
         skipped = [m for path in self.unused if (m := find_optional(base, path)) is not None]
-        Adapter._check_coverage(self, _WithoutSubtrees(model, skipped) if skipped else model)
+        if skipped:
+            # named as the model, so that messages name the model's class
+            view = type(type(model).__name__, (_WithoutSubtrees,), {})(model, skipped)
+            Adapter._check_coverage(self, view)
+        else:
+            Adapter._check_coverage(self, model)
 
 
 ESM = register_adapter(

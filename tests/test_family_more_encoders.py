@@ -1,0 +1,268 @@
+"""More encoders (issue 18): the rules their declarations add, against explicit float64 references.
+
+- LayoutLM: the six 2-D box embeddings are position leaves; at the embedding sum ``e`` the split is
+  ``R_x = x * g`` for every addend, so with ``g`` read at ``e`` and the tables indexed by hand the 1-D and box
+  maps are reproduced exactly; ``bbox`` moves with the tokens when left padding is aligned.
+- RoCBert: the glyph-shape and pronunciation embeddings are token content: at the concatenation before
+  ``map_inputs_layer`` each part's relevance is its slice of ``[word; shape; pron] * g``; ``token`` is their sum.
+- X-MOD: a row's language adapter (``lang_ids``) is a constant choice: a batch of two languages gives each row the
+  maps of that row alone.
+- GTE without token types (``type_vocab_size=0``): no segment leaf, conservation still exact.
+- ESM: only the rotary ESM is declared; the erf GELU it applies as a function needs its identity rule for
+  conservation (shown by removing it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import hf_pelrp
+from hf_pelrp import UnsupportedModelError
+from hf_pelrp.check import _randomise, _zero_biases, tiny_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+F64 = torch.float64
+
+
+def _model(model_type: str, cls, seed: int = 0, **overrides):
+    config = tiny_config(model_type)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = cls(config).to(F64).eval()
+    _randomise(model, seed)
+    return model
+
+
+def _ids(batch: int = 2, length: int = 7, seed: int = 1, low: int = 4) -> torch.Tensor:
+    return torch.randint(low, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _grad_at_input(module: torch.nn.Module, seen: list):
+    """A pre-hook recording the input of ``module`` and, in the backward pass, the (modified) gradient there."""
+
+    def hook(_module, args):
+        x = args[0]
+        seen.append(x.detach().clone())
+        if x.requires_grad:
+            x.register_hook(lambda g: seen.append(g.detach().clone()))
+
+    return module.register_forward_pre_hook(hook)
+
+
+# ---- LayoutLM -------------------------------------------------------------------------------------------------
+
+
+def _bbox(batch: int, length: int, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x0, y0 = (
+        torch.randint(0, 30, (batch, length), generator=gen),
+        torch.randint(0, 30, (batch, length), generator=gen),
+    )
+    w, h = (
+        torch.randint(0, 30, (batch, length), generator=gen),
+        torch.randint(0, 30, (batch, length), generator=gen),
+    )
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_layoutlm_box_leaves_match_the_explicit_split_at_the_embedding_sum(mode):
+    from transformers import LayoutLMForSequenceClassification
+
+    model = _model("layoutlm", LayoutLMForSequenceClassification)
+    emb = model.layoutlm.embeddings
+    ids, bbox = _ids(), _bbox(2, 7)
+    types = torch.zeros_like(ids)
+    types[:, 4:] = 1
+    seen: list = []
+    handle = _grad_at_input(emb.LayerNorm, seen)
+    try:
+        attr = hf_pelrp.attribute(model, ids, bbox=bbox, token_type_ids=types, target=1, mode=mode)
+    finally:
+        handle.remove()
+    e, g = seen[0], seen[-1]
+    assert g.shape == e.shape
+    pos = torch.arange(7)
+    box = (
+        emb.x_position_embeddings.weight[bbox[..., 0]]
+        + emb.y_position_embeddings.weight[bbox[..., 1]]
+        + emb.x_position_embeddings.weight[bbox[..., 2]]
+        + emb.y_position_embeddings.weight[bbox[..., 3]]
+        + emb.h_position_embeddings.weight[bbox[..., 3] - bbox[..., 1]]
+        + emb.w_position_embeddings.weight[bbox[..., 2] - bbox[..., 0]]
+    )
+    with torch.no_grad():
+        ref_box = (box * g).sum(-1)
+        ref_1d = (emb.position_embeddings.weight[pos] * g).sum(-1)
+        ref_token = (emb.word_embeddings.weight[ids] * g).sum(-1)
+        ref_segment = (emb.token_type_embeddings.weight[types] * g).sum(-1)
+    torch.testing.assert_close(attr.extras["position_bbox"], ref_box, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.extras["position_1d"], ref_1d, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.position, ref_1d + ref_box, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.token, ref_token, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.segment, ref_segment, rtol=1e-10, atol=1e-12)
+    # nothing else enters the sum: R_e = token + position + segment, position by position
+    torch.testing.assert_close(attr.relevance, (e * g).sum(-1), rtol=1e-10, atol=1e-12)
+    assert float(ref_box.abs().min()) > 0
+
+
+def test_layoutlm_bias_free_cp_conservation_with_real_boxes():
+    from transformers import LayoutLMForMaskedLM
+
+    model = _model("layoutlm", LayoutLMForMaskedLM)
+    _zero_biases(model)
+    ids = _ids()
+    ids[:, 3] = 3
+    attr = hf_pelrp.attribute(model, ids, bbox=_bbox(2, 7), position=3, mask_token_id=3, mode="cp")
+    assert float(attr.conservation_gap.abs().max()) <= 1e-9 * float(
+        attr.target_value.abs().max().clamp(min=1)
+    )
+    assert float(attr.extras["position_bbox"].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_layoutlm_bbox_moves_with_left_padding(mode):
+    from transformers import LayoutLMForSequenceClassification
+
+    model = _model("layoutlm", LayoutLMForSequenceClassification)
+    ids, bbox = _ids(1, 5), _bbox(1, 5)
+    alone = hf_pelrp.attribute(model, ids, bbox=bbox, target=0, mode=mode)
+    padded_ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1)
+    padded_box = torch.cat([torch.zeros(1, 2, 4, dtype=torch.long), bbox], 1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    padded = hf_pelrp.attribute(model, padded_ids, attention_mask=mask, bbox=padded_box, target=0, mode=mode)
+    assert float(padded.relevance[:, :2].abs().max()) == 0.0
+    for name in ("position_bbox", "position_1d"):
+        torch.testing.assert_close(padded.extras[name][:, 2:], alone.extras[name], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(padded.token[:, 2:], alone.token, rtol=1e-9, atol=1e-12)
+    with pytest.raises(hf_pelrp.AttributionInputError, match="bbox must be a tensor of shape"):
+        hf_pelrp.attribute(model, padded_ids, attention_mask=mask, bbox=bbox, target=0)
+
+
+# ---- RoCBert --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_roc_bert_shape_and_pronunciation_are_token_content(mode):
+    from transformers import RoCBertForSequenceClassification
+
+    model = _model("roc_bert", RoCBertForSequenceClassification)
+    emb = model.roc_bert.embeddings
+    ids = _ids()
+    shape_ids = torch.randint(1, 29, ids.shape, generator=torch.Generator().manual_seed(3))
+    pron_ids = torch.randint(1, 23, ids.shape, generator=torch.Generator().manual_seed(4))
+    seen: list = []
+    handle = _grad_at_input(emb.map_inputs_layer, seen)
+    try:
+        attr = hf_pelrp.attribute(
+            model, ids, input_shape_ids=shape_ids, input_pronunciation_ids=pron_ids, target=2, mode=mode
+        )
+    finally:
+        handle.remove()
+    g = seen[-1]
+    hidden, width = emb.word_embeddings.embedding_dim, emb.shape_embed.embedding_dim
+    with torch.no_grad():
+        word = (emb.word_embeddings.weight[ids] * g[..., :hidden]).sum(-1)
+        shape = (emb.shape_embed.weight[shape_ids] * g[..., hidden : hidden + width]).sum(-1)
+        pron = (emb.pronunciation_embed.weight[pron_ids] * g[..., hidden + width :]).sum(-1)
+    torch.testing.assert_close(attr.extras["token_word"], word, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.extras["token_shape"], shape, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.extras["token_pronunciation"], pron, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.token, word + shape + pron, rtol=1e-10, atol=1e-12)
+    assert float(shape.abs().min()) > 0 and float(pron.abs().min()) > 0
+
+
+def test_roc_bert_bias_free_cp_conservation_and_left_padding_with_shape_ids():
+    from transformers import RoCBertForSequenceClassification
+
+    model = _model("roc_bert", RoCBertForSequenceClassification)
+    _zero_biases(model)
+    ids = _ids(1, 5)
+    shape_ids = torch.randint(1, 29, ids.shape, generator=torch.Generator().manual_seed(3))
+    pron_ids = torch.randint(1, 23, ids.shape, generator=torch.Generator().manual_seed(4))
+    extra = {"input_shape_ids": shape_ids, "input_pronunciation_ids": pron_ids}
+    alone = hf_pelrp.attribute(model, ids, **extra, target=0, mode="cp")
+    assert float(alone.conservation_gap.abs().max()) <= 1e-9 * float(
+        alone.target_value.abs().clamp(min=1).max()
+    )
+    pad = torch.zeros(1, 2, dtype=torch.long)
+    padded = hf_pelrp.attribute(
+        model,
+        torch.cat([pad, ids], 1),
+        attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 1]]),
+        **{k: torch.cat([pad, v], 1) for k, v in extra.items()},
+        target=0,
+        mode="cp",
+    )
+    for name in ("token_shape", "token_pronunciation"):
+        torch.testing.assert_close(padded.extras[name][:, 2:], alone.extras[name], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance, rtol=1e-9, atol=1e-12)
+
+
+# ---- X-MOD ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_xmod_rows_of_two_languages_get_the_maps_of_each_row_alone(mode):
+    from transformers import XmodForSequenceClassification
+
+    model = _model("xmod", XmodForSequenceClassification)
+    ids = _ids(low=3)
+    both = hf_pelrp.attribute(model, ids, lang_ids=torch.tensor([0, 1]), target=1, mode=mode)
+    for row in range(2):
+        alone = hf_pelrp.attribute(
+            model, ids[row : row + 1], lang_ids=torch.tensor([row]), target=1, mode=mode
+        )
+        torch.testing.assert_close(both.relevance[row : row + 1], alone.relevance, rtol=1e-9, atol=1e-12)
+    other = hf_pelrp.attribute(model, ids[1:], lang_ids=torch.tensor([0]), target=1, mode=mode)
+    assert not torch.allclose(other.relevance, both.relevance[1:])  # the language adapter matters
+
+
+# ---- GTE without token types, ESM -----------------------------------------------------------------------------
+
+
+def test_gte_without_token_types_has_no_segment_and_conserves():
+    from transformers import GteForSequenceClassification
+
+    model = _model("gte", GteForSequenceClassification, type_vocab_size=0)
+    assert model.gte.embeddings.token_type_embeddings is None
+    _zero_biases(model)
+    attr = hf_pelrp.attribute(model, _ids(), target=0, mode="cp")
+    assert attr.segment is None
+    assert float(attr.conservation_gap.abs().max()) <= 1e-9 * float(
+        attr.target_value.abs().clamp(min=1).max()
+    )
+
+
+def test_esm_with_absolute_positions_is_refused():
+    from transformers import EsmForMaskedLM
+
+    model = _model("esm", EsmForMaskedLM, position_embedding_type="absolute")
+    with pytest.raises(UnsupportedModelError, match="position_embedding_type='absolute'"):
+        hf_pelrp.attribute(model, _ids(), position=2)
+
+
+def test_esm_functional_gelu_needs_its_identity_rule():
+    """Without the identity rule at ESM's erf GELU (a function between two linear layers) bias-free CP
+    conservation breaks; with it, it is exact."""
+    from transformers import EsmForSequenceClassification
+
+    from hf_pelrp.adapters import adapter_for_type
+    from hf_pelrp.adapters.base import _REGISTRY
+
+    model = _model("esm", EsmForSequenceClassification)
+    _zero_biases(model)
+    right = hf_pelrp.attribute(model, _ids(), target=0, mode="cp")
+    scale = float(right.target_value.abs().clamp(min=1).max())
+    assert float(right.conservation_gap.abs().max()) <= 1e-9 * scale
+    saved = adapter_for_type("esm")
+    _REGISTRY["esm"] = dataclasses.replace(saved, extra_rules=None)
+    try:
+        wrong = hf_pelrp.attribute(model, _ids(), target=0, mode="cp")
+    finally:
+        _REGISTRY["esm"] = saved
+    assert float(wrong.conservation_gap.abs().max()) > 1e-6 * scale
