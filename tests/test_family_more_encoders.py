@@ -266,3 +266,81 @@ def test_esm_functional_gelu_needs_its_identity_rule():
     finally:
         _REGISTRY["esm"] = saved
     assert float(wrong.conservation_gap.abs().max()) > 1e-6 * scale
+
+
+# ---- RoFormer: inline interleaved rotary --------------------------------------------------------------------
+
+
+def _roformer_causal(seed: int = 0):
+    from transformers import RoFormerForCausalLM
+
+    model = _model("roformer", RoFormerForCausalLM, seed=seed, is_decoder=True, num_hidden_layers=1)
+    model.config.is_decoder = True
+    return model
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_roformer_inline_rotary_matches_explicit_rules(mode):
+    """One RoFormer self-attention (made causal, as the explicit reference is) against the slow float64 LRP of
+    helpers/reference_attention.py with the interleaved layout: relevance of the input and of the (sin, cos)
+    leaves. The output projection is outside RoFormerSelfAttention: the reference gets the identity there."""
+    from helpers.reference_attention import AttentionWeights, reference_attention_lrp
+
+    model = _roformer_causal()
+    attn = model.roformer.encoder.layer[0].attention.self
+    seq, hidden = 6, model.config.hidden_size
+    heads, head_dim = attn.num_attention_heads, attn.attention_head_size
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, seq, hidden, generator=gen, dtype=F64)
+    seed = torch.randn(1, seq, hidden, generator=gen, dtype=F64)
+    pe = model.roformer.encoder.embed_positions((1, seq))[None, None].to(F64)
+    mask = torch.full((seq, seq), torch.finfo(F64).min, dtype=F64).triu(1)[None, None]
+    with hf_pelrp.lrp(model, mode=mode, positional=True) as ctx:
+        leaf = x.clone().requires_grad_(True)
+        out = attn(leaf, attention_mask=mask, sinusoidal_pos=pe)[0]
+        (out * seed).sum().backward()
+        leaves = ctx.store.layers[0]
+        r_pe = {
+            n: torch.zeros_like(leaves[n][0])
+            if leaves[n].grad is None
+            else (leaves[n].detach() * leaves[n].grad)[0]
+            for n in ("sin", "cos")
+        }
+    r_x = (leaf.detach() * leaf.grad)[0]
+    sin, cos = pe[0, 0].chunk(2, dim=-1)
+    w = AttentionWeights(
+        attn.query.weight,
+        attn.query.bias,
+        attn.key.weight,
+        attn.key.bias,
+        attn.value.weight,
+        attn.value.bias,
+        torch.eye(hidden, dtype=F64),
+        None,
+        heads,
+        heads,
+        head_dim,
+        head_dim**-0.5,
+        head_dim,
+        "interleaved",
+    )
+    ref = reference_attention_lrp(w, x[0], cos, sin, out.detach()[0] * seed[0], mode=mode)
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+
+    assert rel(r_x, ref.x) < 1e-9
+    for name in ("sin", "cos"):
+        if mode == "cp":
+            assert float(r_pe[name].abs().max()) == 0.0
+        else:
+            assert rel(r_pe[name], getattr(ref, name)) < 1e-9
+            assert float(r_pe[name].abs().max()) > 0
+
+
+def test_roformer_rotary_values_are_refused():
+    from transformers import RoFormerForSequenceClassification
+
+    model = _model("roformer", RoFormerForSequenceClassification, rotary_value=True)
+    with pytest.raises(UnsupportedModelError, match="rotary_value=True"):
+        hf_pelrp.attribute(model, _ids(), target=0)

@@ -24,14 +24,15 @@ from torch import nn
 
 from ..config import LRPConfig
 from ..errors import AttributionInputError, UnsupportedModelError
-from ..hooks import EmbeddingLeaf, FunctionalActivation, HookRule, LeafStore
+from ..hooks import EmbeddingLeaf, FunctionalActivation, HookRule, LeafStore, OutputGradient, make_leaf
 from ..inputs import Prepared, TextInputs
 from ..modules import find_module, find_optional
 from ..positions import Additive, Rotary, _as_map
-from ..rules import relevance_of
+from ..rules import relevance_of, scale_gradient
 from .base import Adapter, FunctionalActivationSite, GatedProduct, register_adapter
-from .bert import TINY_ENCODER, bert_like
+from .bert import TINY_ENCODER, bert_classes, bert_like
 from .electra import no_cross_attention
+from .inline_decoders import projection_factors
 from .llama import llama_like
 from .norms import layer_norm, rms_norm
 
@@ -420,5 +421,141 @@ ESM = register_adapter(
         heads=("sequence_classification", "masked_lm"),
         checks=(_esm_rotary_only,),
         tiny={**TINY_ENCODER, "position_embedding_type": "rotary", "mask_token_id": 3, "token_dropout": True},
+    )
+)
+
+
+# ---- rembert: inline attention --------------------------------------------------------------------------------
+
+REMBERT = register_adapter(
+    dataclasses.replace(
+        bert_like(
+            ("rembert",),
+            "RemBert",
+            modules=("RemBertForCausalLM",),
+            name="rembert",
+            extra_rules=projection_factors("encoder.layer", "attention.self", ("query", "key", "value")),
+            attention_interface=False,
+            tiny={"input_embedding_size": 16, "output_embedding_size": 24},
+        ),
+        heads=("sequence_classification", "masked_lm", "causal_lm"),
+        checks=(no_cross_attention,),
+    )
+)
+
+
+# ---- roformer: interleaved rotary, computed inline -------------------------------------------------------------
+
+
+class _RoFormerLeaves(HookRule):
+    """Per-layer ``(sin, cos)`` leaves for RoFormer's inline rotary (PE-LRP, method.md 2).
+
+    RoFormer hands every layer's self-attention one tensor ``sinusoidal_pos = [sin | cos]`` ([1, 1, T, D]) and
+    rotates q and k inside the attention's forward (interleaved pairs). A pre-hook replaces it by
+    ``scale(cat(sin_l, cos_l), f)`` with fresh leaves ``sin_l``, ``cos_l`` of this layer ([B, T, D / 2], one per
+    row). ``q_rot = q cos + rot(q) sin`` (likewise k) only feeds the scores, whose gradient the ``"lrp"``
+    attention scales by ``qk_factor``; the uniform rule halves each rotation product, so both factors of every
+    product get ``f = qk_factor / 2``: the leaves here, q and k at their projections (:func:`_roformer_factors`).
+    """
+
+    def __init__(self, store: LeafStore, layer: int, factor: float):
+        self.store, self.layer, self.factor = store, layer, factor
+
+    def attach(self, module: torch.nn.Module, handles) -> None:
+        store, layer, factor = self.store, self.layer, self.factor
+
+        def hook(_attention, args, kwargs):
+            pe = kwargs.get("sinusoidal_pos")
+            if pe is None:
+                return None
+            sin, cos = pe[0, 0].chunk(2, dim=-1)
+            batch = store.batch_size or 1
+            existing = store.layers.get(layer)
+            if existing is None or existing["sin"].shape[1:] != sin.shape:
+                existing = {
+                    "sin": make_leaf(sin.expand(batch, *sin.shape)),
+                    "cos": make_leaf(cos.expand(batch, *cos.shape)),
+                }
+                store.layers[layer] = existing
+            both = torch.cat((existing["sin"], existing["cos"]), dim=-1)[:, None]
+            kwargs = dict(kwargs)
+            kwargs["sinusoidal_pos"] = scale_gradient(both, factor)
+            return args, kwargs
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+@dataclass(frozen=True)
+class InlineInterleavedRotary(Rotary):
+    """RoFormer's rotary: interleaved pairs, ``(sin, cos)`` leaves per layer made by :class:`_RoFormerLeaves`;
+    read like every rotary kind (``position_by_layer``, ``position``)."""
+
+    names: tuple[str, str] = ("sin", "cos")
+    layout: str = "interleaved"
+    keyword: str = "sinusoidal_pos"
+
+    def rules(self, model, layers, attention, store):
+        return []  # the leaves' gradient factor depends on the rule mode: made by _roformer_rules
+
+    def attention_rule(self, rule, config):
+        return rule  # no "lrp" attention runs (inline attention): the factors are hooks (_roformer_rules)
+
+    def describe(self) -> str:
+        return "interleaved rotary, applied inline: per-layer `(sin, cos)` leaves (`attr.position_by_layer`)"
+
+
+def _roformer_rules(
+    model: nn.Module, config: LRPConfig, store: LeafStore
+) -> list[tuple[nn.Module, HookRule]]:
+    """The ``"lrp"`` attention's factors on RoFormer's inline attention (q, k: ``qk_factor``; v: ``v_factor``),
+    with the rotary 1/2 on q, k and the leaves when positions are leaves."""
+    rotary = 0.5 if config.positional else 1.0
+    rules: list[tuple[nn.Module, HookRule]] = []
+    for i, block in enumerate(model.base_model.encoder.layer):
+        attention = block.attention.self
+        rules.append((attention.query, OutputGradient(config.qk_factor * rotary)))
+        rules.append((attention.key, OutputGradient(config.qk_factor * rotary)))
+        rules.append((attention.value, OutputGradient(config.v_factor)))
+        if config.positional:
+            rules.append((attention, _RoFormerLeaves(store, i, config.qk_factor * rotary)))
+    return rules
+
+
+def _roformer_checks(model: nn.Module) -> None:
+    if getattr(model.config, "rotary_value", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has rotary_value=True: the values are rotated too, so the same (sin, cos) "
+            "leaves would need the q / k factor on one path and the v factor on another; not declared."
+        )
+    no_cross_attention(model)
+
+
+ROFORMER = register_adapter(
+    Adapter(
+        model_types=("roformer",),
+        name="roformer",
+        layers="encoder.layer",
+        attention="attention.self",
+        embeddings={
+            "embeddings.word_embeddings": ("token",),
+            "embeddings.token_type_embeddings": ("segment",),
+        },
+        positions=InlineInterleavedRotary(),
+        norms={"LayerNorm": layer_norm},
+        modules=bert_classes("RoFormer", "RoFormerForCausalLM", "RoFormerClassificationHead")
+        + ("RoFormerOnlyMLMHead", "RoFormerLMPredictionHead", "RoFormerPredictionHeadTransform"),
+        constants=("encoder.embed_positions",),
+        functional=(FunctionalActivationSite("classifier.dense", "classifier.out_proj"),),
+        extra_rules=_roformer_rules,
+        attention_interface=False,
+        inputs=TextInputs(
+            position_ids=None,
+            max_positions=lambda c: c.max_position_embeddings,
+            token_types="type_vocab_size",
+            padding="right",
+        ),
+        heads=("sequence_classification", "masked_lm", "causal_lm"),
+        checks=(_roformer_checks,),
+        tiny={**TINY_ENCODER, "embedding_size": 32},
     )
 )
