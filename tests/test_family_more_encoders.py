@@ -344,3 +344,48 @@ def test_roformer_rotary_values_are_refused():
     model = _model("roformer", RoFormerForSequenceClassification, rotary_value=True)
     with pytest.raises(UnsupportedModelError, match="rotary_value=True"):
         hf_pelrp.attribute(model, _ids(), target=0)
+
+
+# ---- MobileBERT: NoNorm ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_mobilebert_no_norm_is_the_epsilon_rule_of_its_affine_map(mode):
+    """NoNorm computes ``y = x * w + b``: explicit float64 epsilon-LRP of that diagonal map gives
+    ``R_x = x w R_y / y`` (the bias absorbs its share); the fast path reproduces it at a NoNorm of the model."""
+    from transformers import MobileBertForSequenceClassification
+
+    model = _model("mobilebert", MobileBertForSequenceClassification)
+    norm = model.mobilebert.encoder.layer[0].attention.output.LayerNorm
+    assert type(norm).__name__ == "NoNorm"
+    gen = torch.Generator().manual_seed(5)
+    width = norm.weight.shape[0]
+    with torch.no_grad():
+        norm.bias.copy_(torch.randn(width, generator=gen, dtype=F64))
+        norm.weight.copy_(torch.randn(width, generator=gen, dtype=F64))
+    x = torch.randn(2, 5, width, generator=gen, dtype=F64)
+    seed = torch.randn(2, 5, width, generator=gen, dtype=F64)
+    with hf_pelrp.lrp(model, mode=mode):
+        leaf = x.clone().requires_grad_(True)
+        y = norm(leaf)
+        (y * seed).sum().backward()
+    r_y = (y.detach() * seed).double()
+    expected = x * norm.weight.detach() * r_y / y.detach()
+    torch.testing.assert_close(leaf.detach() * leaf.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_mobilebert_no_norm_declared_as_layer_norm_is_refused():
+    from transformers import MobileBertForSequenceClassification
+
+    from hf_pelrp.adapters import adapter_for_type
+    from hf_pelrp.adapters.base import _REGISTRY
+    from hf_pelrp.adapters.norms import layer_norm
+
+    model = _model("mobilebert", MobileBertForSequenceClassification)
+    saved = adapter_for_type("mobilebert")
+    _REGISTRY["mobilebert"] = dataclasses.replace(saved, norms={**saved.norms, "NoNorm": layer_norm})
+    try:
+        with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+            hf_pelrp.attribute(model, _ids(), target=0)
+    finally:
+        _REGISTRY["mobilebert"] = saved

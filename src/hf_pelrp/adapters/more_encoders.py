@@ -559,3 +559,54 @@ ROFORMER = register_adapter(
         tiny={**TINY_ENCODER, "embedding_size": 32},
     )
 )
+
+
+# ---- mobilebert -----------------------------------------------------------------------------------------------
+
+
+def no_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MobileBERT's ``NoNorm``: ``x * w + b``, an element-wise affine map with no normalising scale; its identity
+    rule is the epsilon rule of that diagonal linear map (the bias absorbs its share), so nothing is detached."""
+    return x * module.weight + module.bias
+
+
+MOBILEBERT = register_adapter(
+    Adapter(
+        model_types=("mobilebert",),
+        name="mobilebert",
+        layers="encoder.layer",
+        attention="attention.self",
+        embeddings={
+            "embeddings.word_embeddings": ("token",),
+            "embeddings.token_type_embeddings": ("segment",),
+        },
+        positions=Additive({"embeddings.position_embeddings": "position"}),
+        norms={"LayerNorm": layer_norm, "NoNorm": no_norm},
+        modules=bert_classes("MobileBert")
+        + (
+            "MobileBertOnlyMLMHead",
+            "MobileBertLMPredictionHead",
+            "MobileBertPredictionHeadTransform",
+            "OutputBottleneck",
+            "BottleneckLayer",
+            "Bottleneck",
+            "FFNOutput",
+            "FFNLayer",
+        ),
+        inputs=TextInputs(
+            position_ids="count",
+            max_positions=lambda c: c.max_position_embeddings,
+            token_types="type_vocab_size",
+            padding="right",
+        ),
+        heads=("sequence_classification", "masked_lm"),
+        checks=(no_cross_attention,),
+        tiny={
+            **TINY_ENCODER,
+            "embedding_size": 16,
+            "true_hidden_size": 16,
+            "intra_bottleneck_size": 16,
+            "num_feedforward_networks": 2,
+        },
+    )
+)
