@@ -389,3 +389,67 @@ def test_mobilebert_no_norm_declared_as_layer_norm_is_refused():
             hf_pelrp.attribute(model, _ids(), target=0)
     finally:
         _REGISTRY["mobilebert"] = saved
+
+
+# ---- XLM, FlauBERT ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_xlm_language_and_token_type_embeddings_are_leaves(mode):
+    """``e = word(ids) + pos + lang(langs) + word(token_type_ids)``: with ``g`` read at ``e`` and the tables indexed
+    by hand, ``language`` and ``segment`` (token types + language) are reproduced; nothing else enters."""
+    from transformers import XLMForSequenceClassification
+
+    model = _model("xlm", XLMForSequenceClassification)
+    base = model.transformer
+    ids = _ids(low=5)
+    langs = torch.tensor([[0, 1, 1, 0, 1, 0, 1], [1, 1, 0, 0, 1, 1, 0]])
+    types = torch.randint(3, 97, ids.shape, generator=torch.Generator().manual_seed(6))
+    seen: list = []
+    handle = _grad_at_input(base.layer_norm_emb, seen)
+    try:
+        attr = hf_pelrp.attribute(model, ids, langs=langs, token_type_ids=types, target=1, mode=mode)
+    finally:
+        handle.remove()
+    e, g = seen[0], seen[-1]
+    with torch.no_grad():
+        language = (base.lang_embeddings.weight[langs] * g).sum(-1)
+        types_r = (base.embeddings.weight[types] * g).sum(-1)
+        token = (base.embeddings.weight[ids] * g).sum(-1)
+        position = (base.position_embeddings.weight[torch.arange(7)] * g).sum(-1)
+    torch.testing.assert_close(attr.extras["language"], language, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.segment, types_r + language, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.token, token, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.position, position, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attr.relevance, (e * g).sum(-1), rtol=1e-10, atol=1e-12)
+    assert float(language.abs().min()) > 0
+
+
+def test_xlm_bias_free_cp_conservation_with_languages():
+    from transformers import XLMForSequenceClassification
+
+    model = _model("xlm", XLMForSequenceClassification)
+    _zero_biases(model)
+    langs = torch.tensor([[0, 1, 1, 0, 1, 0, 1], [1, 1, 0, 0, 1, 1, 0]])
+    attr = hf_pelrp.attribute(model, _ids(low=5), langs=langs, target=0, mode="cp")
+    assert float(attr.conservation_gap.abs().max()) <= 1e-9 * float(
+        attr.target_value.abs().clamp(min=1).max()
+    )
+
+
+def test_flaubert_pre_norm_is_refused_with_the_reason():
+    """transformers 5.25's pre-norm FlauBERT forward fails on its own (``cache[i]`` on an EncoderDecoderCache):
+    refused by name rather than failing inside the model."""
+    from transformers import FlaubertForSequenceClassification
+
+    model = _model("flaubert", FlaubertForSequenceClassification, pre_norm=True)
+    with pytest.raises(UnsupportedModelError, match="pre_norm=True"):
+        hf_pelrp.attribute(model, _ids(low=5), target=0)
+
+
+def test_flaubert_lm_head_passes_check_adapter():
+    """FlaubertWithLMHeadModel is in no auto mapping, so check_adapter("flaubert") does not build it: proven here."""
+    from transformers import FlaubertWithLMHeadModel
+
+    report = hf_pelrp.check_adapter(tiny_config("flaubert"), classes=[FlaubertWithLMHeadModel])
+    assert report.passed and report.heads == ["FlaubertWithLMHeadModel"]

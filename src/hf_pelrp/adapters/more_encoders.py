@@ -610,3 +610,91 @@ MOBILEBERT = register_adapter(
         },
     )
 )
+
+
+# ---- xlm, flaubert: inline attention in parallel module lists -------------------------------------------------
+
+
+def _fold_language(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """XLM's language embedding (``langs``) is one more addend of the embedding sum beside the token types: its
+    relevance joins ``segment`` (conservation covers it) and is also reported as ``language``."""
+    leaf = store.additive.get("language")
+    if leaf is None:
+        return {}
+    token = maps["token"]
+    language = _as_map(relevance_of(leaf), token)
+    segment = maps.get("segment")
+    return {"language": language, "segment": language if segment is None else segment + language}
+
+
+def _no_adaptive_softmax(model: nn.Module) -> None:
+    if getattr(model.config, "asm", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses an adaptive log-softmax output (asm=True): its clustered log-probabilities "
+            "are not logits of one linear map; not declared."
+        )
+
+
+def _post_norm_only(model: nn.Module) -> None:
+    if getattr(model.config, "pre_norm", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has pre_norm=True, whose forward does not run in transformers 5.25 (it indexes "
+            "its EncoderDecoderCache: `cache=cache[i]`, modeling_flaubert.py:908), so check_adapter cannot prove it; "
+            "the post-norm FlauBERT (pre_norm=False, the released checkpoints) is declared."
+        )
+
+
+def _xlm_like(model_type: str, prefix: str, attention_class: str, ffn_class: str) -> Adapter:
+    return register_adapter(
+        Adapter(
+            model_types=(model_type,),
+            name=model_type,
+            # the blocks live in parallel lists (attentions[i], layer_norm1[i], ffns[i], layer_norm2[i]): the
+            # attention modules themselves are listed as the blocks
+            layers="attentions",
+            attention="",
+            embeddings={"embeddings": ("token", "segment"), "lang_embeddings": ("language",)},
+            positions=Additive(
+                {"position_embeddings": "position"}, description="learned absolute or sinusoidal"
+            ),
+            norms={"LayerNorm": layer_norm},
+            modules=(
+                f"{prefix}WithLMHeadModel",
+                f"{prefix}ForSequenceClassification",
+                f"{prefix}Model",
+                f"{prefix}PredLayer",
+                f"{prefix}SequenceSummary",
+                attention_class,
+                ffn_class,
+            ),
+            functional=(FunctionalActivationSite("*.lin1", "transformer.ffns.*.lin2"),),
+            extra_rules=projection_factors("attentions", "", ("q_lin", "k_lin", "v_lin")),
+            extra_maps=_fold_language,
+            attention_interface=False,
+            inputs=PerTokenInputs(
+                position_ids="count",
+                max_positions=lambda c: c.max_position_embeddings,
+                token_types="n_words",
+                padding="right",
+                per_token=("langs",),
+            ),
+            heads=("sequence_classification", "causal_lm"),
+            checks=(_no_adaptive_softmax, _post_norm_only),
+            tiny={
+                "emb_dim": 32,
+                "n_layers": 2,
+                "n_heads": 4,
+                "n_words": 97,
+                "max_position_embeddings": 64,
+                "pad_index": 2,
+                "pad_token_id": 2,
+                "n_langs": 2,
+                "use_lang_emb": True,
+                "num_labels": 3,
+            },
+        )
+    )
+
+
+XLM = _xlm_like("xlm", "XLM", "MultiHeadAttention", "TransformerFFN")
+FLAUBERT = _xlm_like("flaubert", "Flaubert", "MultiHeadAttention", "TransformerFFN")
