@@ -453,3 +453,83 @@ def test_flaubert_lm_head_passes_check_adapter():
 
     report = hf_pelrp.check_adapter(tiny_config("flaubert"), classes=[FlaubertWithLMHeadModel])
     assert report.passed and report.heads == ["FlaubertWithLMHeadModel"]
+
+
+# ---- MPNet: absolute positions and a relative attention bias ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_mpnet_bias_leaf_matches_the_explicit_biased_attention_rules(mode):
+    """One MPNet self-attention (inline) against helpers/reference_bias.py's explicit float64 LRP of biased
+    attention: relevance of the input and of the relative bias [H, T, T] (CP: exactly 0)."""
+    from transformers import MPNetForSequenceClassification
+
+    from helpers.reference_absolute import lrp_linear
+    from helpers.reference_bias import biased_attention, lrp_biased_attention
+
+    model = _model("mpnet", MPNetForSequenceClassification)
+    attn = model.mpnet.encoder.layer[0].attention.attn
+    seq, hidden = 6, model.config.hidden_size
+    heads, head_dim = attn.num_attention_heads, attn.attention_head_size
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, seq, hidden, generator=gen, dtype=F64)
+    seed = torch.randn(1, seq, hidden, generator=gen, dtype=F64)
+    bias = model.mpnet.encoder.compute_position_bias(x).detach()
+    with hf_pelrp.lrp(model, mode=mode) as ctx:
+        leaf = x.clone().requires_grad_(True)
+        out = attn(leaf, None, bias)[0]
+        (out * seed).sum().backward()
+        b_leaf = ctx.store.layers[0]["bias"]
+        r_bias = torch.zeros_like(b_leaf[0]) if b_leaf.grad is None else (b_leaf.detach() * b_leaf.grad)[0]
+    r_x = (leaf.detach() * leaf.grad)[0]
+
+    def lin(module, t):
+        return t @ module.weight.T + module.bias
+
+    def heads_of(t):
+        return t.view(seq, heads, head_dim).transpose(0, 1)
+
+    with torch.no_grad():
+        x0 = x[0]
+        q, k, v = (heads_of(lin(m, x0)) for m in (attn.q, attn.k, attn.v))
+        allowed = torch.ones(heads, seq, seq, dtype=torch.bool)
+        scores, probs, ctx_out = biased_attention(q, k, v, head_dim**-0.5, bias[0], allowed)
+        flat = ctx_out.transpose(0, 1).reshape(seq, -1)
+        r_o = out.detach()[0] * seed[0]
+        r_flat = lrp_linear(flat, attn.o.weight, attn.o.bias, r_o)
+        r_q, r_k, r_v, ref_bias = lrp_biased_attention(
+            q, k, v, head_dim**-0.5, bias[0], allowed, scores, probs, ctx_out, heads_of(r_flat), mode
+        )
+
+        def back(t):
+            return t.transpose(0, 1).reshape(seq, -1)
+
+        ref_x = sum(
+            lrp_linear(x0, m.weight, m.bias, back(r))
+            for m, r in ((attn.q, r_q), (attn.k, r_k), (attn.v, r_v))
+        )
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+
+    assert rel(r_x, ref_x) < 1e-9
+    if mode == "cp":
+        assert float(r_bias.abs().max()) == 0.0
+    else:
+        assert rel(r_bias, ref_bias) < 1e-9 and float(ref_bias.abs().max()) > 0
+
+
+def test_mpnet_position_is_absolute_plus_relative():
+    from transformers import MPNetForMaskedLM
+
+    model = _model("mpnet", MPNetForMaskedLM)
+    ids = _ids(low=4)
+    ids[:, 3] = 3
+    attr = hf_pelrp.attribute(model, ids, position=3, mask_token_id=3)
+    torch.testing.assert_close(
+        attr.position, attr.extras["position_absolute"] + attr.extras["position_relative"]
+    )
+    assert float(attr.extras["position_relative"].abs().min()) > 0
+    cp = hf_pelrp.attribute(model, ids, position=3, mask_token_id=3, mode="cp")
+    assert float(cp.extras["position_relative"].abs().max()) == 0.0
+    assert float(cp.extras["position_absolute"].abs().max()) > 0

@@ -27,7 +27,7 @@ from ..errors import AttributionInputError, UnsupportedModelError
 from ..hooks import EmbeddingLeaf, FunctionalActivation, HookRule, LeafStore, OutputGradient, make_leaf
 from ..inputs import Prepared, TextInputs
 from ..modules import find_module, find_optional
-from ..positions import Additive, Rotary, _as_map
+from ..positions import Additive, AttentionBias, Rotary, _as_map, bias_leaf
 from ..rules import relevance_of, scale_gradient
 from .base import Adapter, FunctionalActivationSite, GatedProduct, register_adapter
 from .bert import TINY_ENCODER, bert_classes, bert_like
@@ -698,3 +698,120 @@ def _xlm_like(model_type: str, prefix: str, attention_class: str, ffn_class: str
 
 XLM = _xlm_like("xlm", "XLM", "MultiHeadAttention", "TransformerFFN")
 FLAUBERT = _xlm_like("flaubert", "Flaubert", "MultiHeadAttention", "TransformerFFN")
+
+
+# ---- mpnet: absolute positions and a relative attention bias, inline attention ---------------------------------
+
+
+class _MPNetBiasLeaves(HookRule):
+    """Make the ``position_bias`` MPNet hands one layer's inline self-attention a per-layer, per-row leaf
+    (``store.layers[l]["bias"]``, [B, H, T, T]), its gradient scaled by the ``scores`` factor (1/2 AttnLRP, 0 CP):
+    ``s = q k^T / sqrt(d) + b + mask`` is a sum, so ``R_b = b * g`` (method.md 2, "Positions inside attention");
+    the mask is added separately and stays out of the leaf."""
+
+    def __init__(self, store: LeafStore, layer: int, factor: float):
+        self.store, self.layer, self.factor = store, layer, factor
+
+    def attach(self, module: torch.nn.Module, handles) -> None:
+        store, layer, factor = self.store, self.layer, self.factor
+
+        def hook(_attention, args, kwargs):
+            positional = len(args) > 2
+            bias = args[2] if positional else kwargs.get("position_bias")
+            if bias is None:
+                return None
+            leaf = scale_gradient(bias_leaf(store, layer, bias), factor)
+            if positional:
+                return (*args[:2], leaf, *args[3:]), kwargs
+            return args, {**kwargs, "position_bias": leaf}
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+@dataclass(frozen=True)
+class AbsoluteAndBias(AttentionBias):
+    """Learned absolute positions added to the token embedding AND a relative bias inside attention (MPNet).
+
+    Both are positions: ``position`` = the additive leaf's relevance + the bias leaves' relevance per key
+    (``position_absolute``, ``position_relative`` separately; ``position_by_layer`` and ``position_by_distance``
+    are the bias's). Not "inside attention" as a whole: CP-LRP gives the bias 0 but the absolute part keeps its
+    share.
+    """
+
+    additive: Additive = field(default_factory=Additive)
+    inside_attention: bool = False
+    name: str = "absolute + attention bias"
+    description: str = "learned absolute + relative attention bias"
+
+    @property
+    def modules(self) -> Mapping[str, str]:
+        return self.additive.modules
+
+    def rules(self, model, layers, attention, store):
+        return self.additive.rules(model, layers, attention, store)  # the bias leaves: _mpnet_rules
+
+    def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> dict[str, torch.Tensor]:
+        maps = super().read(store, token, num_layers)
+        absolute = self.additive.read(store, token, num_layers)["position"]
+        relative = maps["position"]
+        maps.update(
+            position=absolute + relative,
+            position_abs=absolute.abs() + maps["position_abs"],
+            position_absolute=absolute,
+            position_relative=relative,
+        )
+        return maps
+
+    def describe(self) -> str:
+        return f"{self.description}: additive `position` leaf and per-layer bias leaves"
+
+
+def _mpnet_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
+    rules = projection_factors("encoder.layer", "attention.attn", ("q", "k", "v"))(model, config, store)
+    if config.positional:
+        for i, block in enumerate(model.base_model.encoder.layer):
+            rules.append((block.attention.attn, _MPNetBiasLeaves(store, i, config.scores_factor)))
+    return rules
+
+
+MPNET = register_adapter(
+    Adapter(
+        model_types=("mpnet",),
+        name="mpnet",
+        layers="encoder.layer",
+        attention="attention.attn",
+        embeddings={"embeddings.word_embeddings": ("token",)},
+        positions=AbsoluteAndBias(),
+        norms={"LayerNorm": layer_norm},
+        modules=(
+            "MPNetForMaskedLM",
+            "MPNetForSequenceClassification",
+            "MPNetModel",
+            "MPNetEmbeddings",
+            "MPNetEncoder",
+            "MPNetLayer",
+            "MPNetAttention",
+            "MPNetSelfAttention",
+            "MPNetIntermediate",
+            "MPNetOutput",
+            "MPNetPooler",
+            "MPNetLMHead",
+            "MPNetClassificationHead",
+        ),
+        constants=("encoder.relative_attention_bias",),
+        functional=(
+            FunctionalActivationSite("classifier.dense", "classifier.out_proj"),
+            FunctionalActivationSite("lm_head.dense", "lm_head.layer_norm"),
+        ),
+        extra_rules=_mpnet_rules,
+        attention_interface=False,
+        inputs=TextInputs(
+            position_ids="count",
+            position_offset=lambda c: 2,  # MPNet's padding_idx is 1, whatever config.pad_token_id says
+            max_positions=lambda c: c.max_position_embeddings - 2,
+            padding="right",
+        ),
+        heads=("sequence_classification", "masked_lm"),
+        tiny={**TINY_ENCODER, "pad_token_id": 1},
+    )
+)
