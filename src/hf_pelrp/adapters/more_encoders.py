@@ -10,6 +10,26 @@
   calls is its own leaf (:class:`LayoutPositions`), ``attr.position`` is the 1-D position plus the six box
   leaves (so conservation covers them), ``attr.extras["position_1d"]`` and ``attr.extras["position_bbox"]`` split
   it. ``bbox`` is accepted per token and moved with the tokens when left padding is aligned.
+- ``roc_bert``: BERT plus per-character glyph-shape and pronunciation embeddings (concatenated with the word
+  embedding before ``map_inputs_layer``, or added): token content, one leaf each, summed into ``token`` and
+  reported as ``token_word`` / ``token_shape`` / ``token_pronunciation``.
+- ``gte``, ``nomic_bert``, ``jina_embeddings_v3``: BERT-style rotary encoders through the attention interface:
+  per-layer ``(cos, sin)`` leaves, token types as ``segment`` (GTE without a token-type table: none), gated MLPs
+  (GTE, NomicBERT). ``eurobert``: the LLaMA layout as a bidirectional encoder. ``esm``: the rotary ESM-2, its erf
+  GELU applied as a function (identity rule by hooks), token dropout a constant scale, the contact head (never
+  called by the forward pass) left out; absolute-position ESM refused.
+- ``rembert``: BERT with factorised embeddings; inline attention gets the ``"lrp"`` factors on its q / k / v
+  projections (as Megatron-BERT). ``roformer``: interleaved rotary applied inside inline attention: per-layer
+  ``(sin, cos)`` leaves made by a pre-hook, the rotary 1/2 on q, k and the leaves.
+- ``mobilebert``: bottlenecks, stacked FFNs, trigram input, ``NoNorm`` (``x * w + b``: :func:`no_norm`).
+- ``xlm``, ``flaubert``: blocks in parallel module lists (the attention modules are the blocks), inline
+  attention with projection factors, token types embedded with the word table, the language embedding a leaf
+  folded into ``segment``.
+- ``mpnet``: learned absolute positions and a relative attention bias, both leaves (:class:`AbsoluteAndBias`).
+
+Refused by name (:mod:`hf_pelrp.adapters.refusals`): encoders without softmax attention (``fnet``,
+``nystromformer``, ``yoso``, ``mra``) and encoders whose layers no rule covers (``squeezebert``, ``convbert``,
+``canine``, ``perceiver``, ``reformer``, ``big_bird``, ``longformer``, ``ibert``).
 """
 
 from __future__ import annotations
