@@ -64,7 +64,7 @@ REFUSED: dict[str, str] = {
     "reformer": "its LSH / local chunked attention, reversible residual layers and axial position embeddings are computed inline; not covered.",
     "big_bird": "its block-sparse attention (window, global and random blocks) and its full attention are computed inline, not through transformers' attention interface; not covered.",
     "longformer": "its sliding-window and global attention are computed inline in overlapping chunks, not through transformers' attention interface; not covered.",
-    "ibert": "its quantisation-aware modules (QuantAct, QuantLinear, IntGELU, IntSoftmax, IntLayerNorm) compute integer approximations; no LRP rule covers them.",
+    "ibert": "its quantisation-aware modules (QuantEmbedding, QuantAct, QuantLinear, IntGELU, IntSoftmax, IntLayerNorm) compute integer approximations with quant_mode=True; their float fallbacks (quant_mode=False) are not declared either; not covered.",
 }
 
 for _model_type, _reason in REFUSED.items():
