@@ -457,9 +457,11 @@ class _Checker:
             inputs = checker.inputs()
             on = checker.attribute(inputs, "attnlrp", positional=True)
             off = checker.attribute(inputs, "attnlrp", positional=False)
-            total = on.token + on.position
-            scale = float(off.token.abs().max().clamp(min=1e-30))
-            worst = float((total - off.token).abs().max()) / scale
+            # a token-type (segment) leaf beside the token leaf shares the embedding sum's relevance with it, and
+            # that share moves with the positions too (rotary encoders with token types: GTE, NomicBERT, Jina v3)
+            total = on.relevance
+            scale = float(off.relevance.abs().max().clamp(min=1e-30))
+            worst = float((total - off.relevance).abs().max()) / scale
             which = f", a layer like layer {index}" if len(kinds) > 1 else ""
             self.record(
                 f"rotary split in one layer (token + position = token without positions{which})",

@@ -26,6 +26,7 @@ from . import (  # noqa: F401
     llama_layout,
     modernbert,
     moe,
+    more_encoders,
     more_vision,
     olmo,
     olmo2,

@@ -78,8 +78,19 @@ REFUSED: dict[str, str] = {
     "pvt_v2": "it has no position embedding (position enters through overlapping patch embeddings and the zero-padded depthwise convolution in each MLP) and its spatial-reduction / pooled linear attention is written inline: no positional leaf to explain.",
     "segformer": "its Mix Transformer has no position embedding (position enters through overlapping patch embeddings and the zero-padded depthwise convolution of each Mix-FFN) and its keys / values come from a strided spatial-reduction convolution: no positional leaf to explain.",
     "imagegpt": "its attention is written inline (not through transformers' attention interface) and ImageGPTLayerNorm is an RMS-style norm without mean subtraction; a GPT-2-like declaration with inline attention factors and that norm's surrogate is not written yet.",
-    "perceiver": "its image classifiers cross-attend from a learned latent array to the pixels, with the position encodings (trainable, or Fourier features) concatenated to the input channels rather than added, and attention written inline: neither that split nor those attention rules are implemented.",
     "siglip2": "its inputs are pre-patchified sequences (pixel_values [B, patches, C*p*p] with spatial_shapes and a pixel_attention_mask, padded per image) and its positions the learned grid resized per image (antialiased bilinear) to each aspect ratio; the split e = t + p is covered by the method, but hf_pelrp's image inputs, check_adapter's image instances and patch_map / pixel_map assume [B, C, H, W] images on one grid, so it is refused until they are written.",
+    "fnet": "it mixes tokens with a Fourier transform instead of attention (no softmax attention): outside the method.",
+    "nystromformer": "its attention is a Nystrom approximation (landmark softmaxes joined by an iterative pseudo-inverse), not softmax attention: outside the method.",
+    "yoso": "its attention is LSH-based Bernoulli sampling (no softmax over scores): outside the method.",
+    "mra": "its attention is a multi-resolution block approximation (no softmax attention over the full scores): outside the method.",
+    "squeezebert": "its attention and feed-forward projections are grouped 1-D convolutions computed inline, with no declaration of which channels mix; not covered.",
+    "convbert": "half of its heads are span-based dynamic convolutions whose kernels are generated from the input (a softmax over kernel weights, not over positions): no rule for them.",
+    "canine": "it embeds characters through hash-bucket tables and mixes them with a strided downsampling convolution and local attention before the deep encoder; not covered.",
+    "perceiver": "learned latents cross-attend to preprocessed inputs (Fourier or trainable position encodings inside modality preprocessors), so relevance meets the latents, which are no input leaf; not covered.",
+    "reformer": "its LSH / local chunked attention, reversible residual layers and axial position embeddings are computed inline; not covered.",
+    "big_bird": "its block-sparse attention (window, global and random blocks) and its full attention are computed inline, not through transformers' attention interface; not covered.",
+    "longformer": "its sliding-window and global attention are computed inline in overlapping chunks, not through transformers' attention interface; not covered.",
+    "ibert": "its quantisation-aware modules (QuantEmbedding, QuantAct, QuantLinear, IntGELU, IntSoftmax, IntLayerNorm) compute integer approximations with quant_mode=True; their float fallbacks (quant_mode=False) are not declared either; not covered.",
 }
 
 for _model_type, _reason in REFUSED.items():
