@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import hf_pelrp
 from hf_pelrp.adapters import refused_model_types
 
@@ -56,3 +58,22 @@ def test_the_readme_names_the_locked_versions_and_the_lower_bounds():
     lower = re.search(r"transformers>=([\d.]+)", bounds["transformers"])[1]
     assert f"transformers >= {lower} and < 6" in section
     assert f"`make test-oldest`: transformers {lower}.0," in section
+
+
+def test_the_coverage_table_is_up_to_date():
+    """The README's coverage table is what scripts/coverage.py generates from the registry and the installed
+    transformers' auto maps (compared where transformers is the version the table names: the drift
+    environments run other versions)."""
+    import transformers
+
+    from hf_pelrp.adapters.coverage import coverage_table
+
+    section = _section("architectures")
+    table = section[section.index("<!-- coverage:table -->") : section.index("<!-- /coverage:table -->")]
+    named = re.search(r"transformers ([\w.]+)'s auto maps", table)
+    assert named, "the coverage table names no transformers version"
+    if named[1] != transformers.__version__:
+        pytest.skip(f"the table is for transformers {named[1]}, this is {transformers.__version__}")
+    assert table.removeprefix("<!-- coverage:table -->").strip() == coverage_table().strip(), (
+        "out of date: run python scripts/coverage.py --write"
+    )
