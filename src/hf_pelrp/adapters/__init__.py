@@ -25,6 +25,7 @@ from . import (  # noqa: F401
     llama_layout,
     modernbert,
     moe,
+    more_decoders,
     olmo,
     olmo2,
     olmoe,
