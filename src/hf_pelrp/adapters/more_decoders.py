@@ -11,13 +11,32 @@ README), each proven by check_adapter like every registered type (issue 18).
 - ``granitemoeshared``: GraniteMoE (constant multipliers, a top-k softmax router) plus a shared expert
   ``output_linear(act(x W[:I]) * x W[I:])`` with a fused ``input_linear`` whose second half is the up projection:
   the uniform rule at the product (CP-LRP: the gate is a constant).
+- ``gpt-sw3``: GPT-SW3 checkpoints are GPT-2 classes with GPT-2's config (``GPT2Config``, whose
+  ``model_type`` is ``gpt2``): the GPT-2 declaration, registered under the checkpoints' type as well.
+- ``openai-gpt`` (GPT-1): learned absolute positions ``tokens_embed + positions_embed`` (``token``, ``position``;
+  ``segment`` when ``token_type_ids`` are given, embedded with the token table as GPT-2 does), post-LN blocks
+  ``n = ln_1(x + attn(x))``, ``h = ln_2(n + mlp(n))`` (identity rule on both), GELU MLP. Its attention is written
+  inline (``softmax(q k^T / sqrt(d)) v`` on a fused ``c_attn``): the factors of the ``"lrp"`` attention are put on
+  the output channels of ``c_attn`` (:func:`fused_qkv_factors`: q and k ``qk_factor``, v ``v_factor``), each a
+  constant on the path from the projection to the scores and values; the softmax keeps its Gradient x Input rule.
+  Float64 reference: ``tests/test_more_decoders.py``.
 """
 
 from __future__ import annotations
 
-from .base import GatedProduct, register_adapter
+import dataclasses
+
+from torch import nn
+
+from ..config import LRPConfig
+from ..hooks import HookRule, LeafStore, OutputGradient
+from ..inputs import TextInputs
+from ..positions import Additive
+from .base import Adapter, GatedProduct, register_adapter
+from .gpt2 import GPT2
 from .llama import llama_like
 from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny
+from .norms import layer_norm
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -91,5 +110,56 @@ GRANITEMOESHARED = register_adapter(
             bos_token_id=1,
             eos_token_id=2,
         ),
+    )
+)
+
+GPT_SW3 = register_adapter(dataclasses.replace(GPT2, model_types=("gpt-sw3",), name="gpt-sw3"))
+
+
+def fused_qkv_factors(
+    model: nn.Module, config: LRPConfig, store: LeafStore
+) -> list[tuple[nn.Module, HookRule]]:
+    """The ``"lrp"`` attention's factors on the fused ``c_attn`` of GPT-1's inline attention: its output is
+    ``[q | k | v]`` (``split_size`` channels each); q and k get ``qk_factor``, v gets ``v_factor``."""
+    rules: list[tuple[nn.Module, HookRule]] = []
+    for block in model.base_model.h:
+        width = block.attn.split_size
+        rules.append((block.attn.c_attn, OutputGradient(config.qk_factor, slice(0, 2 * width))))
+        rules.append((block.attn.c_attn, OutputGradient(config.v_factor, slice(2 * width, 3 * width))))
+    return rules
+
+
+OPENAI_GPT = register_adapter(
+    Adapter(
+        model_types=("openai-gpt",),
+        name="openai-gpt",
+        layers="h",
+        attention="attn",
+        embeddings={"tokens_embed": ("token", "segment")},
+        positions=Additive({"positions_embed": "position"}),
+        norms={"LayerNorm": layer_norm},
+        modules=(
+            "OpenAIGPTLMHeadModel",
+            "OpenAIGPTForSequenceClassification",
+            "OpenAIGPTModel",
+            "Block",
+            "Attention",
+            "MLP",
+        ),
+        inputs=TextInputs(
+            position_ids="count", max_positions=lambda c: c.n_positions, token_types="vocab_size"
+        ),
+        heads=("causal_lm", "sequence_classification"),
+        extra_rules=fused_qkv_factors,
+        attention_interface=False,
+        tiny={
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "vocab_size": 97,
+            "n_positions": 64,
+            "pad_token_id": 0,
+            "num_labels": 3,
+        },
     )
 )

@@ -1,0 +1,160 @@
+"""Decoders of issue 18 (``hf_pelrp.adapters.more_decoders``): the rules they add against slow explicit float64
+references (plain tensor math on the model's weights, no autograd, no hf_pelrp code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import OpenAIGPTConfig, OpenAIGPTForSequenceClassification, OpenAIGPTLMHeadModel
+
+import hf_pelrp
+from helpers.reference_absolute import (
+    F64,
+    _apply,
+    _flat,
+    _heads,
+    _lin,
+    attention_forward,
+    layer_norm,
+    lrp_attention,
+    lrp_layer_norm,
+    lrp_linear,
+    split_sum,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MODES = ("attnlrp", "cp")
+
+# ---- openai-gpt (GPT-1): post-LN blocks, inline attention on a fused c_attn ----------------------------------
+
+
+def _tiny_openai_gpt(head: str, seed: int = 0):
+    config = OpenAIGPTConfig(
+        n_embd=16, n_layer=2, n_head=2, vocab_size=31, n_positions=16, pad_token_id=0, num_labels=3
+    )
+    torch.manual_seed(seed)
+    cls = OpenAIGPTLMHeadModel if head == "lm" else OpenAIGPTForSequenceClassification
+    model = cls(config).to(F64).eval()
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():  # LayerNorms away from (1, 0), biases non-zero: a rule that ignores them shows
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=F64))
+    return model
+
+
+def _gpt1_row(model, ids, mask, token_types, position, target, mode):
+    """Explicit PE-LRP of one row (rules of ``helpers/reference_absolute.py``), post-LN:
+    ``n = ln_1(x + attn(x))``, ``h = ln_2(n + mlp(n))``."""
+    base, cfg = model.transformer, model.config
+    seq, n_heads, width = ids.shape[0], cfg.n_head, cfg.n_embd
+    pos_ids = (mask.cumsum(0) - 1).clamp(min=0) * mask
+    table = base.tokens_embed.weight.detach().to(F64)
+    t = table[ids]
+    p = base.positions_embed.weight.detach().to(F64)[pos_ids]
+    s = table[token_types] if token_types is not None else torch.zeros_like(t)
+    allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool)) & mask.bool()[None, :]
+    scaling = (width // n_heads) ** -0.5
+    x = t + p + s
+    acts = []
+    for block in base.h:
+        a = {"x": x}
+        q, k, v = _apply(_lin(block.attn.c_attn, conv1d=True), x).split(width, dim=-1)
+        a["q"], a["k"], a["v"] = _heads(q, n_heads), _heads(k, n_heads), _heads(v, n_heads)
+        a["S"], a["A"], a["o"] = attention_forward(a["q"], a["k"], a["v"], scaling, allowed)
+        a["o_flat"] = _flat(a["o"])
+        a["attn"] = _apply(_lin(block.attn.c_proj, conv1d=True), a["o_flat"])
+        a["y1"] = x + a["attn"]
+        a["n"], a["w1"], a["s1"] = layer_norm(a["y1"], block.ln_1)
+        a["f"] = _apply(_lin(block.mlp.c_fc, conv1d=True), a["n"])
+        a["g"] = block.mlp.act(a["f"])
+        a["m"] = _apply(_lin(block.mlp.c_proj, conv1d=True), a["g"])
+        a["y2"] = a["n"] + a["m"]
+        x, a["w2"], a["s2"] = layer_norm(a["y2"], block.ln_2)
+        a["h"] = x
+        acts.append(a)
+    head = _lin(model.lm_head if hasattr(model, "lm_head") else model.score)
+    logits = _apply(head, x[position])
+    tgt = int(logits.argmax()) if target is None else int(target)
+
+    r_logits = torch.zeros_like(logits)
+    r_logits[tgt] = logits[tgt]
+    r_x = torch.zeros_like(x)
+    r_x[position] = lrp_linear(x[position : position + 1], *head, r_logits[None])[0]
+    for block, a in zip(reversed(base.h), reversed(acts), strict=True):
+        r_y2 = lrp_layer_norm(a["y2"], a["h"], a["w2"], a["s2"], r_x)
+        r_n, r_m = split_sum([a["n"], a["m"]], r_y2)
+        r_g = lrp_linear(a["g"], *_lin(block.mlp.c_proj, conv1d=True), r_m)
+        r_n = r_n + lrp_linear(a["n"], *_lin(block.mlp.c_fc, conv1d=True), r_g)  # identity rule: R_f = R_g
+        r_y1 = lrp_layer_norm(a["y1"], a["n"], a["w1"], a["s1"], r_n)
+        r_xin, r_attn = split_sum([a["x"], a["attn"]], r_y1)
+        r_o = _heads(lrp_linear(a["o_flat"], *_lin(block.attn.c_proj, conv1d=True), r_attn), n_heads)
+        r_q, r_k, r_v = lrp_attention(
+            a["q"], a["k"], a["v"], scaling, allowed, a["S"], a["A"], a["o"], r_o, mode
+        )
+        r_qkv = torch.cat([_flat(r_q), _flat(r_k), _flat(r_v)], dim=-1)
+        r_x = r_xin + lrp_linear(a["x"], *_lin(block.attn.c_attn, conv1d=True), r_qkv)
+    r_t, r_p, r_s = split_sum([t, p, s], r_x)
+    return r_t.sum(-1), r_p.sum(-1), r_s.sum(-1), logits[tgt]
+
+
+@torch.no_grad()
+def _gpt1_reference(model, ids, mask, *, mode, target, token_type_ids=None):
+    rows = []
+    for b in range(ids.shape[0]):
+        m = mask[b].long()
+        tt = None if token_type_ids is None else token_type_ids[b]
+        rows.append(_gpt1_row(model, ids[b], m, tt, int(m.nonzero().max()), target[b], mode))
+    return [torch.stack(col) for col in zip(*rows, strict=True)]
+
+
+def _batch(side: str):
+    ids = torch.tensor([[5, 9, 3, 17, 22, 8], [0, 0, 4, 11, 29, 2]])
+    mask = (ids != 0).long()
+    if side == "right":
+        ids = torch.tensor([[5, 9, 3, 17, 22, 8], [4, 11, 29, 2, 0, 0]])
+        mask = (ids != 0).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("token_types", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head", ["lm", "cls"])
+def test_openai_gpt_matches_the_explicit_float64_reference(head, mode, side, token_types):
+    """Token, position and segment maps of GPT-1 (post-LN, q / k / v factors on the fused ``c_attn``) equal the
+    explicit rules, row by row, with padding on either side."""
+    model = _tiny_openai_gpt(head)
+    ids, mask = _batch(side)
+    types = torch.tensor([[1, 1, 2, 2, 3, 3], [1, 2, 2, 3, 3, 1]]) if token_types else None
+    attr = hf_pelrp.attribute(model, ids, mask, token_type_ids=types, mode=mode)
+    token, position, segment, logit = _gpt1_reference(
+        model, ids, mask, mode=mode, target=attr.target, token_type_ids=types
+    )
+    scale = float(token.abs().max())
+    assert (
+        float(position.abs().max()) > 1e-3 * scale
+    )  # the positions carry relevance: the check is not vacuous
+    for fast, slow in ((attr.token, token), (attr.position, position)):
+        torch.testing.assert_close(fast.double(), slow, rtol=0, atol=1e-8 * scale)
+    if token_types:
+        torch.testing.assert_close(attr.segment.double(), segment, rtol=0, atol=1e-8 * scale)
+    torch.testing.assert_close(attr.target_value.double(), logit, rtol=1e-10, atol=1e-10)
+
+
+def test_openai_gpt_without_the_qkv_factors_differs_from_the_reference(monkeypatch):
+    """The reference sees the factors on c_attn: with them removed (plain gradients through q, k, v) the AttnLRP
+    maps no longer match, so the test above would fail for a missing or misplaced factor."""
+    import dataclasses
+
+    from hf_pelrp.adapters import more_decoders
+    from hf_pelrp.adapters.base import _REGISTRY
+
+    model = _tiny_openai_gpt("lm")
+    ids, mask = _batch("left")
+    monkeypatch.setitem(
+        _REGISTRY, "openai-gpt", dataclasses.replace(more_decoders.OPENAI_GPT, extra_rules=None)
+    )
+    attr = hf_pelrp.attribute(model, ids, mask, mode="attnlrp")
+    token, *_ = _gpt1_reference(model, ids, mask, mode="attnlrp", target=attr.target)
+    assert float((attr.token.double() - token).abs().max()) > 1e-3 * float(token.abs().max())
