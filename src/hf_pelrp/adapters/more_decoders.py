@@ -20,23 +20,36 @@ README), each proven by check_adapter like every registered type (issue 18).
   the output channels of ``c_attn`` (:func:`fused_qkv_factors`: q and k ``qk_factor``, v ``v_factor``), each a
   constant on the path from the projection to the scores and values; the softmax keeps its Gradient x Input rule.
   Float64 reference: ``tests/test_more_decoders.py``.
+- ``nanochat``: weightless RMSNorms (``x / rms(x)``: :func:`weightless_rms_norm`, identity rule) before the
+  blocks, in them, and on q and k *after* the rotation (a per-row constant scale under the identity rule, so the
+  rotary 1/2 and the AttnLRP factors on q and k commute with it); ungated squared-ReLU MLP; final-logit
+  soft-capping by the identity rule (:func:`~hf_pelrp.adapters.gemma.final_logit_softcap`).
+- ``bitnet``: the LLaMA layout with an RMSNorm after the gated product (``ffn_sub_norm``) and after the
+  attention (``attn_sub_norm``), squared-ReLU gate (the transformers model as it is: its linear layers are plain
+  ``nn.Linear``; a quantised checkpoint's ``AutoBitLinear`` is not declared and is refused).
+- ``solar_open``: DeepSeek-V3's sigmoid routing (group top-k with a correction bias that only changes the
+  selection; routing weights constants in both modes, signal-take-all) in every block, plus a shared gated
+  expert.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from ..config import LRPConfig
 from ..hooks import HookRule, LeafStore, OutputGradient
 from ..inputs import TextInputs
 from ..positions import Additive
+from ..rules import rms_norm_identity
 from .base import Adapter, GatedProduct, register_adapter
+from .gemma import final_logit_softcap
 from .gpt2 import GPT2
 from .llama import llama_like
 from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny
-from .norms import layer_norm
+from .norms import _eps, layer_norm
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -161,5 +174,48 @@ OPENAI_GPT = register_adapter(
             "pad_token_id": 0,
             "num_labels": 3,
         },
+    )
+)
+
+
+def weightless_rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x / rms(x)`` with ``rms`` detached (an RMSNorm without a weight, computed in float32 and cast back)."""
+    return rms_norm_identity(x, _eps(module)).to(x.dtype)
+
+
+NANOCHAT = register_adapter(
+    llama_like(
+        ("nanochat",),
+        "NanoChat",
+        name="nanochat",
+        norms={"NanoChatRMSNorm": weightless_rms_norm},
+        gated=(),
+        extra_rules=final_logit_softcap,
+        heads=("causal_lm",),
+        tiny={**_HEADS, "final_logit_softcapping": 3.0},
+    )
+)
+
+BITNET = register_adapter(llama_like(("bitnet",), "BitNet", name="bitnet", heads=("causal_lm",), tiny=_HEADS))
+
+SOLAR_OPEN_MOE = MixtureOfExperts(experts="SolarOpenExperts", routing="sigmoid")
+SOLAR_OPEN = register_adapter(
+    llama_like(
+        ("solar_open",),
+        "SolarOpen",
+        name="solar_open",
+        modules=("SolarOpenMoE", "SolarOpenExperts", "SolarOpenTopkRouter"),
+        gated=(GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj"),),
+        extra_rules=SOLAR_OPEN_MOE,
+        checks=(SOLAR_OPEN_MOE.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            **_HEADS,
+        ),
     )
 )
