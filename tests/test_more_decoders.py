@@ -158,3 +158,43 @@ def test_openai_gpt_without_the_qkv_factors_differs_from_the_reference(monkeypat
     attr = hf_pelrp.attribute(model, ids, mask, mode="attnlrp")
     token, *_ = _gpt1_reference(model, ids, mask, mode="attnlrp", target=attr.target)
     assert float((attr.token.double() - token).abs().max()) > 1e-3 * float(token.abs().max())
+
+
+# ---- nanochat: weightless RMSNorm (also on q and k after the rotation) ----------------------------------------
+
+
+def _weightless_rms_reference(module, x, y, r_y):
+    """Identity rule of ``y = x / rms(x)`` (the scale a constant): ``R_x = x * s * R_y / y``, plain float64."""
+    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    zero = y == 0
+    return (
+        x * scale * torch.where(zero, torch.zeros_like(r_y), r_y / torch.where(zero, torch.ones_like(y), y))
+    )
+
+
+def test_nanochat_weightless_norms_match_the_explicit_float64_rule(monkeypatch):
+    """Every NanoChatRMSNorm call (before the blocks, in the blocks, on q and k after the rotation, final) against
+    the explicit identity rule in both modes, through check_adapter's site probes, which have no reference of
+    their own for this surrogate."""
+    from hf_pelrp import check_sites
+    from hf_pelrp.adapters.more_decoders import weightless_rms_norm
+
+    monkeypatch.setitem(check_sites.NORM_REFERENCES, weightless_rms_norm, _weightless_rms_reference)
+    report = hf_pelrp.check_adapter("nanochat")
+    norms = [r for r in report.results if r.name.startswith("norm sites")]
+    assert len(norms) == 2 and all(r.passed and "skipped" not in r.detail for r in norms), str(report)
+    assert all(r.detail.startswith("9 sites") for r in norms)
+
+
+def test_a_wrong_weightless_reference_is_caught(monkeypatch):
+    """The site probe compares against the reference: a reference off by a factor 2 fails (the test above is not
+    vacuous)."""
+    from hf_pelrp import check_sites
+    from hf_pelrp.adapters.more_decoders import weightless_rms_norm
+
+    def wrong(module, x, y, r_y):
+        return 2.0 * _weightless_rms_reference(module, x, y, r_y)
+
+    monkeypatch.setitem(check_sites.NORM_REFERENCES, weightless_rms_norm, wrong)
+    report = hf_pelrp.check_adapter("nanochat", raise_on_failure=False)
+    assert any(r.name.startswith("norm sites") and not r.passed for r in report.results)
