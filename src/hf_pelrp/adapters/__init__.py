@@ -26,6 +26,7 @@ from . import (  # noqa: F401
     modernbert,
     moe,
     more_decoders,
+    more_moe,
     olmo,
     olmo2,
     olmoe,
