@@ -198,3 +198,51 @@ def test_a_wrong_weightless_reference_is_caught(monkeypatch):
     monkeypatch.setitem(check_sites.NORM_REFERENCES, weightless_rms_norm, wrong)
     report = hf_pelrp.check_adapter("nanochat", raise_on_failure=False)
     assert any(r.name.startswith("norm sites") and not r.passed for r in report.results)
+
+
+# ---- hunyuan_v1_moe: the softmax-router rule on a router whose linear map is ``wg`` --------------------------
+
+
+def test_hunyuan_router_rule_matches_the_explicit_float64_formula():
+    """``w_k = p_{e_k} / S`` with ``p = softmax(x W^T)``, ``S = sum_k p_{e_k}`` a constant, the softmax by its
+    Gradient x Input rule, the selection a constant: for an upstream gradient ``g`` at the weights,
+    ``grad_l_j = sum_k p_{e_k} (delta_{e_k j} - p_j) g_k / S`` and ``R_x = x * (grad_l W)``, written out."""
+    from transformers import HunYuanMoEV1Config
+    from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1Gate
+
+    from hf_pelrp.adapters.more_moe import WgSoftmaxRouter
+    from hf_pelrp.hooks import Handles
+
+    config = HunYuanMoEV1Config(hidden_size=8, num_experts=5, moe_topk=2, head_dim=4, num_attention_heads=2)
+    torch.manual_seed(0)
+    gate = HunYuanMoEV1Gate(config).to(F64)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        gate.wg.weight.copy_(torch.randn(gate.wg.weight.shape, generator=gen, dtype=F64))
+    x = torch.randn(6, 8, generator=gen, dtype=F64, requires_grad=True)
+    g = torch.randn(6, 2, generator=gen, dtype=F64)
+    handles = Handles()
+    WgSoftmaxRouter().attach(gate, handles)
+    try:
+        _, weights, index = gate(x)
+    finally:
+        handles.remove()
+    (weights * g).sum().backward()
+    fast = (x * x.grad).detach()
+
+    w = gate.wg.weight.detach()
+    with torch.no_grad():
+        p = torch.softmax(x @ w.T, -1)
+        top = p.gather(1, index)
+        s = top.sum(-1, keepdim=True)
+        grad_p = torch.zeros_like(p).scatter_add(1, index, g / s)  # w_k = p_{e_k} / S, S constant
+        grad_l = p * (grad_p - (grad_p * p).sum(-1, keepdim=True))  # softmax Jacobian^T
+        ref = x * (grad_l @ w)
+    # (transformers and the rule take the softmax in float32: float32 rounding)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * scale)
+    # not the plain gradient: with S differentiated the relevance differs
+    plain_x = x.detach().clone().requires_grad_(True)
+    _, plain_weights, _ = gate(plain_x)
+    (plain_weights * g).sum().backward()
+    assert float((plain_x * plain_x.grad - ref).abs().max()) > 1e-2 * scale

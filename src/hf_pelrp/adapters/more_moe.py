@@ -19,17 +19,28 @@ signal-take-all; shared experts are plain gated MLPs).
 - ``exaone_moe``: EXAONE 4's sliding-window layers that rotate and global layers that do not
   (:func:`~hf_pelrp.adapters.rotary_decoders.exaone4_rotates`), q / k RMSNorms, DeepSeek-V3's sigmoid routing,
   a shared expert, dense and sparse blocks.
+- ``hunyuan_v1_moe``: per-head q / k RMSNorms, a shared gated MLP in every block, a softmax top-k router whose
+  linear map is a submodule (``wg``): :class:`WgSoftmaxRouter` applies the softmax-router rule of
+  :func:`~hf_pelrp.adapters.moe.softmax_routing_weights` with ``wg``'s weight (re-computed and checked against
+  the module's output at every call, as for Mixtral).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import SimpleNamespace
+
 from torch import nn
 
+from ..config import LRPConfig
+from ..devices import weights_on_device
 from ..errors import UnsupportedModelError
+from ..hooks import Handles, HookRule, LeafStore, check_reproduces
 from ..positions import Rotary
+from ..rules import straight_through
 from .base import GatedProduct, register_adapter
 from .llama import llama_like
-from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny
+from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny, softmax_routing_weights
 from .norms import layer_norm, rms_norm
 from .rotary_decoders import exaone4_rotates
 
@@ -161,5 +172,60 @@ EXAONE_MOE = register_adapter(
             num_key_value_heads=2,
             **_HEADS,
         ),
+    )
+)
+
+
+@dataclass
+class WgSoftmaxRouter(HookRule):
+    """The softmax-router rule (:func:`~hf_pelrp.adapters.moe.softmax_routing_weights`: renormalised top-k of the
+    softmax, the denominator a constant) of a router whose linear map is its submodule ``wg``; the weights keep
+    the module's values (straight-through), checked to be reproduced."""
+
+    name: str = ""
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        def hook(mod, args, kwargs, output):
+            logits, weights, index = output
+            x = args[0] if args else kwargs["hidden_states"]
+            if not x.requires_grad:
+                return output
+            with weights_on_device(mod):
+                view = SimpleNamespace(weight=mod.wg.weight, norm_topk_prob=True)
+                x = x.reshape(-1, x.shape[-1]).to(device=weights.device, dtype=mod.wg.weight.dtype)
+                surrogate = softmax_routing_weights(view, x, index)
+            check_reproduces(surrogate, weights, self.name or type(mod).__name__, "router re-computation")
+            return logits, straight_through(weights, surrogate.to(weights.dtype)), index
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+
+HUNYUAN_V1_MOE_EXPERTS = MixtureOfExperts(experts="HunYuanMoEV1Experts")
+
+
+def hunyuan_v1_moe_rules(
+    model: nn.Module, config: LRPConfig, store: LeafStore
+) -> list[tuple[nn.Module, HookRule]]:
+    """The experts' rules, and the router's where the routing weight carries relevance (AttnLRP)."""
+    rules = HUNYUAN_V1_MOE_EXPERTS(model, config, store)
+    if HUNYUAN_V1_MOE_EXPERTS.factors(config)["weight_factor"] != 0.0:
+        rules += [
+            (m, WgSoftmaxRouter(name=f"{path} ({type(m).__name__})"))
+            for path, m in model.named_modules()
+            if type(m).__name__ == "HunYuanMoEV1Gate"
+        ]
+    return rules
+
+
+HUNYUAN_V1_MOE = register_adapter(
+    llama_like(
+        ("hunyuan_v1_moe",),
+        "HunYuanMoEV1",
+        name="hunyuan_v1_moe",
+        modules=("HunYuanMoEV1Moe", "HunYuanMoEV1Experts", "HunYuanMoEV1Gate"),
+        gated=(GatedProduct(act="mlp.shared_mlp.act_fn", up="mlp.shared_mlp.up_proj"),),
+        extra_rules=hunyuan_v1_moe_rules,
+        checks=(HUNYUAN_V1_MOE_EXPERTS.check,),
+        tiny=_moe_tiny(num_experts=4, moe_topk=2, **_HEADS),
     )
 )
