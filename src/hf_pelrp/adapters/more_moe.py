@@ -23,6 +23,8 @@ signal-take-all; shared experts are plain gated MLPs).
   linear map is a submodule (``wg``): :class:`WgSoftmaxRouter` applies the softmax-router rule of
   :func:`~hf_pelrp.adapters.moe.softmax_routing_weights` with ``wg``'s weight (re-computed and checked against
   the module's output at every call, as for Mixtral).
+- ``dots1``: per-head q / k RMSNorms, DeepSeek-V3's sigmoid group routing (weights constants), a shared expert,
+  dense first blocks.
 """
 
 from __future__ import annotations
@@ -227,5 +229,30 @@ HUNYUAN_V1_MOE = register_adapter(
         extra_rules=hunyuan_v1_moe_rules,
         checks=(HUNYUAN_V1_MOE_EXPERTS.check,),
         tiny=_moe_tiny(num_experts=4, moe_topk=2, **_HEADS),
+    )
+)
+
+DOTS1_EXPERTS = MixtureOfExperts(experts="Dots1Experts", routing="sigmoid")
+DOTS1 = register_adapter(
+    llama_like(
+        ("dots1",),
+        "Dots1",
+        name="dots1",
+        modules=("Dots1MoE", "Dots1Experts", "Dots1TopkRouter"),
+        gated=(DENSE_MLP, SHARED_EXPERTS),
+        extra_rules=DOTS1_EXPERTS,
+        checks=(DOTS1_EXPERTS.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            **_HEADS,
+        ),
     )
 )
