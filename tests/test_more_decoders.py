@@ -246,3 +246,19 @@ def test_hunyuan_router_rule_matches_the_explicit_float64_formula():
     _, plain_weights, _ = gate(plain_x)
     (plain_weights * g).sum().backward()
     assert float((plain_x.detach() * plain_x.grad - ref).abs().max()) > 1e-2 * scale
+
+
+def test_minicpm3_rotated_slice_declared_at_the_wrong_end_is_caught(monkeypatch):
+    """MiniCPM3's latent attention rotates the LAST qk_rope_head_dim channels of each head with plain half-split
+    cos / sin: its declaration passes check_adapter, and the same declaration with the rotated slice at the start
+    fails the one-layer rotary split (so the passing check is evidence about the slice)."""
+    import dataclasses
+
+    from hf_pelrp.adapters import more_decoders
+    from hf_pelrp.adapters.base import _REGISTRY
+
+    right = more_decoders.MINICPM3
+    wrong = dataclasses.replace(right, positions=dataclasses.replace(right.positions, rotated="first"))
+    monkeypatch.setitem(_REGISTRY, "minicpm3", wrong)
+    report = hf_pelrp.check_adapter("minicpm3", raise_on_failure=False)
+    assert any(r.name.startswith("rotary split") for r in report.failures), str(report)

@@ -30,6 +30,10 @@ README), each proven by check_adapter like every registered type (issue 18).
 - ``solar_open``: DeepSeek-V3's sigmoid routing (group top-k with a correction bias that only changes the
   selection; routing weights constants in both modes, signal-take-all) in every block, plus a shared gated
   expert.
+- ``minicpm3``: multi-head latent attention as DeepSeek-V3's (only the last ``qk_rope_head_dim`` channels of q and
+  k rotate, with the plain half-split ``cos`` / ``sin``: ``Rotary(rotated="last")``), a scaled word embedding
+  (``scale_emb``: a constant scaling inside the token leaf), residual branches scaled by
+  ``scale_depth / sqrt(layers)`` and logits by ``dim_model_base / hidden_size`` (constants, nothing to change).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from torch import nn
 from ..config import LRPConfig
 from ..hooks import HookRule, LeafStore, OutputGradient
 from ..inputs import TextInputs
-from ..positions import Additive
+from ..positions import Additive, Rotary
 from ..rules import rms_norm_identity
 from .base import Adapter, GatedProduct, register_adapter
 from .gemma import final_logit_softcap
@@ -217,5 +221,28 @@ SOLAR_OPEN = register_adapter(
             moe_intermediate_size=16,
             **_HEADS,
         ),
+    )
+)
+
+MINICPM3 = register_adapter(
+    llama_like(
+        ("minicpm3",),
+        "MiniCPM3",
+        name="minicpm3",
+        positions=Rotary(rotated="last"),
+        modules=("MiniCPM3ScaledWordEmbedding",),
+        tiny={
+            "num_key_value_heads": 4,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 4,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "scale_emb": 12.0,
+            "scale_depth": 1.4,
+            "dim_model_base": 8,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
     )
 )
