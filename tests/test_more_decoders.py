@@ -165,25 +165,28 @@ def test_openai_gpt_without_the_qkv_factors_differs_from_the_reference(monkeypat
 
 def _weightless_rms_reference(module, x, y, r_y):
     """Identity rule of ``y = x / rms(x)`` (the scale a constant): ``R_x = x * s * R_y / y``, plain float64."""
-    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    eps = getattr(module, "variance_epsilon", None) or module.eps  # NanoChatRMSNorm / nn.RMSNorm
+    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     zero = y == 0
     return (
         x * scale * torch.where(zero, torch.zeros_like(r_y), r_y / torch.where(zero, torch.ones_like(y), y))
     )
 
 
-def test_nanochat_weightless_norms_match_the_explicit_float64_rule(monkeypatch):
-    """Every NanoChatRMSNorm call (before the blocks, in the blocks, on q and k after the rotation, final) against
-    the explicit identity rule in both modes, through check_adapter's site probes, which have no reference of
-    their own for this surrogate."""
+@pytest.mark.parametrize(("model_type", "sites"), [("nanochat", 9), ("diffllama", 7)])
+def test_weightless_norms_match_the_explicit_float64_rule(monkeypatch, model_type, sites):
+    """Every weightless RMSNorm call against the explicit identity rule in both modes, through check_adapter's
+    site probes, which have no reference of their own for this surrogate: NanoChat's (before the blocks, in the
+    blocks, on q and k after the rotation, final) and DiffLlama's ``groupnorm`` on the differential attention
+    output (an ``nn.RMSNorm`` without weight), beside its weighted RMSNorms."""
     from hf_pelrp import check_sites
     from hf_pelrp.adapters.more_decoders import weightless_rms_norm
 
     monkeypatch.setitem(check_sites.NORM_REFERENCES, weightless_rms_norm, _weightless_rms_reference)
-    report = hf_pelrp.check_adapter("nanochat")
+    report = hf_pelrp.check_adapter(model_type)
     norms = [r for r in report.results if r.name.startswith("norm sites")]
-    assert len(norms) == 2 and all(r.passed and "skipped" not in r.detail for r in norms), str(report)
-    assert all(r.detail.startswith("9 sites") for r in norms)
+    assert norms and all(r.passed and "skipped" not in r.detail for r in norms), str(report)
+    assert all(r.detail.startswith(f"{sites} sites") for r in norms)
 
 
 def test_a_wrong_weightless_reference_is_caught(monkeypatch):

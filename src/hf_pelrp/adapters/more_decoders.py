@@ -34,6 +34,12 @@ README), each proven by check_adapter like every registered type (issue 18).
   k rotate, with the plain half-split ``cos`` / ``sin``: ``Rotary(rotated="last")``), a scaled word embedding
   (``scale_emb``: a constant scaling inside the token leaf), residual branches scaled by
   ``scale_depth / sqrt(layers)`` and logits by ``dim_model_base / hidden_size`` (constants, nothing to change).
+- ``diffllama``: differential attention ``(softmax(Q K^T) - lambda softmax(Q K^T)) V`` computed as two calls of
+  transformers' attention interface on the same rotated q, k and the two halves of v, combined as
+  ``o_1 - lambda o_2`` with ``lambda`` a function of parameters only (a constant of the forward pass: the epsilon
+  rule at a signed sum, nothing to change), then a weightless ``nn.RMSNorm`` (``groupnorm``, identity rule) and a
+  constant factor. Each call gets the ``"lrp"`` attention's factors on its own path, as for any product; no new
+  rule is needed.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from .gemma import final_logit_softcap
 from .gpt2 import GPT2
 from .llama import llama_like
 from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny
-from .norms import _eps, layer_norm
+from .norms import _eps, layer_norm, rms_norm
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -244,5 +250,15 @@ MINICPM3 = register_adapter(
             "bos_token_id": 1,
             "eos_token_id": 2,
         },
+    )
+)
+
+DIFFLLAMA = register_adapter(
+    llama_like(
+        ("diffllama",),
+        "DiffLlama",
+        name="diffllama",
+        norms={"DiffLlamaRMSNorm": rms_norm, "RMSNorm": weightless_rms_norm},
+        tiny=_HEADS,
     )
 )
