@@ -63,6 +63,30 @@ from .norms import _eps, layer_norm, rms_norm
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
 
+# ---- reasons of the decoders refused by name (hf_pelrp.adapters.refusals) ------------------------------------
+
+#: gpt_oss, granite_swa, granitemoe_swa
+SINKS = (
+    "its attention has learned per-head sinks (an extra softmax logit per head, s_aux) that the 'lrp' attention "
+    "does not reproduce; no rule for the sink logits is implemented yet (the relevance they absorb would be "
+    "unaccounted for)."
+)
+#: deepseek_v2, llama4_text
+COMPLEX_ROTARY = (
+    "its rotary embedding is one complex tensor (freqs_cis, applied by complex multiplication), not the (cos, sin) "
+    "pair hf_pelrp's rotary leaves are made of; the complex positional leaf is not implemented yet."
+)
+#: llama4_text
+NO_TEMPERATURE_LEAF = (
+    " Its NoPE layers also scale q by a position-dependent temperature (attn_temperature_tuning) that no "
+    "positional leaf carries."
+)
+#: phimoe
+SPARSEMIXER = (
+    "its router is SparseMixer (thresholded masked softmaxes for each of the top-2 experts, with a custom "
+    "autograd multiplier), for which hf_pelrp has no routing rule yet."
+)
+
 HELIUM = register_adapter(llama_like(("helium",), "Helium", name="helium", tiny=_HEADS))
 
 FLEX_OLMO_MOE = MixtureOfExperts(experts="FlexOlmoExperts", router="FlexOlmoTopKRouter")

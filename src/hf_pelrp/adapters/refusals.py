@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import refuse_model_type
+from .more_decoders import COMPLEX_ROTARY, NO_TEMPERATURE_LEAF, SINKS, SPARSEMIXER
 
 _RELATIVE = (
     "it encodes positions as relative attention biases, which hf_pelrp does not explain yet (its positional "
@@ -53,6 +54,12 @@ REFUSED: dict[str, str] = {
             ("minimax", "lightning (linear) attention"),
         )
     },
+    "gpt_oss": SINKS,
+    "granite_swa": SINKS,
+    "granitemoe_swa": SINKS,
+    "deepseek_v2": COMPLEX_ROTARY,
+    "llama4_text": COMPLEX_ROTARY + NO_TEMPERATURE_LEAF,
+    "phimoe": SPARSEMIXER,
 }
 
 for _model_type, _reason in REFUSED.items():
