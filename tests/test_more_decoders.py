@@ -265,3 +265,118 @@ def test_minicpm3_rotated_slice_declared_at_the_wrong_end_is_caught(monkeypatch)
     monkeypatch.setitem(_REGISTRY, "minicpm3", wrong)
     report = hf_pelrp.check_adapter("minicpm3", raise_on_failure=False)
     assert any(r.name.startswith("rotary split") for r in report.failures), str(report)
+
+
+# ---- ctrl: fixed sinusoidal positions read from a buffer, scaled embeddings -----------------------------------
+
+
+def _tiny_ctrl(head: str, seed: int = 0):
+    from transformers import CTRLConfig, CTRLForSequenceClassification, CTRLLMHeadModel
+
+    config = CTRLConfig(n_embd=16, dff=32, n_layer=2, n_head=2, vocab_size=31, n_positions=16, pad_token_id=0)
+    config.num_labels = 3
+    torch.manual_seed(seed)
+    model = (CTRLLMHeadModel if head == "lm" else CTRLForSequenceClassification)(config).to(F64).eval()
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=F64))
+    return model
+
+
+def _ctrl_row(model, ids, mask, token_types, position, target, mode):
+    """Explicit PE-LRP of one CTRL row: ``e = sqrt(d) t + p + sqrt(d) s`` (p: the sinusoidal row of each counted
+    position), pre-LN blocks with separate q / k / v projections, ReLU MLP, final LayerNorm."""
+    base, cfg = model.transformer, model.config
+    seq, n_heads, width = ids.shape[0], cfg.n_head, cfg.n_embd
+    pos_ids = (mask.cumsum(0) - 1).clamp(min=0) * mask
+    table = base.w.weight.detach().to(F64)
+    root = width**0.5
+    t = root * table[ids]
+    p = base.pos_encoding.to(F64)[pos_ids]
+    s = root * table[token_types] if token_types is not None else torch.zeros_like(t)
+    allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool)) & mask.bool()[None, :]
+    scaling = (width // n_heads) ** -0.5
+    x = t + p + s
+    acts = []
+    for block in base.h:
+        att = block.multi_head_attention
+        a = {"x": x}
+        a["n1"], a["w1"], a["s1"] = layer_norm(x, block.layernorm1)
+        q, k, v = (_apply(_lin(m), a["n1"]) for m in (att.Wq, att.Wk, att.Wv))
+        a["q"], a["k"], a["v"] = _heads(q, n_heads), _heads(k, n_heads), _heads(v, n_heads)
+        a["S"], a["A"], a["o"] = attention_forward(a["q"], a["k"], a["v"], scaling, allowed)
+        a["o_flat"] = _flat(a["o"])
+        a["attn"] = _apply(_lin(att.dense), a["o_flat"])
+        a["x1"] = x + a["attn"]
+        a["n2"], a["w2"], a["s2"] = layer_norm(a["x1"], block.layernorm2)
+        a["f"] = _apply(_lin(block.ffn[0]), a["n2"])
+        a["g"] = torch.relu(a["f"])
+        a["m"] = _apply(_lin(block.ffn[2]), a["g"])
+        x = a["x1"] + a["m"]
+        acts.append(a)
+    nf, wf, sf = layer_norm(x, base.layernorm)
+    head = _lin(model.lm_head if hasattr(model, "lm_head") else model.classifier)
+    logits = _apply(head, nf[position])
+    tgt = int(target)
+
+    r_logits = torch.zeros_like(logits)
+    r_logits[tgt] = logits[tgt]
+    r_nf = torch.zeros_like(nf)
+    r_nf[position] = lrp_linear(nf[position : position + 1], *head, r_logits[None])[0]
+    r_x = lrp_layer_norm(x, nf, wf, sf, r_nf)
+    for block, a in zip(reversed(base.h), reversed(acts), strict=True):
+        att = block.multi_head_attention
+        r_x1, r_m = split_sum([a["x1"], a["m"]], r_x)
+        r_g = lrp_linear(a["g"], *_lin(block.ffn[2]), r_m)
+        r_n2 = lrp_linear(a["n2"], *_lin(block.ffn[0]), r_g)  # identity rule: R_f = R_g
+        r_x1 = r_x1 + lrp_layer_norm(a["x1"], a["n2"], a["w2"], a["s2"], r_n2)
+        r_xin, r_attn = split_sum([a["x"], a["attn"]], r_x1)
+        r_o = _heads(lrp_linear(a["o_flat"], *_lin(att.dense), r_attn), n_heads)
+        r_q, r_k, r_v = lrp_attention(
+            a["q"], a["k"], a["v"], scaling, allowed, a["S"], a["A"], a["o"], r_o, mode
+        )
+        r_n1 = sum(
+            lrp_linear(a["n1"], *_lin(m), _flat(r)) for m, r in ((att.Wq, r_q), (att.Wk, r_k), (att.Wv, r_v))
+        )
+        r_x = r_xin + lrp_layer_norm(a["x"], a["n1"], a["w1"], a["s1"], r_n1)
+    r_t, r_p, r_s = split_sum([t, p, s], r_x)
+    return r_t.sum(-1), r_p.sum(-1), r_s.sum(-1), logits[tgt]
+
+
+@pytest.mark.parametrize("token_types", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head", ["lm", "cls"])
+def test_ctrl_matches_the_explicit_float64_reference(head, mode, side, token_types):
+    """CTRL's token, sinusoidal position and segment maps equal the explicit rules, row by row, with padding on
+    either side (the position leaf takes exactly the epsilon share of the buffer's rows)."""
+    model = _tiny_ctrl(head)
+    ids, mask = _batch(side)
+    types = torch.tensor([[1, 1, 2, 2, 3, 3], [1, 2, 2, 3, 3, 1]]) if token_types else None
+    attr = hf_pelrp.attribute(model, ids, mask, token_type_ids=types, mode=mode)
+    rows = []
+    with torch.no_grad():
+        for b in range(ids.shape[0]):
+            m = mask[b].long()
+            tt = None if types is None else types[b]
+            rows.append(_ctrl_row(model, ids[b], m, tt, int(m.nonzero().max()), attr.target[b], mode))
+    token, position, segment, logit = (torch.stack(col) for col in zip(*rows, strict=True))
+    scale = float(token.abs().max())
+    assert float(position.abs().max()) > 1e-3 * scale
+    for fast, slow in ((attr.token, token), (attr.position, position)):
+        torch.testing.assert_close(fast.double(), slow, rtol=0, atol=1e-8 * scale)
+    if token_types:
+        torch.testing.assert_close(attr.segment.double(), segment, rtol=0, atol=1e-8 * scale)
+    torch.testing.assert_close(attr.target_value.double(), logit, rtol=1e-10, atol=1e-10)
+
+
+def test_ctrl_without_positions_leaves_the_sinusoids_as_constants():
+    """``positional=False``: no position leaf, the position map is 0 and the token map is unchanged in CP mode
+    (the sinusoids absorb their share as a constant)."""
+    model = _tiny_ctrl("lm")
+    ids, mask = _batch("left")
+    on = hf_pelrp.attribute(model, ids, mask, mode="cp")
+    off = hf_pelrp.attribute(model, ids, mask, mode="cp", positional=False)
+    assert float(off.position.abs().max()) == 0.0 and float(on.position.abs().max()) > 0.0
+    torch.testing.assert_close(on.token, off.token)

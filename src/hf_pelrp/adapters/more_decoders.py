@@ -40,6 +40,13 @@ README), each proven by check_adapter like every registered type (issue 18).
   rule at a signed sum, nothing to change), then a weightless ``nn.RMSNorm`` (``groupnorm``, identity rule) and a
   constant factor. Each call gets the ``"lrp"`` attention's factors on its own path, as for any product; no new
   rule is needed.
+- ``ctrl``: fixed sinusoidal absolute positions read from a buffer inside the model's forward,
+  ``e = sqrt(d) w(ids) + pos_encoding[position_ids] (+ sqrt(d) w(token_type_ids))``: no module outputs the
+  position embedding, so :func:`ctrl_position_leaf` makes it a leaf where ``e`` leaves the embedding dropout
+  (identity in eval): ``e + (p - p.detach())`` keeps the value and gives ``p`` the gradient ``g`` at ``e``, i.e.
+  ``R_p = p * g``, the epsilon split of method.md 2 (position ids are those passed to the model, counted over
+  real tokens by hf_pelrp). The token and segment leaves are ``w``'s two calls, handed on as copies
+  (CTRL scales them in place). Pre-LN blocks, ReLU MLP, attention through the interface.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import torch
 from torch import nn
 
 from ..config import LRPConfig
-from ..hooks import HookRule, LeafStore, OutputGradient
+from ..hooks import HookRule, LeafStore, OutputGradient, make_leaf
 from ..inputs import TextInputs
 from ..positions import Additive, Rotary
 from ..rules import rms_norm_identity
@@ -284,5 +291,95 @@ DIFFLLAMA = register_adapter(
         name="diffllama",
         norms={"DiffLlamaRMSNorm": rms_norm, "RMSNorm": weightless_rms_norm},
         tiny=_HEADS,
+    )
+)
+
+
+def _ctrl_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
+    """CTRL's scaled in-place embeddings and (with positions on) its sinusoidal position leaf."""
+    base = model.base_model
+    rules: list[tuple[nn.Module, HookRule]] = [(base.w, _CopyOutput())]
+    if config.positional:
+        rules.append((base, _RecordPositionIds(store)))
+        rules.append((base.dropout, ctrl_position_leaf(base, store)))
+    return rules
+
+
+@dataclasses.dataclass
+class _CopyOutput(HookRule):
+    """Hand a module's output on as a copy (CTRL multiplies its embeddings in place: a leaf cannot be)."""
+
+    def attach(self, module: nn.Module, handles) -> None:
+        handles.append(module.register_forward_hook(lambda _m, _a, out: out.clone()))
+
+
+@dataclasses.dataclass
+class _RecordPositionIds(HookRule):
+    """Record the position ids the model is called with (``store.aux["ctrl_position_ids"]``)."""
+
+    store: LeafStore
+
+    def attach(self, module: nn.Module, handles) -> None:
+        def hook(_module, args, kwargs):
+            self.store.aux["ctrl_position_ids"] = kwargs.get("position_ids")
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def ctrl_position_leaf(base: nn.Module, store: LeafStore) -> HookRule:
+    """The ``"position"`` leaf of CTRL's sinusoidal table, attached where the embedding sum leaves its dropout."""
+
+    @dataclasses.dataclass
+    class _PositionLeaf(HookRule):
+        def attach(self, module: nn.Module, handles) -> None:
+            def hook(_module, _args, output):
+                if not store.aux.get("in_forward") or "position" in store.additive:
+                    return None
+                batch, length = output.shape[:2]
+                ids = store.aux.get("ctrl_position_ids")
+                if ids is None:
+                    ids = torch.arange(length, device=output.device)[None]
+                table = base.pos_encoding.to(device=output.device, dtype=output.dtype)
+                position = table[ids.to(output.device)].expand(batch, length, -1)
+                leaf = make_leaf(position)
+                store.additive["position"] = leaf
+                return output + (leaf - leaf.detach())
+
+            handles.append(module.register_forward_hook(hook))
+
+    return _PositionLeaf()
+
+
+CTRL = register_adapter(
+    Adapter(
+        model_types=("ctrl",),
+        name="ctrl",
+        layers="h",
+        attention="multi_head_attention",
+        embeddings={"w": ("token", "segment")},
+        positions=Additive({}, description="fixed sinusoidal"),
+        norms={"LayerNorm": layer_norm},
+        modules=(
+            "CTRLLMHeadModel",
+            "CTRLForSequenceClassification",
+            "CTRLModel",
+            "EncoderLayer",
+            "MultiHeadAttention",
+        ),
+        inputs=TextInputs(
+            position_ids="count", max_positions=lambda c: c.n_positions, token_types="vocab_size"
+        ),
+        heads=("causal_lm", "sequence_classification"),
+        extra_rules=_ctrl_rules,
+        tiny={
+            "n_embd": 32,
+            "dff": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "vocab_size": 97,
+            "n_positions": 64,
+            "pad_token_id": 0,
+            "num_labels": 3,
+        },
     )
 )
