@@ -380,3 +380,45 @@ def test_ctrl_without_positions_leaves_the_sinusoids_as_constants():
     off = hf_pelrp.attribute(model, ids, mask, mode="cp", positional=False)
     assert float(off.position.abs().max()) == 0.0 and float(on.position.abs().max()) > 0.0
     torch.testing.assert_close(on.token, off.token)
+
+
+# ---- gpt_neox_japanese: the "lrp" attention's factors on an inline attention with partial rotary --------------
+
+
+@pytest.mark.parametrize("wrong", ["whole head halved", "leaves without the 1/2", "no rotary 1/2"])
+def test_neox_japanese_factors_declared_wrongly_are_caught(monkeypatch, wrong):
+    """The declaration passes check_adapter (test_adapters.py); each of three plausible mistakes in its factors
+    (the rotary 1/2 on every channel of q and k, the leaves given qk_factor instead of qk_factor / 2, no rotary
+    1/2 at all) fails the one-layer rotary split, so the passing check is evidence about the factors."""
+    import dataclasses
+
+    from hf_pelrp.adapters import more_decoders
+    from hf_pelrp.adapters.base import _REGISTRY
+
+    def rules(model, config, store):
+        out = []
+        for block in model.base_model.layers:
+            attention = block.attention
+            width, rotated = attention.head_size, attention.rotary_ndims
+            head = torch.full((3 * width,), float(config.qk_factor), dtype=torch.float64)
+            head[2 * width :] = config.v_factor
+            if config.positional:
+                halved = (
+                    width if wrong == "whole head halved" else (0 if wrong == "no rotary 1/2" else rotated)
+                )
+                head[:halved] *= 0.5
+                head[width : width + halved] *= 0.5
+                leaf_factor = config.qk_factor * (1.0 if wrong == "leaves without the 1/2" else 0.5)
+                out.append((attention, more_decoders._ScaleRotaryLeaves(leaf_factor)))
+            out.append(
+                (
+                    attention.query_key_value,
+                    more_decoders._ChannelFactors(head.repeat(attention.num_attention_heads)),
+                )
+            )
+        return out
+
+    wrong_adapter = dataclasses.replace(more_decoders.GPT_NEOX_JAPANESE, extra_rules=rules)
+    monkeypatch.setitem(_REGISTRY, "gpt_neox_japanese", wrong_adapter)
+    report = hf_pelrp.check_adapter("gpt_neox_japanese", raise_on_failure=False)
+    assert any(r.name.startswith("rotary split") for r in report.failures), str(report)

@@ -47,6 +47,14 @@ README), each proven by check_adapter like every registered type (issue 18).
   ``R_p = p * g``, the epsilon split of method.md 2 (position ids are those passed to the model, counted over
   real tokens by hf_pelrp). The token and segment leaves are ``w``'s two calls, handed on as copies
   (CTRL scales them in place). Pre-LN blocks, ReLU MLP, attention through the interface.
+- ``gpt_neox_japanese``: GPT-NeoX's fused per-head ``[q | k | v]`` projection and partial rotary (the first
+  ``rotary_ndims`` channels of each head), with the attention written inline, so the ``"lrp"`` attention never
+  runs. :func:`neox_japanese_factors` gives the same factors with hooks: on the ``query_key_value`` output, q and
+  k get ``qk_factor`` (their rotated channels ``qk_factor / 2`` with positions on), v ``v_factor``; the rotary
+  leaves receive their gradient times ``qk_factor / 2`` (a pre-hook after the leaves are made). Between the
+  projection and the rotation there is only slicing, and the rotation is a product whose uniform rule halves
+  both factors, so this equals the factors at the rotated q, k (method.md 2). The last layer's ``dense_bias`` is
+  a bias (absorbs its share).
 """
 
 from __future__ import annotations
@@ -60,11 +68,11 @@ from ..config import LRPConfig
 from ..hooks import HookRule, LeafStore, OutputGradient, make_leaf
 from ..inputs import TextInputs
 from ..positions import Additive, Rotary
-from ..rules import rms_norm_identity
+from ..rules import rms_norm_identity, scale_gradient
 from .base import Adapter, GatedProduct, register_adapter
 from .gemma import final_logit_softcap
 from .gpt2 import GPT2
-from .llama import llama_like
+from .llama import DECODER_INPUTS, llama_like
 from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny
 from .norms import _eps, layer_norm, rms_norm
 
@@ -380,6 +388,93 @@ CTRL = register_adapter(
             "n_positions": 64,
             "pad_token_id": 0,
             "num_labels": 3,
+        },
+    )
+)
+
+
+@dataclasses.dataclass
+class _ChannelFactors(HookRule):
+    """Scale the gradient of the module's output channel by channel (``factors`` [channels])."""
+
+    factors: torch.Tensor
+
+    def attach(self, module: nn.Module, handles) -> None:
+        def hook(_module, _args, output):
+            return scale_gradient(output, self.factors.to(device=output.device, dtype=output.dtype))
+
+        handles.append(module.register_forward_hook(hook))
+
+
+@dataclasses.dataclass
+class _ScaleRotaryLeaves(HookRule):
+    """Scale the gradient the ``(cos, sin)`` pair of an attention call passes back (to its leaves)."""
+
+    factor: float
+
+    def attach(self, module: nn.Module, handles) -> None:
+        def hook(_module, args, kwargs):
+            pair = kwargs.get("position_embeddings")
+            if pair is None:
+                return None
+            kwargs = dict(kwargs)
+            kwargs["position_embeddings"] = tuple(scale_gradient(t, self.factor) for t in pair)
+            return args, kwargs
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def neox_japanese_factors(
+    model: nn.Module, config: LRPConfig, store: LeafStore
+) -> list[tuple[nn.Module, HookRule]]:
+    """The ``"lrp"`` attention's q / k / v factors and the rotary 1/2 of GPT-NeoX-Japanese's inline attention."""
+    rules: list[tuple[nn.Module, HookRule]] = []
+    for block in model.base_model.layers:
+        attention = block.attention
+        width, rotated = attention.head_size, attention.rotary_ndims
+        head = torch.full((3 * width,), float(config.qk_factor), dtype=torch.float64)
+        head[2 * width :] = config.v_factor
+        if config.positional:
+            head[:rotated] *= 0.5
+            head[width : width + rotated] *= 0.5
+            rules.append((attention, _ScaleRotaryLeaves(0.5 * config.qk_factor)))
+        factors = head.repeat(attention.num_attention_heads)
+        rules.append((attention.query_key_value, _ChannelFactors(factors)))
+    return rules
+
+
+GPT_NEOX_JAPANESE = register_adapter(
+    Adapter(
+        model_types=("gpt_neox_japanese",),
+        name="gpt_neox_japanese",
+        layers="layers",
+        attention="attention",
+        embeddings={"embed_in": ("token",)},
+        positions=Rotary(),
+        norms={"LayerNorm": layer_norm},
+        modules=(
+            "GPTNeoXJapaneseForCausalLM",
+            "GPTNeoXJapaneseModel",
+            "GPTNeoXJapaneseLayer",
+            "GPTNeoXJapaneseAttention",
+            "GPTNeoXJapaneseMLP",
+            "GPTNeoXJapaneseRotaryEmbedding",
+        ),
+        inputs=DECODER_INPUTS,
+        heads=("causal_lm",),
+        extra_rules=neox_japanese_factors,
+        attention_interface=False,
+        tiny={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_multiple_size": 2,
+            "vocab_size": 97,
+            "max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
         },
     )
 )
