@@ -422,3 +422,73 @@ def test_neox_japanese_factors_declared_wrongly_are_caught(monkeypatch, wrong):
     monkeypatch.setitem(_REGISTRY, "gpt_neox_japanese", wrong_adapter)
     report = hf_pelrp.check_adapter("gpt_neox_japanese", raise_on_failure=False)
     assert any(r.name.startswith("rotary split") for r in report.failures), str(report)
+
+
+# ---- dbrx: routed experts of DBRX's own layout, routing re-computed at the experts ----------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dbrx_experts_rule_matches_the_explicit_float64_formula(mode):
+    """``sum_k w_k E_{e_k}(x)`` with ``E_e(x) = (act(x W1_e^T) * (x V1_e^T)) W2_e`` and ``w_k = p_{e_k} / S``
+    (``p = softmax(x Wr^T)``, ``S`` a constant), written out: the identity rule at ``act`` (local gradient
+    ``act(z) / z``), AttnLRP 1/2 at ``act * up`` and at ``w * E`` (CP: gate and weight constants), the softmax
+    by its Gradient x Input rule. Relevance at the experts' input ``x`` for an upstream gradient ``g``."""
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    from hf_pelrp.adapters.moe import MixtureOfExperts
+    from hf_pelrp.adapters.more_moe import DbrxExpertsRule
+    from hf_pelrp.config import LRPConfig
+    from hf_pelrp.hooks import Handles
+
+    config = DbrxConfig(
+        d_model=8,
+        n_heads=2,
+        n_layers=1,
+        attn_config={"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 1.0},
+        ffn_config={"hidden_size": 8, "ffn_hidden_size": 6, "moe_num_experts": 4, "moe_top_k": 2},
+    )
+    ffn = DbrxFFN(config).to(F64).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.5)
+    x = torch.randn(1, 5, 8, generator=gen, dtype=F64, requires_grad=True)
+    g = torch.randn(1, 5, 8, generator=gen, dtype=F64)
+    factors = MixtureOfExperts(experts="DbrxExperts").factors(LRPConfig(mode=mode))
+    handles = Handles()
+    DbrxExpertsRule(ffn.router, factors, "experts").attach(ffn.experts, handles)
+    try:
+        out = ffn(x)
+    finally:
+        handles.remove()
+    (out * g).sum().backward()
+    fast = (x.detach() * x.grad)[0]
+
+    with torch.no_grad():
+        xs, gs = x[0].detach(), g[0]
+        wr = ffn.router.layer.weight.detach()
+        p = torch.softmax(xs @ wr.T, -1)
+        top, index = torch.topk(p, 2, dim=-1)
+        s = top.sum(-1, keepdim=True)
+        w = top / s
+        glu = ffn.experts.mlp
+        w1, v1, w2 = (t.detach().view(4, 6, 8) for t in (glu.w1, glu.v1, glu.w2))
+        grad_x = torch.zeros_like(xs)
+        grad_p = torch.zeros_like(p)
+        for n in range(5):
+            for k in range(2):
+                e = int(index[n, k])
+                gate, up = xs[n] @ w1[e].T, xs[n] @ v1[e].T
+                act = gate * torch.sigmoid(gate)  # SiLU
+                expert = (act * up) @ w2[e]
+                grad_expert = factors["expert_factor"] * w[n, k] * gs[n]
+                grad_p[n, e] += factors["weight_factor"] * (expert * gs[n]).sum() / s[n, 0]
+                grad_h = grad_expert @ w2[e].T
+                grad_gate = factors["gate_factor"] * grad_h * up * (act / gate)  # identity rule
+                grad_up = factors["up_factor"] * grad_h * act
+                grad_x[n] += grad_gate @ w1[e] + grad_up @ v1[e]
+        grad_l = p * (grad_p - (grad_p * p).sum(-1, keepdim=True))
+        ref = xs * (grad_x + grad_l @ wr)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * scale)  # (the router's softmax runs in float32)

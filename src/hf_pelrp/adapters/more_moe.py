@@ -23,6 +23,15 @@ signal-take-all; shared experts are plain gated MLPs).
   linear map is a submodule (``wg``): :class:`WgSoftmaxRouter` applies the softmax-router rule of
   :func:`~hf_pelrp.adapters.moe.softmax_routing_weights` with ``wg``'s weight (re-computed and checked against
   the module's output at every call, as for Mixtral).
+- ``dbrx``: the experts are DBRX's own layout (``w1``, ``v1``, ``w2`` of [E * I, H]: ``act(x w1_e^T) * (x v1_e^T)``
+  then ``w2_e``) and the routing is computed in ``DbrxFFN`` (softmax over the experts, top-k, divided by the
+  ``moe_normalize_expert_weights``-norm of the top-k weights). :class:`DbrxExpertsRule` re-computes, at the
+  experts, the routing weights with the softmax-router rule (the norm a constant: with ``p = 1`` it is the sum of
+  the positive top-k weights, :func:`~hf_pelrp.adapters.moe.softmax_routing_weights`) and the experts with
+  :func:`~hf_pelrp.adapters.moe.expert_mixture` on a fused view of DBRX's weights, both checked against the
+  model's values at every call; the module's output is kept (straight-through). ``moe_normalize_expert_weights``
+  other than 1 is refused. ``clip_qkv`` clamps the fused ``Wqkv`` output: identity rule
+  (:class:`~hf_pelrp.hooks.ClippedOutput`, as OLMo's); transformers 5.25's DBRX does not run without it.
 - ``dots1``: per-head q / k RMSNorms, DeepSeek-V3's sigmoid group routing (weights constants), a shared expert,
   dense first blocks.
 """
@@ -32,18 +41,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import torch
 from torch import nn
 
 from ..config import LRPConfig
 from ..devices import weights_on_device
 from ..errors import UnsupportedModelError
-from ..hooks import Handles, HookRule, LeafStore, check_reproduces
+from ..hooks import ClippedOutput, Handles, HookRule, LeafStore, check_reproduces
+from ..inputs import TextInputs
 from ..positions import Rotary
 from ..rules import straight_through
-from .base import GatedProduct, register_adapter
+from .base import Adapter, GatedProduct, register_adapter
 from .llama import llama_like
-from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny, softmax_routing_weights
-from .norms import layer_norm, rms_norm
+from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny, expert_mixture, softmax_routing_weights
+from .norms import ACTIVATIONS, layer_norm, rms_norm
 from .rotary_decoders import exaone4_rotates
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
@@ -254,5 +265,111 @@ DOTS1 = register_adapter(
             routed_scaling_factor=2.5,
             **_HEADS,
         ),
+    )
+)
+
+
+@dataclass
+class DbrxExpertsRule(HookRule):
+    """DBRX's routed experts under the rules of :mod:`hf_pelrp.adapters.moe` (see the module docstring)."""
+
+    router: nn.Module
+    factors: dict
+    name: str = ""
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        def hook(mod, args, kwargs, output):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            x, index, weights = (list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]) :]])[:3]
+            if not (x.requires_grad or weights.requires_grad):
+                return output
+            glu = mod.mlp
+            experts, inner = mod.num_experts, mod.ffn_hidden_size
+            with weights_on_device(mod), weights_on_device(self.router):
+                x = x.reshape(-1, mod.hidden_size)
+                w1, v1, w2 = (w.view(experts, inner, -1) for w in (glu.w1, glu.v1, glu.w2))
+                view = SimpleNamespace(
+                    num_experts=experts,
+                    act_fn=glu.activation_fn,
+                    gate_up_proj=torch.cat([w1, v1], dim=1),
+                    down_proj=w2.transpose(1, 2),
+                )
+                router = SimpleNamespace(weight=self.router.layer.weight, norm_topk_prob=True)
+                routed = softmax_routing_weights(router, x, index).to(weights.dtype)
+                check_reproduces(routed, weights, self.name, "router re-computation")
+                if self.factors["weight_factor"] == 0.0:
+                    routed = routed.detach()
+                surrogate = expert_mixture(view, x, index, routed, **self.factors)
+            surrogate = surrogate.view_as(output)
+            check_reproduces(surrogate, output, self.name, "expert re-computation")
+            return straight_through(output, surrogate.to(output.dtype))
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+
+def dbrx_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
+    """The clipped ``Wqkv`` (identity rule) and the routed experts of every DBRX block."""
+    factors = MixtureOfExperts(experts="DbrxExperts").factors(config)
+    rules: list[tuple[nn.Module, HookRule]] = []
+    clip = model.config.attn_config.clip_qkv
+    for i, block in enumerate(model.base_model.blocks):
+        if clip is not None:
+            rules.append((block.norm_attn_norm.attn.Wqkv, ClippedOutput(float(clip))))
+        name = f"blocks.{i}.ffn.experts (DbrxExperts)"
+        rules.append((block.ffn.experts, DbrxExpertsRule(block.ffn.router, factors, name)))
+    return rules
+
+
+def dbrx_checks(model: nn.Module) -> None:
+    """Refuse a top-k normalisation other than the sum (p = 1) and a gate activation without identity rule."""
+    ffn = model.config.ffn_config
+    if ffn.moe_normalize_expert_weights != 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} normalises its top-k routing weights by their "
+            f"{ffn.moe_normalize_expert_weights}-norm; the dbrx declaration covers the 1-norm (the sum) only."
+        )
+    for block in model.base_model.blocks:
+        if not isinstance(block.ffn.experts.mlp.activation_fn, ACTIVATIONS):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s expert activation {type(block.ffn.experts.mlp.activation_fn).__name__} "
+                "has no LRP identity rule in hf_pelrp."
+            )
+
+
+DBRX = register_adapter(
+    Adapter(
+        model_types=("dbrx",),
+        name="dbrx",
+        layers="blocks",
+        attention="norm_attn_norm.attn",
+        embeddings={"wte": ("token",)},
+        positions=Rotary(),
+        norms={"LayerNorm": layer_norm},
+        modules=(
+            "DbrxForCausalLM",
+            "DbrxModel",
+            "DbrxBlock",
+            "DbrxNormAttentionNorm",
+            "DbrxAttention",
+            "DbrxFFN",
+            "DbrxRouter",
+            "DbrxExperts",
+            "DbrxExpertGLU",
+            "DbrxRotaryEmbedding",
+        ),
+        inputs=TextInputs(position_ids="count", max_positions=lambda c: c.max_seq_len),
+        heads=("causal_lm",),
+        extra_rules=dbrx_rules,
+        checks=(dbrx_checks,),
+        tiny={
+            "d_model": 32,
+            "n_heads": 4,
+            "n_layers": 2,
+            "max_seq_len": 64,
+            "vocab_size": 97,
+            "pad_token_id": 0,
+            "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 0.1},
+            "ffn_config": {"hidden_size": 32, "ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2},
+        },
     )
 )
