@@ -96,6 +96,18 @@ NO_TEMPERATURE_LEAF = (
     " Its NoPE layers also scale q by a position-dependent temperature (attn_temperature_tuning) that no "
     "positional leaf carries."
 )
+#: doge
+DYNAMIC_MASK = (
+    "its attention adds a content-dependent bias to the scores (the dynamic mask exp(A * softplus(dt_proj(v))), "
+    "with a top-k selection of keys) and its cross-domain MoE retrieves experts by product keys; hf_pelrp has no "
+    "rule for either, and treating the bias as a constant would drop the relevance it carries."
+)
+#: jetmoe
+MIXTURE_OF_ATTENTION = (
+    "its attention is a mixture of attention heads (routed query and output projections, JetMoeMoA) and its MLP "
+    "routed JetMoeParallelExperts with sorted dispatch; hf_pelrp has no declaration of these routed linear maps "
+    "yet."
+)
 #: phimoe
 SPARSEMIXER = (
     "its router is SparseMixer (thresholded masked softmaxes for each of the top-2 experts, with a custom "

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from .base import refuse_model_type
-from .more_decoders import COMPLEX_ROTARY, NO_TEMPERATURE_LEAF, SINKS, SPARSEMIXER
+from .more_decoders import (
+    COMPLEX_ROTARY,
+    DYNAMIC_MASK,
+    MIXTURE_OF_ATTENTION,
+    NO_TEMPERATURE_LEAF,
+    SINKS,
+    SPARSEMIXER,
+)
 
 _RELATIVE = (
     "it encodes positions as relative attention biases, which hf_pelrp does not explain yet (its positional "
@@ -60,6 +67,8 @@ REFUSED: dict[str, str] = {
     "deepseek_v2": COMPLEX_ROTARY,
     "llama4_text": COMPLEX_ROTARY + NO_TEMPERATURE_LEAF,
     "phimoe": SPARSEMIXER,
+    "doge": DYNAMIC_MASK,
+    "jetmoe": MIXTURE_OF_ATTENTION,
 }
 
 for _model_type, _reason in REFUSED.items():
