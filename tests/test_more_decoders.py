@@ -492,3 +492,46 @@ def test_dbrx_experts_rule_matches_the_explicit_float64_formula(mode):
         ref = xs * (grad_x + grad_l @ wr)
     scale = float(ref.abs().max())
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * scale)  # (the router's softmax runs in float32)
+
+
+# ---- the explicit declarations of types the inference used to explain -----------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["helium", "flex_olmo", "mellum", "granitemoeshared"])
+def test_the_inference_agrees_with_the_new_explicit_declarations(monkeypatch, model_type):
+    """helium, flex_olmo, mellum and granitemoeshared were explained by the inference before they were declared:
+    with the declaration taken out of the registry, the inference still builds and proves a declaration for a
+    real transformers type (the coverage tests/test_inferred_adapters.py had from them), and it equals the
+    explicit one (layout, leaves, norms, gated products, rotary layout, mixture of experts)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    from hf_pelrp.adapters.base import _REGISTRY
+    from hf_pelrp.check import tiny_config
+
+    explicit = _REGISTRY[model_type]
+    config = tiny_config(model_type)
+    monkeypatch.delitem(_REGISTRY, model_type)
+    cls = getattr(transformers, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    inferred = hf_pelrp.adapter_for(model)  # inferred and proven by check_adapter, or an error
+    assert "inferred" in inferred.name
+    assert (inferred.layers, inferred.attention, dict(inferred.embeddings)) == (
+        explicit.layers,
+        explicit.attention,
+        dict(explicit.embeddings),
+    )
+    assert (inferred.positions.names, inferred.positions.layout) == (
+        explicit.positions.names,
+        explicit.positions.layout,
+    )
+    assert dict(inferred.norms) == dict(explicit.norms)
+    assert {(g.act, g.up, g.up_channels) for g in inferred.gated} == {
+        (g.act, g.up, g.up_channels) for g in explicit.gated
+    }
+    assert (inferred.extra_rules is None) == (explicit.extra_rules is None)
+    if explicit.extra_rules is not None:
+        assert inferred.extra_rules == explicit.extra_rules  # the same MixtureOfExperts declaration
+    attr = hf_pelrp.attribute(model, torch.tensor([[5, 6, 7, 8]]), mode="cp")
+    assert float(attr.position.abs().max()) == 0.0 and bool(torch.isfinite(attr.token).all())
