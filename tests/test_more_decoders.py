@@ -535,3 +535,100 @@ def test_the_inference_agrees_with_the_new_explicit_declarations(monkeypatch, mo
         assert inferred.extra_rules == explicit.extra_rules  # the same MixtureOfExperts declaration
     attr = hf_pelrp.attribute(model, torch.tensor([[5, 6, 7, 8]]), mode="cp")
     assert float(attr.position.abs().max()) == 0.0 and bool(torch.isfinite(attr.token).all())
+
+
+# ---- deepseek_v2: complex rotary leaves, scaled softmax router ------------------------------------------------
+
+
+def test_complex_rotary_leaves_match_the_explicit_interleaved_rule():
+    """``view_as_complex(x) * complex(cos, sin)`` (DeepSeek-V2's apply_rotary_emb) on leaves built from the real
+    and imaginary parts: for an upstream gradient ``g`` at the rotated pairs,
+    ``R_cos_j = cos_j (g_2j x_2j + g_2j+1 x_2j+1)``, ``R_sin_j = sin_j (g_2j+1 x_2j - g_2j x_2j+1)`` and
+    ``R_x`` = the same two products seen from x, so ``R_cos + R_sin = R_x`` per pair (conservation), written out."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb
+
+    gen = torch.Generator().manual_seed(11)
+    angles = torch.rand(1, 5, 3, generator=gen, dtype=F64) * 6
+    freqs = torch.polar(torch.ones_like(angles), angles) * 1.3
+    cos = freqs.real.clone().requires_grad_(True)
+    sin = freqs.imag.clone().requires_grad_(True)
+    q = torch.randn(1, 2, 5, 6, generator=gen, dtype=F64, requires_grad=True)
+    k = torch.randn(1, 1, 5, 6, generator=gen, dtype=F64, requires_grad=True)
+    gq, gk = (
+        torch.randn(1, 2, 5, 6, generator=gen, dtype=F64),
+        torch.randn(1, 1, 5, 6, generator=gen, dtype=F64),
+    )
+    q_rot, k_rot = apply_rotary_emb(q, k, torch.complex(cos, sin))
+    ((q_rot * gq).sum() + (k_rot * gk).sum()).backward()
+
+    def explicit(x, g):
+        x0, x1, g0, g1 = x[..., 0::2], x[..., 1::2], g[..., 0::2], g[..., 1::2]
+        c, s = cos.detach()[:, None], sin.detach()[:, None]
+        r_cos = c * (g0 * x0 + g1 * x1)
+        r_sin = s * (g1 * x0 - g0 * x1)
+        return r_cos.sum(1), r_sin.sum(1)  # heads summed
+
+    rq_cos, rq_sin = explicit(q.detach(), gq)
+    rk_cos, rk_sin = explicit(k.detach(), gk)
+    # (the model rotates in float32: float32 rounding)
+    torch.testing.assert_close(cos.detach() * cos.grad, rq_cos + rk_cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sin.detach() * sin.grad, rq_sin + rk_sin, rtol=1e-5, atol=1e-6)
+    r_x = (q.detach() * q.grad).sum() + (k.detach() * k.grad).sum()
+    total = (rq_cos + rk_cos + rq_sin + rk_sin).sum()
+    torch.testing.assert_close(r_x, total, rtol=1e-5, atol=1e-6)
+
+
+def test_deepseek_v2_rotated_slice_declared_at_the_wrong_end_is_caught(monkeypatch):
+    """The complex-rotary declaration passes check_adapter; the same with the rotated slice at the start of each
+    head fails the one-layer rotary split."""
+    import dataclasses
+
+    from hf_pelrp.adapters import more_moe
+    from hf_pelrp.adapters.base import _REGISTRY
+
+    right = more_moe.DEEPSEEK_V2
+    wrong = dataclasses.replace(right, positions=dataclasses.replace(right.positions, rotated="first"))
+    monkeypatch.setitem(_REGISTRY, "deepseek_v2", wrong)
+    report = hf_pelrp.check_adapter("deepseek_v2", raise_on_failure=False)
+    assert any(r.name.startswith("rotary split") for r in report.failures), str(report)
+
+
+def test_scaled_softmax_router_matches_the_explicit_float64_formula():
+    """``w_k = c p_{e_k}`` (``p = softmax(x W^T)``, no renormalisation, ``c`` = routed_scaling_factor): for an
+    upstream gradient ``g`` at the weights, ``grad_l = p * (grad_p - sum(grad_p p))`` with ``grad_p[e_k] = c g_k``
+    and ``R_x = x * (grad_l W)``, written out."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    from hf_pelrp.adapters.more_moe import ScaledSoftmaxRouter
+    from hf_pelrp.hooks import Handles
+
+    config = DeepseekV2Config(
+        hidden_size=8,
+        num_attention_heads=2,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.5,
+        topk_method="greedy",
+    )
+    router = DeepseekV2TopkRouter(config).to(F64)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=gen, dtype=F64))
+    x = torch.randn(5, 8, generator=gen, dtype=F64, requires_grad=True)
+    g = torch.randn(5, 2, generator=gen, dtype=F64)
+    handles = Handles()
+    ScaledSoftmaxRouter().attach(router, handles)
+    try:
+        _, weights, index = router(x)
+    finally:
+        handles.remove()
+    (weights * g).sum().backward()
+    fast = x.detach() * x.grad
+    with torch.no_grad():
+        w = router.weight.detach()
+        p = torch.softmax(x @ w.T, -1)
+        grad_p = torch.zeros_like(p).scatter_add(1, index, 2.5 * g)
+        grad_l = p * (grad_p - (grad_p * p).sum(-1, keepdim=True))
+        ref = x * (grad_l @ w)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))  # float32 softmax

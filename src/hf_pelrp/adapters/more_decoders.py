@@ -86,15 +86,11 @@ SINKS = (
     "does not reproduce; no rule for the sink logits is implemented yet (the relevance they absorb would be "
     "unaccounted for)."
 )
-#: deepseek_v2, llama4_text
-COMPLEX_ROTARY = (
-    "its rotary embedding is one complex tensor (freqs_cis, applied by complex multiplication), not the (cos, sin) "
-    "pair hf_pelrp's rotary leaves are made of; the complex positional leaf is not implemented yet."
-)
 #: llama4_text
-NO_TEMPERATURE_LEAF = (
-    " Its NoPE layers also scale q by a position-dependent temperature (attn_temperature_tuning) that no "
-    "positional leaf carries."
+LLAMA4_TEXT = (
+    "its NoPE layers scale q by a position-dependent temperature (attn_temperature_tuning) that no positional "
+    "leaf carries, and its experts (Llama4TextExperts) and sigmoid router are not declared yet (its complex "
+    "rotary embedding would be hf_pelrp.adapters.more_moe.ComplexRotary's, as for deepseek_v2)."
 )
 #: doge
 DYNAMIC_MASK = (

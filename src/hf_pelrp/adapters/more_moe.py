@@ -32,6 +32,14 @@ signal-take-all; shared experts are plain gated MLPs).
   model's values at every call; the module's output is kept (straight-through). ``moe_normalize_expert_weights``
   other than 1 is refused. ``clip_qkv`` clamps the fused ``Wqkv`` output: identity rule
   (:class:`~hf_pelrp.hooks.ClippedOutput`, as OLMo's); transformers 5.25's DBRX does not run without it.
+- ``deepseek_v2``: DeepSeek-V3's multi-head latent attention (only the last ``qk_rope_head_dim`` channels of q and
+  k rotate) with the rotary embedding as one complex tensor ``freqs_cis`` applied by complex multiplication on
+  interleaved pairs: :class:`ComplexRotary` makes its real and imaginary parts the ``cos`` / ``sin`` leaves of the
+  layer (``x * (cos + i sin)`` is GPT-J's interleaved rotation, so the rule and the maps are
+  ``Rotary(layout="interleaved", rotated="last")``'s). Its router takes the top-k of the softmax (greedy or
+  group-limited) times ``routed_scaling_factor``, without renormalisation: :class:`ScaledSoftmaxRouter` (the
+  softmax by its Gradient x Input rule, the scale a constant), re-computed and checked at every call; fused
+  experts and shared experts as DeepSeek-V3's.
 - ``dots1``: per-head q / k RMSNorms, DeepSeek-V3's sigmoid group routing (weights constants), a shared expert,
   dense first blocks.
 """
@@ -47,7 +55,7 @@ from torch import nn
 from ..config import LRPConfig
 from ..devices import weights_on_device
 from ..errors import UnsupportedModelError
-from ..hooks import ClippedOutput, Handles, HookRule, LeafStore, check_reproduces
+from ..hooks import ClippedOutput, Handles, HookRule, LeafStore, check_reproduces, make_leaf
 from ..inputs import TextInputs
 from ..positions import Rotary
 from ..rules import straight_through
@@ -371,5 +379,136 @@ DBRX = register_adapter(
             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 0.1},
             "ffn_config": {"hidden_size": 32, "ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2},
         },
+    )
+)
+
+
+class _ComplexRotaryLeaves(HookRule):
+    """Replace the complex ``position_embeddings`` of one attention call by ``complex(cos, sin)`` built from the
+    layer's own real leaves (made once per forward pass, expanded to the batch), and record the rotated width on
+    the layer's attention rule."""
+
+    def __init__(self, kind: Rotary, store: LeafStore, layer: int, rule_of):
+        self.kind, self.store, self.layer, self.rule_of = kind, store, layer, rule_of
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        kind, store, layer = self.kind, self.store, self.layer
+
+        def hook(_attention, args, kwargs):
+            freqs = kwargs.get(kind.keyword)
+            if freqs is None:
+                return None
+            if not torch.is_complex(freqs):
+                raise UnsupportedModelError(
+                    f"{type(_attention).__name__} received real position_embeddings; the complex-rotary "
+                    "declaration expects one complex freqs_cis tensor"
+                )
+            batch = store.batch_size
+            if batch is not None and freqs.shape[0] == 1 and batch > 1:
+                freqs = freqs.expand(batch, *freqs.shape[1:])
+            existing = store.layers.get(layer)
+            if existing is None or existing["cos"].shape != freqs.shape:
+                existing = {"cos": make_leaf(freqs.real), "sin": make_leaf(freqs.imag)}
+                store.layers[layer] = existing
+            rule = self.rule_of()
+            if rule is not None:
+                rule.rotated = (kind.rotated_channels(existing["cos"]), kind.rotated)
+            kwargs = dict(kwargs)
+            kwargs[kind.keyword] = torch.complex(existing["cos"], existing["sin"])
+            return args, kwargs
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+@dataclass(frozen=True)
+class ComplexRotary(Rotary):
+    """Rotary positions passed as one complex tensor ``freqs_cis`` ([B, T, D / 2]) and applied as
+    ``view_as_complex(x) * freqs_cis`` on interleaved pairs: the real part is ``cos``, the imaginary part ``sin``
+    of GPT-J's interleaved rotation, and they become the layer's ``cos`` / ``sin`` leaves (method.md 2, "Rotary
+    variants"; float64 reference in ``tests/test_more_decoders.py``)."""
+
+    layout: str = "interleaved"
+    name: str = "rotary"
+
+    def rules(self, model, layers, attention, store):
+        from ..attention import attention_rule
+
+        return [
+            (module, _ComplexRotaryLeaves(self, store, i, lambda m=module: attention_rule(m)))
+            for i, module in enumerate(attention)
+        ]
+
+    def describe(self) -> str:
+        return "complex rotary (freqs_cis): per-layer `(cos, sin)` leaves (`attr.position_by_layer`)"
+
+
+@dataclass
+class ScaledSoftmaxRouter(HookRule):
+    """A router whose weights are ``c * p_{e_k}``, the selected entries of ``p = softmax(x W^T)`` (no
+    renormalisation) times a constant ``c`` (``routed_scaling_factor``): the softmax by its Gradient x Input rule,
+    the selection and ``c`` constants; the weights keep the module's values (straight-through), checked."""
+
+    name: str = ""
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        def hook(mod, args, kwargs, output):
+            logits, weights, index = output
+            x = args[0] if args else kwargs["hidden_states"]
+            if not x.requires_grad:
+                return output
+            with weights_on_device(mod):
+                view = SimpleNamespace(weight=mod.weight, norm_topk_prob=False)
+                x = x.reshape(-1, x.shape[-1]).to(weights.device)
+                surrogate = softmax_routing_weights(view, x, index) * mod.routed_scaling_factor
+            check_reproduces(surrogate, weights, self.name or type(mod).__name__, "router re-computation")
+            return logits, straight_through(weights, surrogate.to(weights.dtype)), index
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+
+DEEPSEEK_V2_EXPERTS = MixtureOfExperts(experts="DeepseekV2Experts")
+
+
+def deepseek_v2_rules(
+    model: nn.Module, config: LRPConfig, store: LeafStore
+) -> list[tuple[nn.Module, HookRule]]:
+    """The experts' rules, and the router's where the routing weight carries relevance (AttnLRP)."""
+    rules = DEEPSEEK_V2_EXPERTS(model, config, store)
+    if DEEPSEEK_V2_EXPERTS.factors(config)["weight_factor"] != 0.0:
+        rules += [
+            (m, ScaledSoftmaxRouter(name=f"{path} ({type(m).__name__})"))
+            for path, m in model.named_modules()
+            if type(m).__name__ == "DeepseekV2TopkRouter"
+        ]
+    return rules
+
+
+DEEPSEEK_V2 = register_adapter(
+    llama_like(
+        ("deepseek_v2",),
+        "DeepseekV2",
+        name="deepseek_v2",
+        modules=("DeepseekV2Moe", "DeepseekV2Experts", "DeepseekV2TopkRouter"),
+        positions=ComplexRotary(rotated="last"),
+        gated=(DENSE_MLP, SHARED_EXPERTS),
+        extra_rules=deepseek_v2_rules,
+        checks=(DEEPSEEK_V2_EXPERTS.check,),
+        # one dense block, one MoE block (8 routed experts in 2 groups, group-limited greedy, 1 shared expert)
+        tiny=_moe_tiny(
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            topk_method="group_limited_greedy",
+            routed_scaling_factor=2.5,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        ),
     )
 )

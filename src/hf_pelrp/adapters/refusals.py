@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from .base import refuse_model_type
 from .more_decoders import (
-    COMPLEX_ROTARY,
     DYNAMIC_MASK,
+    LLAMA4_TEXT,
     MIXTURE_OF_ATTENTION,
-    NO_TEMPERATURE_LEAF,
     SINKS,
     SPARSEMIXER,
 )
@@ -64,8 +63,7 @@ REFUSED: dict[str, str] = {
     "gpt_oss": SINKS,
     "granite_swa": SINKS,
     "granitemoe_swa": SINKS,
-    "deepseek_v2": COMPLEX_ROTARY,
-    "llama4_text": COMPLEX_ROTARY + NO_TEMPERATURE_LEAF,
+    "llama4_text": LLAMA4_TEXT,
     "phimoe": SPARSEMIXER,
     "doge": DYNAMIC_MASK,
     "jetmoe": MIXTURE_OF_ATTENTION,
