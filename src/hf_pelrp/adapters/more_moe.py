@@ -396,8 +396,8 @@ class _ComplexRotaryLeaves(HookRule):
 
         def hook(_attention, args, kwargs):
             freqs = kwargs.get(kind.keyword)
-            if freqs is None:
-                return None
+            if freqs is None or (kind.applies is not None and not kind.applies(_attention)):
+                return None  # (a NoPE layer: no leaf, the full q, k factor)
             if not torch.is_complex(freqs):
                 raise UnsupportedModelError(
                     f"{type(_attention).__name__} received real position_embeddings; the complex-rotary "
