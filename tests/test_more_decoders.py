@@ -632,3 +632,17 @@ def test_scaled_softmax_router_matches_the_explicit_float64_formula():
         grad_l = p * (grad_p - (grad_p * p).sum(-1, keepdim=True))
         ref = x * (grad_l @ w)
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))  # float32 softmax
+
+
+def test_dbrx_top_k_normalisation_none_is_explained_and_other_norms_are_refused():
+    """``moe_normalize_expert_weights=None`` (no renormalisation) passes check_adapter; a 2-norm is refused by
+    name, never explained with the 1-norm's rule."""
+    from hf_pelrp.check import tiny_config
+
+    config = tiny_config("dbrx")
+    config.ffn_config.moe_normalize_expert_weights = None
+    assert hf_pelrp.check_adapter(config).passed
+    config = tiny_config("dbrx")
+    config.ffn_config.moe_normalize_expert_weights = 2.0
+    report = hf_pelrp.check_adapter(config, raise_on_failure=False)
+    assert not report.passed and "2.0-norm" in report.failures[0].detail

@@ -30,7 +30,7 @@ signal-take-all; shared experts are plain gated MLPs).
   the positive top-k weights, :func:`~hf_pelrp.adapters.moe.softmax_routing_weights`) and the experts with
   :func:`~hf_pelrp.adapters.moe.expert_mixture` on a fused view of DBRX's weights, both checked against the
   model's values at every call; the module's output is kept (straight-through). ``moe_normalize_expert_weights``
-  other than 1 is refused. ``clip_qkv`` clamps the fused ``Wqkv`` output: identity rule
+  other than 1 or None (no renormalisation) is refused. ``clip_qkv`` clamps the fused ``Wqkv`` output: identity rule
   (:class:`~hf_pelrp.hooks.ClippedOutput`, as OLMo's); transformers 5.25's DBRX does not run without it.
 - ``deepseek_v2``: DeepSeek-V3's multi-head latent attention (only the last ``qk_rope_head_dim`` channels of q and
   k rotate) with the rotary embedding as one complex tensor ``freqs_cis`` applied by complex multiplication on
@@ -284,6 +284,8 @@ class DbrxExpertsRule(HookRule):
     router: nn.Module
     factors: dict
     name: str = ""
+    #: whether DbrxFFN divides the top-k weights by their sum (moe_normalize_expert_weights = 1; None: not at all)
+    normalise: bool = True
 
     def attach(self, module: nn.Module, handles: Handles) -> None:
         def hook(mod, args, kwargs, output):
@@ -302,7 +304,7 @@ class DbrxExpertsRule(HookRule):
                     gate_up_proj=torch.cat([w1, v1], dim=1),
                     down_proj=w2.transpose(1, 2),
                 )
-                router = SimpleNamespace(weight=self.router.layer.weight, norm_topk_prob=True)
+                router = SimpleNamespace(weight=self.router.layer.weight, norm_topk_prob=self.normalise)
                 routed = softmax_routing_weights(router, x, index).to(weights.dtype)
                 check_reproduces(routed, weights, self.name, "router re-computation")
                 if self.factors["weight_factor"] == 0.0:
@@ -324,17 +326,19 @@ def dbrx_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tu
         if clip is not None:
             rules.append((block.norm_attn_norm.attn.Wqkv, ClippedOutput(float(clip))))
         name = f"blocks.{i}.ffn.experts (DbrxExperts)"
-        rules.append((block.ffn.experts, DbrxExpertsRule(block.ffn.router, factors, name)))
+        normalise = model.config.ffn_config.moe_normalize_expert_weights is not None
+        rules.append((block.ffn.experts, DbrxExpertsRule(block.ffn.router, factors, name, normalise)))
     return rules
 
 
 def dbrx_checks(model: nn.Module) -> None:
     """Refuse a top-k normalisation other than the sum (p = 1) and a gate activation without identity rule."""
     ffn = model.config.ffn_config
-    if ffn.moe_normalize_expert_weights != 1:
+    if ffn.moe_normalize_expert_weights not in (None, 1):
         raise UnsupportedModelError(
             f"{type(model).__name__} normalises its top-k routing weights by their "
-            f"{ffn.moe_normalize_expert_weights}-norm; the dbrx declaration covers the 1-norm (the sum) only."
+            f"{ffn.moe_normalize_expert_weights}-norm; the dbrx declaration covers the 1-norm (the sum) and no "
+            "normalisation only."
         )
     for block in model.base_model.blocks:
         if not isinstance(block.ffn.experts.mlp.activation_fn, ACTIVATIONS):
