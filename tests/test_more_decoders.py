@@ -173,7 +173,7 @@ def _weightless_rms_reference(module, x, y, r_y):
     )
 
 
-@pytest.mark.parametrize(("model_type", "sites"), [("nanochat", 9), ("diffllama", 7)])
+@pytest.mark.parametrize(("model_type", "sites"), [("nanochat", 9), ("diffllama", 7), ("llama4_text", 6)])
 def test_weightless_norms_match_the_explicit_float64_rule(monkeypatch, model_type, sites):
     """Every weightless RMSNorm call against the explicit identity rule in both modes, through check_adapter's
     site probes, which have no reference of their own for this surrogate: NanoChat's (before the blocks, in the
@@ -646,3 +646,75 @@ def test_dbrx_top_k_normalisation_none_is_explained_and_other_norms_are_refused(
     config.ffn_config.moe_normalize_expert_weights = 2.0
     report = hf_pelrp.check_adapter(config, raise_on_failure=False)
     assert not report.passed and "2.0-norm" in report.failures[0].detail
+
+
+# ---- llama4_text: batched experts on score-scaled inputs, constant sigmoid scores, temperature tuning -----------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_llama4_experts_rule_matches_the_explicit_float64_formula(mode):
+    """``E_e(z) = (act(z G_e) * (z U_e)) D_e`` for every expert on its rows (``gate_up_proj = [G | U]``), written
+    out: the identity rule at ``act`` (local gradient ``act(a) / a``), AttnLRP 1/2 on each factor of the product
+    (CP: the activated gate a constant). Relevance at the experts' input for an upstream gradient ``g``."""
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    from hf_pelrp.adapters.more_moe import Llama4ExpertsRule
+    from hf_pelrp.config import LRPConfig
+    from hf_pelrp.hooks import Handles
+
+    config = Llama4TextConfig(hidden_size=8, intermediate_size=6, num_local_experts=3, num_attention_heads=2)
+    experts = Llama4TextExperts(config).to(F64)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.5)
+    z = torch.randn(3 * 4, 8, generator=gen, dtype=F64, requires_grad=True)  # 3 experts x 4 tokens
+    g = torch.randn(3 * 4, 8, generator=gen, dtype=F64)
+    cfg = LRPConfig(mode=mode)
+    handles = Handles()
+    Llama4ExpertsRule(cfg.gate_factor, cfg.up_factor).attach(experts, handles)
+    try:
+        out = experts(z)
+    finally:
+        handles.remove()
+    (out * g).sum().backward()
+    fast = z.detach() * z.grad
+
+    with torch.no_grad():
+        zs, gs = z.detach().view(3, 4, 8), g.view(3, 4, 8)
+        w = experts.gate_up_proj.detach()
+        gate, up = zs @ w[..., :6], zs @ w[..., 6:]
+        act = gate * torch.sigmoid(gate)  # SiLU
+        grad_h = gs @ experts.down_proj.detach().transpose(1, 2)
+        grad_gate = cfg.gate_factor * grad_h * up * (act / gate)  # identity rule
+        grad_up = cfg.up_factor * grad_h * act
+        ref = (zs * (grad_gate @ w[..., :6].transpose(1, 2) + grad_up @ w[..., 6:].transpose(1, 2))).view(
+            12, 8
+        )
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_llama4_router_scores_are_constants_and_temperature_tuning_is_refused():
+    """The sigmoid scores reach the experts as constants (no gradient to the router in either mode), and a model
+    with attn_temperature_tuning (on in transformers' default config) is refused with the reason."""
+    from hf_pelrp.check import tiny_config
+
+    config = tiny_config("llama4_text")
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(config).to(F64).eval()
+    router = model.model.layers[1].feed_forward.router
+    for mode in MODES:
+        router.weight.grad = None
+        with hf_pelrp.lrp(model, mode=mode):
+            router.weight.requires_grad_(True)
+            try:
+                model(torch.tensor([[5, 6, 7, 8]])).logits[0, -1, 3].backward()
+            finally:
+                router.weight.requires_grad_(False)
+        assert router.weight.grad is None or float(router.weight.grad.abs().max()) == 0.0
+    config.attn_temperature_tuning = True
+    report = hf_pelrp.check_adapter(config, raise_on_failure=False)
+    assert not report.passed and "attn_temperature_tuning" in report.failures[0].detail

@@ -86,12 +86,6 @@ SINKS = (
     "does not reproduce; no rule for the sink logits is implemented yet (the relevance they absorb would be "
     "unaccounted for)."
 )
-#: llama4_text
-LLAMA4_TEXT = (
-    "its NoPE layers scale q by a position-dependent temperature (attn_temperature_tuning) that no positional "
-    "leaf carries, and its experts (Llama4TextExperts) and sigmoid router are not declared yet (its complex "
-    "rotary embedding would be hf_pelrp.adapters.more_moe.ComplexRotary's, as for deepseek_v2)."
-)
 #: doge
 DYNAMIC_MASK = (
     "its attention adds a content-dependent bias to the scores (the dynamic mask exp(A * softplus(dt_proj(v))), "

@@ -40,12 +40,22 @@ signal-take-all; shared experts are plain gated MLPs).
   group-limited) times ``routed_scaling_factor``, without renormalisation: :class:`ScaledSoftmaxRouter` (the
   softmax by its Gradient x Input rule, the scale a constant), re-computed and checked at every call; fused
   experts and shared experts as DeepSeek-V3's.
+- ``llama4_text``: complex rotary (:class:`ComplexRotary`) in the layers with ``use_rope`` and none in the NoPE
+  layers (``Rotary(applies=)``: no leaf, exactly 0 position relevance, full q, k factor), weightless RMSNorms on
+  q and k after the rotation (identity rule; a per-row constant scale, which commutes with the factors), chunked
+  attention (a mask). Mixture-of-experts blocks scale each expert's *input* by its sigmoid score
+  (``E_e(s_e x)``, every expert run on every token, unselected scores 0): the scores are constants in both modes
+  (signal-take-all, :class:`ConstantRouterScores`), so the routed input is a constant scaling, and
+  :class:`Llama4ExpertsRule` re-computes the experts' ``down(act(gate) * up)`` with the gated-product rule
+  (checked against the module's output); a shared gated MLP. ``attn_temperature_tuning`` (a position-dependent
+  scale of q in the NoPE layers, on by default in transformers' config) has no positional leaf and is refused.
 - ``dots1``: per-head q / k RMSNorms, DeepSeek-V3's sigmoid group routing (weights constants), a shared expert,
   dense first blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -58,10 +68,11 @@ from ..errors import UnsupportedModelError
 from ..hooks import ClippedOutput, Handles, HookRule, LeafStore, check_reproduces, make_leaf
 from ..inputs import TextInputs
 from ..positions import Rotary
-from ..rules import straight_through
+from ..rules import identity_rule, scale_gradient, straight_through
 from .base import Adapter, GatedProduct, register_adapter
 from .llama import llama_like
 from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny, expert_mixture, softmax_routing_weights
+from .more_decoders import weightless_rms_norm
 from .norms import ACTIVATIONS, layer_norm, rms_norm
 from .rotary_decoders import exaone4_rotates
 
@@ -514,5 +525,117 @@ DEEPSEEK_V2 = register_adapter(
             qk_nope_head_dim=8,
             v_head_dim=8,
         ),
+    )
+)
+
+
+@dataclass
+class ConstantRouterScores(HookRule):
+    """Llama 4's router returns ``(scores, logits)`` with sigmoid scores: constants of the backward pass in both
+    modes (signal-take-all, as DeepSeek-V3's sigmoid routing weights)."""
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        def hook(_mod, _args, output):
+            scores, logits = output
+            return scores.detach(), logits
+
+        handles.append(module.register_forward_hook(hook))
+
+
+@dataclass
+class Llama4ExpertsRule(HookRule):
+    """``down_e(act(gate_e) * up_e)`` of Llama 4's batched experts (``gate_up_proj`` [E, H, 2I] with
+    ``[gate | up]``, ``down_proj`` [E, I, H]) with the gated-product rule: identity rule on ``act``, ``gate_factor``
+    on the activated gate, ``up_factor`` on up; re-computed from the module's own parameters, checked against its
+    output, and returned with the module's values (straight-through)."""
+
+    gate_factor: float
+    up_factor: float
+    name: str = ""
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        def hook(mod, args, output):
+            x = args[0]
+            if not x.requires_grad:
+                return output
+            with weights_on_device(mod):
+                states = x.view(mod.gate_up_proj.shape[0], -1, mod.hidden_size)
+                gate, up = torch.bmm(states, mod.gate_up_proj).chunk(2, dim=-1)
+                activated = identity_rule(gate, mod.act_fn.forward(gate))
+                hidden = scale_gradient(activated, self.gate_factor) * scale_gradient(up, self.up_factor)
+                surrogate = torch.bmm(hidden, mod.down_proj).view(-1, mod.hidden_size)
+            check_reproduces(surrogate, output, self.name or type(mod).__name__, "expert re-computation")
+            return straight_through(output, surrogate.to(output.dtype))
+
+        handles.append(module.register_forward_hook(hook))
+
+
+def llama4_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
+    """Constant router scores and the experts' gated products of every Llama 4 mixture-of-experts block."""
+    rules: list[tuple[nn.Module, HookRule]] = []
+    for path, module in model.named_modules():
+        name = type(module).__name__
+        if name == "Llama4Router":
+            rules.append((module, ConstantRouterScores()))
+        elif name == "Llama4TextExperts":
+            rules.append(
+                (module, Llama4ExpertsRule(config.gate_factor, config.up_factor, name=f"{path} ({name})"))
+            )
+    return rules
+
+
+def no_temperature_tuning(model: nn.Module) -> None:
+    """Refuse ``attn_temperature_tuning`` (a position-dependent scale of q in the NoPE layers, no leaf)."""
+    if getattr(model.config, "attn_temperature_tuning", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} scales q in its NoPE layers by a position-dependent temperature "
+            "(attn_temperature_tuning=True): positional information no leaf of hf_pelrp carries, so the position "
+            "maps would miss it. Set attn_temperature_tuning=False only if that is the model you mean to explain."
+        )
+
+
+def llama4_uses_rope(attention: nn.Module) -> bool:
+    """``Llama4TextAttention`` rotates q and k where ``use_rope`` (``config.no_rope_layers[layer]``) is set."""
+    return bool(attention.use_rope)
+
+
+LLAMA4_TEXT = register_adapter(
+    # (Llama4ForCausalLM's base_model is the model itself: base_model_prefix "language_model" names no submodule)
+    dataclasses.replace(
+        llama_like(
+            ("llama4_text",),
+            "Llama4Text",
+            name="llama4_text",
+            norms={"Llama4TextRMSNorm": rms_norm, "Llama4TextWeightlessRMSNorm": weightless_rms_norm},
+            modules=("Llama4ForCausalLM", "Llama4TextMoe", "Llama4TextExperts", "Llama4Router"),
+            positions=ComplexRotary(applies=llama4_uses_rope),
+            gated=(
+                GatedProduct(act="feed_forward.activation_fn", up="feed_forward.up_proj", optional=True),
+                GatedProduct(
+                    act="feed_forward.shared_expert.activation_fn",
+                    up="feed_forward.shared_expert.up_proj",
+                    optional=True,
+                ),
+            ),
+            extra_rules=llama4_rules,
+            checks=(no_temperature_tuning,),
+            heads=("causal_lm",),
+            # layer 0: rotary, dense; layer 1: NoPE, mixture of experts
+            tiny={
+                "head_dim": 8,
+                "intermediate_size": 16,
+                "intermediate_size_mlp": 48,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_layers": [1],
+                "no_rope_layers": [1, 0],
+                "attention_chunk_size": 3,
+                "attn_temperature_tuning": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            },
+        ),
+        layers="model.layers",
+        embeddings={"model.embed_tokens": ("token",)},
     )
 )

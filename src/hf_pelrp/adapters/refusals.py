@@ -5,7 +5,6 @@ from __future__ import annotations
 from .base import refuse_model_type
 from .more_decoders import (
     DYNAMIC_MASK,
-    LLAMA4_TEXT,
     MIXTURE_OF_ATTENTION,
     SINKS,
     SPARSEMIXER,
@@ -63,7 +62,6 @@ REFUSED: dict[str, str] = {
     "gpt_oss": SINKS,
     "granite_swa": SINKS,
     "granitemoe_swa": SINKS,
-    "llama4_text": LLAMA4_TEXT,
     "phimoe": SPARSEMIXER,
     "doge": DYNAMIC_MASK,
     "jetmoe": MIXTURE_OF_ATTENTION,
