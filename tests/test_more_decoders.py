@@ -718,3 +718,13 @@ def test_llama4_router_scores_are_constants_and_temperature_tuning_is_refused():
     config.attn_temperature_tuning = True
     report = hf_pelrp.check_adapter(config, raise_on_failure=False)
     assert not report.passed and "attn_temperature_tuning" in report.failures[0].detail
+
+
+def test_cohere2_moe_sigmoid_selection_is_refused_with_the_reason():
+    """Cohere2-MoE's softmax router is declared; its sigmoid expert selection is refused by name."""
+    from hf_pelrp.check import tiny_config
+
+    config = tiny_config("cohere2_moe")
+    config.expert_selection_fn = "sigmoid"
+    report = hf_pelrp.check_adapter(config, raise_on_failure=False)
+    assert not report.passed and "expert_selection_fn" in report.failures[0].detail
