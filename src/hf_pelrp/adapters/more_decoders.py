@@ -33,7 +33,8 @@ README), each proven by check_adapter like every registered type (issue 18).
 - ``minicpm3``: multi-head latent attention as DeepSeek-V3's (only the last ``qk_rope_head_dim`` channels of q and
   k rotate, with the plain half-split ``cos`` / ``sin``: ``Rotary(rotated="last")``), a scaled word embedding
   (``scale_emb``: a constant scaling inside the token leaf), residual branches scaled by
-  ``scale_depth / sqrt(layers)`` and logits by ``dim_model_base / hidden_size`` (constants, nothing to change).
+  ``scale_depth / sqrt(layers)`` and the last hidden state divided by ``logits_scaling`` before the LM head
+  (constants, nothing to change).
 - ``diffllama``: differential attention ``(softmax(Q K^T) - lambda softmax(Q K^T)) V`` computed as two calls of
   transformers' attention interface on the same rotated q, k and the two halves of v, combined as
   ``o_1 - lambda o_2`` with ``lambda`` a function of parameters only (a constant of the forward pass: the epsilon
