@@ -728,3 +728,49 @@ def test_cohere2_moe_sigmoid_selection_is_refused_with_the_reason():
     config.expert_selection_fn = "sigmoid"
     report = hf_pelrp.check_adapter(config, raise_on_failure=False)
     assert not report.passed and "expert_selection_fn" in report.failures[0].detail
+
+
+# ---- phimoe: SparseMixer routing needs no hook ------------------------------------------------------------------
+
+
+def test_phimoe_sparsemixer_router_gradient_is_the_softmax_rule():
+    """The eval-mode SparseMixer weights are ``softmax_{M1}(l)[e1]`` and ``softmax_{M2}(l')[e2]`` (``l = x W^T``,
+    ``M1``, ``M2`` relative-threshold masks computed without gradient, ``l'`` = ``l`` without ``e1``): entries of
+    softmaxes of constant-masked logits, with no renormalisation. Their rule (Gradient x Input, masked entries 0)
+    is what plain autograd through the router gives, so the declaration attaches no router hook: for an upstream
+    gradient ``g``, ``R_x = x * (grad_l W)`` with ``grad_l = sum_m p_m (gp_m - sum(gp_m p_m))``, written out."""
+    from transformers import PhimoeConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeTopKRouter
+
+    config = PhimoeConfig(hidden_size=8, num_local_experts=6, num_attention_heads=2, router_jitter_noise=0.3)
+    router = PhimoeTopKRouter(config).to(F64).eval()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=gen, dtype=F64))
+    x = torch.randn(7, 8, generator=gen, dtype=F64, requires_grad=True)
+    g = torch.randn(7, 2, generator=gen, dtype=F64)
+    _, weights, index = router(x)
+    (weights * g).sum().backward()
+    fast = x.detach() * x.grad
+
+    eps = 2 * config.router_jitter_noise
+    with torch.no_grad():
+        w = router.weight.detach()
+        logits = x.detach() @ w.T
+        grad_l = torch.zeros_like(logits)
+        current = logits.clone()
+        for slot in range(2):
+            top, arg = current.max(-1, keepdim=True)
+            masked = ((top - logits) / logits.abs().clamp(min=top)) > eps
+            masked |= torch.isinf(current)  # the expert already taken
+            p = torch.softmax(logits.masked_fill(masked, float("-inf")), -1)
+            assert torch.equal(arg[:, 0], index[:, slot])
+            torch.testing.assert_close(p.gather(1, arg)[:, 0], weights[:, slot].detach())
+            gp = torch.zeros_like(p).scatter(1, arg, g[:, slot : slot + 1])
+            grad_l += p * (gp - (gp * p).sum(-1, keepdim=True))
+            current = current.scatter(1, arg, float("-inf"))
+        ref = x.detach() * (grad_l @ w)
+    assert (
+        int((~torch.isinf(logits.masked_fill(masked, float("-inf")))).sum()) > 7
+    )  # masks keep several experts
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)

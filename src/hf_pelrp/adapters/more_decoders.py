@@ -99,11 +99,6 @@ MIXTURE_OF_ATTENTION = (
     "routed JetMoeParallelExperts with sorted dispatch; hf_pelrp has no declaration of these routed linear maps "
     "yet."
 )
-#: phimoe
-SPARSEMIXER = (
-    "its router is SparseMixer (thresholded masked softmaxes for each of the top-2 experts, with a custom "
-    "autograd multiplier), for which hf_pelrp has no routing rule yet."
-)
 
 HELIUM = register_adapter(llama_like(("helium",), "Helium", name="helium", tiny=_HEADS))
 

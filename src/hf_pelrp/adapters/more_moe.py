@@ -49,6 +49,13 @@ signal-take-all; shared experts are plain gated MLPs).
   :class:`Llama4ExpertsRule` re-computes the experts' ``down(act(gate) * up)`` with the gated-product rule
   (checked against the module's output); a shared gated MLP. ``attn_temperature_tuning`` (a position-dependent
   scale of q in the NoPE layers, on by default in transformers' config) has no positional leaf and is refused.
+- ``phimoe``: SparseMixer routing (eval): the first weight is the softmax, over the experts whose logits lie
+  within a relative threshold of the maximum (a mask computed without gradient: a constant), at the arg-max; the
+  second the same over the logits with the first expert removed. No renormalisation: the weights are entries of
+  softmaxes of constant-masked logits, whose rule is Gradient x Input (AttnLRP Prop. 3.1, masked entries carry 0),
+  so plain autograd through the router *is* the rule and no router hook is declared (float64 reference in
+  ``tests/test_more_decoders.py``); ``w * E`` by the uniform rule (CP: ``w`` constant), fused experts as
+  Mixtral's. Training-time jitter and the PhimoeMultiplier estimator are off in eval.
 - ``dots1``: per-head q / k RMSNorms, DeepSeek-V3's sigmoid group routing (weights constants), a shared expert,
   dense first blocks.
 """
@@ -637,5 +644,20 @@ LLAMA4_TEXT = register_adapter(
         ),
         layers="model.layers",
         embeddings={"model.embed_tokens": ("token",)},
+    )
+)
+
+PHIMOE_EXPERTS = MixtureOfExperts(experts="PhimoeExperts")
+PHIMOE = register_adapter(
+    llama_like(
+        ("phimoe",),
+        "Phimoe",
+        name="phimoe",
+        norms={"LayerNorm": layer_norm},
+        modules=("PhimoeSparseMoeBlock", "PhimoeExperts", "PhimoeTopKRouter"),
+        gated=(),
+        extra_rules=PHIMOE_EXPERTS,
+        checks=(PHIMOE_EXPERTS.check,),
+        tiny=_moe_tiny(num_local_experts=4, **_HEADS),
     )
 )

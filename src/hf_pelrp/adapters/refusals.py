@@ -7,7 +7,6 @@ from .more_decoders import (
     DYNAMIC_MASK,
     MIXTURE_OF_ATTENTION,
     SINKS,
-    SPARSEMIXER,
 )
 
 _RELATIVE = (
@@ -62,7 +61,6 @@ REFUSED: dict[str, str] = {
     "gpt_oss": SINKS,
     "granite_swa": SINKS,
     "granitemoe_swa": SINKS,
-    "phimoe": SPARSEMIXER,
     "doge": DYNAMIC_MASK,
     "jetmoe": MIXTURE_OF_ATTENTION,
 }
