@@ -774,3 +774,18 @@ def test_phimoe_sparsemixer_router_gradient_is_the_softmax_rule():
         int((~torch.isinf(logits.masked_fill(masked, float("-inf")))).sum()) > 7
     )  # masks keep several experts
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_complex_rotary_is_not_taken_for_a_cos_sin_pair_by_the_position_tests():
+    """The evaluation's position flipping intervenes on (cos, sin) pairs; DeepSeek-V2 passes one complex tensor,
+    so the position tests refuse it by its kind instead of passing it a pair."""
+    import transformers
+
+    from hf_pelrp import UnsupportedModelError
+    from hf_pelrp.check import tiny_config
+    from hf_pelrp.evaluation._engine_gaps import positional_site
+
+    torch.manual_seed(0)
+    model = transformers.DeepseekV2ForCausalLM(tiny_config("deepseek_v2")).eval()
+    with pytest.raises(UnsupportedModelError, match="complex rotary"):
+        positional_site(model)

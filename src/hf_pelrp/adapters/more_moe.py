@@ -450,7 +450,9 @@ class ComplexRotary(Rotary):
     variants"; float64 reference in ``tests/test_more_decoders.py``)."""
 
     layout: str = "interleaved"
-    name: str = "rotary"
+    #: not "rotary": tools that intervene on a ``(cos, sin)`` pair (the evaluation's position flipping) must not
+    #: take the complex tensor for one; they refuse this kind by its name
+    name: str = "complex rotary"
 
     def rules(self, model, layers, attention, store):
         from ..attention import attention_rule
