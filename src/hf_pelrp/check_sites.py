@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter
+from .adapters.more_decoders import weightless_rms_norm
 from .adapters.norms import _eps, layer_norm, rms_norm, rms_norm_one_plus
 from .adapters.olmo import OLMO_LAYER_NORM_EPS, olmo_layer_norm
 from .hooks import Handles
@@ -80,9 +81,9 @@ def _mismatch(fast: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, tol: f
 # ---- norms ------------------------------------------------------------------------------------------------
 
 
-def _rms_reference(one_plus: bool):
+def _rms_reference(one_plus: bool, weightless: bool = False):
     def reference(module: nn.Module, x: torch.Tensor, y: torch.Tensor, r_y: torch.Tensor) -> torch.Tensor:
-        w = module.weight.detach().to(F64)
+        w = 1.0 if weightless else module.weight.detach().to(F64)
         w = 1.0 + w if one_plus else w
         scale = w * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(module))
         return x * scale * safe_div(r_y, y)
@@ -108,6 +109,7 @@ NORM_REFERENCES = {
     rms_norm_one_plus: _rms_reference(one_plus=True),
     layer_norm: _layer_norm_reference(),
     olmo_layer_norm: _layer_norm_reference(OLMO_LAYER_NORM_EPS),
+    weightless_rms_norm: _rms_reference(one_plus=False, weightless=True),
 }
 
 

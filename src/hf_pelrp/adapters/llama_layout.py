@@ -1,7 +1,5 @@
 """Model types with the LLaMA layout that the inference (:mod:`hf_pelrp.adapters.infer`) explains, declared
-explicitly (no inference at run time, listed in the README), each proven by check_adapter. (``helium``, the same
-layout, is left to the inference: ``tests/test_inferred_adapters.py`` uses it as a real type without a
-declaration.)
+explicitly (no inference at run time, listed in the README), each proven by check_adapter.
 
 - ``cwm``, ``ernie4_5``, ``hunyuan_v1_dense``, ``hyperclovax``, ``ministral3``: the LLaMA layout
   under their own class names (RMSNorm, SiLU-gated MLP, rotary; HunYuan: q / k RMSNorms; HyperCLOVA X:

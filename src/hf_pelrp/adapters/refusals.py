@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from .base import refuse_model_type
+from .more_decoders import (
+    DYNAMIC_MASK,
+    MIXTURE_OF_ATTENTION,
+    SINKS,
+)
 
 _RELATIVE = (
     "it encodes positions as relative attention biases, which hf_pelrp does not explain yet (its positional "
@@ -49,6 +54,9 @@ REFUSED: dict[str, str] = {
             ("recurrent_gemma", "RG-LRU"),
             ("qwen3_next", "Gated DeltaNet (linear attention)"),
             ("qwen3_5", "Gated DeltaNet (linear attention)"),
+            ("qwen3_5_text", "Gated DeltaNet (linear attention)"),
+            ("qwen3_5_moe", "Gated DeltaNet (linear attention)"),
+            ("qwen3_5_moe_text", "Gated DeltaNet (linear attention)"),
             ("kimi_linear", "Kimi Delta Attention (linear attention)"),
             ("minimax", "lightning (linear) attention"),
         )
@@ -91,6 +99,11 @@ REFUSED: dict[str, str] = {
     "big_bird": "its block-sparse attention (window, global and random blocks) and its full attention are computed inline, not through transformers' attention interface; not covered.",
     "longformer": "its sliding-window and global attention are computed inline in overlapping chunks, not through transformers' attention interface; not covered.",
     "ibert": "its quantisation-aware modules (QuantEmbedding, QuantAct, QuantLinear, IntGELU, IntSoftmax, IntLayerNorm) compute integer approximations with quant_mode=True; their float fallbacks (quant_mode=False) are not declared either; not covered.",
+    "gpt_oss": SINKS,
+    "granite_swa": SINKS,
+    "granitemoe_swa": SINKS,
+    "doge": DYNAMIC_MASK,
+    "jetmoe": MIXTURE_OF_ATTENTION,
 }
 
 for _model_type, _reason in REFUSED.items():
