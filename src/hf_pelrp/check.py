@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import modeling_auto
 
+from .adapters import infer as _infer
 from .adapters.base import Adapter, adapter_for_type
 from .errors import HfPelrpError
 from .heads import (
@@ -575,3 +576,8 @@ def check_adapter(
     if raise_on_failure and not report.passed:
         raise AdapterCheckError(str(report))
     return report
+
+
+# the inference of declarations (adapters/infer.py) proves what it infers with check_adapter; it sits below this
+# module, so the proof is handed down here rather than imported up there
+_infer.PROOF.update(check_adapter=check_adapter, randomise=_randomise)

@@ -420,9 +420,7 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
         probe = cls(copy.deepcopy(tiny)).to(torch.float64).eval()
     except Exception as err:  # noqa: BLE001 - reported as the refusal
         raise _refuse(model, "", None, f"no tiny instance of its config could be built ({err}).") from None
-    from ..check import _randomise
-
-    _randomise(probe, 0)
+    _proof("randomise")(probe, 0)
     base = getattr(probe, "base_model", probe)
     base_paths = {m: p for p, m in base.named_modules()}
 
@@ -712,10 +710,22 @@ def _rotary_kind(
     return Rotary(names=names, layout=layout)
 
 
+#: ``check_adapter`` and its weight drawing, installed by :mod:`hf_pelrp.check` when it is imported (as
+#: ``import hf_pelrp`` does): the proof needs the whole engine, which sits above the adapters
+PROOF: dict[str, Any] = {}
+
+
+def _proof(name: str) -> Any:
+    if name not in PROOF:
+        raise UnsupportedModelError(
+            "an inferred declaration must be proven by hf_pelrp.check_adapter, which is not loaded: import hf_pelrp"
+        )
+    return PROOF[name]
+
+
 def _prove(model: nn.Module, adapter: Adapter, tiny: Any) -> None:
     """check_adapter on a tiny float64 instance of ``model``'s class, with ``adapter`` in place."""
-    from ..check import check_adapter
-
+    check_adapter = _proof("check_adapter")
     cls = type(model)
     model_type = adapter.model_types[0]
     previous = _base._INFERRED.get(model_type)
