@@ -615,7 +615,12 @@ LLAMA4_TEXT = register_adapter(
             ("llama4_text",),
             "Llama4Text",
             name="llama4_text",
-            norms={"Llama4TextRMSNorm": rms_norm, "Llama4TextWeightlessRMSNorm": weightless_rms_norm},
+            # Llama4TextL2Norm: the same weightless norm under its transformers 5.24 name
+            norms={
+                "Llama4TextRMSNorm": rms_norm,
+                "Llama4TextWeightlessRMSNorm": weightless_rms_norm,
+                "Llama4TextL2Norm": weightless_rms_norm,
+            },
             modules=("Llama4ForCausalLM", "Llama4TextMoe", "Llama4TextExperts", "Llama4Router"),
             positions=ComplexRotary(applies=llama4_uses_rope),
             gated=(
