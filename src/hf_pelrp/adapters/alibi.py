@@ -13,6 +13,8 @@ build ``m_h pos_j``, MPT ``m_h (j - T + 1)``; softmax ignores the per-query cons
   leaf; the mask is added separately by the model. The MLP's ``BloomGelu`` gets the identity rule.
 - Falcon (``alibi=True``, SDPA path): the model folds ``alibi / sqrt(d)`` into the float mask it passes to each
   layer; the leaf is spliced into the unmasked entries of that mask (masked entries keep ``finfo.min``).
+  (``FalconAttention`` calls the attention interface in transformers 5, but the declaration keeps the hooks on
+  the fused projection, written and tested for this variant.)
 - Falcon (``alibi=False``: Falcon-7B / 40B / 180B): rotary positions, and the attention dispatches through
   transformers' attention interface (``FalconAttention`` in transformers 5): a declaration of its own,
   ``FALCON_ROTARY`` (per-layer ``(cos, sin)`` leaves, the ``"lrp"`` attention rule at the interface), chosen
