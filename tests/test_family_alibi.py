@@ -130,10 +130,8 @@ def test_falcon_layouts_multi_query_and_grouped_give_the_attention_factors():
         assert float(attr.position.abs().max()) > 0
 
 
-def test_rotary_falcon_and_eager_falcon_are_refused():
-    model = _model("falcon", alibi=False)
-    with pytest.raises(UnsupportedModelError, match="rotary positions"):
-        hf_pelrp.attribute(model, torch.tensor([[3, 4, 5]]))
+def test_eager_alibi_falcon_is_refused():
+    # (rotary Falcon, alibi=False, has its own declaration: tests/test_family_falcon_rotary.py)
     config = tiny_config("falcon")
     config._attn_implementation = "eager"
     model = FalconForCausalLM(config)

@@ -49,10 +49,11 @@ def test_deberta_matches_the_explicit_reference(mode):
         assert float(attr.position.abs().max()) == 0.0
 
 
-def test_absolute_positions_and_the_conv_layer_are_refused():
+def test_the_conv_layer_is_refused():
+    # (position_biased_input=True has its own declaration: tests/test_family_deberta_absolute.py)
     for overrides, match in (
-        ({"position_biased_input": True}, "position_biased_input=True"),
         ({"conv_kernel_size": 3}, "conv_kernel_size"),
+        ({"conv_kernel_size": 3, "position_biased_input": True}, "conv_kernel_size"),
     ):
         with pytest.raises(UnsupportedModelError, match=match):
             hf_pelrp.attribute(_model(**overrides), torch.tensor([[3, 4, 5]]))

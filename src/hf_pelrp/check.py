@@ -26,7 +26,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import modeling_auto
 
 from .adapters import infer as _infer
-from .adapters.base import Adapter, adapter_for_type
+from .adapters.base import Adapter, adapter_for_config, adapter_for_type, adapter_variants
 from .errors import HfPelrpError
 from .heads import (
     CAUSAL_LM,
@@ -534,9 +534,30 @@ def check_adapter(
         model_type = config_or_model_type.model_type
     else:
         model_type = str(config_or_model_type)
-    adapter = adapter_for_type(model_type)
-    config = tiny_config(config_or_model_type, adapter)
     report = AdapterReport(model_type)
+    if isinstance(config_or_model_type, PretrainedConfig):
+        variants: tuple[Adapter, ...] = (adapter_for_config(model_type, config_or_model_type),)
+    else:
+        variants = adapter_variants(model_type)  # a config-aware type: every variant on its own tiny config
+    classes = list(classes) if classes is not None else None  # iterated once per variant
+    for adapter in variants:
+        _check_variant(config_or_model_type, adapter, report, classes, seed, tol, len(variants) > 1)
+    if raise_on_failure and not report.passed:
+        raise AdapterCheckError(str(report))
+    return report
+
+
+def _check_variant(
+    config_or_model_type: PretrainedConfig | str,
+    adapter: Adapter,
+    report: AdapterReport,
+    classes: Iterable[type] | None,
+    seed: int,
+    tol: float,
+    named: bool,
+) -> None:
+    model_type = report.model_type
+    config = tiny_config(config_or_model_type, adapter)
     classes = list(classes) if classes is not None else head_classes(model_type, adapter)
     if not classes:
         report.results.append(
@@ -552,6 +573,8 @@ def check_adapter(
         model = cls(copy.deepcopy(config)).to(torch.float64).eval()
         _randomise(model, seed)
         checker = _Checker(model, adapter, report, tol, seed)
+        if named:  # results of a config-aware type's variants are told apart by the declaration's name
+            checker.name = f"{checker.name} [{adapter.label}]"
         before = _snapshot(model)
         try:
             adapter.check_model(model)
@@ -573,9 +596,6 @@ def check_adapter(
                 except Exception as err:  # noqa: BLE001 - a failing declaration is reported, not hidden
                     checker.record(f"{name} runs", False, f"{type(err).__name__}: {err}")
         checker.restoration(before)
-    if raise_on_failure and not report.passed:
-        raise AdapterCheckError(str(report))
-    return report
 
 
 # the inference of declarations (adapters/infer.py) proves what it infers with check_adapter; it sits below this

@@ -1,4 +1,5 @@
-"""ALiBi decoders (``bloom``, ``mpt``, ``falcon`` with ``alibi=True``): positions as a linear bias on the scores.
+"""ALiBi decoders (``bloom``, ``mpt``, ``falcon`` with ``alibi=True``): positions as a linear bias on the scores;
+and Falcon's rotary variant (``alibi=False``), a config-aware variant of the ``falcon`` type (see the end).
 
 Their attention is written inline (no call of transformers' attention interface), so the factors of the
 ``"lrp"`` attention come from hooks (:mod:`hf_pelrp.inline_attention`): per-channel factors on the fused
@@ -12,6 +13,12 @@ build ``m_h pos_j``, MPT ``m_h (j - T + 1)``; softmax ignores the per-query cons
   leaf; the mask is added separately by the model. The MLP's ``BloomGelu`` gets the identity rule.
 - Falcon (``alibi=True``, SDPA path): the model folds ``alibi / sqrt(d)`` into the float mask it passes to each
   layer; the leaf is spliced into the unmasked entries of that mask (masked entries keep ``finfo.min``).
+  (``FalconAttention`` calls the attention interface in transformers 5, but the declaration keeps the hooks on
+  the fused projection, written and tested for this variant.)
+- Falcon (``alibi=False``: Falcon-7B / 40B / 180B): rotary positions, and the attention dispatches through
+  transformers' attention interface (``FalconAttention`` in transformers 5): a declaration of its own,
+  ``FALCON_ROTARY`` (per-layer ``(cos, sin)`` leaves, the ``"lrp"`` attention rule at the interface), chosen
+  from ``config.alibi`` by :func:`hf_pelrp.adapters.base.register_variants`; check_adapter proves both.
 - MPT: ``position_bias`` ([H, 1, max_seq_len], no batch axis) cannot carry a per-row leaf, so each
   ``MptAttention`` is re-computed explicitly with the factors and the leaf
   (:class:`hf_pelrp.inline_attention.Recomputed`, checked to reproduce the module's output), reading the bias
@@ -30,9 +37,10 @@ from ..errors import UnsupportedModelError
 from ..hooks import Activation, HookRule, LeafStore
 from ..inline_attention import AttentionMaskCapture, BiasArgument, QKVFactors, Recomputed, qkv_roles
 from ..inputs import TextInputs
-from ..positions import AttentionBias, canonical_alibi
+from ..positions import AttentionBias, Rotary, canonical_alibi
 from ..rules import identity_rule, scale_gradient
-from .base import Adapter, register_adapter
+from .base import Adapter, register_adapter, register_variants
+from .llama import DECODER_INPUTS
 from .norms import layer_norm
 
 ALIBI = AttentionBias(description="ALiBi: linear bias m_h (j - i) on the attention scores")
@@ -165,9 +173,8 @@ def _falcon_alibi_only(model: nn.Module) -> None:
     config = model.config
     if not getattr(config, "alibi", False):
         raise UnsupportedModelError(
-            f"{type(model).__name__} uses rotary positions (alibi=False); hf_pelrp's Falcon adapter explains the "
-            "ALiBi variant (alibi=True, e.g. Falcon-RW). The rotary variant computes attention inline with its own "
-            "rotary code, which no declaration covers yet."
+            f"{type(model).__name__} uses rotary positions (alibi=False): it is explained by the rotary Falcon "
+            "declaration (FALCON_ROTARY, chosen by hf_pelrp.adapter_for from config.alibi), not the ALiBi one."
         )
     implementation = getattr(config, "_attn_implementation", None)
     if implementation != "sdpa":
@@ -178,7 +185,7 @@ def _falcon_alibi_only(model: nn.Module) -> None:
         )
 
 
-register_adapter(
+FALCON_ALIBI = register_adapter(
     Adapter(
         model_types=("falcon",),
         name="falcon",
@@ -219,6 +226,55 @@ register_adapter(
         },
     )
 )
+
+
+# ---- Falcon (rotary) -----------------------------------------------------------------------------------------
+
+
+def _falcon_rotary_only(model: nn.Module) -> None:
+    if getattr(model.config, "alibi", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses ALiBi (alibi=True): it is explained by the ALiBi Falcon declaration, "
+            "not the rotary one."
+        )
+
+
+#: Falcon-7B / 40B / 180B (``alibi=False``): q and k are rotated with the LLaMA ``apply_rotary_pos_emb``
+#: (``position_embeddings=(cos, sin)`` from the model's ``FalconRotaryEmbedding``) and the attention dispatches
+#: through transformers' attention interface, so the declaration is the interface's: the ``"lrp"`` attention
+#: rule takes the q, k, v factors where they enter the interface (whatever the fused layout: interleaved,
+#: multi-query, grouped), and per-layer ``(cos, sin)`` leaves with the 1/2 split. The block layouts
+#: (sequential, ``parallel_attn``, ``new_decoder_architecture`` with one or two input LayerNorms) are residual
+#: sums of LayerNorm'd branches: nothing else to attach.
+FALCON_ROTARY = Adapter(
+    model_types=("falcon",),
+    name="falcon (rotary)",
+    layers="h",
+    attention="self_attention",
+    embeddings={"word_embeddings": ("token",)},
+    positions=Rotary(),
+    norms={"LayerNorm": layer_norm},
+    modules=FALCON_ALIBI.modules,
+    inputs=DECODER_INPUTS,
+    heads=("causal_lm", "sequence_classification"),
+    checks=(_falcon_rotary_only,),
+    tiny={
+        **FALCON_ALIBI.tiny,
+        "alibi": False,
+        "new_decoder_architecture": True,
+        "num_kv_heads": 2,
+        "parallel_attn": True,
+        "max_position_embeddings": 64,
+    },
+)
+
+
+def _falcon_variant(config: Any) -> Adapter:
+    """Falcon's declaration by ``config.alibi``: ALiBi (Falcon-RW) or rotary (Falcon-7B / 40B / 180B)."""
+    return FALCON_ALIBI if getattr(config, "alibi", False) else FALCON_ROTARY
+
+
+register_variants("falcon", _falcon_variant, (FALCON_ALIBI, FALCON_ROTARY))
 
 
 # ---- MPT -----------------------------------------------------------------------------------------------------

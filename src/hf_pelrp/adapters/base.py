@@ -433,6 +433,44 @@ _INFERRED: dict[str, Adapter] = {}
 _INFERENCE: list[Callable[[nn.Module], Adapter]] = []
 
 
+#: model types whose declaration depends on the configuration: ``model_type -> (choose, variants)``, where
+#: ``choose(config)`` returns one of ``variants`` (or raises UnsupportedModelError); the type's registered adapter
+#: is its default (listed, documented), check_adapter proves every variant
+_VARIANTS: dict[str, tuple[Callable[[Any], Adapter], tuple[Adapter, ...]]] = {}
+
+
+def register_variants(
+    model_type: str, choose: Callable[[Any], Adapter], variants: tuple[Adapter, ...]
+) -> None:
+    """Make the declaration of ``model_type`` config-aware: :func:`adapter_for` returns ``choose(model.config)``
+    (one of ``variants``, each declaring ``model_type``), :func:`adapter_variants` lists them all for
+    check_adapter. ``model_type`` must already have its default adapter registered."""
+    if model_type not in _REGISTRY:
+        raise ValueError(f"register the default adapter of {model_type!r} before its variants")
+    if not variants or any(not isinstance(v, Adapter) or model_type not in v.model_types for v in variants):
+        raise ValueError(f"the variants of {model_type!r} must be Adapter declarations of that model type")
+    _VARIANTS[model_type] = (choose, tuple(variants))
+
+
+def adapter_variants(model_type: str) -> tuple[Adapter, ...]:
+    """Every declaration of ``model_type``: its config-aware variants, or its one adapter."""
+    if model_type in _VARIANTS and _REGISTRY.get(model_type) is not None:
+        return _VARIANTS[model_type][1]
+    return (adapter_for_type(model_type),)
+
+
+def adapter_for_config(model_type: str, config: Any) -> Adapter:
+    """The declaration of ``model_type`` for ``config`` (a config-aware type's chosen variant)."""
+    adapter = adapter_for_type(model_type)
+    entry = _VARIANTS.get(model_type)
+    if entry is None or config is None or _REGISTRY.get(model_type) is not adapter:
+        return adapter
+    chosen = entry[0](config)
+    if chosen not in entry[1]:
+        raise UnsupportedModelError(f"the variant chosen for {model_type!r} is not one of its declarations")
+    return chosen
+
+
 def register_adapter(adapter: Adapter) -> Adapter:
     """Register ``adapter`` for each of its ``model_types`` (a later registration replaces an earlier one)."""
     if not isinstance(adapter, Adapter):
@@ -444,6 +482,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
     for model_type in adapter.model_types:
         _REGISTRY[model_type] = adapter
         _REFUSED.pop(model_type, None)
+        _VARIANTS.pop(model_type, None)  # a new declaration replaces the type's variants too
     return adapter
 
 
@@ -503,7 +542,7 @@ def adapter_for(model: nn.Module) -> Adapter:
                 f"{err}"
             ) from None
     try:
-        return adapter_for_type(model_type)
+        return adapter_for_config(model_type, config)
     except UnsupportedModelError as err:
         raise UnsupportedModelError(
             str(err).replace(f"{model_type!r}", f"{model_type!r} ({type(model).__name__})", 1)

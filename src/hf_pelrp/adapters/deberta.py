@@ -19,6 +19,7 @@ function: :class:`FunctionalActivationSite`), epsilon rule elsewhere, token (and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ from ..inline_attention import AttentionMaskCapture, Recomputed
 from ..inputs import TextInputs
 from ..positions import AttentionBias, bias_leaf
 from ..rules import scale_gradient, straight_through
-from .base import Adapter, FunctionalActivationSite, register_adapter
+from .base import Adapter, FunctionalActivationSite, register_adapter, register_variants
+from .more_encoders import AbsoluteAndBias
 from .norms import layer_norm
 
 
@@ -112,9 +114,23 @@ def _relative_only(model: nn.Module) -> None:
     if getattr(config, "position_biased_input", True):
         raise UnsupportedModelError(
             f"{type(model).__name__} adds absolute position embeddings (position_biased_input=True) as well as "
-            "disentangled relative attention; hf_pelrp explains the relative positions (the DeBERTa-v3 setting, "
-            "position_biased_input=False). Combining both kinds in one position map is not implemented."
+            "disentangled relative attention: it is explained by the absolute + relative DeBERTa-v2 declaration "
+            "(DEBERTA_V2_ABSOLUTE, chosen by hf_pelrp.adapter_for from config.position_biased_input), not this one."
         )
+    _no_conv(model)
+
+
+def _absolute_too(model: nn.Module) -> None:
+    if not getattr(model.config, "position_biased_input", True):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no absolute position embeddings (position_biased_input=False): it is "
+            "explained by the relative-only DeBERTa-v2 declaration, not the absolute + relative one."
+        )
+    _no_conv(model)
+
+
+def _no_conv(model: nn.Module) -> None:
+    config = model.config
     if getattr(config, "conv_kernel_size", 0) > 0:
         raise UnsupportedModelError(
             f"{type(model).__name__} has the convolution layer of DeBERTa-v2-xlarge (conv_kernel_size > 0), "
@@ -122,7 +138,7 @@ def _relative_only(model: nn.Module) -> None:
         )
 
 
-register_adapter(
+DEBERTA_V2 = register_adapter(
     Adapter(
         model_types=("deberta-v2",),
         name="deberta-v2",
@@ -186,3 +202,37 @@ register_adapter(
         },
     )
 )
+
+#: ``position_biased_input=True``: the absolute position embedding is added to the word embedding before the
+#: embedding LayerNorm, an addend like BERT's, so it is an additive ``position`` leaf (``R_p = p * g`` beside
+#: ``R_t = t * g``) next to the per-layer c2p / p2c leaves: ``position`` = ``position_absolute`` (the additive
+#: leaf) + ``position_relative`` (the bias leaves per key); ``position_by_layer`` / ``position_by_distance`` are the
+#: relative part's. CP-LRP gives the relative leaves exactly 0, not the absolute part. The absolute table is read
+#: at ``0 .. T-1`` (the model's own position ids; rows are right-padded, position_ids= is refused as for the
+#: relative-only declaration, since the relative part would not read them), so inputs are limited to
+#: ``max_position_embeddings`` tokens.
+DEBERTA_V2_ABSOLUTE = dataclasses.replace(
+    DEBERTA_V2,
+    name="deberta-v2 (absolute + relative)",
+    constants=("encoder.rel_embeddings", "embeddings.token_type_embeddings"),
+    positions=AbsoluteAndBias(
+        description="learned absolute + disentangled relative attention (DeBERTa): an additive `position` "
+        "leaf and the position factors of c2p / p2c per pair"
+    ),
+    checks=(_absolute_too,),
+    inputs=TextInputs(
+        position_ids=None,
+        token_types="type_vocab_size",
+        padding="right",
+        max_positions=lambda c: c.max_position_embeddings,
+    ),
+    tiny={**DEBERTA_V2.tiny, "position_biased_input": True},
+)
+
+
+def _deberta_variant(config: Any) -> Adapter:
+    """DeBERTa-v2's declaration by ``config.position_biased_input`` (transformers' default: True)."""
+    return DEBERTA_V2_ABSOLUTE if getattr(config, "position_biased_input", True) else DEBERTA_V2
+
+
+register_variants("deberta-v2", _deberta_variant, (DEBERTA_V2, DEBERTA_V2_ABSOLUTE))
