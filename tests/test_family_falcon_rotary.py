@@ -161,3 +161,17 @@ def test_rotary_falcon_maps_equal_gpt_neox_on_the_same_weights(mode):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-9 * scale)
     if mode == "attnlrp":
         assert float(a.position.abs().max()) > 1e-3 * scale
+
+
+def test_describe_and_the_layer_chart_know_both_variants():
+    """describe_adapter calls either variant a registered declaration (not an inferred one), and the layer
+    chart of a rotary Falcon is not titled after the ALiBi default (the result does not say which ran)."""
+    from hf_pelrp.viz.view import layer_chart_title
+
+    for alibi in (True, False):
+        model = _falcon(alibi=alibi)
+        assert "registered declaration" in hf_pelrp.describe_adapter(model, print_it=False)
+    ids, mask = _batch()
+    rotary = hf_pelrp.attribute(_falcon(alibi=False), ids, attention_mask=mask)
+    assert "ALiBi" not in layer_chart_title(rotary) and "bias" not in layer_chart_title(rotary)
+    assert "bias" in layer_chart_title(hf_pelrp.attribute(_falcon(alibi=True), ids, attention_mask=mask))

@@ -187,7 +187,8 @@ def describe_adapter(model: nn.Module, *, print_it: bool = True) -> str:
     registers it explicitly (``register_adapter``); for a registered one, where it is declared."""
     adapter = _base.adapter_for(model)
     model_type = getattr(model.config, "model_type", "?")
-    if _base._REGISTRY.get(model_type) is adapter:
+    registered = model_type in _base._REGISTRY and adapter in _base.adapter_variants(model_type)
+    if registered:
         text = (
             f"{type(model).__name__} ({model_type!r}): the registered declaration {adapter.label!r} "
             f"({type(adapter.positions).__name__} positions, {len(adapter.norms)} norm classes, "

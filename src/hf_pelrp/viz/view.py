@@ -132,13 +132,16 @@ def layer_chart_title(attr: Any) -> str:
     """What the per-layer position chart shows, named by the model's positional kind (its adapter's
     declaration): ``"rotary cos + sin"``, the bias of T5 / ALiBi (``"relative position buckets inside attention
     (T5 bias table)"``), ..."""
-    from ..adapters import adapter_for_type
+    from ..adapters.base import adapter_variants
     from ..errors import UnsupportedModelError
 
     try:
-        kind = adapter_for_type(attr.model_type).positions if attr.model_type else None
+        kinds = [a.positions for a in adapter_variants(attr.model_type)] if attr.model_type else []
     except UnsupportedModelError:  # a model type this version does not know (e.g. a file from another one)
-        kind = None
+        kinds = []
+    # a config-aware type (Falcon: ALiBi or rotary) whose variants differ: the result does not say which ran
+    names = {getattr(k, "name", "") for k in kinds}
+    kind = kinds[0] if len(names) == 1 else None
     name = getattr(kind, "name", "")
     if name in ("rotary", "mrope"):
         return f"{'M-RoPE' if name == 'mrope' else 'rotary'} cos + sin"
