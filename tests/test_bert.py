@@ -254,16 +254,15 @@ def test_input_longer_than_the_position_table():
         assert hf_pelrp.attribute(model, ids[:, :limit]).token.shape == (1, limit)
 
 
-def test_relative_position_models_are_refused():
-    deberta = DebertaV2ForSequenceClassification(
-        DebertaV2Config(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32
-        )
+def test_deberta_v2_with_its_default_absolute_positions_is_explained():
+    """DeBERTa-v2's default config adds absolute positions (position_biased_input=True, no relative attention):
+    once refused, now the absolute-positions variant of the declaration, proven by check_adapter."""
+    config = DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32
     )
+    assert config.position_biased_input and not config.relative_attention
+    model = DebertaV2ForSequenceClassification(config).eval()
     ids = torch.randint(3, VOCAB, (1, 5))
-    # DeBERTa-v2's default config adds absolute positions to its relative attention: that combination is refused
-    for model in (deberta,):
-        with pytest.raises(UnsupportedModelError, match="disentangled relative attention.*not implemented"):
-            hf_pelrp.attribute(model, ids)
-        with pytest.raises(UnsupportedModelError, match="not implemented"), hf_pelrp.lrp(model):
-            pass
+    attr = hf_pelrp.attribute(model, ids)
+    assert attr.position.abs().sum() > 0
+    assert hf_pelrp.check_adapter(config).passed
