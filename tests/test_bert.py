@@ -13,7 +13,7 @@ import hf_pelrp
 from helpers.builders import BERT_VOCAB as VOCAB
 from helpers.builders import MASK_ID, right_padded, tiny_bert_family
 from helpers.reference_absolute import bert_reference
-from hf_pelrp import AttributionInputError, UnsupportedModelError
+from hf_pelrp import AttributionInputError
 
 MODES = ("attnlrp", "cp")
 FAMILIES = ("bert", "roberta", "distilbert", "distilbert-sinusoidal")
