@@ -29,6 +29,7 @@ from . import (  # noqa: F401
     more_decoders,
     more_encoders,
     more_moe,
+    more_seq2seq,
     more_vision,
     olmo,
     olmo2,
