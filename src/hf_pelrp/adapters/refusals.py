@@ -104,6 +104,13 @@ REFUSED: dict[str, str] = {
     "granitemoe_swa": SINKS,
     "doge": DYNAMIC_MASK,
     "jetmoe": MIXTURE_OF_ATTENTION,
+    "mvp": "it has BART's layout, but its MvpAttention (with the optional per-layer prompts prepended to the keys and values) is computed inline, not through transformers' attention interface: the LRP attention rules cannot be attached to it.",
+    "fsmt": "its encoder-decoder attention (the fairseq-style Attention module) is computed inline, not through transformers' attention interface: the LRP attention rules cannot be attached to it, so its sinusoidal positions cannot be explained yet.",
+    "led": "its encoder uses Longformer's sliding-window and global attention, computed inline in overlapping chunks (LEDEncoderSelfAttention), not through transformers' attention interface; not covered.",
+    "bigbird_pegasus": "its encoder's block-sparse attention (window, global and random blocks; the default attention_type) is computed inline, not through transformers' attention interface; not covered.",
+    "pegasus_x": "its encoder's PegasusXGlobalLocalAttention (block-local attention plus global tokens, written inline with einsums) does not go through transformers' attention interface; not covered.",
+    "prophetnet": "its decoder's n-gram self-attention (main and predict streams with relative position buckets, ProphetNetNgramSelfAttention) is computed inline; neither the attention rules nor a bias leaf for its buckets exist; not covered.",
+    "xglm": "its attention (XGLMAttention) is computed inline, not through transformers' attention interface, and transformers 5.25's XGLM does not run in float64 (the attention mask fill raises 'value cannot be converted to type float without overflow'), which check_adapter's float64 references need; not covered.",
 }
 
 for _model_type, _reason in REFUSED.items():
