@@ -27,6 +27,7 @@ from . import (  # noqa: F401
     modernbert,
     moe,
     more_decoders,
+    more_decoders2,
     more_encoders,
     more_moe,
     more_seq2seq,
