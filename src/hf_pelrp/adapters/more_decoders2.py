@@ -7,18 +7,114 @@
   selected with a correction bias that only changes the selection and renormalised over the top-k: routing
   weights are constants in both modes (``routing="sigmoid"``, signal-take-all, as DeepSeek-V3 and GLM-4-MoE),
   so each selected expert's output carries its whole term.
+- ``aria_text``: the text model of Aria: every block a mixture of experts with a shared gated MLP (uniform rule /
+  CP constant gate, like a dense MLP) beside routed experts; the router selects on the raw logits and softmaxes
+  the selected ones (the renormalised softmax of all logits: :class:`~hf_pelrp.adapters.moe.SoftmaxRouter`, as
+  Cohere2-MoE); the experts keep their weights transposed (``is_transposed=True``: ``x @ W`` with
+  ``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]). :class:`TransposedExperts` gives the fused-experts
+  rule (:func:`~hf_pelrp.adapters.moe.expert_mixture`) the transposed views of the same parameters: the same
+  arithmetic, the same factors, and the re-computation is checked against the module's output at every call.
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
 
 from __future__ import annotations
 
-from .base import register_adapter
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..config import LRPConfig
+from ..devices import weights_on_device
+from ..errors import UnsupportedModelError
+from ..hooks import Handles, HookRule, LeafStore, check_reproduces
+from ..rules import straight_through
+from .base import GatedProduct, register_adapter
 from .llama import llama_like
-from .moe import MixtureOfExperts, _moe_tiny
+from .moe import (
+    _EXPERTS_LAYOUT,
+    MixtureOfExperts,
+    RoutedExperts,
+    _experts_inputs,
+    _moe_tiny,
+    expert_mixture,
+)
 from .rotary_decoders import xielu_rules
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
+
+
+class _TransposedView(nn.Module):
+    """The [E, 2I, H] / [E, H, I] views of a transposed experts module's parameters (no copy: the gradient
+    reaches the module's own parameters), with its ``act_fn`` and ``num_experts``."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def __getattr__(self, name: str):
+        if name in ("gate_up_proj", "down_proj"):
+            return getattr(self.experts, name).transpose(1, 2)
+        if name in ("act_fn", "num_experts", "forward"):
+            return getattr(self.experts, name)
+        return super().__getattr__(name)
+
+
+@dataclass(frozen=True)
+class TransposedExperts(MixtureOfExperts):
+    """:class:`~hf_pelrp.adapters.moe.MixtureOfExperts` for fused experts stored transposed (``x @ W``)."""
+
+    def __call__(
+        self, model: nn.Module, config: LRPConfig, store: LeafStore
+    ) -> list[tuple[nn.Module, HookRule]]:
+        rules = super().__call__(model, config, store)
+        out = []
+        for module, rule in rules:
+            if isinstance(rule, RoutedExperts):
+                rule = _TransposedRule(**{k: getattr(rule, k) for k in rule.__dataclass_fields__})
+            out.append((module, rule))
+        return out
+
+    def check(self, model: nn.Module) -> None:
+        expected = {**_EXPERTS_LAYOUT, "is_transposed": True}
+        for path, module in model.named_modules():
+            if type(module).__name__ != self.experts:
+                continue
+            layout = {key: getattr(module, key, value) for key, value in expected.items()}
+            if layout != expected or not hasattr(module, "act_fn"):
+                raise UnsupportedModelError(
+                    f"module {path!r} ({type(module).__name__}) is not the transposed fused experts layout the "
+                    f"{self.experts} declaration re-computes (found {layout}): its relevance would not be exact."
+                )
+
+
+@dataclass
+class _TransposedRule(RoutedExperts):
+    """:class:`~hf_pelrp.adapters.moe.RoutedExperts` on the transposed views of the module's parameters."""
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        view = _TransposedView(module)
+
+        def hook(mod, args, kwargs, output):
+            x, index, weights = _experts_inputs(args, kwargs)
+            if not (x.requires_grad or weights.requires_grad):
+                return output
+            with weights_on_device(mod):
+                surrogate = expert_mixture(
+                    view,
+                    x.to(output.device),
+                    index.to(output.device),
+                    weights.to(output.device),
+                    gate_factor=self.gate_factor,
+                    up_factor=self.up_factor,
+                    weight_factor=self.weight_factor,
+                    expert_factor=self.expert_factor,
+                )
+            check_reproduces(surrogate, output, self.name or type(mod).__name__, "expert re-computation")
+            return straight_through(output, surrogate.to(output.dtype))
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
 
 MINIMAX_M2_EXPERTS = MixtureOfExperts(experts="MiniMaxM2Experts", routing="sigmoid")
 MINIMAX_M2 = register_adapter(
@@ -45,5 +141,20 @@ APERTUS1P5_TEXT = register_adapter(
         extra_rules=xielu_rules,
         heads=("causal_lm",),
         tiny={**_HEADS, "hidden_act": "xielu", "max_position_embeddings": 16384},
+    )
+)
+
+ARIA_TEXT_EXPERTS = TransposedExperts(experts="AriaExperts", router="AriaTextTopKRouter")
+ARIA_TEXT = register_adapter(
+    llama_like(
+        ("aria_text",),
+        "AriaText",
+        name="aria_text",
+        modules=("AriaTextMoELayer", "AriaExperts", "AriaTextTopKRouter", "AriaSharedExpertsMLP"),
+        gated=(GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj"),),
+        extra_rules=ARIA_TEXT_EXPERTS,
+        checks=(ARIA_TEXT_EXPERTS.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **_HEADS),
     )
 )
