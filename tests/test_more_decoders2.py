@@ -88,3 +88,36 @@ def test_tiny_instances_exercise_what_the_declarations_claim():
     assert all(type(layer.mlp).__name__ == "AriaTextMoELayer" for layer in aria.model.layers)
     apertus = _tiny("apertus1p5_text")
     assert type(apertus.model.layers[0].mlp.act_fn).__name__ == "XIELUActivation"
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_afmoe_attention_output_gate_is_a_constant(mode):
+    """sigmoid(gate_proj(x)) multiplies the attention output: a constant in both modes (signal-take-all), so no
+    gradient reaches gate_proj's output under the rules, while the plain backward pass sends it one."""
+    import hf_pelrp
+
+    model = _tiny("afmoe")
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    gates = [layer.self_attn.gate_proj for layer in model.model.layers]
+
+    def run(inside):
+        seen = []
+        handles = [
+            g.register_forward_hook(lambda m, a, out: seen.append(out) or out.retain_grad()) for g in gates
+        ]
+        try:
+            if inside:
+                with hf_pelrp.lrp(model, mode=mode):
+                    model(ids).logits[0, -1, 5].backward()
+            else:
+                embeds = model.model.embed_tokens(ids).detach().requires_grad_()
+                model(inputs_embeds=embeds).logits[0, -1, 5].backward()
+        finally:
+            for h in handles:
+                h.remove()
+        return [out.grad for out in seen]
+
+    assert all(g is not None and g.abs().max() > 0 for g in run(inside=False))
+    assert all(g is None or g.abs().max() == 0 for g in run(inside=True))
+    # the global (full-attention) layer is NoPE: the declaration rotates the sliding-window layer only
+    assert [layer.self_attn.is_local_attention for layer in model.model.layers] == [True, False]

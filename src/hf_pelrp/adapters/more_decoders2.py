@@ -14,6 +14,13 @@
   ``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]). :class:`TransposedExperts` gives the fused-experts
   rule (:func:`~hf_pelrp.adapters.moe.expert_mixture`) the transposed views of the same parameters: the same
   arithmetic, the same factors, and the re-computation is checked against the module's output at every call.
+- ``afmoe``: q / k RMSNorms per head, pre- and post-norms around attention and MLP, rotary in the sliding-window
+  layers only (the global layers are NoPE: exactly 0 position relevance, full AttnLRP factors), an attention
+  output gated by ``sigmoid(gate_proj(x))``: that gate is a constant in both modes (signal-take-all, the rule of
+  Qwen2-MoE's shared-expert gate, ``constant_gates``), so the attention output carries the whole product.
+  The first ``num_dense_layers`` blocks have a gated MLP; the others a mixture of experts with a shared gated
+  MLP and sigmoid routing (a selection-only expert bias, renormalised top-k, times ``route_scale``): constant
+  weights.
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
@@ -28,11 +35,13 @@ from ..config import LRPConfig
 from ..devices import weights_on_device
 from ..errors import UnsupportedModelError
 from ..hooks import Handles, HookRule, LeafStore, check_reproduces
+from ..positions import Rotary
 from ..rules import straight_through
 from .base import GatedProduct, register_adapter
 from .llama import llama_like
 from .moe import (
     _EXPERTS_LAYOUT,
+    DENSE_MLP,
     MixtureOfExperts,
     RoutedExperts,
     _experts_inputs,
@@ -156,5 +165,40 @@ ARIA_TEXT = register_adapter(
         checks=(ARIA_TEXT_EXPERTS.check,),
         heads=("causal_lm",),
         tiny=_moe_tiny(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **_HEADS),
+    )
+)
+
+
+def afmoe_rotates(attention: nn.Module) -> bool:
+    """``AfmoeAttention`` rotates q and k in its sliding-window (local) layers only."""
+    return bool(attention.is_local_attention)
+
+
+AFMOE_EXPERTS = MixtureOfExperts(
+    experts="AfmoeExperts", routing="sigmoid", constant_gates=("*.self_attn.gate_proj",)
+)
+AFMOE = register_adapter(
+    llama_like(
+        ("afmoe",),
+        "Afmoe",
+        name="afmoe",
+        modules=("AfmoeSparseMoeBlock", "AfmoeExperts", "AfmoeTokenChoiceRouter"),
+        positions=Rotary(applies=afmoe_rotates),
+        gated=(
+            DENSE_MLP,
+            GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
+        ),
+        extra_rules=AFMOE_EXPERTS,
+        checks=(AFMOE_EXPERTS.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(
+            num_experts=4,
+            num_shared_experts=1,
+            moe_intermediate_size=16,
+            num_dense_layers=1,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            **_HEADS,
+        ),
     )
 )
