@@ -21,12 +21,18 @@
   The first ``num_dense_layers`` blocks have a gated MLP; the others a mixture of experts with a shared gated
   MLP and sigmoid routing (a selection-only expert bias, renormalised top-k, times ``route_scale``): constant
   weights.
+- ``param2moe``, ``sarvam_moe``: configuration classes of their own that transformers maps to GLM-4-MoE's
+  modeling classes (``Glm4MoeForCausalLM``): GLM-4-MoE's declaration under these model types.
+- ``sarvam_mla``: a configuration class of its own mapped to DeepSeek-V3's modeling classes
+  (``DeepseekV3ForCausalLM``): DeepSeek-V3's declaration (latent attention with a decoupled rotary part, sigmoid
+  group routing) under this model type.
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -37,7 +43,8 @@ from ..errors import UnsupportedModelError
 from ..hooks import Handles, HookRule, LeafStore, check_reproduces
 from ..positions import Rotary
 from ..rules import straight_through
-from .base import GatedProduct, register_adapter
+from . import deepseek as _deepseek  # noqa: F401  (deepseek_v3 registered before it is reused below)
+from .base import GatedProduct, adapter_for_type, register_adapter
 from .llama import llama_like
 from .moe import (
     _EXPERTS_LAYOUT,
@@ -48,6 +55,7 @@ from .moe import (
     _moe_tiny,
     expert_mixture,
 )
+from .more_moe import GLM4_MOE
 from .rotary_decoders import xielu_rules
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
@@ -202,3 +210,13 @@ AFMOE = register_adapter(
         ),
     )
 )
+
+
+def _same_classes(declaration, model_type: str):
+    """``declaration`` registered again for a model type whose configuration transformers maps to its classes."""
+    return register_adapter(dataclasses.replace(declaration, model_types=(model_type,), name=model_type))
+
+
+for _model_type in ("param2moe", "sarvam_moe"):
+    _same_classes(GLM4_MOE, _model_type)
+_same_classes(adapter_for_type("deepseek_v3"), "sarvam_mla")
