@@ -62,3 +62,54 @@ def test_xglm_does_not_run_in_float64_in_transformers():
     model = XGLMForCausalLM(config).to(torch.float64).eval()
     with pytest.raises(RuntimeError, match="overflow"):
         model(torch.tensor([[3, 4, 5]]))
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_switch_top1_routing_rule_equals_the_explicit_rules_in_float64(mode):
+    """p_e(x) * E_e(x) of a SwitchTransformersSparseMLP: uniform rule (1/2 each) under AttnLRP, p_e a constant
+    under CP; p's share flows through max and the router softmax (plain gradient, Prop. 3.1). Written out."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from hf_pelrp.adapters import adapter_for_type
+    from hf_pelrp.adapters.more_seq2seq import switch_routing_rules
+    from hf_pelrp.config import LRPConfig
+    from hf_pelrp.hooks import Handles
+
+    torch.manual_seed(0)
+    config = SwitchTransformersConfig(**adapter_for_type("switch_transformers").tiny)
+    model = SwitchTransformersForConditionalGeneration(config).to(torch.float64).eval()
+    mlp = model.encoder.block[0].layer[-1].mlp
+    mlp.router.dtype = torch.float64  # the router in float64 too (transformers computes it in router_dtype)
+    x = torch.randn(1, 6, config.d_model, dtype=torch.float64, requires_grad=True)
+    cfg = LRPConfig(mode=mode)
+    handles = Handles()
+    for module, rule in switch_routing_rules(model, cfg, None):
+        rule.attach(module, handles)
+    try:
+        out = mlp(x)
+        seed = torch.randn_like(out)
+        (gx,) = torch.autograd.grad(out, x, seed)
+    finally:
+        handles.remove()
+    torch.testing.assert_close(out, mlp(x), rtol=0, atol=0)
+
+    f_w, f_e = (0.5, 0.5) if mode == "attnlrp" else (0.0, 1.0)
+    xs, g = x.detach()[0], seed[0]
+    wr = mlp.router.classifier.weight.detach()
+    p = torch.softmax(xs @ wr.T, -1)
+    e = p.argmax(-1)
+    ex = torch.zeros_like(xs)
+    for t in range(xs.shape[0]):
+        expert = mlp.experts[f"expert_{int(e[t])}"]
+        wi, wo = expert.wi.weight.detach(), expert.wo.weight.detach()
+        pre = wi @ xs[t]
+        hidden = pre.clamp(min=0)
+        E = wo @ hidden
+        w = p[t, e[t]]
+        d_hidden = wo.T @ (f_e * w * g[t])
+        ex[t] += wi.T @ (d_hidden * (pre > 0))  # identity rule on ReLU = its gradient
+        dp = torch.zeros_like(p[t])
+        dp[e[t]] = f_w * (g[t] * E).sum()
+        dl = p[t] * (dp - (p[t] * dp).sum())
+        ex[t] += wr.T @ dl
+    torch.testing.assert_close(gx[0], ex, rtol=1e-10, atol=1e-12)
