@@ -121,3 +121,31 @@ def test_afmoe_attention_output_gate_is_a_constant(mode):
     assert all(g is None or g.abs().max() == 0 for g in run(inside=True))
     # the global (full-attention) layer is NoPE: the declaration rotates the sliding-window layer only
     assert [layer.self_attn.is_local_attention for layer in model.model.layers] == [True, False]
+
+
+#: refused decoder -> (modeling module, names the stated reason cites, which must exist in transformers)
+REFUSED_DECODERS = {
+    "gemma3n_text": ("gemma3n", ("Gemma3nTextAltUp", "Gemma3nTextLaurelBlock", "_gaussian_topk")),
+    "gemma3n": ("gemma3n", ("Gemma3nTextAltUp", "Gemma3nTextLaurelBlock")),
+    "deepseek_v32": ("deepseek_v32", ("DeepseekV32Indexer",)),
+    "longcat_flash": ("longcat_flash", ("LongcatFlashDecoderLayer",)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED_DECODERS))
+def test_refused_decoders_are_refused_by_name_and_the_cited_parts_exist(model_type):
+    import importlib
+    import inspect
+
+    from hf_pelrp.adapters import refused_model_types
+    from hf_pelrp.adapters.refusals import REFUSED
+
+    module_name, names = REFUSED_DECODERS[model_type]
+    assert model_type in refused_model_types()
+    source = inspect.getsource(
+        importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    )
+    for name in names:
+        assert name in REFUSED[model_type] and name in source, name
+    if model_type == "longcat_flash":  # two attention sublayers per block
+        assert "nn.ModuleList([LongcatFlashMLA(" in source
