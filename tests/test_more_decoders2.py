@@ -149,3 +149,24 @@ def test_refused_decoders_are_refused_by_name_and_the_cited_parts_exist(model_ty
         assert name in REFUSED[model_type] and name in source, name
     if model_type == "longcat_flash":  # two attention sublayers per block
         assert "nn.ModuleList([LongcatFlashMLA(" in source
+
+
+def test_mistral4_refuses_llama4_scaled_positions_and_routing_scale():
+    """Past original_max_position_embeddings Llama-4 scaling multiplies q by a position-dependent factor with no
+    leaf: the input limit stops there (below it the factor is exactly 1, checked in transformers' own formula);
+    a routed_scaling_factor other than 1 is refused by name."""
+    from transformers import Mistral4Config, Mistral4ForSequenceClassification
+    from transformers.models.mistral4.modeling_mistral4 import get_llama_4_attn_scale
+
+    from hf_pelrp.adapters.more_decoders2 import _mistral4_limit, _unit_routed_scaling
+
+    config = Mistral4Config(**adapter_for_type("mistral4").tiny)
+    original = config.rope_parameters["original_max_position_embeddings"]
+    assert config.rope_parameters["llama_4_scaling_beta"] > 0
+    assert _mistral4_limit(config) <= original
+    scale = get_llama_4_attn_scale(torch.arange(original + 2)[None], 0.1, original)
+    assert torch.all(scale[..., :original, :] == 1) and torch.all(scale[..., original:, :] > 1)
+    config.routed_scaling_factor = 2.5
+    model = Mistral4ForSequenceClassification(config)
+    with pytest.raises(UnsupportedModelError, match="routed_scaling_factor=2.5"):
+        _unit_routed_scaling(model)

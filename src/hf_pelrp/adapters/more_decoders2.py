@@ -26,6 +26,15 @@
 - ``sarvam_mla``: a configuration class of its own mapped to DeepSeek-V3's modeling classes
   (``DeepseekV3ForCausalLM``): DeepSeek-V3's declaration (latent attention with a decoupled rotary part, sigmoid
   group routing) under this model type.
+- ``mistral4``: DeepSeek-V3's multi-head latent attention (the rotary part decoupled: the rotary rule on that
+  part; interleaved pairs with ``rope_interleave``), a softmax top-k router with group selection (the selection
+  a constant; :class:`~hf_pelrp.adapters.moe.SoftmaxRouter`'s uniform rule), a shared gated MLP, dense first
+  blocks. Two parts are refused rather than explained wrongly: a ``routed_scaling_factor`` other than 1 (the
+  router re-computation does not scale), and inputs past ``rope_parameters["original_max_position_embeddings"]``
+  when ``llama_4_scaling_beta`` is set: from there q is multiplied by ``1 + beta log(1 + floor(i / L))``, a
+  position-dependent factor with no positional leaf (below it the factor is exactly 1). Only
+  ``Mistral4ForSequenceClassification`` is declared: transformers 5.25's causal-LM auto map has no ``mistral4``
+  entry, so ``check_adapter`` cannot prove ``Mistral4ForCausalLM``.
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
@@ -41,6 +50,7 @@ from ..config import LRPConfig
 from ..devices import weights_on_device
 from ..errors import UnsupportedModelError
 from ..hooks import Handles, HookRule, LeafStore, check_reproduces
+from ..inputs import TextInputs, scaled_rotary_limit
 from ..positions import Rotary
 from ..rules import straight_through
 from . import deepseek as _deepseek  # noqa: F401  (deepseek_v3 registered before it is reused below)
@@ -220,3 +230,60 @@ def _same_classes(declaration, model_type: str):
 for _model_type in ("param2moe", "sarvam_moe"):
     _same_classes(GLM4_MOE, _model_type)
 _same_classes(adapter_for_type("deepseek_v3"), "sarvam_mla")
+
+
+def _mistral4_limit(config) -> int | None:
+    """The longest input before Llama-4 attention scaling changes q (exactly 1 below the original context)."""
+    limit = scaled_rotary_limit(config)
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("llama_4_scaling_beta"):
+        original = params.get("original_max_position_embeddings") or config.max_position_embeddings
+        limit = original if limit is None else min(limit, original)
+    return limit
+
+
+def _unit_routed_scaling(model: nn.Module) -> None:
+    factor = getattr(model.config, "routed_scaling_factor", 1.0)
+    if factor != 1.0:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} scales its softmax routing weights by routed_scaling_factor={factor}; the "
+            "mistral4 declaration's router re-computation covers routed_scaling_factor=1 only."
+        )
+
+
+MISTRAL4_EXPERTS = MixtureOfExperts(experts="Mistral4Experts", router="Mistral4TopkRouter")
+MISTRAL4 = register_adapter(
+    llama_like(
+        ("mistral4",),
+        "Mistral4",
+        name="mistral4",
+        modules=("Mistral4MoE", "Mistral4Experts", "Mistral4TopkRouter"),
+        positions=Rotary(rotated="last"),
+        gated=(
+            DENSE_MLP,
+            GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
+        ),
+        extra_rules=MISTRAL4_EXPERTS,
+        checks=(MISTRAL4_EXPERTS.check, _unit_routed_scaling),
+        inputs=TextInputs(position_ids="count", max_positions=_mistral4_limit),
+        # transformers 5.25 maps mistral4 to Mistral4ForCausalLM in no causal-LM auto map, so check_adapter
+        # proves the sequence classifier only: the causal LM head is not declared (refused) until it is proven
+        heads=("sequence_classification",),
+        tiny=_moe_tiny(
+            num_key_value_heads=4,
+            num_local_experts=8,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    )
+)
