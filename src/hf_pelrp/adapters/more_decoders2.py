@@ -35,6 +35,11 @@
   position-dependent factor with no positional leaf (below it the factor is exactly 1). Only
   ``Mistral4ForSequenceClassification`` is declared: transformers 5.25's causal-LM auto map has no ``mistral4``
   entry, so ``check_adapter`` cannot prove ``Mistral4ForCausalLM``.
+- ``kolibri1``: q / k RMSNorms per head; rotary without a sliding window or in the sliding-window layers (the
+  others NoPE, as EXAONE 4); every block a mixture of experts with a shared gated MLP, its router a sigmoid of
+  the selected logits: constant weights.
+- ``hy_v3``: q / k RMSNorms per head, rotary; dense first blocks, then experts with a shared gated MLP and
+  sigmoid routing (a selection-only correction bias): constant weights.
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
@@ -66,7 +71,7 @@ from .moe import (
     expert_mixture,
 )
 from .more_moe import GLM4_MOE
-from .rotary_decoders import xielu_rules
+from .rotary_decoders import exaone4_rotates, xielu_rules
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -284,6 +289,53 @@ MISTRAL4 = register_adapter(
             v_head_dim=8,
             bos_token_id=1,
             eos_token_id=2,
+        ),
+    )
+)
+
+
+_SHARED = GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True)
+
+KOLIBRI1_EXPERTS = MixtureOfExperts(experts="Kolibri1Experts", routing="sigmoid")
+KOLIBRI1 = register_adapter(
+    llama_like(
+        ("kolibri1",),
+        "Kolibri1",
+        name="kolibri1",
+        modules=("Kolibri1SparseMoeBlock", "Kolibri1Experts", "Kolibri1TopKRouter"),
+        positions=Rotary(applies=exaone4_rotates),
+        gated=(DENSE_MLP, _SHARED),
+        extra_rules=KOLIBRI1_EXPERTS,
+        checks=(KOLIBRI1_EXPERTS.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(
+            num_experts=4,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            **_HEADS,
+        ),
+    )
+)
+
+HY_V3_EXPERTS = MixtureOfExperts(experts="HYV3Experts", routing="sigmoid")
+HY_V3 = register_adapter(
+    llama_like(
+        ("hy_v3",),
+        "HYV3",
+        name="hy_v3",
+        modules=("HYV3MoE", "HYV3Experts", "HYV3TopKRouter"),
+        gated=(DENSE_MLP, _SHARED),
+        extra_rules=HY_V3_EXPERTS,
+        checks=(HY_V3_EXPERTS.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(
+            num_experts=4,
+            num_shared_experts=1,
+            moe_intermediate_size=16,
+            mlp_layer_types=["dense", "sparse"],
+            **_HEADS,
         ),
     )
 )
