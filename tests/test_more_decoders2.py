@@ -88,6 +88,13 @@ def test_tiny_instances_exercise_what_the_declarations_claim():
     assert all(type(layer.mlp).__name__ == "AriaTextMoELayer" for layer in aria.model.layers)
     apertus = _tiny("apertus1p5_text")
     assert type(apertus.model.layers[0].mlp.act_fn).__name__ == "XIELUActivation"
+    # dense first block, then a mixture of experts (the sigmoid-routed declarations are checked on both)
+    for model_type in ("hy_v3", "axk1", "glm4_moe_lite"):
+        names = [type(layer.mlp).__name__ for layer in _tiny(model_type).model.layers]
+        assert names[0].endswith("MLP") and not names[1].endswith("MLP"), (model_type, names)
+    # kolibri1: layer 1 is a NoPE (full-attention) layer, so check_adapter's rotary split sees both kinds
+    kolibri = _tiny("kolibri1")
+    assert [layer.self_attn.is_sliding for layer in kolibri.model.layers] == [True, False]
 
 
 @pytest.mark.parametrize("mode", ["attnlrp", "cp"])

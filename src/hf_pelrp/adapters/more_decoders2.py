@@ -40,6 +40,9 @@
   the selected logits: constant weights.
 - ``hy_v3``: q / k RMSNorms per head, rotary; dense first blocks, then experts with a shared gated MLP and
   sigmoid routing (a selection-only correction bias): constant weights.
+- ``axk1``, ``glm4_moe_lite``: DeepSeek-V3's layout under their own class names (multi-head latent attention
+  with a decoupled rotary part, dense first blocks, experts with a shared gated MLP and sigmoid group routing:
+  constant weights); ``youtu``: the same latent attention with dense gated MLPs only.
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
@@ -339,3 +342,46 @@ HY_V3 = register_adapter(
         ),
     )
 )
+
+
+#: DeepSeek-V3's tiny configuration (one dense block, one mixture of experts; low-rank q and kv)
+_MLA_TINY = {
+    "num_key_value_heads": 4,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+}
+_MLA_MOE_TINY = _moe_tiny(
+    n_routed_experts=8,
+    n_group=2,
+    topk_group=1,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    first_k_dense_replace=1,
+    **_MLA_TINY,
+)
+
+
+def _deepseek_like(model_type: str, prefix: str, *, moe: bool, tiny: dict) -> None:
+    experts = MixtureOfExperts(experts=f"{prefix}Experts", routing="sigmoid") if moe else None
+    register_adapter(
+        llama_like(
+            (model_type,),
+            prefix,
+            name=model_type,
+            modules=(f"{prefix}MoE", f"{prefix}Experts", f"{prefix}TopkRouter") if moe else (),
+            positions=Rotary(rotated="last"),
+            gated=(DENSE_MLP, _SHARED) if moe else (GatedProduct(act="mlp.act_fn", up="mlp.up_proj"),),
+            extra_rules=experts,
+            checks=(experts.check,) if moe else (),
+            heads=("causal_lm",),
+            tiny=tiny,
+        )
+    )
+
+
+_deepseek_like("axk1", "AXK1", moe=True, tiny=_MLA_MOE_TINY)
+_deepseek_like("glm4_moe_lite", "Glm4MoeLite", moe=True, tiny=_MLA_MOE_TINY)
+_deepseek_like("youtu", "Youtu", moe=False, tiny=_MLA_TINY)
