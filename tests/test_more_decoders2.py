@@ -136,6 +136,7 @@ REFUSED_DECODERS = {
     "gemma3n": ("gemma3n", ("Gemma3nTextAltUp", "Gemma3nTextLaurelBlock")),
     "deepseek_v32": ("deepseek_v32", ("DeepseekV32Indexer",)),
     "longcat_flash": ("longcat_flash", ("LongcatFlashDecoderLayer",)),
+    "flint": ("flint", ("s_aux",)),  # the attention-sinks reason: FlintAttention's sinks (s_aux=)
 }
 
 

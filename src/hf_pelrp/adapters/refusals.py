@@ -115,6 +115,7 @@ REFUSED: dict[str, str] = {
     "gemma3n_text": "its text decoder is not a LLaMA-like stack: AltUp (Gemma3nTextAltUp: several predicted copies of the hidden state mixed by learned, input-dependent tanh coefficients), LAuReL low-rank residual blocks (Gemma3nTextLaurelBlock), per-layer input embeddings gated into every layer, key/value sharing across layers and a statistical top-k activation sparsity (_gaussian_topk) in the MLPs of the first layers; hf_pelrp has no declaration or rules for these parts, and treating them as constants would silently drop the relevance they carry.",
     "deepseek_v32": "its DeepSeek Sparse Attention masks the keys each query attends to by a top-k selection from a separate 'lightning indexer' (DeepseekV32Indexer: its own projections, rotary positions and ReLU-weighted scores), a content- and position-dependent mask beside the multi-head latent attention; hf_pelrp has no declaration of the indexer, and the relevance of the positions it uses is not defined by the method yet.",
     "longcat_flash": "each of its blocks has two latent-attention sublayers and two dense MLPs beside a shortcut-connected mixture of experts with zero-computation (identity) experts (LongcatFlashDecoderLayer); hf_pelrp's declarations have one attention module per block, so it is not covered.",
+    "flint": SINKS,
 }
 
 for _model_type, _reason in REFUSED.items():
