@@ -137,6 +137,7 @@ REFUSED_DECODERS = {
     "deepseek_v32": ("deepseek_v32", ("DeepseekV32Indexer",)),
     "longcat_flash": ("longcat_flash", ("LongcatFlashDecoderLayer",)),
     "flint": ("flint", ("s_aux",)),  # the attention-sinks reason: FlintAttention's sinks (s_aux=)
+    "mimo_v2_flash": ("mimo_v2_flash", ("sinks",)),  # its sliding-window layers' sinks
 }
 
 

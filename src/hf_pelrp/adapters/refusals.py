@@ -116,6 +116,7 @@ REFUSED: dict[str, str] = {
     "deepseek_v32": "its DeepSeek Sparse Attention masks the keys each query attends to by a top-k selection from a separate 'lightning indexer' (DeepseekV32Indexer: its own projections, rotary positions and ReLU-weighted scores), a content- and position-dependent mask beside the multi-head latent attention; hf_pelrp has no declaration of the indexer, and the relevance of the positions it uses is not defined by the method yet.",
     "longcat_flash": "each of its blocks has two latent-attention sublayers and two dense MLPs beside a shortcut-connected mixture of experts with zero-computation (identity) experts (LongcatFlashDecoderLayer); hf_pelrp's declarations have one attention module per block, so it is not covered.",
     "flint": SINKS,
+    "mimo_v2_flash": SINKS,
 }
 
 for _model_type, _reason in REFUSED.items():
