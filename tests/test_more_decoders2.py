@@ -138,6 +138,10 @@ REFUSED_DECODERS = {
     "longcat_flash": ("longcat_flash", ("LongcatFlashDecoderLayer",)),
     "flint": ("flint", ("s_aux",)),  # the attention-sinks reason: FlintAttention's sinks (s_aux=)
     "mimo_v2_flash": ("mimo_v2_flash", ("sinks",)),  # its sliding-window layers' sinks
+    "axk2": ("axk2", ("AXK2Indexer",)),
+    "hy_v4": ("hy_v4", ("HYV4Indexer", "HYV4HyperConnection")),
+    "lfm3": ("lfm3", ("Lfm3ShortConv",)),
+    "qwen4_exp_text": ("qwen4_exp", ("DeltaNet",)),
 }
 
 

@@ -117,6 +117,11 @@ REFUSED: dict[str, str] = {
     "longcat_flash": "each of its blocks has two latent-attention sublayers and two dense MLPs beside a shortcut-connected mixture of experts with zero-computation (identity) experts (LongcatFlashDecoderLayer); hf_pelrp's declarations have one attention module per block, so it is not covered.",
     "flint": SINKS,
     "mimo_v2_flash": SINKS,
+    "axk2": "its DeepSeek Sparse Attention masks the keys each query attends to by a top-k selection from a separate 'lightning indexer' (AXK2Indexer: its own projections, rotary positions and ReLU-weighted scores), a content- and position-dependent mask beside the multi-head latent attention; hf_pelrp has no declaration of the indexer, and the relevance of the positions it uses is not defined by the method yet.",
+    "hy_v4": "its DeepSeek Sparse Attention masks the keys each query attends to by a top-k selection from a separate 'lightning indexer' (HYV4Indexer: its own projections, rotary positions and ReLU-weighted scores), a content- and position-dependent mask beside the multi-head latent attention; hf_pelrp has no declaration of the indexer, and the relevance of the positions it uses is not defined by the method yet; it also mixes several residual streams with hyper-connections (HYV4HyperConnection), which are not declared either.",
+    "lfm3": _HYBRID.format(layers="short-convolution (Lfm3ShortConv)"),
+    "qwen4_exp": _HYBRID.format(layers="Gated DeltaNet (linear attention)"),
+    "qwen4_exp_text": _HYBRID.format(layers="Gated DeltaNet (linear attention)"),
 }
 
 for _model_type, _reason in REFUSED.items():
