@@ -98,14 +98,16 @@ def test_tiny_instances_exercise_what_the_declarations_claim():
 
 
 @pytest.mark.parametrize("mode", ["attnlrp", "cp"])
-def test_afmoe_attention_output_gate_is_a_constant(mode):
-    """sigmoid(gate_proj(x)) multiplies the attention output: a constant in both modes (signal-take-all), so no
-    gradient reaches gate_proj's output under the rules, while the plain backward pass sends it one."""
+@pytest.mark.parametrize("model_type, gate", [("afmoe", "gate_proj"), ("laguna", "g_proj")])
+def test_attention_output_gates_are_constants(model_type, gate, mode):
+    """sigmoid(gate_proj(x)) (afmoe) and softplus(g_proj(x)) (laguna) multiply the attention output: constants in
+    both modes (signal-take-all), so no gradient reaches the gate projection's output under the rules, while the
+    plain backward pass sends it one."""
     import hf_pelrp
 
-    model = _tiny("afmoe")
+    model = _tiny(model_type)
     ids = torch.tensor([[3, 4, 5, 6, 7]])
-    gates = [layer.self_attn.gate_proj for layer in model.model.layers]
+    gates = [getattr(layer.self_attn, gate) for layer in model.model.layers]
 
     def run(inside):
         seen = []
@@ -127,7 +129,8 @@ def test_afmoe_attention_output_gate_is_a_constant(mode):
     assert all(g is not None and g.abs().max() > 0 for g in run(inside=False))
     assert all(g is None or g.abs().max() == 0 for g in run(inside=True))
     # the global (full-attention) layer is NoPE: the declaration rotates the sliding-window layer only
-    assert [layer.self_attn.is_local_attention for layer in model.model.layers] == [True, False]
+    if model_type == "afmoe":
+        assert [layer.self_attn.is_local_attention for layer in model.model.layers] == [True, False]
 
 
 #: refused decoder -> (modeling module, names the stated reason cites, which must exist in transformers)

@@ -43,6 +43,13 @@
 - ``axk1``, ``glm4_moe_lite``: DeepSeek-V3's layout under their own class names (multi-head latent attention
   with a decoupled rotary part, dense first blocks, experts with a shared gated MLP and sigmoid group routing:
   constant weights); ``youtu``: the same latent attention with dense gated MLPs only.
+- ``laguna``: q / k RMSNorms per head, rotary in every layer (sliding-window and full layers); an attention
+  output gated by ``softplus(g_proj(x))`` (per head or per channel): like a sigmoid gate it has no
+  conservative rule of its own (``softplus(0) = log 2``), so it is a constant in both modes (signal-take-all,
+  ``constant_gates``) and the attention output carries the whole product; dense and sparse blocks
+  (``mlp_layer_types``), experts with a shared gated MLP and sigmoid routing (selection-only correction bias,
+  renormalised top-k, optional tanh soft-capping of the logits: all inside the constant weights), the routed sum
+  scaled by a constant ``moe_routed_scaling_factor``.
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
@@ -385,3 +392,30 @@ def _deepseek_like(model_type: str, prefix: str, *, moe: bool, tiny: dict) -> No
 _deepseek_like("axk1", "AXK1", moe=True, tiny=_MLA_MOE_TINY)
 _deepseek_like("glm4_moe_lite", "Glm4MoeLite", moe=True, tiny=_MLA_MOE_TINY)
 _deepseek_like("youtu", "Youtu", moe=False, tiny=_MLA_TINY)
+
+
+LAGUNA_EXPERTS = MixtureOfExperts(
+    experts="LagunaExperts", routing="sigmoid", constant_gates=("*.self_attn.g_proj",)
+)
+LAGUNA = register_adapter(
+    llama_like(
+        ("laguna",),
+        "Laguna",
+        name="laguna",
+        modules=("LagunaSparseMoeBlock", "LagunaExperts", "LagunaTopKRouter"),
+        gated=(DENSE_MLP, _SHARED),
+        extra_rules=LAGUNA_EXPERTS,
+        checks=(LAGUNA_EXPERTS.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(
+            num_experts=4,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            mlp_layer_types=["dense", "sparse"],
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            moe_routed_scaling_factor=2.0,
+            **_HEADS,
+        ),
+    )
+)
