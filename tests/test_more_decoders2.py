@@ -186,3 +186,27 @@ def test_mistral4_refuses_llama4_scaled_positions_and_routing_scale():
     model = Mistral4ForSequenceClassification(config)
     with pytest.raises(UnsupportedModelError, match="routed_scaling_factor=2.5"):
         _unit_routed_scaling(model)
+
+
+def test_gate_half_constant_equals_the_explicit_rule_in_float64():
+    """MiniCPM5-MoE's q_gate_proj gives [q_h; g_h] per head: the gate halves are constants (no gradient), the
+    query halves keep theirs; the output value is unchanged. Written out: dx = W^T (G with the gate halves 0)."""
+    from hf_pelrp.adapters.more_decoders2 import GateHalfConstant
+
+    torch.manual_seed(0)
+    heads, head_dim, hidden = 3, 4, 5
+    proj = torch.nn.Linear(hidden, heads * 2 * head_dim, bias=False).to(torch.float64)
+    x = torch.randn(2, 7, hidden, dtype=torch.float64, requires_grad=True)
+    handles = Handles()
+    GateHalfConstant(head_dim).attach(proj, handles)
+    try:
+        y = proj(x)
+        seed = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, seed)
+    finally:
+        handles.remove()
+    torch.testing.assert_close(y, proj(x), rtol=0, atol=0)
+    keep = torch.tensor(([1.0] * head_dim + [0.0] * head_dim) * heads, dtype=torch.float64)
+    torch.testing.assert_close(gx, (seed * keep) @ proj.weight.detach(), rtol=1e-12, atol=1e-12)
+    model = _tiny("minicpm5_moe")  # the tiny instance has a dense and a sparse block
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["MiniCPM5MoeMLP", "MiniCPM5MoeMoE"]

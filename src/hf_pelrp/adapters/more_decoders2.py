@@ -50,6 +50,11 @@
   (``mlp_layer_types``), experts with a shared gated MLP and sigmoid routing (selection-only correction bias,
   renormalised top-k, optional tanh soft-capping of the logits: all inside the constant weights), the routed sum
   scaled by a constant ``moe_routed_scaling_factor``.
+- ``minicpm5_moe``: rotary; one projection ``q_gate_proj`` gives each head's query and its output gate
+  ``[q_h; g_h]``, and the attention output is multiplied by ``sigmoid(g)``: the gate half of that projection's
+  output is a constant in both modes (:class:`GateHalfConstant`: signal-take-all, as a sigmoid gate with its own
+  projection), the query half keeps its gradient; dense and sparse blocks, experts with a shared gated MLP and
+  sigmoid routing (constant weights, times ``routed_scaling_factor``).
 - ``apertus1p5_text``: the text model of Apertus 1.5, Apertus's layout under its own class names (an ungated MLP
   whose xIELU activation, ``XIELUActivation``, gets the identity rule as in ``apertus``; q / k RMSNorms).
 """
@@ -59,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..config import LRPConfig
@@ -415,6 +421,60 @@ LAGUNA = register_adapter(
             sliding_window=3,
             layer_types=["sliding_attention", "full_attention"],
             moe_routed_scaling_factor=2.0,
+            **_HEADS,
+        ),
+    )
+)
+
+
+@dataclass
+class GateHalfConstant(HookRule):
+    """The gate half of a fused query-and-gate projection a constant (its output [..., H * 2d] read per head as
+    ``[q_h; g_h]``): ``where(gate, y.detach(), y)``, the same value, no gradient into the gate half."""
+
+    head_dim: int
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        def hook(mod, args, output):
+            shape = output.shape
+            per_head = output.view(*shape[:-1], -1, 2, self.head_dim)
+            gate = torch.zeros(2, 1, dtype=torch.bool, device=output.device)
+            gate[1] = True
+            return torch.where(gate, per_head.detach(), per_head).view(shape)
+
+        handles.append(module.register_forward_hook(hook))
+
+
+MINICPM5_MOE_EXPERTS = MixtureOfExperts(experts="MiniCPM5MoeExperts", routing="sigmoid")
+
+
+def minicpm5_moe_rules(
+    model: nn.Module, config: LRPConfig, store: LeafStore
+) -> list[tuple[nn.Module, HookRule]]:
+    """The experts' rules and the constant gate half of every ``q_gate_proj``."""
+    rules = MINICPM5_MOE_EXPERTS(model, config, store)
+    for module in model.modules():
+        if type(module).__name__ == "MiniCPM5MoeAttention":
+            rules.append((module.q_gate_proj, GateHalfConstant(module.head_dim)))
+    return rules
+
+
+MINICPM5_MOE = register_adapter(
+    llama_like(
+        ("minicpm5_moe",),
+        "MiniCPM5Moe",
+        name="minicpm5_moe",
+        modules=("MiniCPM5MoeMoE", "MiniCPM5MoeExperts", "MiniCPM5MoeTopkRouter"),
+        gated=(DENSE_MLP, _SHARED),
+        extra_rules=minicpm5_moe_rules,
+        checks=(MINICPM5_MOE_EXPERTS.check,),
+        heads=("causal_lm",),
+        tiny=_moe_tiny(
+            n_routed_experts=4,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            mlp_layer_types=["dense", "sparse"],
+            routed_scaling_factor=2.0,
             **_HEADS,
         ),
     )
