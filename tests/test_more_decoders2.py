@@ -144,6 +144,7 @@ REFUSED_DECODERS = {
     "axk2": ("axk2", ("AXK2Indexer",)),
     "hy_v4": ("hy_v4", ("HYV4Indexer", "HYV4HyperConnection")),
     "lfm3": ("lfm3", ("Lfm3ShortConv",)),
+    "zaya": ("zaya", ("ZayaCCAProjection", "ZayaRouterMLP")),
     "qwen4_exp_text": ("qwen4_exp", ("DeltaNet",)),
 }
 

@@ -122,6 +122,7 @@ REFUSED: dict[str, str] = {
     "lfm3": _HYBRID.format(layers="short-convolution (Lfm3ShortConv)"),
     "qwen4_exp": _HYBRID.format(layers="Gated DeltaNet (linear attention)"),
     "qwen4_exp_text": _HYBRID.format(layers="Gated DeltaNet (linear attention)"),
+    "zaya": "its Compressed Convolutional Attention (ZayaCCAProjection) builds q and k through causal depthwise and grouped convolutions over the sequence and v from a delayed recurrent state, and its router is an MLP (ZayaRouterMLP); position enters through those convolutions and the recurrence, where hf_pelrp has no positional leaf or rule, so it is not covered.",
 }
 
 for _model_type, _reason in REFUSED.items():
