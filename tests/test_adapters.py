@@ -27,8 +27,13 @@ def test_every_registered_model_type_passes_check_adapter(model_type):
     import importlib.metadata
 
     from packaging.version import Version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     installed = Version(importlib.metadata.version("transformers"))
+    if (
+        model_type not in CONFIG_MAPPING_NAMES
+    ):  # declared for a newer release (make test-oldest runs older ones)
+        pytest.skip(f"transformers {installed} has no model type {model_type!r}")
     if model_type in NEWER_TRANSFORMERS and installed < Version(NEWER_TRANSFORMERS[model_type][0]):
         _, variant, refusal = NEWER_TRANSFORMERS[model_type]
         report = hf_pelrp.check_adapter(model_type, raise_on_failure=False)
