@@ -200,6 +200,8 @@ class MixtureOfExperts:
     router: str | None = None
     routing: str = "softmax"
     constant_gates: tuple[str, ...] = ()
+    #: the hook rule of the router (a :class:`SoftmaxRouter` variant for routers of another layout)
+    router_rule: type[HookRule] | None = None
 
     def __post_init__(self) -> None:
         if self.routing not in ("softmax", "sigmoid"):
@@ -229,7 +231,7 @@ class MixtureOfExperts:
                 rules.append((module, RoutedExperts(**factors, name=f"{path} ({name})")))
             elif self.router is not None and name == self.router and factors["weight_factor"] != 0.0:
                 # (CP-LRP: the weights are constants, nothing reaches the router)
-                rules.append((module, SoftmaxRouter(name=f"{path} ({name})")))
+                rules.append((module, (self.router_rule or SoftmaxRouter)(name=f"{path} ({name})")))
             elif any(fnmatch.fnmatchcase(path, pattern) for pattern in self.constant_gates):
                 rules.append((module, OutputGradient(0.0)))
         return rules

@@ -239,21 +239,9 @@ class WgSoftmaxRouter(HookRule):
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
 
-HUNYUAN_V1_MOE_EXPERTS = MixtureOfExperts(experts="HunYuanMoEV1Experts")
-
-
-def hunyuan_v1_moe_rules(
-    model: nn.Module, config: LRPConfig, store: LeafStore
-) -> list[tuple[nn.Module, HookRule]]:
-    """The experts' rules, and the router's where the routing weight carries relevance (AttnLRP)."""
-    rules = HUNYUAN_V1_MOE_EXPERTS(model, config, store)
-    if HUNYUAN_V1_MOE_EXPERTS.factors(config)["weight_factor"] != 0.0:
-        rules += [
-            (m, WgSoftmaxRouter(name=f"{path} ({type(m).__name__})"))
-            for path, m in model.named_modules()
-            if type(m).__name__ == "HunYuanMoEV1Gate"
-        ]
-    return rules
+HUNYUAN_V1_MOE_EXPERTS = MixtureOfExperts(
+    experts="HunYuanMoEV1Experts", router="HunYuanMoEV1Gate", router_rule=WgSoftmaxRouter
+)
 
 
 HUNYUAN_V1_MOE = register_adapter(
@@ -263,7 +251,7 @@ HUNYUAN_V1_MOE = register_adapter(
         name="hunyuan_v1_moe",
         modules=("HunYuanMoEV1Moe", "HunYuanMoEV1Experts", "HunYuanMoEV1Gate"),
         gated=(GatedProduct(act="mlp.shared_mlp.act_fn", up="mlp.shared_mlp.up_proj"),),
-        extra_rules=hunyuan_v1_moe_rules,
+        extra_rules=HUNYUAN_V1_MOE_EXPERTS,
         checks=(HUNYUAN_V1_MOE_EXPERTS.check,),
         tiny=_moe_tiny(num_experts=4, moe_topk=2, **_HEADS),
     )
@@ -490,21 +478,9 @@ class ScaledSoftmaxRouter(HookRule):
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
 
-DEEPSEEK_V2_EXPERTS = MixtureOfExperts(experts="DeepseekV2Experts")
-
-
-def deepseek_v2_rules(
-    model: nn.Module, config: LRPConfig, store: LeafStore
-) -> list[tuple[nn.Module, HookRule]]:
-    """The experts' rules, and the router's where the routing weight carries relevance (AttnLRP)."""
-    rules = DEEPSEEK_V2_EXPERTS(model, config, store)
-    if DEEPSEEK_V2_EXPERTS.factors(config)["weight_factor"] != 0.0:
-        rules += [
-            (m, ScaledSoftmaxRouter(name=f"{path} ({type(m).__name__})"))
-            for path, m in model.named_modules()
-            if type(m).__name__ == "DeepseekV2TopkRouter"
-        ]
-    return rules
+DEEPSEEK_V2_EXPERTS = MixtureOfExperts(
+    experts="DeepseekV2Experts", router="DeepseekV2TopkRouter", router_rule=ScaledSoftmaxRouter
+)
 
 
 DEEPSEEK_V2 = register_adapter(
@@ -515,7 +491,7 @@ DEEPSEEK_V2 = register_adapter(
         modules=("DeepseekV2Moe", "DeepseekV2Experts", "DeepseekV2TopkRouter"),
         positions=ComplexRotary(rotated="last"),
         gated=(DENSE_MLP, SHARED_EXPERTS),
-        extra_rules=deepseek_v2_rules,
+        extra_rules=DEEPSEEK_V2_EXPERTS,
         checks=(DEEPSEEK_V2_EXPERTS.check,),
         # one dense block, one MoE block (8 routed experts in 2 groups, group-limited greedy, 1 shared expert)
         tiny=_moe_tiny(
