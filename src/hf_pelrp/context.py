@@ -118,13 +118,13 @@ def _claim(model: torch.nn.Module, ctx: LRPContext) -> None:
         )
 
 
-def _config_swaps(model: torch.nn.Module) -> list[tuple[dict, PretrainedConfig, PretrainedConfig]]:
-    """For every module of this instance that holds a config: (its ``__dict__``, the config, a copy selecting
+def _config_swaps(modules: list[torch.nn.Module]) -> list[tuple[dict, PretrainedConfig, PretrainedConfig]]:
+    """For every module of this instance (``modules``: all of them) that holds a config: (its ``__dict__``, the config, a copy selecting
     the ``"lrp"`` attention). Copies (not the shared config object) keep the change to this model: two models
     built from one config object stay independent."""
     copies: dict[int, PretrainedConfig] = {}
     swaps = []
-    for module in model.modules():
+    for module in modules:
         cfg = module.__dict__.get("config")
         if not isinstance(cfg, PretrainedConfig):
             continue
@@ -231,7 +231,7 @@ def lrp(
         modules = list(model.modules())
         ctx.callback(_each(setattr, [(m, "training", m.training) for m in modules]))
         # hub kernels: the modules' own torch forwards run inside the block, the kernels' bindings come back
-        kernels = kernel_forwards(model)
+        kernels = kernel_forwards(model, modules)
         ctx.callback(_each(operator.setitem, [(k.own, k.key, k.kernel) for k in kernels]))
         for k in kernels:
             if k.torch is None:
@@ -257,7 +257,7 @@ def lrp(
         for module, rule in rules:
             set_attention_rule(module, rule)
         if adapter.attention_interface:  # inline attention (BLOOM, MPT, ...) keeps its own implementation
-            swaps = _config_swaps(model)
+            swaps = _config_swaps(modules)
             ctx.callback(_each(operator.setitem, [(where, "config", old) for where, old, _ in swaps]))
             for where, _, new in swaps:
                 where["config"] = new

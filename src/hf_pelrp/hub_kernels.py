@@ -17,6 +17,7 @@ library) is not a kernel and stays a refusal (:meth:`hf_pelrp.adapters.base.Adap
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import MethodType
 from typing import Any, NamedTuple
 
@@ -63,12 +64,15 @@ class KernelBinding(NamedTuple):
     )  #: the class's own forward bound on the instance, or ``None``: no instance forward
 
 
-def kernel_forwards(model: torch.nn.Module) -> list[KernelBinding]:
+def kernel_forwards(
+    model: torch.nn.Module, modules: Iterable[torch.nn.Module] | None = None
+) -> list[KernelBinding]:
     """Every hub-kernel forward bound on an instance inside ``model`` (modules and their private function
     wrappers). Where accelerate's dispatch hook wraps a kernelized module, accelerate keeps the forward it found,
-    the kernel's, as ``_old_forward`` and calls that: the binding is that attribute."""
+    the kernel's, as ``_old_forward`` and calls that: the binding is that attribute. ``modules``: the caller's
+    list of ``model.modules()``, if it has one."""
     found: list[KernelBinding] = []
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         for instance in (module, *_kernel_funcs(module)):
             if not _kernelizable(instance):
                 continue

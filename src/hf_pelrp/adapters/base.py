@@ -13,8 +13,10 @@ instance.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,7 +215,27 @@ class Adapter:
     # ---- refusals -----------------------------------------------------------------------------------------
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`UnsupportedModelError` for anything the declaration does not cover."""
+        """Raise :class:`UnsupportedModelError` for anything the declaration does not cover.
+
+        The structural checks (every module covered, attention dispatch, no replaced forward) are a function of
+        the module tree alone: they are remembered per model instance and tree (paths and classes), so a second
+        attribution of the same model skips them; any change of the tree checks again. A model with an instance
+        forward or an accelerate hook is checked in full every time, and the declaration's own ``checks`` (which
+        may read the config) always run.
+        """
+        tree = _tree(model)
+        checked = _CHECKED.get(model)
+        if tree is not None and checked is not None and checked[0] is self and checked[1] == tree:
+            for check in self.checks:
+                check(model)
+            return
+        self._check_structure(model)
+        for check in self.checks:
+            check(model)
+        if tree is not None:
+            _CHECKED[model] = (self, tree)
+
+    def _check_structure(self, model: nn.Module) -> None:
         # hub kernels (on by default in from_pretrained since transformers 5.25) are fine: lrp() runs the
         # modules' own torch forwards for the duration of the attribution (hf_pelrp.hub_kernels)
         for path, module in model.named_modules():
@@ -247,8 +269,6 @@ class Adapter:
                     "cannot be attached to it."
                 )
         self._check_coverage(model)
-        for check in self.checks:
-            check(model)
 
     def _check_coverage(self, model: nn.Module) -> None:
         leaves = {find_optional(self.base(model), p) for p in (*self.embeddings, *self.constants)}
@@ -388,6 +408,27 @@ def _second_half(module: nn.Module) -> slice:
     return slice(width // 2, None)
 
 
+#: models whose structural checks passed, with the adapter and the module tree they passed for (weakly keyed:
+#: no model is kept alive; the value holds paths and classes only)
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[Adapter, tuple]] = weakref.WeakKeyDictionary()
+
+
+def _tree(model: nn.Module) -> tuple | None:
+    """The module tree of ``model`` as (path, class) pairs, or ``None`` where a module carries an instance forward
+    or an accelerate hook (hub kernels, offload: what those bind can change without the tree changing)."""
+    tree = []
+    for path, module in model.named_modules():
+        own = module.__dict__
+        if "forward" in own or "_hf_hook" in own or "_old_forward" in own:
+            return None
+        tree.append((path, type(module)))
+    first = next(model.parameters(), None)
+    if first is None or first.is_meta:  # weights on meta: the full check refuses (or accepts an offload hook)
+        return None
+    return tuple(tree)
+
+
+@functools.cache
 def _dispatches(attention_class: type) -> bool:
     """Whether the module that defines ``attention_class`` calls transformers' attention interface: the heuristic
     of transformers' own ``_can_set_attn_implementation``, asked of the attention's module rather than of the
