@@ -37,7 +37,9 @@ allocation before the pass (the caching allocator has no fragmentation question 
 A parent-side watchdog kills a worker whose resident memory exceeds ``--max-memory-gb`` (default 50% of the
 memory available at start) and reports that configuration as not measured: the machine is shared.
 
-Run ``python scripts/bench_attribution.py --help`` for the options; ``make bench`` runs the default grid.
+Run ``hf-pelrp bench --help`` (or ``python -m hf_pelrp.bench --help``, or the thin caller
+``scripts/bench_attribution.py``) for the options; ``make bench`` runs the default grid. The workers run as
+``python -m hf_pelrp.bench --worker SPEC``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ def pe_lrp(model, input_ids, attention_mask, mode: str = "attnlrp", positional: 
     """One ``hf_pelrp.attribute`` call (arg-max next token at the last position)."""
     import hf_pelrp
 
-    return hf_pelrp.attribute(model, input_ids, attention_mask, mode=mode, positional=positional)
+    return hf_pelrp.attribute(
+        model, input_ids, attention_mask, config=hf_pelrp.LRPConfig(mode=mode, positional=positional)
+    )
 
 
 # ---- one worker process: one measurement ----
@@ -238,19 +242,28 @@ def _estimate_mib(rows: list[dict], key: str, batch: int, length: int) -> float 
     return ref[key] * length / ref["length"]
 
 
+#: how a worker of this module is started: the module, not a file path
+WORKER = ("-m", "hf_pelrp.bench")
+
+
 def run_watched_worker(
-    script: str, spec: dict, limit_gib: float, fixed_mmap_threshold: bool
+    script: str | tuple[str, ...], spec: dict, limit_gib: float, fixed_mmap_threshold: bool
 ) -> tuple[dict | None, str]:
     """Run ``script --worker SPEC`` in a fresh process, killed if its resident memory passes ``limit_gib``;
-    (its JSON result, "") or (None, why it was not measured). Shared by the benchmark scripts."""
+    (its JSON result, "") or (None, why it was not measured). ``script`` is a file path or the interpreter
+    arguments that name a module (:data:`WORKER`). Shared by the benchmark scripts."""
     env = dict(os.environ)
+    # the worker imports hf_pelrp from where this process did (a source checkout without installation too)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     if fixed_mmap_threshold:
         # glibc: every block >= 64 KiB is its own mapping, unmapped on free: RSS follows the live tensors
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
+        [sys.executable, *([os.path.abspath(script)] if isinstance(script, str) else script)]
+        + ["--worker", json.dumps(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -274,7 +287,7 @@ def run_watched_worker(
 
 def _run_worker(spec: dict, limit_gib: float, fixed_mmap_threshold: bool = False) -> tuple[dict | None, str]:
     """Run one measurement in a fresh process; (result, "") or (None, why it was not measured)."""
-    return run_watched_worker(__file__, spec, limit_gib, fixed_mmap_threshold)
+    return run_watched_worker(WORKER, spec, limit_gib, fixed_mmap_threshold)
 
 
 def _machine(args) -> dict:
