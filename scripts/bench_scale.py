@@ -5,7 +5,7 @@ Methods (all explain the arg-max next-token logit at the last position, paramete
 * ``gxi``          plain Gradient x Input (``hf_pelrp.bench``'s implementation)
 * ``pe_lrp``       ``hf_pelrp.attribute`` (AttnLRP rules, positions as leaves)
 * ``gxi_ckpt``     Gradient x Input with every block recomputed in the backward pass
-* ``pe_lrp_ckpt``  ``hf_pelrp.attribute(..., gradient_checkpointing=True)``
+* ``pe_lrp_ckpt``  one explanation request with ``gradient_checkpointing=True``
 
 Models: ``smollm2`` (the real SmolLM2-135M-Instruct weights, from the converted offline cache),
 ``smollm2-random`` (its architecture, random weights: for machines without the cache) and ``llama3-8b``
@@ -56,6 +56,7 @@ from hf_pelrp.bench import (
     gradient_x_input,
     run_watched_worker,
 )
+from hf_pelrp.request import single_request
 
 METHODS = ("gxi", "pe_lrp", "gxi_ckpt", "pe_lrp_ckpt")
 MODELS = ("smollm2", "smollm2-random", "llama3-8b")
@@ -146,7 +147,9 @@ def run_method(method: str, model, input_ids: torch.Tensor, mask: torch.Tensor) 
         with _checkpointed(model):
             return gradient_x_input(model, input_ids, mask)
     checkpoint = method == "pe_lrp_ckpt"
-    return hf_pelrp.attribute(model, input_ids, mask, gradient_checkpointing=checkpoint).relevance
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    request = single_request(model, inputs, gradient_checkpointing=checkpoint)
+    return hf_pelrp.engine.explain(request).relevance
 
 
 def _inputs(model, batch: int, length: int, device: torch.device, seed: int = 0):

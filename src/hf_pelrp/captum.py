@@ -140,7 +140,7 @@ class PELRP(GradientAttribution):
             if kwargs.get(name) is not None:
                 raise AttributionInputError(
                     f"{name}= explains a continuation (one row per generated token), which does not fit Captum's "
-                    "one-attribution-per-example contract: call hf_pelrp.attribute(model, ids, "
+                    "one-attribution-per-example contract: call hf_pelrp.explain_continuation(model, ids, "
                     f"{name}=...) directly."
                 )
         is_tuple = isinstance(inputs, tuple)
