@@ -50,8 +50,8 @@ class PositionalSite:
         Rotary: the attention module of each layer, called with ``position_embeddings=(cos, sin)`` ``[B, T, d]``.
     projections
         Rotary, LLaMA layout (``q_proj`` / ``k_proj`` feeding the rotation directly): per layer, the
-        ``(q_proj, k_proj)`` modules whose outputs are rotated (the rule prototype and the diagnostics need them;
-        empty for other layouts).
+        ``(q_proj, k_proj)`` modules whose outputs are rotated (the rule prototype and
+        scripts/position_diagnostics.py need them; empty for other layouts).
     head_dim
         Rotary: the size of one head (the rotated unit).
     attention_scaling
