@@ -2,10 +2,10 @@
 
 Methods (all explain the arg-max next-token logit at the last position, parameters frozen, SDPA kernels):
 
-* ``gxi``          plain Gradient x Input (``scripts/bench_attribution.py``'s implementation)
+* ``gxi``          plain Gradient x Input (``hf_pelrp.bench``'s implementation)
 * ``pe_lrp``       ``hf_pelrp.attribute`` (AttnLRP rules, positions as leaves)
 * ``gxi_ckpt``     Gradient x Input with every block recomputed in the backward pass
-* ``pe_lrp_ckpt``  ``hf_pelrp.attribute(..., gradient_checkpointing=True)``
+* ``pe_lrp_ckpt``  one explanation request with ``gradient_checkpointing=True``
 
 Models: ``smollm2`` (the real SmolLM2-135M-Instruct weights, from the converted offline cache),
 ``smollm2-random`` (its architecture, random weights: for machines without the cache) and ``llama3-8b``
@@ -14,13 +14,13 @@ Models: ``smollm2`` (the real SmolLM2-135M-Instruct weights, from the converted 
 Memory. CPU: each (method, length) runs in a fresh process that loads the model, warms up on 32 tokens (pages
 in the weights, initialises the kernels), then resets the kernel's high-water mark and runs one timed pass;
 peak extra memory = ``VmHWM`` minus the resident size before the pass, total = ``VmHWM``
-(``bench_attribution.py`` has the helpers and explains the method); glibc's mmap threshold is fixed at 64 KiB
+(``hf_pelrp.bench`` has the helpers and explains the method); glibc's mmap threshold is fixed at 64 KiB
 so that freed tensors leave the resident set and the peak follows the live tensors. A watchdog kills a worker whose resident
 size exceeds ``--budget-gb``. GPU: one process, ``torch.cuda.max_memory_allocated`` around each pass,
 out-of-memory caught.
 
 Time: the single timed pass of each memory measurement; on a shared machine also ``--time-lengths``, which
-times all methods in one process, interleaved over ``--repeats`` rounds (median), as ``bench_attribution.py``
+times all methods in one process, interleaved over ``--repeats`` rounds (median), as ``hf_pelrp.bench``
 does.
 
 ``--search`` finds, per method, the largest length (multiple of ``--step``) whose whole pass (weights
@@ -41,15 +41,13 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attribution import (  # noqa: E402  (a sibling script, not a package)
+from hf_pelrp.bench import (
     _machine,
     _mem_available_gib,
     _status_kib,
@@ -58,6 +56,7 @@ from bench_attribution import (  # noqa: E402  (a sibling script, not a package)
     gradient_x_input,
     run_watched_worker,
 )
+from hf_pelrp.request import single_request
 
 METHODS = ("gxi", "pe_lrp", "gxi_ckpt", "pe_lrp_ckpt")
 MODELS = ("smollm2", "smollm2-random", "llama3-8b")
@@ -148,7 +147,9 @@ def run_method(method: str, model, input_ids: torch.Tensor, mask: torch.Tensor) 
         with _checkpointed(model):
             return gradient_x_input(model, input_ids, mask)
     checkpoint = method == "pe_lrp_ckpt"
-    return hf_pelrp.attribute(model, input_ids, mask, gradient_checkpointing=checkpoint).relevance
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    request = single_request(model, inputs, gradient_checkpointing=checkpoint)
+    return hf_pelrp.engine.explain(request).relevance
 
 
 def _inputs(model, batch: int, length: int, device: torch.device, seed: int = 0):
@@ -223,7 +224,7 @@ def _worker(spec: dict) -> dict:
 def _spawn(spec: dict, budget_gib: float) -> tuple[dict | None, str]:
     """Run one CPU measurement in a fresh process under a resident-memory watchdog."""
     # fixed mmap threshold: the high-water mark follows the live tensors rather than the heap's fragmentation
-    # (bench_attribution.py's "tensors" measurement)
+    # (hf_pelrp.bench's "tensors" measurement)
     result, why = run_watched_worker(__file__, spec, budget_gib, fixed_mmap_threshold=True)
     if result is None:
         return None, why
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
-    # reuse bench_attribution's machine description (it reads mode / positional / device / dtype / threads)
+    # reuse hf_pelrp.bench's machine description (it reads mode / positional / device / dtype / threads)
     machine = _machine(argparse.Namespace(**vars(args), mode="attnlrp", no_positional=False))
     machine["model"] = args.model
     report: dict = {"machine": machine, "budget_gib": args.budget_gb, "rows": [], "largest_fit": {}}

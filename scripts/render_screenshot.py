@@ -100,7 +100,9 @@ def render_text(model: Any, tok: Any, prompt: str, out: Path, pages: Path) -> st
 
 def render_generation(model: Any, tok: Any, prompt: str, new_tokens: int, out: Path, pages: Path) -> str:
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    gen = with_display_fields(hf_pelrp.attribute(model, ids, generate=True, max_new_tokens=new_tokens), tok)
+    gen = with_display_fields(
+        hf_pelrp.explain_continuation(model, ids, generate=True, max_new_tokens=new_tokens), tok
+    )
     page = pages / "generation_matrix.html"
     title = f"hf_pelrp · SmolLM2-135M-Instruct · {prompt!r} → {new_tokens} generated tokens"
     hf_pelrp.viz.generation_html(gen, page, title=title)

@@ -1,23 +1,30 @@
-"""scripts/bench_attribution.py: the small random LLaMA case runs in a worker with either clock (no numbers
-are asserted: timings belong to the benchmark, not to the tests)."""
+"""hf_pelrp.bench (scripts/bench_attribution.py calls it): the small random LLaMA case runs in a worker with
+either clock (no numbers are asserted: timings belong to the benchmark, not to the tests)."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import hf_pelrp.bench
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_attribution.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_attribution", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return hf_pelrp.bench
+
+
+def test_the_script_is_a_thin_caller_of_the_module():
+    """``make bench`` runs scripts/bench_attribution.py: it only calls hf_pelrp.bench.main."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
+    assert "--lengths" in out.stdout
+    assert len(SCRIPT.read_text().splitlines()) < 20
 
 
 def test_the_small_llama_is_four_layers_256_wide(bench):

@@ -115,7 +115,7 @@ def test_resume_after_interruption_skips_finished_shards(model, dataset, tmp_pat
         model, dataset, tmp_path / "complete", batch_size=2, shard_size=4, progress=False
     )
     calls = []
-    real = hf_dataset.attribute
+    real = hf_dataset.explain
 
     def crash_in_second_shard(*args, **kwargs):
         calls.append(1)
@@ -124,7 +124,7 @@ def test_resume_after_interruption_skips_finished_shards(model, dataset, tmp_pat
         return real(*args, **kwargs)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(hf_dataset, "attribute", crash_in_second_shard)
+    monkeypatch.setattr(hf_dataset, "explain", crash_in_second_shard)
     with pytest.raises(_Crash):
         hf_pelrp.attribute_dataset(model, dataset, out, batch_size=2, shard_size=4, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["run.json", "shard-00000-of-00003.parquet"]
@@ -132,7 +132,7 @@ def test_resume_after_interruption_skips_finished_shards(model, dataset, tmp_pat
         hf_pelrp.load_dataset_attributions(out)
 
     calls.clear()
-    monkeypatch.setattr(hf_dataset, "attribute", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(hf_dataset, "explain", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = hf_pelrp.attribute_dataset(model, dataset, out, batch_size=2, shard_size=4, progress=False)
     assert len(calls) == 4  # shards 1 and 2 only: 2 + 2 batches
     assert _columns(resumed) == _columns(complete)

@@ -192,8 +192,20 @@ def test_collect_results_writes_tables_and_plots_into_docs_and_readme(smoke_run,
     assert "Paired differences" in docs and "Paired differences" not in readme
 
 
+def _diagnostics_script():
+    """scripts/position_diagnostics.py (research diagnostics, not shipped in the package), loaded by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "position_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("position_diagnostics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_positional_diagnostics_on_every_smoke_task(capsys):
-    from hf_pelrp.evaluation.diagnostics import main, positional_diagnostics
+    diagnostics = _diagnostics_script()
+    main, positional_diagnostics = diagnostics.main, diagnostics.positional_diagnostics
 
     results = positional_diagnostics(SMOKE, num_samples=2)
     assert set(results) == {t["name"] for t in load_config(SMOKE)["tasks"]}
@@ -358,7 +370,8 @@ def test_collect_positions_writes_the_overview_and_full_tables(smoke_run, tmp_pa
 
 
 def test_rotary_anatomy_and_position_mass_on_the_smoke_models():
-    from hf_pelrp.evaluation.diagnostics import position_mass, rotary_anatomy
+    diagnostics = _diagnostics_script()
+    position_mass, rotary_anatomy = diagnostics.position_mass, diagnostics.rotary_anatomy
 
     anatomy = rotary_anatomy(SMOKE, num_samples=1)
     assert set(anatomy) == {"tiny-llama-next-token", "tiny-llama-classifier"}  # the rotary tasks only

@@ -17,7 +17,8 @@ import torch
 import hf_pelrp
 from conftest import tiny_llama_family
 from helpers import reference_lrp
-from hf_pelrp.evaluation._engine_gaps import rotary_leaf_relevance, rotary_split
+from helpers.rotary_leaves import rotary_leaf_relevance
+from hf_pelrp.evaluation._engine_gaps import rotary_split
 from hf_pelrp.inputs import causal_position_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -280,3 +280,36 @@ def test_uniform_rule_depends_on_how_a_triple_product_is_associated():
     assert right.tolist() == [y / 2, y / 4, y / 4]  # [-15.0, -7.5, -7.5]
     assert left.sum().item() == right.sum().item() == y  # both conserve, they disagree on the split
     assert not torch.equal(left, right)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.25])
+def test_rotation_inverse_gradient_undoes_the_rotation_in_the_backward_pass(scale):
+    """Identity forward; backward ``R g / s^2`` per head (explicit float64 formula), so that behind the rotation
+    ``x_rot = x cos + rotate_half(x) sin`` the input gets exactly the gradient at the rotated output."""
+    from hf_pelrp.rules import rotate_half, rotation_inverse_gradient
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, heads, d = 2, 3, 2, 4
+    angle = torch.rand(b, t, d // 2, generator=gen, dtype=torch.float64) * 6
+    angle = torch.cat([angle, angle], -1)
+    cos, sin = scale * angle.cos(), scale * angle.sin()
+    x = torch.randn(b, t, heads * d, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(b, t, heads * d, generator=gen, dtype=torch.float64)
+
+    y = rotation_inverse_gradient(x, cos, sin, d, scale)
+    assert torch.equal(y, x)
+    y.backward(g)
+    gh = g.reshape(b, t, heads, d)
+    c, s = cos[:, :, None], sin[:, :, None]
+    expected = torch.empty_like(gh)
+    for j in range(d):  # written out per channel: (R g)_j = g_j c_j + (rotate_half g)_j s_j
+        partner = gh[..., j + d // 2] if j < d // 2 else gh[..., j - d // 2]
+        sign = -1.0 if j < d // 2 else 1.0
+        expected[..., j] = (gh[..., j] * c[..., j] + sign * partner * s[..., j]) / scale**2
+    torch.testing.assert_close(x.grad, expected.reshape(b, t, heads * d), rtol=1e-12, atol=1e-12)
+
+    x.grad = None
+    h = rotation_inverse_gradient(x, cos, sin, d, scale).reshape(b, t, heads, d)
+    rotated = h * c + rotate_half(h) * s
+    rotated.reshape(b, t, heads * d).backward(g)
+    torch.testing.assert_close(x.grad, g, rtol=1e-12, atol=1e-12)

@@ -22,7 +22,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError('hf_pelrp.captum needs captum: pip install "hf_pelrp[captum]" (captum>=0.8)') from error
 
 from . import Attribution, AttributionInputError, LRPConfig
-from . import attribute as _attribute
+from .engine import explain
+from .request import single_request, split_options
 
 __all__ = ["PELRP", "visualization_records", "visualize_text"]
 
@@ -139,7 +140,7 @@ class PELRP(GradientAttribution):
             if kwargs.get(name) is not None:
                 raise AttributionInputError(
                     f"{name}= explains a continuation (one row per generated token), which does not fit Captum's "
-                    "one-attribution-per-example contract: call hf_pelrp.attribute(model, ids, "
+                    "one-attribution-per-example contract: call hf_pelrp.explain_continuation(model, ids, "
                     f"{name}=...) directly."
                 )
         is_tuple = isinstance(inputs, tuple)
@@ -150,18 +151,24 @@ class PELRP(GradientAttribution):
                     "; pass the attention mask as additional_forward_args or attention_mask="
                 )
             inputs = inputs[0]
-        model_inputs = {**self._forward_args(additional_forward_args), **kwargs}
+        options, extra = split_options(kwargs)
+        if options.get("config") is not None:
+            raise AttributionInputError("give the rules to PELRP(model, config=...), not to attribute()")
+        options.pop("config", None)
+        model_inputs = {**self._forward_args(additional_forward_args), **extra}
         if attention_mask is not None:
             model_inputs["attention_mask"] = attention_mask
         model_inputs[self._input_name(inputs)] = inputs
-        result = _attribute(
+        request = single_request(
             self.model,
-            target=_as_target(target),
+            model_inputs,
+            config=self.config,
             mode=self.mode,
             positional=self.positional,
-            config=self.config,
-            **model_inputs,
+            target=_as_target(target),
+            **options,
         )
+        result = explain(request)
         attributions = self._attributions(
             result, vision="pixel_values" in model_inputs, parts=return_positions
         )

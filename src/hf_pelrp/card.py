@@ -252,7 +252,7 @@ def attribution_section(
         "",
         "```python",
         "import hf_pelrp",
-        f'attr = hf_pelrp.attribute(model, **inputs, mode="{mode}")  # inputs: the tokenizer / processor output',
+        f'attr = hf_pelrp.attribute(model, **inputs, config="{mode}")  # inputs: the tokenizer / processor output',
         'attr.show()  # or attr.to_html(path="report.html")',
         "```",
         "",

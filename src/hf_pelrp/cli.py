@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -125,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run the attribution benchmark (scripts/bench_attribution.py)",
-        description="Run the attribution benchmark; the remaining arguments go to the benchmark script.",
+        help="run the attribution benchmark (hf_pelrp.bench, as make bench)",
+        description="Run the attribution benchmark; the remaining arguments go to hf_pelrp.bench.",
         add_help=False,
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script")
@@ -372,31 +371,10 @@ def _explain(args: argparse.Namespace) -> int:
 # ---- hooks for the benchmark and the evaluation suite ---------------------------------------------------
 
 
-def _bench_script() -> Path:
-    return Path(__file__).resolve().parents[2] / "scripts" / "bench_attribution.py"
-
-
 def _bench(args: argparse.Namespace) -> int:
-    script = _bench_script()
-    if not script.is_file():
-        raise UsageError(
-            f"the benchmark script {script} is not available (it ships with the source checkout, not the wheel)"
-        )
-    spec = importlib.util.spec_from_file_location("hf_pelrp_bench_attribution", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    main = getattr(module, "main", None)
-    if not callable(main):
-        raise UsageError(f"{script} has no main() function")
-    if inspect.signature(main).parameters:
-        code = main(list(args.args))
-    else:
-        saved, sys.argv = sys.argv, [str(script), *args.args]
-        try:
-            code = main()
-        finally:
-            sys.argv = saved
-    return int(code or 0)
+    from . import bench
+
+    return int(bench.main(list(args.args)) or 0)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from .engine import attribute
+from .engine import explain
 from .errors import AttributionInputError
+from .request import single_request, split_options
 from .result import Attribution
 
 RUN_FILE = "run.json"
@@ -325,6 +326,12 @@ def attribute_dataset(
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = pad_id if pad_id is not None else 0  # padded positions are masked: any id will do
 
+    # one request for the whole run: the rules, the adapter and the options are resolved once, each batch only
+    # brings its inputs and targets
+    options, model_inputs = split_options(attribute_kwargs)
+    request = single_request(
+        model, {}, mode=mode, positional=positional, gradient_checkpointing=gradient_checkpointing, **options
+    )
     todo = [k for k in plan.mine() if not (out / plan.file_name(k)).exists()]
     total = sum(len(plan.rows(k)) for k in plan.mine())
     done = total - sum(len(plan.rows(k)) for k in todo)
@@ -351,16 +358,8 @@ def attribute_dataset(
                 target = None
                 if targets is not None:
                     target = torch.tensor([int(targets[i]) for i in pick], device=device)
-                result = attribute(
-                    model,
-                    ids.to(device),
-                    mask.to(device),
-                    target=target,
-                    mode=mode,
-                    positional=positional,
-                    gradient_checkpointing=gradient_checkpointing,
-                    **attribute_kwargs,
-                )
+                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), **model_inputs}
+                result = explain(request.with_inputs(inputs, target=target))
                 records.extend(_records(result, batch_rows, batch_tokens))
                 bar.update(len(pick))
             _write_shard(out / plan.file_name(shard), records)

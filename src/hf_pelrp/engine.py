@@ -1,54 +1,43 @@
 """The attribution engine: the one flow behind every entry point (the reversible :func:`lrp` context it runs in
 lives in :mod:`hf_pelrp.context`).
 
-Data flows one way (docs/architecture.md): resolve the rules once, check the inputs, attach the adapter's rules
-to this model instance, run one forward pass, seed the explained logit(s) with gradient 1, run the backward
-pass(es), read ``leaf * leaf.grad`` through the positional kind, build the result once. :func:`attribute`,
-:func:`explain_continuation`, the pipeline, the CLI, the dataset runner and the evaluation all call
-:func:`explain`.
+Data flows one way (docs/architecture.md): an entry point builds one :class:`~hf_pelrp.request.ExplanationRequest`
+(rules resolved, adapter and head looked up, targets turned into ids, a continuation checked or generated: once),
+and :func:`explain` runs it: check the inputs, attach the adapter's rules to this model instance, run one forward
+pass, seed the explained logit(s) with gradient 1, run the backward pass(es), read ``leaf * leaf.grad`` through
+the positional kind, and build the result in one place (:func:`build_result`). :func:`attribute`,
+:func:`explain_continuation`, the pipeline, the CLI, the dataset runner, Captum, Inseq and the evaluation all
+end in :func:`explain`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .adapters import adapter_for
-from .config import LRPConfig, resolve_rules
+from .config import LRPConfig
 from .context import LRPContext, is_busy, lrp  # noqa: F401  (hf_pelrp.engine.lrp: the public place)
 from .errors import AttributionInputError, AttributionStateError
-from .generation import continuation_inputs, greedy_continuation
-from .heads import (
-    CAUSAL_LM,
-    SEQ2SEQ_LM,
-    Request,
-    explained_positions,
-    resolve_target,
-    select,
-    target_id_of,
-)
+from .heads import SEQ2SEQ_LM, Request, explained_positions, resolve_target, select
 from .precision import half_precision_hint, watch_non_finite
+from .request import (
+    SPAN_REDUCTIONS,  # noqa: F401  (kept importable from the engine)
+    ExplanationRequest,
+    continuation_request,
+    single_request,
+)
 from .result import Attribution, GenerationAttribution, Seq2SeqAttribution
 from .tokens import display_token, display_tokens, special_ids
 
 #: the maps every family has; anything else LRPContext.maps() returns goes to Attribution.extras
 _CORE_MAPS = frozenset({"token", "position", "position_by_layer", "segment"})
-SPAN_REDUCTIONS = ("sum",)
 
 
 # ---- the one flow ----------------------------------------------------------------------------------------------
-
-
-def _check_grad_mode() -> None:
-    if torch.is_inference_mode_enabled():
-        raise AttributionStateError(
-            "hf_pelrp was called inside torch.inference_mode(): relevance is computed by a backward pass, which "
-            "inference mode forbids (this is not a problem of the model). Call it outside the inference_mode block "
-            "(torch.no_grad() around it is fine: attribution enables gradients itself)."
-        )
 
 
 def _plain(value: Any) -> Any:
@@ -72,48 +61,24 @@ class _Pass:
     target_mask: torch.Tensor | None = None
 
 
-def explain(
-    model: torch.nn.Module,
-    model_inputs: dict[str, Any],
-    *,
-    config: LRPConfig | str | None = None,
-    mode: str | None = None,
-    positional: bool | None = None,
-    target: Any = None,
-    foil: Any = None,
-    position: Any = None,
-    positions: torch.Tensor | None = None,
-    mask_token_id: int | None = None,
-    span_reduce: str | None = None,
-    tokenizer: Any = None,
-    gradient_checkpointing: bool | None = None,
-    progress: bool = False,
-) -> _Pass:
-    """The whole attribution flow, shared by every entry point.
+def _run(request: ExplanationRequest) -> _Pass:
+    """The whole attribution flow of one request.
 
-    Rules resolved once (:func:`hf_pelrp.config.resolve_rules`), inputs checked by the family's declaration,
-    one forward pass inside :func:`lrp`, the explained logits read by the head kind, one backward pass per
-    group of independent seeds (one per batch row: all rows at once; several positions of one row: one after
-    the other over the same graph; ``span_reduce="sum"``: their sum), maps read by the positional kind, padding
-    alignment undone, finiteness and cut-graph checks.
+    Inputs checked by the family's declaration, one forward pass inside :func:`lrp`, the explained logits read
+    by the head kind, one backward pass per group of independent seeds (one per batch row: all rows at once;
+    several positions of one row: one after the other over the same graph; ``span_reduce="sum"``: their sum),
+    maps read by the positional kind, padding alignment undone, finiteness and cut-graph checks. Nothing here
+    resolves rules, adapters or targets again: the request holds them.
     """
-    _check_grad_mode()
-    if span_reduce is not None and span_reduce not in SPAN_REDUCTIONS:
-        raise AttributionInputError(
-            f"span_reduce must be one of {SPAN_REDUCTIONS} or None, got {span_reduce!r}"
-        )
-    cfg = resolve_rules(model, config, mode, positional)
-    adapter = adapter_for(model)
-    kind = adapter.head(model)
-    prepared = adapter.validate_inputs(model, {k: _plain(v) for k, v in model_inputs.items()})
+    model, kind, cfg = request.model, request.kind, request.rules
+    prepared = request.adapter.validate_inputs(model, {k: _plain(v) for k, v in request.inputs.items()})
     inputs, mask, alignment = prepared.inputs, prepared.attention_mask, prepared.alignment
     if mask.numel() == 0:  # one check for every family's declaration (text, images, encoder-decoder)
         raise AttributionInputError(
             f"empty input (attention mask of shape {tuple(mask.shape)}): give at least one row with at least one "
             "token or image"
         )
-    target = target_id_of(target, model, tokenizer, "target")
-    foil = target_id_of(foil, model, tokenizer, "foil")
+    target, foil, position = request.target, request.foil, request.position
     if alignment is not None and position is not None:
         position = alignment.align_positions(explained_positions(position, mask, mask.shape[0])[:, None])[
             :, 0
@@ -121,12 +86,14 @@ def explain(
     run_mask = inputs.get("attention_mask", mask)
     if "use_cache" in _forward_parameters(model):
         inputs = {**inputs, "use_cache": False}
-    request = Request(position=position, positions=positions, mask_token_id=mask_token_id)
+    positions = None if request.continuation is None else request.continuation.positions
+    head_request = Request(position=position, positions=positions, mask_token_id=request.mask_token_id)
+    span_reduce = request.span_reduce
     # encoder-decoder models explain decoder positions: the head reads them from the target prefix's mask
     select_mask = prepared.target_mask if prepared.target_mask is not None else run_mask
 
     def forward_and_seeds(ctx: LRPContext):
-        selection = select(model, kind, model, inputs, select_mask, request)
+        selection = select(model, kind, model, inputs, select_mask, head_request)
         ctx.check_attention_ran()
         logits = selection.logits
         targets = resolve_target(target, logits)
@@ -137,14 +104,17 @@ def explain(
             values = values - logits.gather(-1, foils[..., None].to(logits.device)).squeeze(-1)
         return selection, targets, values, foils
 
-    with lrp(model, config=cfg, gradient_checkpointing=gradient_checkpointing) as ctx, torch.enable_grad():
+    with (
+        lrp(model, config=cfg, gradient_checkpointing=request.gradient_checkpointing) as ctx,
+        torch.enable_grad(),
+    ):
         selection, targets, values, foils = forward_and_seeds(ctx)
         count = values.shape[1]
         seeds = [values.sum(1)] if span_reduce == "sum" else [values[:, k] for k in range(count)]
         leaves = [leaf for leaf in ctx.leaves() if leaf.requires_grad]
         rows: list[dict[str, torch.Tensor | None]] = []
         iterator = seeds
-        if progress and len(seeds) > 1:
+        if request.progress and len(seeds) > 1:
             from tqdm.auto import tqdm
 
             iterator = tqdm(seeds, desc="explaining tokens", unit="token")
@@ -255,159 +225,109 @@ def _labels(model: torch.nn.Module, tokenizer: Any, ids: list[int], vocabulary: 
     return {int(k): str(v) for k, v in names.items()}
 
 
-# ---- entry points ------------------------------------------------------------------------------------------------
+# ---- the one result builder --------------------------------------------------------------------------------------
 
 
-def attribute(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    target: int | str | torch.Tensor | None = None,
-    mode: str | None = None,
-    positional: bool | None = None,
-    *,
-    config: LRPConfig | str | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-    position: int | torch.Tensor | None = None,
-    mask_token_id: int | None = None,
-    foil: int | str | torch.Tensor | None = None,
-    tokenizer: Any = None,
-    continuation_ids: torch.Tensor | None = None,
-    generate: bool = False,
-    max_new_tokens: int | None = None,
-    span_reduce: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    **model_inputs: Any,
-) -> Attribution | GenerationAttribution:
-    """Explain one logit per row with PE-LRP: one forward and one backward pass.
+def explain(request: ExplanationRequest) -> Attribution | GenerationAttribution | Seq2SeqAttribution:
+    """Run one :class:`~hf_pelrp.request.ExplanationRequest` and build its result: the one flow of every entry
+    point (:func:`attribute`, :func:`explain_continuation`, the pipeline, the CLI, the dataset runner, Captum,
+    Inseq, the evaluation)."""
+    return build_result(request, _run(request))
 
-    Parameters
-    ----------
-    model
-        A supported transformers model with a causal-LM, masked-LM, sequence- or image-classification head.
-    input_ids : LongTensor [B, T]
-        Token ids (or ``inputs_embeds`` [B, T, H], not both; ``pixel_values`` for image classifiers).
-    attention_mask : LongTensor [B, T], optional
-        1 for tokens, 0 for padding (left or right).
-    target
-        ``None``: the arg-max class / next token; an int or LongTensor [B]: the class id (classifiers) or
-        vocabulary id (LMs); a string: a class label, or exactly one token of the vocabulary (``" Paris"``,
-        with ``tokenizer=``).
-    mode
-        ``"attnlrp"`` or ``"cp"`` (attention probabilities constant), or a preset name. Default: the model's own
-        default (:func:`hf_pelrp.from_pretrained`), else ``"attnlrp"``.
-    positional
-        ``True`` for PE-LRP (positions are leaves); ``False`` for the classic baseline. Default as ``mode``.
-    config
-        An :class:`LRPConfig` or a preset name (e.g. ``"vit-paper"``). A ``mode`` / ``positional`` that
-        contradicts it is an error.
-    position
-        Causal LMs: the position whose next-token logit is explained (default: each row's last token).
-        Masked LMs (required): the ``[MASK]`` position whose vocabulary logits are explained.
-    mask_token_id
-        Masked LMs with ``input_ids``: the tokenizer's ``mask_token_id``; the token at ``position`` must be it.
-    foil
-        Contrastive explanation: an id (or LongTensor [B], or a string like ``target``) whose logit is
-        subtracted, so the explained value is ``logit(target) - logit(foil)`` (``Attribution.foil``).
-    tokenizer
-        Optional: turns string targets / foils into ids, and gives the result its display ``tokens``, the
-        ``labels`` of the explained ids and the ``special_tokens_mask``.
-    continuation_ids, generate, max_new_tokens, span_reduce
-        Causal LMs: explain every token of a continuation of ``input_ids`` (given, or generated greedily with
-        ``generate=True, max_new_tokens=N``); see :func:`explain_continuation`.
-    gradient_checkpointing
-        Recompute each block in the backward pass to save activation memory; the relevance is the same.
-    **model_inputs
-        Other inputs the family accepts (``position_ids``, ``token_type_ids``, ``pixel_values``,
-        ``interpolate_pos_encoding``); anything else is refused with a clear error.
 
-    Returns
-    -------
-    Attribution
-        Token / position relevance [B, T], per-layer position relevance for rotary models, the explained
-        target ids and logits, and the conservation gap.
+def build_result(
+    request: ExplanationRequest, done: _Pass
+) -> Attribution | GenerationAttribution | Seq2SeqAttribution:
+    """The one place a result is built, from the request and the maps of its pass.
+
+    One explained logit per row: :class:`Attribution` (:class:`Seq2SeqAttribution` for encoder-decoder models,
+    with the target prefix's maps in ``extras``). A continuation: :class:`GenerationAttribution` (decoder-only),
+    or :class:`Seq2SeqAttribution` with one row per continuation token (encoder-decoder).
     """
-    if continuation_ids is not None or generate or span_reduce is not None or max_new_tokens is not None:
-        if target is not None or position is not None:
-            raise AttributionInputError(
-                "target= and position= do not apply to a continuation: each continuation token is the target "
-                "of the position before it. Use foil= for a contrastive explanation."
-            )
-        return explain_continuation(
-            model,
-            input_ids,
-            continuation_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            generate=generate,
-            max_new_tokens=max_new_tokens,
-            foil=foil,
-            span_reduce=span_reduce,
-            mode=mode,
-            positional=positional,
-            config=config,
-            tokenizer=tokenizer,
-            gradient_checkpointing=gradient_checkpointing,
-            **model_inputs,
-        )
-    cfg = resolve_rules(model, config, mode, positional)
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "inputs_embeds": inputs_embeds,
-        **model_inputs,
-    }
-    done = explain(
-        model,
-        inputs,
-        config=cfg,
-        target=target,
-        foil=foil,
-        position=position,
-        mask_token_id=mask_token_id,
-        tokenizer=tokenizer,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    model, cfg, tokenizer, cont = request.model, request.rules, request.tokenizer, request.continuation
     maps = done.maps
-    kind = adapter_for(model).head(model)
-    input_ids_out = as_user_ids(inputs.get("input_ids"), done.attention_mask)
-    targets = done.targets[:, 0]
-    foils = None if done.foils is None else done.foils[:, 0]
-    ids = targets.tolist() + ([] if foils is None else foils.tolist())
-    tokens = special = None
-    if tokenizer is not None and input_ids_out is not None:
-        tokens = [display_tokens(tokenizer, row) for row in input_ids_out.tolist()]
-        specials = special_ids(tokenizer)
-        special = torch.tensor(
-            [[int(i) in specials for i in row] for row in input_ids_out.tolist()], dtype=torch.bool
-        )
     token_map = maps["token"]
+    rows = token_map.shape[0]
+    if cont is None:
+        targets = done.targets[:, 0]
+        foils = None if done.foils is None else done.foils[:, 0]
+        values = done.values[:, 0]
+    else:  # one row of the pass, one row per continuation token (or one with span_reduce)
+        targets = cont.tokens if request.span_reduce is None else cont.tokens[-1:]
+        foils = None if done.foils is None else done.foils[0]
+        if request.kind.name == SEQ2SEQ_LM and foils is not None:  # one per row (span_reduce: one row)
+            foils = foils[:rows]
+        values = done.values[0]
+    ids = targets.tolist() + ([] if foils is None else foils.tolist())
+    common: dict[str, Any] = {
+        "token": token_map,
+        "position": maps["position"],
+        "position_by_layer": maps["position_by_layer"],
+        "segment": maps["segment"],
+        "foil": foils,
+        "target_value": values.to(token_map),
+        "labels": _labels(model, tokenizer, ids, request.kind.vocabulary_targets),
+        "mode": cfg.mode,
+        "positional": cfg.positional,
+        "model_type": model.config.model_type,
+        "gamma": _gamma_of(cfg),
+    }
     extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS}
+    if cont is not None and request.kind.name != SEQ2SEQ_LM:
+        full = cont.sequence[0].detach()
+        return GenerationAttribution(
+            **common,
+            target=done.targets[0],
+            input_ids=full,
+            prompt_length=cont.prompt_length,
+            span_reduce=request.span_reduce,
+            tokens=display_tokens(tokenizer, full.tolist()) if tokenizer is not None else None,
+            special_tokens_mask=_special_mask([full.tolist()], tokenizer)[0]
+            if tokenizer is not None
+            else None,
+        )
+    if (
+        cont is not None
+    ):  # encoder-decoder continuation: the source repeated per row, the decoder input as extras
+        source = request.inputs["input_ids"].expand(rows, -1)
+        decoder = cont.sequence.expand(rows, -1)
+        extras.update(_target_extras(decoder, torch.ones_like(decoder), tokenizer))
+        return Seq2SeqAttribution(
+            **common,
+            target=targets,
+            position_index=cont.positions[0][:rows]
+            if request.span_reduce is None
+            else cont.positions[0, -1:],
+            input_ids=source,
+            attention_mask=torch.ones_like(source),
+            tokens=[display_tokens(tokenizer, source[0].tolist())] * rows if tokenizer is not None else None,
+            extras=extras,
+        )
+    input_ids = as_user_ids(request.inputs.get("input_ids"), done.attention_mask)
+    tokens = special = None
+    if tokenizer is not None and input_ids is not None:
+        tokens = [display_tokens(tokenizer, row) for row in input_ids.tolist()]
+        special = _special_mask(input_ids.tolist(), tokenizer)
     result_class = Attribution
     if getattr(model.config, "is_encoder_decoder", False):  # source maps + target-prefix maps
         result_class = Seq2SeqAttribution
         if "decoder_input_ids" in done.inputs:
             extras.update(_target_extras(done.inputs["decoder_input_ids"], done.target_mask, tokenizer))
     return result_class(
-        token=token_map,
-        position=maps["position"],
-        position_by_layer=maps["position_by_layer"],
-        segment=maps["segment"],
-        foil=foils,
+        **common,
         target=targets,
-        target_value=done.values[:, 0].to(token_map),
         position_index=None if done.positions is None else done.positions[:, 0],
-        input_ids=input_ids_out,
+        input_ids=input_ids,
         attention_mask=done.attention_mask,
         tokens=tokens,
         special_tokens_mask=special,
-        labels=_labels(model, tokenizer, ids, kind.vocabulary_targets),
-        mode=cfg.mode,
-        positional=cfg.positional,
-        model_type=model.config.model_type,
-        gamma=_gamma_of(cfg),
         extras=extras,
     )
+
+
+def _special_mask(rows: list[list[int]], tokenizer: Any) -> torch.Tensor:
+    specials = special_ids(tokenizer)
+    return torch.tensor([[int(i) in specials for i in row] for row in rows], dtype=torch.bool)
 
 
 def _target_extras(ids: torch.Tensor, mask: torch.Tensor | None, tokenizer: Any) -> dict[str, Any]:
@@ -430,18 +350,135 @@ def as_user_ids(input_ids: Any, attention_mask: torch.Tensor) -> torch.Tensor | 
     return ids.unsqueeze(0) if ids.dim() == 1 else ids
 
 
-def _continuation_foil(foil: Any, steps: int) -> Any:
-    """A continuation's foil: one id for every row, or one per continuation token (checked); strings pass."""
-    if isinstance(foil, torch.Tensor | list | tuple):
-        ids = torch.as_tensor(foil).reshape(-1)
-        if ids.numel() == 1 and not ids.is_floating_point():
-            return int(ids)
-        if ids.numel() != steps:
+# ---- entry points ------------------------------------------------------------------------------------------------
+
+#: parameters ``attribute`` took before 0.x and still accepts for one release, with what replaces them
+_CONTINUATION_ARGS = ("continuation_ids", "generate", "max_new_tokens", "span_reduce")
+_DEPRECATED = {
+    "mode": "config= (a preset name such as config='cp', or config=LRPConfig(mode=..., positional=...))",
+    "positional": "config=LRPConfig(positional=...) (or a preset name)",
+    "mask_token_id": "tokenizer= (its mask_token_id is used)",
+    "gradient_checkpointing": "model.gradient_checkpointing_enable() before the call (attribution follows it)",
+    **{
+        name: "hf_pelrp.explain_continuation(model, input_ids, continuation_ids, ...)"
+        for name in _CONTINUATION_ARGS
+    },
+}
+
+
+def _pop_deprecated(where: str, kwargs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Take the deprecated ``names`` out of ``kwargs``, warning once per call with their replacements."""
+    given = {name: kwargs.pop(name) for name in names if name in kwargs}
+    if given:
+        advice = "; ".join(f"{name}= -> {_DEPRECATED[name]}" for name in given)
+        warnings.warn(
+            f"{where}({', '.join(f'{n}=' for n in given)}) is deprecated and will be removed in the next "
+            f"release: {advice}",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return given
+
+
+def attribute(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    target: int | str | torch.Tensor | None = None,
+    *,
+    config: LRPConfig | str | None = None,
+    position: int | torch.Tensor | None = None,
+    foil: int | str | torch.Tensor | None = None,
+    tokenizer: Any = None,
+    **model_inputs: Any,
+) -> Attribution:
+    """Explain one logit per row with PE-LRP: one forward and one backward pass.
+
+    Parameters
+    ----------
+    model
+        A supported transformers model with a causal-LM, masked-LM, sequence- or image-classification or
+        encoder-decoder head.
+    input_ids : LongTensor [B, T]
+        Token ids (or ``inputs_embeds=`` [B, T, H], not both; ``pixel_values=`` for image classifiers).
+    attention_mask : LongTensor [B, T], optional
+        1 for tokens, 0 for padding (left or right).
+    target
+        ``None``: the arg-max class / next token; an int or LongTensor [B]: the class id (classifiers) or
+        vocabulary id (LMs); a string: a class label, or exactly one token of the vocabulary (``" Paris"``,
+        with ``tokenizer=``).
+    config
+        The rules: an :class:`LRPConfig` or a preset name (``"attnlrp"``, ``"cp"``, ``"vit-paper"``). Default:
+        the model's own default (:func:`hf_pelrp.from_pretrained`), else AttnLRP with positions (PE-LRP);
+        ``LRPConfig(positional=False)`` is the classic baseline.
+    position
+        Causal LMs: the position whose next-token logit is explained (default: each row's last token).
+        Masked LMs (required): the ``[MASK]`` position whose vocabulary logits are explained.
+    foil
+        Contrastive explanation: an id (or LongTensor [B], or a string like ``target``) whose logit is
+        subtracted, so the explained value is ``logit(target) - logit(foil)`` (``Attribution.foil``).
+    tokenizer
+        Optional: turns string targets / foils into ids, gives masked LMs the ``[MASK]`` id to check, and gives
+        the result its display ``tokens``, the ``labels`` of the explained ids and the ``special_tokens_mask``.
+    **model_inputs
+        Other inputs the family accepts (``inputs_embeds``, ``position_ids``, ``token_type_ids``,
+        ``pixel_values``, ``decoder_input_ids``, ``interpolate_pos_encoding``); anything else is refused with a
+        clear error. Deprecated, for one release (a ``FutureWarning`` names the replacement): ``mode=`` /
+        ``positional=`` (use ``config=``), ``mask_token_id=`` (use ``tokenizer=``), ``gradient_checkpointing=``
+        (``model.gradient_checkpointing_enable()``), ``continuation_ids=`` / ``generate=`` /
+        ``max_new_tokens=`` / ``span_reduce=`` (use :func:`explain_continuation`).
+
+    Returns
+    -------
+    Attribution
+        Token / position relevance [B, T], per-layer position relevance for rotary models, the explained
+        target ids and logits, and the conservation gap (:class:`Seq2SeqAttribution` for encoder-decoder models).
+    """
+    old = _pop_deprecated("attribute", model_inputs, tuple(_DEPRECATED))
+    if old.get("generate") or any(old.get(n) is not None for n in _CONTINUATION_ARGS if n != "generate"):
+        if target is not None or position is not None:
             raise AttributionInputError(
-                f"foil must be one id or one per continuation token ({steps}), got {ids.numel()}"
+                "target= and position= do not apply to a continuation: each continuation token is the target "
+                "of the position before it. Use foil= for a contrastive explanation."
             )
-        return ids
-    return foil
+        return explain_continuation(  # type: ignore[return-value]  (the deprecated form returns what it did)
+            model,
+            input_ids,
+            old.get("continuation_ids"),
+            attention_mask=attention_mask,
+            generate=bool(old.get("generate", False)),
+            max_new_tokens=old.get("max_new_tokens"),
+            foil=foil,
+            span_reduce=old.get("span_reduce"),
+            config=_rules_of(model, config, old),
+            tokenizer=tokenizer,
+            gradient_checkpointing=old.get("gradient_checkpointing"),
+            **model_inputs,
+        )
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **model_inputs}
+    request = single_request(
+        model,
+        inputs,
+        config=config,
+        mode=old.get("mode"),
+        positional=old.get("positional"),
+        target=target,
+        foil=foil,
+        position=position,
+        mask_token_id=old.get("mask_token_id"),
+        tokenizer=tokenizer,
+        gradient_checkpointing=old.get("gradient_checkpointing"),
+    )
+    return explain(request)  # type: ignore[return-value]  (a single request builds an Attribution)
+
+
+def _rules_of(model: torch.nn.Module, config: LRPConfig | str | None, old: dict[str, Any]) -> Any:
+    """``config`` with the deprecated ``mode`` / ``positional`` folded in, by the one precedence rule."""
+    if old.get("mode") is None and old.get("positional") is None:
+        return config
+    from .config import resolve_rules
+
+    return resolve_rules(model, config, old.get("mode"), old.get("positional"))
 
 
 def explain_continuation(
@@ -450,19 +487,16 @@ def explain_continuation(
     continuation_ids: Any = None,
     *,
     attention_mask: Any = None,
-    inputs_embeds: torch.Tensor | None = None,
     generate: bool = False,
     max_new_tokens: int | None = None,
     foil: int | str | torch.Tensor | None = None,
     span_reduce: str | None = None,
-    mode: str | None = None,
-    positional: bool | None = None,
     config: LRPConfig | str | None = None,
     tokenizer: Any = None,
     progress: bool = False,
     gradient_checkpointing: bool | None = None,
     **model_inputs: Any,
-) -> GenerationAttribution:
+) -> GenerationAttribution | Seq2SeqAttribution:
     """Explain each token of a continuation of one prompt (teacher forcing), or of a greedy generation.
 
     One forward pass over ``prompt + continuation`` with the LRP rules attached, then one backward pass per
@@ -473,7 +507,9 @@ def explain_continuation(
     Parameters
     ----------
     model
-        A supported causal LM (``*ForCausalLM``).
+        A supported causal LM (``*ForCausalLM``), or an encoder-decoder LM (T5, BART): then ``input_ids`` is the
+        source, the continuation is the target (after ``decoder_input_ids=``, default the decoder start token)
+        and the result a :class:`Seq2SeqAttribution` with one row per continuation token.
     input_ids : LongTensor [T] or [1, T]
         The prompt (one sequence; padding marked in ``attention_mask`` is removed).
     continuation_ids : LongTensor [S] or [1, S], optional
@@ -486,8 +522,9 @@ def explain_continuation(
     span_reduce
         ``"sum"``: explain the sum of the (contrastive) logits of the whole continuation in one backward
         pass; the result has a single row.
-    mode, positional, config
-        The rules (see :func:`hf_pelrp.attribute`).
+    config
+        The rules (see :func:`hf_pelrp.attribute`); ``mode=`` / ``positional=`` still work for one release,
+        with a ``FutureWarning``.
     tokenizer
         Optional: display tokens and labels of the result, string foils.
     progress
@@ -506,216 +543,22 @@ def explain_continuation(
         Not a causal LM, a batch of several prompts, both or neither of ``continuation_ids`` and
         ``generate``, an unknown ``span_reduce``, out-of-range ids.
     """
-    _check_grad_mode()
-    cfg = resolve_rules(model, config, mode, positional)
-    kind = adapter_for(model).head(model)
-    if kind.name == SEQ2SEQ_LM:
-        if inputs_embeds is not None:
-            raise AttributionInputError(
-                "explaining a continuation needs input_ids (token ids), not inputs_embeds"
-            )
-        return _explain_seq2seq_continuation(
-            model,
-            input_ids,
-            continuation_ids,
-            attention_mask=attention_mask,
-            generate=generate,
-            max_new_tokens=max_new_tokens,
-            foil=foil,
-            span_reduce=span_reduce,
-            config=cfg,
-            tokenizer=tokenizer,
-            progress=progress,
-            gradient_checkpointing=gradient_checkpointing,
-            **model_inputs,
-        )
-    if kind.name != CAUSAL_LM:
-        raise AttributionInputError(
-            f"explaining a continuation needs a causal language model (*ForCausalLM), got {type(model).__name__}"
-        )
-    if inputs_embeds is not None:
-        raise AttributionInputError(
-            "explaining a continuation needs input_ids (token ids), not inputs_embeds"
-        )
-    if model_inputs:
-        raise AttributionInputError(
-            f"extra model inputs {sorted(model_inputs)} are not supported when explaining a continuation "
-            "(positions are derived from the prompt and the continuation)"
-        )
-    device = next(model.parameters()).device
-    if generate:
-        if continuation_ids is not None:
-            raise AttributionInputError("pass either continuation_ids or generate=True, not both")
-    elif continuation_ids is None:
-        raise AttributionInputError(
-            "no continuation to explain: pass continuation_ids, or generate=True with max_new_tokens"
-        )
-    elif max_new_tokens is not None:
-        raise AttributionInputError("max_new_tokens= only applies with generate=True")
-    prompt, continuation = continuation_inputs(model, input_ids, attention_mask, continuation_ids, device)
-    if generate:
-        continuation = greedy_continuation(model, prompt, max_new_tokens)
-        if continuation.numel() == 0:
-            raise AttributionInputError("the model generated no new token: nothing to explain")
-    full = torch.cat([prompt, continuation])[None]
-    prompt_len, steps = prompt.shape[0], continuation.shape[0]
-    positions = torch.arange(prompt_len - 1, prompt_len - 1 + steps, device=device)[None]
-    foil = _continuation_foil(foil, steps)
-    done = explain(
+    old = _pop_deprecated("explain_continuation", model_inputs, ("mode", "positional"))
+    request = continuation_request(
         model,
-        {"input_ids": full, "attention_mask": torch.ones_like(full)},
-        config=cfg,
-        target=continuation[None],
+        input_ids,
+        continuation_ids,
+        attention_mask=attention_mask,
+        generate=generate,
+        max_new_tokens=max_new_tokens,
         foil=foil,
-        positions=positions,
         span_reduce=span_reduce,
-        tokenizer=tokenizer,
-        gradient_checkpointing=gradient_checkpointing,
-        progress=progress,
-    )
-    maps = done.maps
-    foils = None if done.foils is None else done.foils[0]
-    ids = continuation.tolist() + ([] if foils is None else foils.tolist())
-    return GenerationAttribution(
-        token=maps["token"],
-        position=maps["position"],
-        position_by_layer=maps["position_by_layer"],
-        segment=maps["segment"],
-        target=done.targets[0],
-        target_value=done.values[0].to(maps["token"]),
-        input_ids=full[0].detach(),
-        prompt_length=prompt_len,
-        foil=foils,
-        span_reduce=span_reduce,
-        tokens=display_tokens(tokenizer, full[0].tolist()) if tokenizer is not None else None,
-        special_tokens_mask=(
-            torch.tensor([int(i) in special_ids(tokenizer) for i in full[0].tolist()], dtype=torch.bool)
-            if tokenizer is not None
-            else None
-        ),
-        labels=_labels(model, tokenizer, ids, True),
-        mode=cfg.mode,
-        positional=cfg.positional,
-        model_type=model.config.model_type,
-        gamma=_gamma_of(cfg),
-    )
-
-
-def _explain_seq2seq_continuation(
-    model: torch.nn.Module,
-    input_ids: Any,
-    continuation_ids: Any = None,
-    *,
-    attention_mask: Any = None,
-    generate: bool = False,
-    max_new_tokens: int | None = None,
-    foil: Any = None,
-    span_reduce: str | None = None,
-    config: LRPConfig,
-    tokenizer: Any = None,
-    progress: bool = False,
-    gradient_checkpointing: bool | None = None,
-    decoder_input_ids: Any = None,
-    **model_inputs: Any,
-) -> Seq2SeqAttribution:
-    """Encoder-decoder models: explain each token of a target continuation (teacher forcing), one row per token.
-
-    The decoder input is the target prefix (``decoder_input_ids``, default the decoder start token) followed by
-    the continuation without its last token; row ``s`` explains continuation token ``s`` at the decoder position
-    before it, over the source (the :class:`Seq2SeqAttribution` fields) and the target prefix (``target_*``
-    extras: columns after the explained position are exactly 0). With ``generate=True`` the continuation is
-    generated greedily from the source (``max_new_tokens``).
-    """
-    from .adapters.seq2seq import decoder_start_id
-
-    if model_inputs:
-        raise AttributionInputError(
-            f"extra model inputs {sorted(model_inputs)} are not supported when explaining a continuation"
-        )
-    device = next(model.parameters()).device
-    source = torch.as_tensor(input_ids, device=device)
-    source = source[None] if source.dim() == 1 else source
-    if source.shape[0] != 1:
-        raise AttributionInputError(
-            f"explaining a continuation takes one source sequence, got a batch of {source.shape[0]}"
-        )
-    mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device).reshape(1, -1)
-    if mask is not None:
-        source = source[:, mask[0].bool()]
-    prefix = (
-        torch.tensor([decoder_start_id(model)], device=device)
-        if decoder_input_ids is None
-        else torch.as_tensor(decoder_input_ids, device=device).reshape(-1)
-    )
-    if generate:
-        if continuation_ids is not None:
-            raise AttributionInputError("pass either continuation_ids or generate=True, not both")
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=source,
-                decoder_input_ids=prefix[None],
-                max_new_tokens=max_new_tokens or 20,
-                do_sample=False,
-                num_beams=1,
-            )
-        continuation = out[0, prefix.numel() :]
-        if continuation.numel() == 0:
-            raise AttributionInputError("the model generated no new token: nothing to explain")
-    elif continuation_ids is None:
-        raise AttributionInputError(
-            "no continuation to explain: pass continuation_ids, or generate=True with max_new_tokens"
-        )
-    else:
-        if max_new_tokens is not None:
-            raise AttributionInputError("max_new_tokens= only applies with generate=True")
-        continuation = torch.as_tensor(continuation_ids, device=device).reshape(-1)
-        if continuation.numel() == 0:
-            raise AttributionInputError("continuation_ids is empty: nothing to explain")
-    steps = continuation.numel()
-    decoder = torch.cat([prefix, continuation[:-1]])[None]
-    positions = torch.arange(prefix.numel() - 1, prefix.numel() - 1 + steps, device=device)[None]
-    foil = _continuation_foil(foil, steps)
-    done = explain(
-        model,
-        {"input_ids": source, "decoder_input_ids": decoder},
         config=config,
-        target=continuation[None],
-        foil=foil,
-        positions=positions,
-        span_reduce=span_reduce,
+        mode=old.get("mode"),
+        positional=old.get("positional"),
         tokenizer=tokenizer,
-        gradient_checkpointing=gradient_checkpointing,
         progress=progress,
+        gradient_checkpointing=gradient_checkpointing,
+        **model_inputs,
     )
-    maps = done.maps
-    rows = maps["token"].shape[0]
-    targets = continuation if span_reduce is None else continuation[-1:]
-    foils = None if done.foils is None else done.foils[0][:rows]
-    extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS}
-    extras.update(
-        _target_extras(decoder.expand(rows, -1), torch.ones_like(decoder).expand(rows, -1), tokenizer)
-    )
-    ids = continuation.tolist() + ([] if foils is None else foils.tolist())
-    source_rows = source.expand(rows, -1)
-    tokens = None
-    if tokenizer is not None:
-        tokens = [display_tokens(tokenizer, source[0].tolist())] * rows
-    return Seq2SeqAttribution(
-        token=maps["token"],
-        position=maps["position"],
-        position_by_layer=maps["position_by_layer"],
-        segment=maps["segment"],
-        foil=foils,
-        target=targets,
-        target_value=done.values[0].to(maps["token"]),
-        position_index=positions[0][:rows] if span_reduce is None else positions[0, -1:],
-        input_ids=source_rows,
-        attention_mask=torch.ones_like(source_rows),
-        tokens=tokens,
-        labels=_labels(model, tokenizer, ids, True),
-        mode=config.mode,
-        positional=config.positional,
-        model_type=model.config.model_type,
-        gamma=_gamma_of(config),
-        extras=extras,
-    )
+    return explain(request)  # type: ignore[return-value]

@@ -166,7 +166,7 @@ def masked_positions(
         return pos
     if mask_token_id is None:
         raise AttributionInputError(
-            "pass mask_token_id=tokenizer.mask_token_id: the model config does not store the [MASK] id, and "
+            "pass tokenizer= (its mask_token_id is used): the model config does not store the [MASK] id, and "
             "the explained position must be checked to hold a mask token"
         )
     tokens = input_ids.gather(1, pos[:, None].to(input_ids.device)).squeeze(1)

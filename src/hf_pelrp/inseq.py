@@ -30,6 +30,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from . import AttributionStateError, UnsupportedModelError, lrp, supported_model_types
+from .config import LRPConfig, resolve_rules
 
 __all__ = ["PARTS", "PELRPAttribution", "PELRPSequenceOutput", "PELRPStepOutput"]
 
@@ -138,6 +139,7 @@ class PELRPAttribution(FeatureAttribution):
         self.attribute_batch_ids = True
         self.forward_batch_embeds = False
         self._replaced_default: str | None = None
+        self._call_rules: LRPConfig | None = None
         self.hook(**kwargs)
 
     @set_hook
@@ -160,7 +162,16 @@ class PELRPAttribution(FeatureAttribution):
     def get_attribution_args(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split ``model.attribute(**kwargs)`` into this method's options and the rest."""
         ours = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+        # the rules of this call, resolved once for all of its generation steps (kept here, not in the
+        # arguments: Inseq serialises those into its output)
+        self._call_rules = self._rules({**self.options, **ours})
         return ours, {k: v for k, v in kwargs.items() if k not in ours}
+
+    def _rules(self, options: dict[str, Any]) -> LRPConfig:
+        """The rules of a step called without :meth:`get_attribution_args` (Inseq always calls it first)."""
+        return resolve_rules(
+            self.attribution_model.model, options["config"], options["mode"], options["positional"]
+        )
 
     def attribute_step(
         self, attribute_fn_main_args: dict[str, Any], attribution_args: dict[str, Any] | None = None
@@ -180,7 +191,7 @@ class PELRPAttribution(FeatureAttribution):
             calls[module] += 1
 
         with (
-            lrp(model, options["mode"], options["positional"], config=options["config"]) as ctx,
+            lrp(model, config=self._call_rules or self._rules(options)) as ctx,
             torch.enable_grad(),
         ):
             handles = [model.register_forward_pre_hook(count), embedding.register_forward_pre_hook(count)]

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from .adapters import adapter_for
-from .engine import attribute
+from .engine import explain
 from .errors import AttributionInputError, AttributionStateError
+from .request import single_request, split_options
 from .result import Attribution
 
 HEAD = "head"
@@ -250,17 +251,18 @@ def conservation_ledger(
             recorder.attach(attn, ("attention in", layer), ("attention out", layer))
             if mlp is not None:
                 recorder.attach(mlp, ("mlp in", layer), ("mlp out", layer))
-        attr = attribute(
+        options, model_inputs = split_options(inputs)
+        options["gradient_checkpointing"] = False
+        request = single_request(
             model,
-            input_ids,
-            attention_mask,
-            target,
-            mode,
-            positional,
+            {"input_ids": input_ids, "attention_mask": attention_mask, **model_inputs},
+            mode=mode,
+            positional=positional,
+            target=target,
             tokenizer=tokenizer,
-            gradient_checkpointing=False,
-            **inputs,
+            **options,
         )
+        attr = explain(request)
     finally:
         recorder.remove()
     rel = recorder.relevance

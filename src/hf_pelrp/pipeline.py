@@ -20,7 +20,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 from .adapters import adapter_for
-from .engine import attribute, explain_continuation
+from .engine import explain
 from .errors import AttributionInputError
 from .heads import (
     CAUSAL_LM,
@@ -31,6 +31,7 @@ from .heads import (
     head_of,
     target_id_of,
 )
+from .request import continuation_request, single_request
 from .result import Attribution, GenerationAttribution, Seq2SeqAttribution
 from .tokens import display_token, display_tokens
 
@@ -379,21 +380,21 @@ class LRPAttributionPipeline(Pipeline):
         if params.get("span_reduce") is not None:
             raise AttributionInputError("span_reduce= needs continuation= or max_new_tokens=")
         if self.kind == IMAGE_CLASSIFICATION:
-            attr = attribute(self.model, target=target, foil=foil, **rules, **model_inputs)
+            attr = explain(single_request(self.model, model_inputs, target=target, foil=foil, **rules))
             return {"rows": [{"attribution": attr[i], "meta": m} for i, m in enumerate(meta)]}
         mask = model_inputs["attention_mask"]
         position = self._explained_position(params.get("position"), mask, model_inputs.get("input_ids"))
-        if self.kind == MASKED_LM:
-            model_inputs = {**model_inputs, "mask_token_id": self.tokenizer.mask_token_id}
-        attr = attribute(
+        # a masked LM's [MASK] id comes from the tokenizer (single_request)
+        request = single_request(
             self.model,
+            model_inputs,
             target=target,
             foil=foil,
             position=position,
             tokenizer=self.tokenizer,
             **rules,
-            **model_inputs,
         )
+        attr = explain(request)
         return {
             "rows": [
                 {"attribution": row.unpad(), "meta": m} for row, m in zip(attr.rows(), meta, strict=True)
@@ -417,7 +418,7 @@ class LRPAttributionPipeline(Pipeline):
             cont = m.get("continuation_ids")
             if cont is not None and max_new_tokens is not None:
                 raise AttributionInputError("pass either continuation= or max_new_tokens=, not both")
-            gen = explain_continuation(
+            request = continuation_request(
                 self.model,
                 model_inputs["input_ids"][i : i + 1],
                 cont,
@@ -429,7 +430,7 @@ class LRPAttributionPipeline(Pipeline):
                 tokenizer=self.tokenizer,
                 **rules,
             )
-            rows.append({"attribution": gen, "meta": m})
+            rows.append({"attribution": explain(request), "meta": m})
         return rows
 
     def postprocess(

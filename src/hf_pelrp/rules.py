@@ -99,6 +99,43 @@ def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
     return value.detach() + (surrogate - surrogate.detach())
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(-x2, x1)`` for ``x = (x1, x2)`` split in halves on the last axis (the LLaMA rotary layout)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _RotationInverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, head_dim: int, scale: float):
+        ctx.save_for_backward(cos, sin)
+        ctx.head_dim, ctx.scale = head_dim, scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        b, t, width = grad.shape
+        g = grad.reshape(b, t, width // ctx.head_dim, ctx.head_dim)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        rotated = (g * c + rotate_half(g) * s) / ctx.scale**2
+        return rotated.reshape(b, t, width), None, None, None, None
+
+
+def rotation_inverse_gradient(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, scale: float = 1.0
+) -> torch.Tensor:
+    """Identity forward; the backward applies the rotation ``R`` to the incoming gradient, divided by ``s^2``.
+
+    ``x`` [B, T, heads * head_dim] is a projection (q or k) before its rotary rotation
+    ``x_rot = x * cos + rotate_half(x) * sin`` (``cos``, ``sin`` [B, T, head_dim], of norm ``s`` =
+    ``scale``), whose backward gives ``R^T g``. Placed on ``x``, this turns it into ``g``: the gradient ``x``
+    would get if the rotation were the identity (``R R^T = s^2 I``). It is the content side of the
+    identity-reference split of a rotary product (docs/positions.md: ``R_x = x . g``, the rest to the angle).
+    """
+    return _RotationInverseGradient.apply(x, cos, sin, head_dim, scale)
+
+
 def rms_norm_identity(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm without its weight, identity rule (AttnLRP Prop. 3.4): ``x * rsqrt(mean(x^2) + eps)``.
 

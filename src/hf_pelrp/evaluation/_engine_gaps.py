@@ -7,8 +7,6 @@ shrinks to re-exports.
 
 - :func:`positional_site` (and :func:`segment_module`) -- where a model's positional tensors enter: read off
   the adapter declaration (:func:`hf_pelrp.adapters.positional_site`), in the shape the position tests use.
-- :func:`rotary_leaf_relevance` -- relevance of each rotary leaf separately (cos vs sin, per layer), read by
-  hooks: an independent check of the engine's own ``position_by_leaf`` map [B, L, 2, T] (the methods use that).
 - :func:`additive_position_gradient` -- the (modified) gradient at an additive position embedding, per hidden
   unit, for the reference-centred position map. Replace by ``LRPConfig(position_reference="mean")``.
 - :func:`positional_leaves` -- plain-gradient leaves at the positional tensors (no LRP rule anywhere), for
@@ -31,7 +29,7 @@ from ..adapters import adapter_for
 from ..adapters import positional_site as engine_positional_site
 from ..errors import UnsupportedModelError
 from ..modules import find_module
-from ..rules import scale_gradient
+from ..rules import rotation_inverse_gradient, scale_gradient
 
 ROTARY = "rotary"
 ADDITIVE = "additive"
@@ -52,8 +50,8 @@ class PositionalSite:
         Rotary: the attention module of each layer, called with ``position_embeddings=(cos, sin)`` ``[B, T, d]``.
     projections
         Rotary, LLaMA layout (``q_proj`` / ``k_proj`` feeding the rotation directly): per layer, the
-        ``(q_proj, k_proj)`` modules whose outputs are rotated (the rule prototype and the diagnostics need them;
-        empty for other layouts).
+        ``(q_proj, k_proj)`` modules whose outputs are rotated (the rule prototype and
+        scripts/position_diagnostics.py need them; empty for other layouts).
     head_dim
         Rotary: the size of one head (the rotated unit).
     attention_scaling
@@ -111,64 +109,9 @@ def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _hidden_batch(args: tuple, kwargs: dict) -> int:
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     return hidden.shape[0]
-
-
-# ------------------------------------------------------------------------------------------- per-leaf relevance
-@contextmanager
-def rotary_leaf_relevance(model: nn.Module) -> Iterator[Callable[[], torch.Tensor]]:
-    """Inside an ``hf_pelrp.lrp(model, positional=True)`` block: yields ``read()``, which after the backward pass
-    returns the relevance of every rotary leaf, ``[B, L, 2, T]`` (index 0: cos, 1: sin), float32.
-
-    A pre-hook on each attention layer, registered after the engine's own, sees the ``(cos, sin)`` leaves the
-    engine made for that layer; ``leaf * leaf.grad`` summed over the head dimension is their relevance.
-    Engine API that replaces it: ``Attribution.position_by_leaf`` (or ``ctx.maps(per_leaf=True)``).
-    """
-    site = positional_site(model)
-    if site.kind != ROTARY:
-        raise ValueError("rotary_leaf_relevance needs a rotary model")
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook_for(layer: int):
-        def hook(_module, _args, kwargs):
-            pe = kwargs.get("position_embeddings")
-            if pe is not None:
-                seen[layer] = pe
-
-        return hook
-
-    handles = [
-        a.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, a in enumerate(site.attention)
-    ]
-
-    def read() -> torch.Tensor:
-        if len(seen) != site.num_layers:
-            raise RuntimeError("no forward pass ran inside rotary_leaf_relevance()")
-        out = []
-        for layer in range(site.num_layers):
-            pair = []
-            for leaf in seen[layer]:
-                r = (
-                    (leaf.detach() * leaf.grad).sum(-1)
-                    if leaf.grad is not None
-                    else leaf.new_zeros(leaf.shape[:-1])
-                )
-                pair.append(r.float())
-            out.append(torch.stack(pair, 1))
-        return torch.stack(out, 1)
-
-    try:
-        yield read
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -256,29 +199,6 @@ def positional_leaves(
 
 
 # ---------------------------------------------------------------------------------------- rotary rule prototype
-class _RotationInverseGradient(torch.autograd.Function):
-    """Identity forward; the backward applies the rotation ``R`` to the incoming gradient (divided by ``s^2``).
-
-    Placed on q (k) before the rotation ``q_rot = R q``, whose backward gives ``R^T g``: this turns it into
-    ``g``, the gradient q would get if the rotation were the identity (``R R^T = s^2 I``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, head_dim, scale):
-        ctx.save_for_backward(cos, sin)
-        ctx.head_dim, ctx.scale = head_dim, scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        b, t, width = grad.shape
-        g = grad.reshape(b, t, width // ctx.head_dim, ctx.head_dim)
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
-        rotated = (g * c + _rotate_half(g) * s) / ctx.scale**2
-        return rotated.reshape(b, t, width), None, None, None, None
-
-
 @contextmanager
 def rotary_split(model: nn.Module, split: str) -> Iterator[Callable[[], torch.Tensor]]:
     """Prototype of the rotary rule variants; use inside ``hf_pelrp.lrp(model, mode, positional=False)``.
@@ -337,7 +257,7 @@ def rotary_split(model: nn.Module, split: str) -> Iterator[Callable[[], torch.Te
             cos, sin = current[layer]
             if split == "reference":
                 # the content path sees the identity rotation: q gets g instead of R^T g
-                return _RotationInverseGradient.apply(output, cos, sin, site.head_dim, scale)
+                return rotation_inverse_gradient(output, cos, sin, site.head_dim, scale)
             return scale_gradient(output, content_factor)
 
         return hook

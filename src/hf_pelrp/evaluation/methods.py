@@ -16,7 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engine import attribute, lrp
+from ..engine import explain as engine_explain
+from ..engine import lrp
+from ..request import single_request
+from ..result import Attribution
 from ._engine_gaps import (
     ROTARY,
     additive_position_gradient,
@@ -186,15 +189,28 @@ def _removal(model: torch.nn.Module, settings: MethodSettings) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- hf_pelrp LRP
+def lrp_attribution(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    target: Any,
+    mode: str | None,
+    positional: bool | None,
+    position: Any = None,
+) -> Attribution:
+    """One explanation request of the engine (rules resolved once, by the request), as every method uses it."""
+    request = single_request(
+        model, inputs, mode=mode, positional=positional, target=target, position=position
+    )
+    return engine_explain(request)
+
+
 def _lrp_units(model, sample, target, mode: str, positional: bool) -> Explanation:
     if _is_vision(sample):
-        attr = attribute(
-            model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=positional
+        attr = lrp_attribution(
+            model, {"pixel_values": sample.inputs["pixel_values"]}, target, mode, positional
         )
         return Explanation(attr.patch_map[0].reshape(-1), attr.pixel_map[0])
-    attr = attribute(
-        model, **sample.inputs, target=target, mode=mode, positional=positional, position=sample.position
-    )
+    attr = lrp_attribution(model, sample.inputs, target, mode, positional, position=sample.position)
     if not positional:
         return Explanation(attr.relevance[0])
     by_layer = attr.position_by_layer[0] if attr.position_by_layer is not None else None
@@ -230,9 +246,7 @@ def _lrp_abs(model, sample, target, mode: str, paper: bool) -> Explanation:
     if _is_vision(sample):
         if paper:
             raise ValueError("the paper recipe for ViT is the *_pe_abs pixel map: use that method")
-        attr = attribute(
-            model, pixel_values=sample.inputs["pixel_values"], target=target, mode=mode, positional=True
-        )
+        attr = lrp_attribution(model, {"pixel_values": sample.inputs["pixel_values"]}, target, mode, True)
         patch, _ = _vision_grid(model, sample)
         # the adapter's pixel_map already holds the position relevance spread over each patch's pixels
         pixels = attr.pixel_map[0].clamp(min=0)

@@ -1,7 +1,7 @@
 """Why does (or doesn't) positional relevance change a faithfulness score? Per-task diagnostics.
 
 For each sample: how large the position map is against the token map, and how much adding it changes the
-order the perturbation tests use. ``python -m hf_pelrp.evaluation.diagnostics configs/TASK.yaml [N]``
+order the perturbation tests use. ``python scripts/position_diagnostics.py configs/TASK.yaml [N]``
 prints the means over the first N samples; ``--rotary CONFIG [N]`` prints :func:`rotary_anatomy`,
 ``--mass CONFIG [N]`` :func:`position_mass` instead.
 """
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..engine import attribute, lrp
-from ..errors import UnsupportedModelError
-from ._engine_gaps import positional_site
-from .methods import MethodSettings, explain
-from .metrics import mean_confidence_interval
-from .runner import load_config
-from .samples import explained_logits
-from .tasks import build_task
+from hf_pelrp.engine import lrp
+from hf_pelrp.errors import UnsupportedModelError
+from hf_pelrp.evaluation._engine_gaps import positional_site
+from hf_pelrp.evaluation.methods import MethodSettings, explain, lrp_attribution
+from hf_pelrp.evaluation.metrics import mean_confidence_interval
+from hf_pelrp.evaluation.runner import load_config
+from hf_pelrp.evaluation.samples import explained_logits
+from hf_pelrp.evaluation.tasks import build_task
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,12 +48,9 @@ def positional_diagnostics(config_path: str | Path, num_samples: int = 50, mode:
         for sample in task.samples[:num_samples]:
             with torch.no_grad():
                 target = int(explained_logits(task.model, sample, sample.inputs)[0].argmax())
-            kwargs = dict(sample.inputs, target=target, mode=mode)
-            if sample.position is not None:
-                kwargs["position"] = sample.position
             # maps on the CPU, where the sample's `allowed` units are
-            pe = attribute(task.model, positional=True, **kwargs).to("cpu")
-            nope = attribute(task.model, positional=False, **kwargs).to("cpu")
+            pe = lrp_attribution(task.model, sample.inputs, target, mode, True, sample.position).to("cpu")
+            nope = lrp_attribution(task.model, sample.inputs, target, mode, False, sample.position).to("cpu")
             if "pixel_values" in sample.inputs:
                 with_pos, without = pe.patch_map[0].flatten(), nope.patch_map[0].flatten()
                 n_special = pe.position.shape[-1] - with_pos.numel()
@@ -170,9 +167,9 @@ def position_mass(
     A faithful position map should be small where removing every position changes nothing (a causal model
     on ``order_ab`` reads the order from the causal mask, not from the positional encoding) and large where
     the prediction depends on positions."""
-    from .families import removal_of
-    from .positions import _scores_with_removed
-    from .tasks import TEXT
+    from hf_pelrp.evaluation.families import removal_of
+    from hf_pelrp.evaluation.positions import _scores_with_removed
+    from hf_pelrp.evaluation.tasks import TEXT
 
     config = load_config(config_path)
     root = Path(config.get("root", Path.cwd()))
@@ -207,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         raise SystemExit(
-            "usage: python -m hf_pelrp.evaluation.diagnostics CONFIG [NUM_SAMPLES] [MODE]  "
+            "usage: python scripts/position_diagnostics.py CONFIG [NUM_SAMPLES] [MODE]  "
             "(or --rotary CONFIG [N], --mass CONFIG [N])"
         )
     if argv[0] == "--mass":
