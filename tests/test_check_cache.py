@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import hf_pelrp
+from helpers.builders import tiny_bert_family, tiny_llama_family
 from hf_pelrp.adapters import base as adapter_base
 from hf_pelrp.errors import UnsupportedModelError
-from helpers.builders import tiny_bert_family, tiny_llama_family
 
 
 class _Unknown(nn.Module):

@@ -332,9 +332,19 @@ class _Checker:
         return self.with_eos(out)
 
     def attribute(self, inputs: dict[str, Any], mode: str, positional: bool = True):
-        from .engine import attribute
+        from .engine import explain
+        from .request import single_request
 
-        return attribute(self.model, **inputs, mode=mode, positional=positional)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("position", "mask_token_id")}
+        request = single_request(
+            self.model,
+            model_inputs,
+            mode=mode,
+            positional=positional,
+            position=inputs.get("position"),
+            mask_token_id=inputs.get("mask_token_id"),
+        )
+        return explain(request)
 
     # ---- the properties -----------------------------------------------------------------------------------
 
