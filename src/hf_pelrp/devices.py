@@ -87,7 +87,9 @@ def weights_on_device(module: torch.nn.Module) -> Iterator[None]:
     The tensors created inside the block stay referenced by the autograd graph of whatever uses them, exactly
     as the ones of the module's own forward do.
     """
-    if not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+    # offloaded weights come with accelerate's hook; without one there is nothing to load (a module with meta
+    # weights and no hook fails in its own forward, before any rule runs)
+    if "_hf_hook" not in module.__dict__ or not any(p.is_meta for p in module.parameters(recurse=False)):
         yield
         return
     from accelerate.utils import align_module_device, has_offloaded_params
