@@ -1,0 +1,117 @@
+"""Vision-language models whose language model is a declared decoder, explained on text-only inputs
+(``gemma3``: ``Gemma3ForConditionalGeneration``, ``Gemma3ForSequenceClassification``).
+
+The language model of Gemma 3's multimodal checkpoints (4B, 12B, 27B) is the ``gemma3_text`` decoder
+(:mod:`hf_pelrp.adapters.gemma`): ``(1 + w)`` RMSNorms, per-head q / k norms, GeGLU MLPs, sliding-window and
+global layers with their own rotary tables. (The multimodal head does not soft-cap its logits, even where
+the text config sets ``final_logit_softcapping``: only ``Gemma3ForCausalLM`` does.) Wrapped in ``Gemma3Model`` it
+reads its input embeddings from ``language_model.embed_tokens`` and runs exactly the text decoder when no image
+is given, so the rules and leaves are the text decoder's, one level down.
+
+Images are refused (:class:`~hf_pelrp.adapters.qwen2_vl.TextOnlyInputs`): the SigLIP vision tower and the
+multimodal projector have no declared rules, and image placeholder tokens (``config.image_token_id``) in the
+text are refused too. The vision classes are accepted by the declaration only because the inputs check makes
+sure that they never run. ``token_type_ids`` (which mark image tokens for the bidirectional image mask) are
+refused as well: on text they carry nothing, and a nonzero one would change the mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import AttributionInputError
+from ..heads import CAUSAL_LM, SEQUENCE_CLASSIFICATION, register_head_class
+from ..inputs import Prepared, scaled_rotary_limit
+from .base import register_adapter
+from .gemma import _TINY_ALTERNATING
+from .llama import TINY_DECODER, llama_like
+from .norms import rms_norm_one_plus
+from .qwen2_vl import TextOnlyInputs
+
+#: SigLIP's vision tower and Gemma 3's projector: never run (images are refused)
+_SIGLIP = (
+    "SiglipVisionModel",
+    "SiglipVisionEmbeddings",
+    "SiglipEncoder",
+    "SiglipEncoderLayer",
+    "SiglipAttention",
+    "SiglipMLP",
+    "SiglipMultiheadAttentionPoolingHead",
+    "Gemma3MultiModalProjector",
+    "GELUTanh",
+    "LayerNorm",
+    "Conv2d",
+    "AvgPool2d",
+    "MultiheadAttention",
+    "NonDynamicallyQuantizableLinear",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3TextOnlyInputs(TextOnlyInputs):
+    """Text-only inputs of Gemma 3's multimodal models: also refuses ``token_type_ids`` marking image tokens."""
+
+    placeholders: tuple[str, ...] = ("image_token_id",)
+
+    def validate(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Prepared:
+        types = inputs.get("token_type_ids")
+        if types is not None and bool((torch.as_tensor(types) != 0).any()):
+            raise AttributionInputError(
+                f"token_type_ids mark image tokens, but {type(model).__name__} is explained on text-only inputs "
+                "(hf_pelrp has no rules for its vision tower). Leave token_type_ids out for text."
+            )
+        inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+        return super().validate(model, inputs)
+
+
+def _text_limit(config: Any) -> int | None:
+    return scaled_rotary_limit(config.get_text_config())
+
+
+register_head_class("gemma3", "Gemma3ForConditionalGeneration", CAUSAL_LM)
+_TEXT = {k: v for k, v in TINY_DECODER.items() if k != "num_labels"}
+
+GEMMA3 = register_adapter(
+    dataclasses.replace(
+        llama_like(
+            ("gemma3",),
+            "Gemma3",
+            norms={"Gemma3RMSNorm": rms_norm_one_plus},
+            modules=(
+                "Gemma3ForConditionalGeneration",
+                "Gemma3TextModel",
+                "Gemma3TextScaledWordEmbedding",
+                *_SIGLIP,
+            ),
+            heads=(CAUSAL_LM, SEQUENCE_CLASSIFICATION),
+            inputs=Gemma3TextOnlyInputs(position_ids="count", max_positions=_text_limit),
+            name="gemma3",
+        ),
+        layers="language_model.layers",
+        embeddings={"language_model.embed_tokens": ("token",)},
+        # the vision tower's position table: never runs (images are refused)
+        constants=("vision_tower.embeddings.position_embedding",),
+        tiny={
+            # final_logit_softcapping set on purpose: Gemma3ForConditionalGeneration does not apply it
+            # (transformers 5.25 soft-caps only in Gemma3ForCausalLM), so no rule must be attached for it
+            "text_config": {**_TEXT, **_TINY_ALTERNATING, "final_logit_softcapping": 3.0},
+            "vision_config": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 14,
+            },
+            "mm_tokens_per_image": 4,
+            "num_labels": 3,
+            # placeholder ids outside the tiny vocabulary, so that random text never holds one
+            "image_token_index": 1000,
+            "boi_token_index": 1001,
+            "eoi_token_index": 1002,
+        },
+    )
+)
