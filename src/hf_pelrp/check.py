@@ -193,6 +193,7 @@ def _per_layer(config: PretrainedConfig) -> dict[str, list | tuple]:
 def _layer_kinds(config: PretrainedConfig) -> list[int]:
     """The first layer of each kind: layers whose per-layer entries (global / sliding, rotary / NoPE, ...) all
     agree are of one kind."""
+    config = _layered(config)
     lists = _per_layer(config)
     first: dict[tuple, int] = {}
     for index in range(getattr(config, "num_hidden_layers", 1) if lists else 1):
@@ -200,8 +201,27 @@ def _layer_kinds(config: PretrainedConfig) -> list[int]:
     return sorted(first.values())
 
 
+def _layered(config: PretrainedConfig) -> PretrainedConfig:
+    """The config that counts the layers: ``config``, or the text config of a wrapper that has none itself (a
+    vision-language model explained on text)."""
+    if isinstance(getattr(config, "num_hidden_layers", None), int):
+        return config
+    text = config.get_text_config()
+    return text if text is not config else config
+
+
 def _one_layer(config: PretrainedConfig, index: int = 0) -> PretrainedConfig | None:
-    """``config`` with one layer: per-layer lists (layer types, NoPE flags, ...) cut to their ``index``-th entry."""
+    """``config`` with one layer: per-layer lists (layer types, NoPE flags, ...) cut to their ``index``-th entry
+    (in its text config, for a wrapper whose text config counts the layers)."""
+    text = _layered(config)
+    if text is not config:
+        names = [k for k, v in vars(config).items() if v is text]
+        one_text = _one_layer(text, index)
+        if not names or one_text is None:
+            return None
+        wrapper = copy.deepcopy(config)
+        setattr(wrapper, names[0], one_text)
+        return wrapper
     layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 1:
         return None

@@ -25,7 +25,8 @@ import torch
 from ..errors import AttributionInputError
 from ..heads import CAUSAL_LM, SEQUENCE_CLASSIFICATION, register_head_class
 from ..inputs import Prepared, scaled_rotary_limit
-from .base import register_adapter
+from ..positions import Rotary
+from .base import _REGISTRY, Adapter, register_adapter
 from .gemma import _TINY_ALTERNATING
 from .llama import TINY_DECODER, llama_like
 from .norms import rms_norm_one_plus
@@ -115,3 +116,248 @@ GEMMA3 = register_adapter(
         },
     )
 )
+
+
+# ---- vision-language wrappers of a declared decoder ------------------------------------------------------------
+
+#: the tiny vision tower of check_adapter's instances (it never runs: images are refused)
+_TINY_VISION = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 28,
+    "patch_size": 14,
+}
+#: placeholder-token attributes of vision-language configs, set outside the tiny vocabulary so that random text
+#: never holds one
+_PLACEHOLDERS = {
+    "image_token_id": 1000,
+    "image_token_index": 1000,
+    "video_token_id": 1001,
+    "video_token_index": 1001,
+}
+
+
+def _on_text_config(limit: Any) -> Any:
+    if limit is None:
+        return None
+    return lambda config: limit(config.get_text_config())
+
+
+def text_only_vlm(
+    model_type: str,
+    prefix: str,
+    text: Adapter,
+    vision: tuple[str, ...],
+    *,
+    language_model: str = "language_model",
+    constants: tuple[str, ...] = (),
+    sub_configs: tuple[str, ...] = ("vision_config",),
+    placeholders: tuple[str, ...] = ("image_token_id",),
+    tiny: dict[str, Any] | None = None,
+) -> Adapter:
+    """The declaration of a vision-language ``{prefix}ForConditionalGeneration`` whose language model (at
+    ``{base}.{language_model}``) is the decoder ``text`` declares, explained on text-only inputs.
+
+    The rules, norms, gated products and positions are the text decoder's, one level down; the wrapper's own
+    classes and ``vision`` (its vision tower and projector, which never run: images are refused) are accepted
+    by name, ``constants`` names the vision tower's embedding tables. check_adapter proves it on a tiny
+    instance (the text decoder's tiny config, a one-layer vision tower).
+    """
+    register_head_class(model_type, f"{prefix}ForConditionalGeneration", CAUSAL_LM)
+    if not isinstance(text.positions, Rotary):
+        raise ValueError(f"{text.name}: text_only_vlm re-roots rotary decoders only")
+    lm = language_model
+    inputs = TextOnlyInputs(
+        position_ids=text.inputs.position_ids,
+        max_positions=_on_text_config(text.inputs.max_positions),
+        placeholders=placeholders,
+    )
+    tiny_text = {k: v for k, v in text.tiny.items() if k != "num_labels"}
+    return dataclasses.replace(
+        text,
+        model_types=(model_type,),
+        name=model_type,
+        layers=f"{lm}.{text.layers}",
+        embeddings={f"{lm}.{path}": leaves for path, leaves in text.embeddings.items()},
+        constants=(*(f"{lm}.{path}" for path in text.constants), *constants),
+        modules=(
+            *text.modules,
+            f"{prefix}ForConditionalGeneration",
+            f"{prefix}Model",
+            f"{prefix}MultiModalProjector",
+            *vision,
+        ),
+        inputs=inputs,
+        heads=(CAUSAL_LM,),
+        tiny={
+            "text_config": tiny_text,
+            **{name: dict(_TINY_VISION) for name in sub_configs},
+            **{name: _PLACEHOLDERS[name] for name in placeholders},
+            **(tiny or {}),
+        },
+    )
+
+
+_CLIP = (
+    "CLIPVisionModel",
+    "CLIPVisionEmbeddings",
+    "CLIPEncoder",
+    "CLIPEncoderLayer",
+    "CLIPAttention",
+    "CLIPMLP",
+    "QuickGELUActivation",
+    "LayerNorm",
+    "Conv2d",
+)
+_SIGLIP_TOWER = (
+    "SiglipVisionModel",
+    "SiglipVisionEmbeddings",
+    "SiglipEncoder",
+    "SiglipEncoderLayer",
+    "SiglipAttention",
+    "SiglipMLP",
+    "SiglipMultiheadAttentionPoolingHead",
+    "MultiheadAttention",
+    "NonDynamicallyQuantizableLinear",
+    "GELUTanh",
+    "LayerNorm",
+    "Conv2d",
+)
+_PIXTRAL = (
+    "PixtralVisionModel",
+    "PixtralTransformer",
+    "PixtralAttentionLayer",
+    "PixtralAttention",
+    "PixtralMLP",
+    "PixtralRMSNorm",
+    "PixtralVisionRotaryEmbedding",
+    "Conv2d",
+)
+_TOWER_TABLE = ("vision_tower.embeddings.position_embedding",)
+
+for _type, _prefix, _text, _vision, _extra in (
+    ("llava", "Llava", "llama", _CLIP, {}),
+    ("llava_next", "LlavaNext", "llama", _CLIP, {}),
+    ("vipllava", "VipLlava", "llama", _CLIP, {}),
+    (
+        "llava_next_video",
+        "LlavaNextVideo",
+        "llama",
+        (*_CLIP, "LlavaNextVideoPooler", "AvgPool2d"),
+        {"placeholders": ("image_token_id", "video_token_id")},
+    ),
+    (
+        "llava_onevision",
+        "LlavaOnevision",
+        "qwen2",
+        _SIGLIP_TOWER,
+        {"placeholders": ("image_token_id", "video_token_id")},
+    ),
+    (
+        "mistral3",
+        "Mistral3",
+        "mistral",
+        (*_PIXTRAL, "Mistral3PatchMerger", "Mistral3RMSNorm"),
+        {"constants": ()},
+    ),
+    ("aya_vision", "AyaVision", "cohere2", _SIGLIP_TOWER, {}),
+    (
+        "internvl",
+        "InternVL",
+        "qwen2",
+        (
+            "InternVLVisionModel",
+            "InternVLVisionEmbeddings",
+            "InternVLVisionPatchEmbeddings",
+            "InternVLVisionEncoder",
+            "InternVLVisionLayer",
+            "InternVLVisionAttention",
+            "InternVLVisionMLP",
+            "LayerNorm",
+            "Conv2d",
+            "Identity",
+            "Dropout",
+        ),
+        {"constants": ()},
+    ),
+):
+    register_adapter(
+        text_only_vlm(
+            _type,
+            _prefix,
+            _REGISTRY[_text],
+            _vision,
+            **{"constants": _TOWER_TABLE, **_extra},
+        )
+    )
+
+_IDEFICS3_TOWER = (
+    "{p}VisionTransformer",
+    "{p}VisionEmbeddings",
+    "{p}Encoder",
+    "{p}EncoderLayer",
+    "{p}VisionAttention",
+    "{p}VisionMLP",
+    "{p}Connector",
+    "{p}SimpleMLP",
+    "GELUTanh",
+    "LayerNorm",
+    "Conv2d",
+)
+for _type, _prefix, _text, _vision, _extra in (
+    (
+        "video_llava",
+        "VideoLlava",
+        "llama",
+        _CLIP,
+        {
+            "constants": (
+                "image_tower.embeddings.position_embedding",
+                "video_tower.embeddings.position_embedding",
+            ),
+            "sub_configs": ("vision_config",),
+            "placeholders": ("image_token_id", "video_token_id"),
+        },
+    ),
+    ("cohere2_vision", "Cohere2Vision", "cohere2", (*_SIGLIP_TOWER, "SiLU"), {}),
+    (
+        "lighton_ocr",
+        "LightOnOcr",
+        "qwen3",
+        (*_PIXTRAL, "LightOnOcrPatchMerger", "LightOnOcrRMSNorm", "GELU"),
+        {"constants": ()},
+    ),
+    (
+        "smolvlm",
+        "SmolVLM",
+        "llama",
+        tuple(c.format(p="SmolVLM") for c in _IDEFICS3_TOWER),
+        {
+            "language_model": "text_model",
+            "constants": ("vision_model.embeddings.position_embedding",),
+            "tiny": {"pad_token_id": 0},
+        },
+    ),
+    (
+        "idefics3",
+        "Idefics3",
+        "llama",
+        tuple(c.format(p="Idefics3") for c in _IDEFICS3_TOWER),
+        {
+            "language_model": "text_model",
+            "constants": ("vision_model.embeddings.position_embedding",),
+            "tiny": {"pad_token_id": 0},
+        },
+    ),
+):
+    register_adapter(
+        text_only_vlm(
+            _type,
+            _prefix,
+            _REGISTRY[_text],
+            _vision,
+            **{"constants": _TOWER_TABLE, **_extra},
+        )
+    )

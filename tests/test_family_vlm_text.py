@@ -1,0 +1,108 @@
+"""Vision-language models whose language model is a declared decoder, explained on text-only inputs (Gemma 3,
+LLaVA and its variants, Mistral 3, SmolVLM / Idefics 3, ...).
+
+On text the wrapper runs exactly its language model, so its maps must equal those of the text decoder's own
+``*ForCausalLM`` with the same weights (a declared, check_adapter-proven family): token, position and
+per-layer position maps, both modes. Images, image placeholder tokens and image token types are refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import hf_pelrp
+from hf_pelrp import AttributionInputError
+from hf_pelrp.check import tiny_config
+from hf_pelrp.heads import head_kind
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+#: vision-language type -> (its class, where its language model sits under ``model.``)
+CASES = {
+    "gemma3": ("Gemma3ForConditionalGeneration", "language_model"),
+    "llava": ("LlavaForConditionalGeneration", "language_model"),
+    "mistral3": ("Mistral3ForConditionalGeneration", "language_model"),
+    "aya_vision": ("AyaVisionForConditionalGeneration", "language_model"),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "text_model"),
+}
+
+
+def _pair(model_type: str):
+    """A tiny vision-language model and its text decoder's ``*ForCausalLM`` with the same weights (float64)."""
+    class_name, lm = CASES[model_type]
+    config = tiny_config(model_type)
+    config.get_text_config().initializer_range = 0.15
+    # Gemma3ForCausalLM soft-caps its logits, the multimodal head does not: compare without the cap
+    config.get_text_config().final_logit_softcapping = None
+    torch.manual_seed(0)
+    vl = getattr(transformers, class_name)(config).double().eval()
+    with torch.no_grad():  # random-init norms are constant: perturb them so the norm rules are exercised
+        for name, p in vl.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    plain = AutoModelForCausalLM.from_config(config.get_text_config()).double().eval()
+    state = {
+        ("model." + k.removeprefix(f"model.{lm}.") if k.startswith(f"model.{lm}.") else k): v
+        for k, v in vl.state_dict().items()
+        if k.startswith(f"model.{lm}.") or k == "lm_head.weight"
+    }
+    loaded = plain.load_state_dict(state, strict=False)
+    assert not loaded.unexpected_keys
+    assert not [k for k in loaded.missing_keys if k != "lm_head.weight"]  # (tied where the text config ties)
+    return vl, plain
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_text_only_maps_equal_the_text_decoder_with_the_same_weights(model_type, mode):
+    vl, plain = _pair(model_type)
+    assert head_kind(vl) == "causal_lm"
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 97, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    ids = ids * mask
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vl(input_ids=ids, attention_mask=mask).logits,
+            plain(input_ids=ids, attention_mask=mask).logits,
+            rtol=0,
+            atol=1e-10,
+        )
+    got = hf_pelrp.attribute(vl, ids, attention_mask=mask, mode=mode)
+    want = hf_pelrp.attribute(plain, ids, attention_mask=mask, mode=mode, target=got.target)
+    scale = float(want.token.abs().max())
+    assert scale > 0
+    for name in ("token", "position", "position_by_layer"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-9 * scale)
+    if mode == "attnlrp":
+        assert float(got.position.abs().max()) > 1e-6 * scale  # the positions carry relevance
+
+
+def test_images_and_placeholders_are_refused():
+    config = tiny_config("llava")
+    config.image_token_id = 5
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).double().eval()
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with pytest.raises(AttributionInputError, match="text-only.*pixel_values"):
+        hf_pelrp.attribute(model, ids, pixel_values=torch.zeros(1, 3, 28, 28, dtype=torch.float64))
+    with pytest.raises(AttributionInputError, match="image placeholder token 5"):
+        hf_pelrp.attribute(model, torch.tensor([[4, 5, 15, 16]]))
+
+
+def test_gemma3_refuses_image_token_types_and_accepts_zero_ones():
+    config = tiny_config("gemma3")
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).double().eval()
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    types = torch.zeros_like(ids)
+    plain = hf_pelrp.attribute(model, ids)
+    zeros = hf_pelrp.attribute(model, ids, token_type_ids=types)
+    torch.testing.assert_close(zeros.token, plain.token, rtol=0, atol=0)
+    types[0, 2] = 1
+    with pytest.raises(AttributionInputError, match="token_type_ids mark image tokens"):
+        hf_pelrp.attribute(model, ids, token_type_ids=types)
