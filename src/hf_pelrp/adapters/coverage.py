@@ -244,7 +244,10 @@ def coverage_table() -> str:
         lines.append(f"- refused, {reason}: " + ", ".join(where))
     for row in rows:
         if row.not_probed:
-            lines.append(f"- {row.head}, not probed: " + ", ".join(f"`{t}`" for t in row.not_probed))
+            lines.append(
+                f"- {row.head}, not probed (no tiny instance of its default config could be built with the "
+                "generic sizes): " + ", ".join(f"`{t}`" for t in row.not_probed)
+            )
     for row in rows:
         if row.other_heads:
             lines.append(
