@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from hf_pelrp.adapters import coverage
 from hf_pelrp.adapters import _coverage_probes as stored
+from hf_pelrp.adapters import coverage
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 needs_stored = pytest.mark.skipif(
-    stored.TRANSFORMERS != transformers.__version__,
+    transformers.__version__ != stored.TRANSFORMERS,
     reason=f"the probes are stored for transformers {stored.TRANSFORMERS}",
 )
 
