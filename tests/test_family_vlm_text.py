@@ -27,6 +27,8 @@ CASES = {
     "mistral3": ("Mistral3ForConditionalGeneration", "language_model"),
     "aya_vision": ("AyaVisionForConditionalGeneration", "language_model"),
     "smolvlm": ("SmolVLMForConditionalGeneration", "text_model"),
+    "idefics2": ("Idefics2ForConditionalGeneration", "text_model"),
+    "fuyu": ("FuyuForCausalLM", "language_model"),
 }
 
 
@@ -90,6 +92,8 @@ def test_images_and_placeholders_are_refused():
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with pytest.raises(AttributionInputError, match="text-only.*pixel_values"):
         hf_pelrp.attribute(model, ids, pixel_values=torch.zeros(1, 3, 28, 28, dtype=torch.float64))
+    with pytest.raises(AttributionInputError, match="text-only.*image_sizes"):
+        hf_pelrp.attribute(model, ids, image_sizes=torch.tensor([[28, 28]]))
     with pytest.raises(AttributionInputError, match="image placeholder token 5"):
         hf_pelrp.attribute(model, torch.tensor([[4, 5, 15, 16]]))
 

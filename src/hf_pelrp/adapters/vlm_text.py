@@ -156,6 +156,7 @@ def text_only_vlm(
     sub_configs: tuple[str, ...] = ("vision_config",),
     placeholders: tuple[str, ...] = ("image_token_id",),
     tiny: dict[str, Any] | None = None,
+    head_class: str | None = None,
 ) -> Adapter:
     """The declaration of a vision-language ``{prefix}ForConditionalGeneration`` whose language model (at
     ``{base}.{language_model}``) is the decoder ``text`` declares, explained on text-only inputs.
@@ -165,7 +166,8 @@ def text_only_vlm(
     by name, ``constants`` names the vision tower's embedding tables. check_adapter proves it on a tiny
     instance (the text decoder's tiny config, a one-layer vision tower).
     """
-    register_head_class(model_type, f"{prefix}ForConditionalGeneration", CAUSAL_LM)
+    head_class = head_class or f"{prefix}ForConditionalGeneration"
+    register_head_class(model_type, head_class, CAUSAL_LM)
     if not isinstance(text.positions, Rotary):
         raise ValueError(f"{text.name}: text_only_vlm re-roots rotary decoders only")
     lm = language_model
@@ -184,7 +186,7 @@ def text_only_vlm(
         constants=(*(f"{lm}.{path}" for path in text.constants), *constants),
         modules=(
             *text.modules,
-            f"{prefix}ForConditionalGeneration",
+            head_class,
             f"{prefix}Model",
             f"{prefix}MultiModalProjector",
             *vision,
@@ -350,6 +352,78 @@ for _type, _prefix, _text, _vision, _extra in (
             "constants": ("vision_model.embeddings.position_embedding",),
             "tiny": {"pad_token_id": 0},
         },
+    ),
+):
+    register_adapter(
+        text_only_vlm(
+            _type,
+            _prefix,
+            _REGISTRY[_text],
+            _vision,
+            **{"constants": _TOWER_TABLE, **_extra},
+        )
+    )
+
+_SIGLIP_PLAIN = tuple(c for c in _SIGLIP_TOWER if c != "SiglipMultiheadAttentionPoolingHead")
+for _type, _prefix, _text, _vision, _extra in (
+    (
+        "got_ocr2",
+        "GotOcr2",
+        "qwen2",
+        (
+            "GotOcr2VisionEncoder",
+            "GotOcr2PatchEmbeddings",
+            "GotOcr2VisionLayer",
+            "GotOcr2VisionAttention",
+            "GotOcr2MLPBlock",
+            "GotOcr2VisionNeck",
+            "GotOcr2LayerNorm",
+            "GELUActivation",
+            "LayerNorm",
+            "Conv2d",
+        ),
+        {"constants": ()},
+    ),
+    (
+        "idefics2",
+        "Idefics2",
+        "mistral",
+        (
+            "Idefics2VisionTransformer",
+            "Idefics2VisionEmbeddings",
+            "Idefics2Encoder",
+            "Idefics2EncoderLayer",
+            "Idefics2VisionAttention",
+            "Idefics2VisionMLP",
+            "Idefics2Connector",
+            "Idefics2MLP",
+            "Idefics2PerceiverResampler",
+            "Idefics2PerceiverLayer",
+            "Idefics2PerceiverAttention",
+            "Idefics2RMSNorm",
+            "GELUTanh",
+            "LayerNorm",
+            "Conv2d",
+        ),
+        {
+            "language_model": "text_model",
+            "constants": ("vision_model.embeddings.position_embedding",),
+            "tiny": {"pad_token_id": 0},
+        },
+    ),
+    (
+        "deepseek_vl",
+        "DeepseekVL",
+        "llama",
+        (*_SIGLIP_TOWER, "DeepseekVLAligner", "GELU"),
+        {"constants": ("vision_model.embeddings.position_embedding",)},
+    ),
+    (
+        "fuyu",
+        "Fuyu",
+        "persimmon",
+        ("Dropout",),
+        {"constants": (), "head_class": "FuyuForCausalLM", "sub_configs": ()},
     ),
 ):
     register_adapter(
