@@ -29,6 +29,9 @@ CASES = {
     "smolvlm": ("SmolVLMForConditionalGeneration", "text_model"),
     "idefics2": ("Idefics2ForConditionalGeneration", "text_model"),
     "fuyu": ("FuyuForCausalLM", "language_model"),
+    "kimi_k25": ("Kimi_K25ForConditionalGeneration", "language_model"),  # DeepSeek-V3: latent attention, MoE
+    "aria": ("AriaForConditionalGeneration", "language_model"),  # a mixture of experts
+    "exaone4_5": ("Exaone4_5_ForConditionalGeneration", "language_model"),  # sliding-window layers
 }
 
 

@@ -157,6 +157,7 @@ def text_only_vlm(
     placeholders: tuple[str, ...] = ("image_token_id",),
     tiny: dict[str, Any] | None = None,
     head_class: str | None = None,
+    text_type: str | None = None,
 ) -> Adapter:
     """The declaration of a vision-language ``{prefix}ForConditionalGeneration`` whose language model (at
     ``{base}.{language_model}``) is the decoder ``text`` declares, explained on text-only inputs.
@@ -177,6 +178,10 @@ def text_only_vlm(
         placeholders=placeholders,
     )
     tiny_text = {k: v for k, v in text.tiny.items() if k != "num_labels"}
+    if text_type is not None:  # configs that build their text config from the dict's model_type
+        tiny_text["model_type"] = text_type
+    # a wrapper hands its experts implementation down to its text config (grouped_mm has no float64 kernel)
+    experts = {"experts_implementation": "eager"} if "experts_implementation" in tiny_text else {}
     return dataclasses.replace(
         text,
         model_types=(model_type,),
@@ -197,6 +202,7 @@ def text_only_vlm(
             "text_config": tiny_text,
             **{name: dict(_TINY_VISION) for name in sub_configs},
             **{name: _PLACEHOLDERS[name] for name in placeholders},
+            **experts,
             **(tiny or {}),
         },
     )
@@ -424,6 +430,177 @@ for _type, _prefix, _text, _vision, _extra in (
         "persimmon",
         ("Dropout",),
         {"constants": (), "head_class": "FuyuForCausalLM", "sub_configs": ()},
+    ),
+):
+    register_adapter(
+        text_only_vlm(
+            _type,
+            _prefix,
+            _REGISTRY[_text],
+            _vision,
+            **{"constants": _TOWER_TABLE, **_extra},
+        )
+    )
+
+for _type, _prefix, _text, _vision, _extra in (
+    (
+        "kimi_k25",
+        "Kimi_K25",
+        "deepseek_v3",
+        (
+            "Kimi_K25VisionModel",
+            "Kimi_K25VisionPatchEmbed",
+            "Kimi_K25VisionPositionEmbeddings",
+            "Kimi_K25VisionRotaryEmbedding",
+            "Kimi_K25VisionEncoderLayer",
+            "Kimi_K25VisionAttention",
+            "Kimi_K25VisionMLP",
+            "Kimi_K25MultimodalProjection",
+            "GELU",
+            "GELUTanh",
+            "LayerNorm",
+            "Conv2d",
+        ),
+        {"constants": ()},
+    ),
+    (
+        "exaone4_5",
+        "Exaone4_5_",
+        "exaone4",
+        (
+            "Exaone4_5_VisionModel",
+            "Exaone4_5_PatchEmbed",
+            "Exaone4_5_PatchMerger",
+            "Exaone4_5_VisionBlock",
+            "Exaone4_5_VisionAttention",
+            "Exaone4_5_VisionRotaryEmbedding",
+            "Exaone4_5_MLP",
+            "Exaone4_5_RMSNorm",
+            "Sequential",
+            "GELU",
+            "Conv3d",
+        ),
+        {"constants": (), "text_type": "exaone4"},
+    ),
+    (
+        "hyperclovax_vision_v2",
+        "HyperCLOVAXVisionV2",
+        "hyperclovax",
+        (
+            "Qwen2_5_VisionTransformerPretrainedModel",
+            "Qwen2_5_VisionPatchEmbed",
+            "Qwen2_5_VLPatchMerger",
+            "Qwen2_5_VLVisionBlock",
+            "Qwen2_5_VLVisionAttention",
+            "Qwen2_5_VLVisionRotaryEmbedding",
+            "Qwen2_5_VLMLP",
+            "Qwen2_5_VLRMSNorm",
+            "Sequential",
+            "GELU",
+            "Conv3d",
+        ),
+        {"constants": ()},
+    ),
+    (
+        "video_llama_3",
+        "VideoLlama3",
+        "qwen2",
+        (
+            "VideoLlama3VisionModel",
+            "VideoLlama3VisionEmbeddings",
+            "VideoLlama3VisionEncoder",
+            "VideoLlama3VisionEncoderLayer",
+            "VideoLlama3VisionAttention",
+            "VideoLlama3VisionMLP",
+            "VideoLlama3VisionRotaryEmbedding",
+            "VideoLlama3Projector",
+            "Sequential",
+            "GELU",
+            "GELUTanh",
+            "LayerNorm",
+            "Conv2d",
+        ),
+        {"constants": (), "placeholders": ("image_token_id", "video_token_id")},
+    ),
+    (
+        "qianfan_ocr",
+        "QianfanOCR",
+        "qwen3",
+        (
+            "QianfanOCRVisionModel",
+            "QianfanOCRVisionEmbeddings",
+            "QianfanOCRVisionPatchEmbeddings",
+            "QianfanOCRVisionLayer",
+            "QianfanOCRVisionAttention",
+            "QianfanOCRVisionMLP",
+            "GELUActivation",
+            "LayerNorm",
+            "Conv2d",
+            "Identity",
+            "Dropout",
+        ),
+        {"constants": ()},
+    ),
+    (
+        "pp_chart2table",  # GOT-OCR 2 classes under another model type
+        "GotOcr2",
+        "qwen2",
+        (
+            "GotOcr2VisionEncoder",
+            "GotOcr2PatchEmbeddings",
+            "GotOcr2VisionLayer",
+            "GotOcr2VisionAttention",
+            "GotOcr2MLPBlock",
+            "GotOcr2VisionNeck",
+            "GotOcr2LayerNorm",
+            "GELUActivation",
+            "LayerNorm",
+            "Conv2d",
+        ),
+        {"constants": ()},
+    ),
+    (
+        "aria",
+        "Aria",
+        "aria_text",
+        (
+            "Idefics3VisionTransformer",
+            "Idefics3VisionEmbeddings",
+            "Idefics3Encoder",
+            "Idefics3EncoderLayer",
+            "Idefics3VisionAttention",
+            "Idefics3VisionMLP",
+            "AriaProjector",
+            "AriaProjectorMLP",
+            "AriaCrossAttention",
+            "MultiheadAttention",
+            "NonDynamicallyQuantizableLinear",
+            "NewGELUActivation",
+            "GELUTanh",
+            "LayerNorm",
+            "Conv2d",
+            "Dropout",
+        ),
+        {},
+    ),
+    (
+        "ovis2_5",
+        "Ovis2_5",
+        "qwen3",
+        (
+            "Ovis2_5VisionModel",
+            "Ovis2_5VisionEmbeddings",
+            "Ovis2_5VisionEncoderLayer",
+            "Ovis2_5VisionAttention",
+            "Ovis2_5VisionMLP",
+            "Ovis2_5VisionRotaryEmbedding",
+            "Ovis2_5VisualEmbeddingProjection",
+            "Ovis2_5VisualTokenProjector",
+            "GELUTanh",
+            "LayerNorm",
+            "Conv2d",
+        ),
+        {},
     ),
 ):
     register_adapter(
