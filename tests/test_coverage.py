@@ -34,7 +34,7 @@ def test_the_stored_probes_are_those_of_the_current_registry():
     "key",
     [
         "causal_lm:bert-generation",  # an encoder: refused by the inference, naming the attention module
-        "seq2seq_lm:t5gemma",  # a composite model
+        "seq2seq_lm:qwen2_audio",  # a composite model (an audio tower and a language model)
         "causal_lm:dory",  # the probe instance does not run
     ],
 )
@@ -73,6 +73,6 @@ def test_the_table_counts_each_type_once_and_states_the_total():
 
 
 def test_a_composite_model_is_refused_by_the_inference_with_that_reason():
-    status, detail = coverage.probe_inference("seq2seq_lm", "t5gemma")
+    status, detail = coverage.probe_inference("seq2seq_lm", "qwen2_audio")
     assert status == coverage.REFUSED
-    assert "composite model" in detail and "T5GemmaForConditionalGeneration" in detail
+    assert "composite model" in detail and "Qwen2AudioForConditionalGeneration" in detail

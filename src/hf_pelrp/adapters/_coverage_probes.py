@@ -72,14 +72,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "not probed",
         "its default config shrunk with the generic sizes still has 137,412,368 parameters",
     ),
-    "causal_lm:fuyu": (
-        "refused",
-        "FuyuForCausalLM: a composite model (its config has no num_hidden_layers of its own: "
-        "sub-models such as a vision tower, an encoder and a decoder, or a wrapped language "
-        "model); the inference covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is covered by the "
-        "rules.",
-    ),
     "causal_lm:gemma4": (
         "not probed",
         "no tiny instance from its default config (AmbiguousGlobalPerLayerAttributeError: "
@@ -148,14 +140,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "of GitForCausalLM: bidirectional (encoder) attention: the inference covers causal "
         "decoders only. Declare the model type explicitly (register_adapter, see the README's "
         "'Adding an architecture') if it is covered by the rules.",
-    ),
-    "causal_lm:got_ocr2": (
-        "refused",
-        "GotOcr2ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an encoder and a "
-        "decoder, or a wrapped language model); the inference covers a single decoder stack. "
-        "Declare the model type explicitly (register_adapter, see the README's 'Adding an "
-        "architecture') if it is covered by the rules.",
     ),
     "causal_lm:hrm_text": (
         "refused",
@@ -251,11 +235,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "written inline). Declare the model type explicitly (register_adapter, see the README's "
         "'Adding an architecture') if it is covered by the rules.",
     ),
-    "causal_lm:whisper": (
-        "not probed",
-        "no tiny instance from its default config (ValueError: embed_dim must be divisible by "
-        "num_heads (got `embed_dim`: 32 and `num_heads`: 6).)",
-    ),
     "image_classification:donut-swin": (
         "not probed",
         "its default config shrunk with the generic sizes still has 27,519,356 parameters",
@@ -272,14 +251,6 @@ PROBES: dict[str, tuple[str, str]] = {
     "image_text_to_text:apertus1p5": (
         "not probed",
         "its default config shrunk with the generic sizes still has 224,758,596 parameters",
-    ),
-    "image_text_to_text:aria": (
-        "refused",
-        "AriaForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an encoder "
-        "and a decoder, or a wrapped language model); the inference covers a single "
-        "decoder stack. Declare the model type explicitly (register_adapter, see the "
-        "README's 'Adding an architecture') if it is covered by the rules.",
     ),
     "image_text_to_text:blip": (
         "refused",
@@ -327,15 +298,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "not probed",
         "no tiny instance from its default config (TypeError: 'NoneType' object is not subscriptable)",
     ),
-    "image_text_to_text:deepseek_vl": (
-        "refused",
-        "DeepseekVLForConditionalGeneration: a composite model (its config has "
-        "no num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference "
-        "covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
     "image_text_to_text:deepseek_vl_hybrid": (
         "not probed",
         "its default config shrunk with the generic sizes still has 7,759,265 parameters",
@@ -382,15 +344,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "decoder stack. Declare the model type explicitly (register_adapter, see the "
         "README's 'Adding an architecture') if it is covered by the rules.",
     ),
-    "image_text_to_text:exaone4_5": (
-        "refused",
-        "Exaone4_5_ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference covers "
-        "a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
     "image_text_to_text:fast_vlm": (
         "not probed",
         "no tiny instance from its default config (ImportError: \n"
@@ -403,14 +356,6 @@ PROBES: dict[str, tuple[str, str]] = {
     "image_text_to_text:florence2": (
         "not probed",
         "its default config shrunk with the generic sizes still has 95,378,912 parameters",
-    ),
-    "image_text_to_text:fuyu": (
-        "refused",
-        "FuyuForCausalLM: a composite model (its config has no num_hidden_layers of its "
-        "own: sub-models such as a vision tower, an encoder and a decoder, or a wrapped "
-        "language model); the inference covers a single decoder stack. Declare the "
-        "model type explicitly (register_adapter, see the README's 'Adding an "
-        "architecture') if it is covered by the rules.",
     ),
     "image_text_to_text:gemma4": (
         "not probed",
@@ -467,15 +412,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "not probed",
         "its default config shrunk with the generic sizes still has 18,976,192 parameters",
     ),
-    "image_text_to_text:got_ocr2": (
-        "refused",
-        "GotOcr2ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference covers "
-        "a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
     "image_text_to_text:granite4_vision": (
         "not probed",
         "no tiny instance from its default config (TypeError: object of type 'NoneType' has no len())",
@@ -493,30 +429,11 @@ PROBES: dict[str, tuple[str, str]] = {
         "not probed",
         "its default config shrunk with the generic sizes still has 128,761,613 parameters",
     ),
-    "image_text_to_text:hyperclovax_vision_v2": (
-        "refused",
-        "HyperCLOVAXVisionV2ForConditionalGeneration: a composite "
-        "model (its config has no num_hidden_layers of its own: "
-        "sub-models such as a vision tower, an encoder and a decoder, "
-        "or a wrapped language model); the inference covers a single "
-        "decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') "
-        "if it is covered by the rules.",
-    ),
     "image_text_to_text:idefics": (
         "refused",
         "IdeficsForVisionText2Text: several lists of attention blocks "
         "(vision_model.encoder.layers, layers, gated_cross_attn_layers); the "
         "inference covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
-    "image_text_to_text:idefics2": (
-        "refused",
-        "Idefics2ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference covers "
-        "a single decoder stack. Declare the model type explicitly "
         "(register_adapter, see the README's 'Adding an architecture') if it is "
         "covered by the rules.",
     ),
@@ -553,15 +470,6 @@ PROBES: dict[str, tuple[str, str]] = {
     "image_text_to_text:janus": (
         "not probed",
         "its default config shrunk with the generic sizes still has 118,352,619 parameters",
-    ),
-    "image_text_to_text:kimi_k25": (
-        "refused",
-        "Kimi_K25ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference covers "
-        "a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
     ),
     "image_text_to_text:kosmos-2": (
         "refused",
@@ -681,29 +589,12 @@ PROBES: dict[str, tuple[str, str]] = {
         "decoder stack. Declare the model type explicitly (register_adapter, see the "
         "README's 'Adding an architecture') if it is covered by the rules.",
     ),
-    "image_text_to_text:ovis2_5": (
-        "refused",
-        "Ovis2_5ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an encoder "
-        "and a decoder, or a wrapped language model); the inference covers a single "
-        "decoder stack. Declare the model type explicitly (register_adapter, see the "
-        "README's 'Adding an architecture') if it is covered by the rules.",
-    ),
     "image_text_to_text:paddleocr_vl": (
         "refused",
         "PaddleOCRVLForConditionalGeneration: a composite model (its config has "
         "no num_hidden_layers of its own: sub-models such as a vision tower, an "
         "encoder and a decoder, or a wrapped language model); the inference "
         "covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
-    "image_text_to_text:paligemma": (
-        "refused",
-        "PaliGemmaForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference covers "
-        "a single decoder stack. Declare the model type explicitly "
         "(register_adapter, see the README's 'Adding an architecture') if it is "
         "covered by the rules.",
     ),
@@ -741,27 +632,9 @@ PROBES: dict[str, tuple[str, str]] = {
         "(register_adapter, see the README's 'Adding an architecture') if it is "
         "covered by the rules.",
     ),
-    "image_text_to_text:pp_chart2table": (
-        "refused",
-        "GotOcr2ForConditionalGeneration: a composite model (its config has "
-        "no num_hidden_layers of its own: sub-models such as a vision tower, "
-        "an encoder and a decoder, or a wrapped language model); the "
-        "inference covers a single decoder stack. Declare the model type "
-        "explicitly (register_adapter, see the README's 'Adding an "
-        "architecture') if it is covered by the rules.",
-    ),
     "image_text_to_text:pp_formulanet": (
         "not probed",
         "its default config shrunk with the generic sizes still has 9,760,704 parameters",
-    ),
-    "image_text_to_text:qianfan_ocr": (
-        "refused",
-        "QianfanOCRForConditionalGeneration: a composite model (its config has "
-        "no num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference "
-        "covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
     ),
     "image_text_to_text:qwen2_5_omni_thinker": (
         "refused",
@@ -803,15 +676,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "not probed",
         "its default config shrunk with the generic sizes still has 35,759,552 parameters",
     ),
-    "image_text_to_text:t5gemma2": (
-        "refused",
-        "T5Gemma2ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference covers "
-        "a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
     "image_text_to_text:udop": (
         "not probed",
         "its default config shrunk with the generic sizes still has 8,575,264 parameters",
@@ -819,15 +683,6 @@ PROBES: dict[str, tuple[str, str]] = {
     "image_text_to_text:unlimited_ocr": (
         "not probed",
         "its default config shrunk with the generic sizes still has 12,821,056 parameters",
-    ),
-    "image_text_to_text:video_llama_3": (
-        "refused",
-        "VideoLlama3ForConditionalGeneration: a composite model (its config "
-        "has no num_hidden_layers of its own: sub-models such as a vision "
-        "tower, an encoder and a decoder, or a wrapped language model); the "
-        "inference covers a single decoder stack. Declare the model type "
-        "explicitly (register_adapter, see the README's 'Adding an "
-        "architecture') if it is covered by the rules.",
     ),
     "image_text_to_text:vision-encoder-decoder": (
         "refused",
@@ -990,22 +845,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "not probed",
         "its default config shrunk with the generic sizes still has 13,970,272 parameters",
     ),
-    "seq2seq_lm:t5gemma": (
-        "refused",
-        "T5GemmaForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an encoder and a "
-        "decoder, or a wrapped language model); the inference covers a single decoder stack. "
-        "Declare the model type explicitly (register_adapter, see the README's 'Adding an "
-        "architecture') if it is covered by the rules.",
-    ),
-    "seq2seq_lm:t5gemma2": (
-        "refused",
-        "T5Gemma2ForConditionalGeneration: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an encoder and a "
-        "decoder, or a wrapped language model); the inference covers a single decoder "
-        "stack. Declare the model type explicitly (register_adapter, see the README's "
-        "'Adding an architecture') if it is covered by the rules.",
-    ),
     "seq2seq_lm:vibevoice_asr": (
         "not probed",
         "its default config shrunk with the generic sizes still has 686,505,824 parameters",
@@ -1099,24 +938,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "model); the inference covers a single decoder stack. Declare the "
         "model type explicitly (register_adapter, see the README's 'Adding "
         "an architecture') if it is covered by the rules.",
-    ),
-    "sequence_classification:t5gemma": (
-        "refused",
-        "T5GemmaForSequenceClassification: a composite model (its config has no "
-        "num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference "
-        "covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
-    "sequence_classification:t5gemma2": (
-        "refused",
-        "T5Gemma2ForSequenceClassification: a composite model (its config has "
-        "no num_hidden_layers of its own: sub-models such as a vision tower, "
-        "an encoder and a decoder, or a wrapped language model); the inference "
-        "covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it "
-        "is covered by the rules.",
     ),
     "sequence_classification:tapas": (
         "refused",
@@ -1285,10 +1106,5 @@ PROBES: dict[str, tuple[str, str]] = {
         "inference covers a single decoder stack. Declare the model type "
         "explicitly (register_adapter, see the README's 'Adding an "
         "architecture') if it is covered by the rules.",
-    ),
-    "speech_seq2seq:whisper": (
-        "not probed",
-        "no tiny instance from its default config (ValueError: embed_dim must be "
-        "divisible by num_heads (got `embed_dim`: 32 and `num_heads`: 6).)",
     ),
 }
