@@ -113,3 +113,43 @@ def test_gemma3_refuses_image_token_types_and_accepts_zero_ones():
     types[0, 2] = 1
     with pytest.raises(AttributionInputError, match="token_type_ids mark image tokens"):
         hf_pelrp.attribute(model, ids, token_type_ids=types)
+
+
+@pytest.mark.slow
+def test_real_weights_llava_around_smollm2_explains_paris_as_smollm2():
+    """Real-weight smoke test: a LLaVA whose language model is the real SmolLM2-135M-Instruct (the offline
+    checkpoint; a tiny random CLIP tower that never runs) explains "The capital of France is" -> " Paris" with
+    SmolLM2's own maps."""
+    from hf_pelrp.assets import load_smollm2
+
+    smol, tok = load_smollm2(dtype=torch.float32)
+    config = transformers.LlavaConfig(
+        text_config=smol.config.to_dict(),
+        vision_config={"model_type": "clip_vision_model", **_TINY_CLIP},
+        image_token_id=smol.config.vocab_size + 1,  # no placeholder in the tokenizer's range
+    )
+    torch.manual_seed(0)
+    llava = transformers.LlavaForConditionalGeneration(config).eval()
+    loaded = llava.model.language_model.load_state_dict(smol.model.state_dict())
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    llava.lm_head.load_state_dict(smol.lm_head.state_dict())
+    encoded = tok("The capital of France is", return_tensors="pt")
+    got = hf_pelrp.attribute(llava, **encoded)
+    want = hf_pelrp.attribute(smol, **encoded)
+    assert tok.decode([int(got.target[0])]) == " Paris"
+    scale = float(want.token.abs().max())
+    for name in ("token", "position", "position_by_layer"):
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name), rtol=0, atol=1e-6 * scale
+        )  # measured: identical
+    assert float(got.position.abs().sum()) > 0
+
+
+_TINY_CLIP = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 28,
+    "patch_size": 14,
+}
