@@ -32,7 +32,37 @@ CASES = {
     "kimi_k25": ("Kimi_K25ForConditionalGeneration", "language_model"),  # DeepSeek-V3: latent attention, MoE
     "aria": ("AriaForConditionalGeneration", "language_model"),  # a mixture of experts
     "exaone4_5": ("Exaone4_5_ForConditionalGeneration", "language_model"),  # sliding-window layers
+    "qwen3_vl": (
+        "Qwen3VLForConditionalGeneration",
+        "language_model",
+    ),  # interleaved M-RoPE, compared to Qwen3
 }
+
+
+def _text_decoder(text_config):
+    """The text decoder's own ``*ForCausalLM``; Qwen3-VL's text model has none: on text its interleaved M-RoPE
+    is Qwen3's rotary (every axis has the same position), so a Qwen3 with the same sizes is the reference."""
+    if text_config.model_type != "qwen3_vl_text":
+        return AutoModelForCausalLM.from_config(text_config)
+    fields = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "pad_token_id",
+    )
+    return transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(
+            **{f: getattr(text_config, f) for f in fields},
+            rope_parameters={"rope_type": "default", "rope_theta": text_config.rope_parameters["rope_theta"]},
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def _pair(model_type: str):
@@ -48,7 +78,7 @@ def _pair(model_type: str):
         for name, p in vl.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.add_(0.1 * torch.randn_like(p))
-    plain = AutoModelForCausalLM.from_config(config.get_text_config()).double().eval()
+    plain = _text_decoder(config.get_text_config()).double().eval()
     state = {
         ("model." + k.removeprefix(f"model.{lm}.") if k.startswith(f"model.{lm}.") else k): v
         for k, v in vl.state_dict().items()

@@ -612,3 +612,52 @@ for _type, _prefix, _text, _vision, _extra in (
             **{"constants": _TOWER_TABLE, **_extra},
         )
     )
+
+# ---- Qwen3-VL: its own text decoder, interleaved M-RoPE merged into one (cos, sin) pair -------------------------
+
+#: Qwen3-VL's text decoder (the Qwen3 layout under Qwen3VLText* names: q / k RMSNorms). Its rotary embedding
+#: interleaves the temporal, height and width frequencies into one [B, T, head_dim] (cos, sin) pair, so the
+#: per-layer leaves are LLaMA's; on text the three axes carry the same position ids. Not registered on its own:
+#: transformers has no head class for ``qwen3_vl_text``.
+QWEN3_VL_TEXT = llama_like(
+    ("qwen3_vl_text",),
+    "Qwen3VLText",
+    name="qwen3_vl_text",
+    tiny={
+        "head_dim": 8,
+        # the interleaved sections of the 4 frequencies of a head of 8 channels
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    },
+)
+register_adapter(
+    text_only_vlm(
+        "qwen3_vl",
+        "Qwen3VL",
+        QWEN3_VL_TEXT,
+        (
+            "Qwen3VLVisionModel",
+            "Qwen3VLVisionPatchEmbed",
+            "Qwen3VLVisionRotaryEmbedding",
+            "Qwen3VLVisionPatchMerger",
+            "Qwen3VLVisionBlock",
+            "Qwen3VLVisionAttention",
+            "Qwen3VLVisionMLP",
+            "GELU",
+            "GELUTanh",
+            "LayerNorm",
+            "Conv3d",
+        ),
+        constants=("visual.pos_embed",),
+        placeholders=("image_token_id", "video_token_id"),
+        tiny={
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_heads": 2,
+                "out_hidden_size": 32,
+                "deepstack_visual_indexes": [0],
+            },
+        },
+    )
+)
