@@ -32,10 +32,10 @@ CASES = {
     "kimi_k25": ("Kimi_K25ForConditionalGeneration", "language_model"),  # DeepSeek-V3: latent attention, MoE
     "aria": ("AriaForConditionalGeneration", "language_model"),  # a mixture of experts
     "exaone4_5": ("Exaone4_5_ForConditionalGeneration", "language_model"),  # sliding-window layers
-    "qwen3_vl": (
-        "Qwen3VLForConditionalGeneration",
-        "language_model",
-    ),  # interleaved M-RoPE, compared to Qwen3
+    # interleaved M-RoPE, compared to a Qwen3
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "language_model"),
+    # complex rotary and NoPE layers, experts; the whole Llama4ForCausalLM sits in language_model
+    "llama4": ("Llama4ForConditionalGeneration", None),
 }
 
 
@@ -79,11 +79,18 @@ def _pair(model_type: str):
             if "norm" in name and name.endswith("weight"):
                 p.add_(0.1 * torch.randn_like(p))
     plain = _text_decoder(config.get_text_config()).double().eval()
-    state = {
-        ("model." + k.removeprefix(f"model.{lm}.") if k.startswith(f"model.{lm}.") else k): v
-        for k, v in vl.state_dict().items()
-        if k.startswith(f"model.{lm}.") or k == "lm_head.weight"
-    }
+    if lm is None:
+        state = {
+            k.removeprefix("language_model."): v
+            for k, v in vl.state_dict().items()
+            if k.startswith("language_model.")
+        }
+    else:
+        state = {
+            ("model." + k.removeprefix(f"model.{lm}.") if k.startswith(f"model.{lm}.") else k): v
+            for k, v in vl.state_dict().items()
+            if k.startswith(f"model.{lm}.") or k == "lm_head.weight"
+        }
     loaded = plain.load_state_dict(state, strict=False)
     assert not loaded.unexpected_keys
     assert not [k for k in loaded.missing_keys if k != "lm_head.weight"]  # (tied where the text config ties)
@@ -129,6 +136,16 @@ def test_images_and_placeholders_are_refused():
         hf_pelrp.attribute(model, ids, image_sizes=torch.tensor([[28, 28]]))
     with pytest.raises(AttributionInputError, match="image placeholder token 5"):
         hf_pelrp.attribute(model, torch.tensor([[4, 5, 15, 16]]))
+
+
+def test_llama4_refuses_temperature_tuning_set_in_its_text_config():
+    from hf_pelrp import UnsupportedModelError
+
+    config = tiny_config("llama4")
+    config.text_config.attn_temperature_tuning = True
+    model = transformers.Llama4ForConditionalGeneration(config).double().eval()
+    with pytest.raises(UnsupportedModelError, match="attn_temperature_tuning"):
+        hf_pelrp.attribute(model, torch.tensor([[4, 8, 15, 16]]))
 
 
 def test_gemma3_refuses_image_token_types_and_accepts_zero_ones():

@@ -94,6 +94,18 @@ class AdapterReport:
 def head_classes(model_type: str, adapter: Adapter) -> list[type]:
     """The model classes transformers maps ``model_type`` to, for each head kind the adapter explains."""
     import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    type_config = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+
+    def built_from_this_config(cls: type) -> bool:
+        # an auto map may give a composite type the class of one of its sub-configs (Llama 4's causal-LM map:
+        # Llama4ForCausalLM, built from a Llama4TextConfig, i.e. the llama4_text type): not built from this config
+        wanted = getattr(cls, "config_class", None)
+        subs = getattr(type_config, "sub_configs", None) or {}
+        return not (
+            isinstance(wanted, type) and wanted in subs.values() and not issubclass(type_config, wanted)
+        )
 
     classes = []
     for kind, mapping_name in _HEAD_MAPPINGS.items():
@@ -103,7 +115,7 @@ def head_classes(model_type: str, adapter: Adapter) -> list[type]:
         names = name if isinstance(name, list | tuple) else [name]
         for n in names:
             cls = getattr(transformers, n, None) if n else None
-            if cls is not None:
+            if cls is not None and built_from_this_config(cls):
                 classes.append(cls)
     for n, kind in registered_head_classes(model_type):
         cls = getattr(transformers, n, None)

@@ -168,11 +168,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "not probed",
         "its default config shrunk with the generic sizes still has 19,323,328 parameters",
     ),
-    "causal_lm:llama4": (
-        "not probed",
-        "no tiny instance from its default config (AttributeError: 'Llama4Config' object has "
-        "no attribute 'pad_token_id')",
-    ),
     "causal_lm:minimax_m3_vl_text": (
         "refused",
         "module 'model.layers.0.self_attn' (MiniMaxM3VLAttention) of "
@@ -504,10 +499,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "and a decoder, or a wrapped language model); the inference covers a single "
         "decoder stack. Declare the model type explicitly (register_adapter, see the "
         "README's 'Adding an architecture') if it is covered by the rules.",
-    ),
-    "image_text_to_text:llama4": (
-        "not probed",
-        "its default config shrunk with the generic sizes still has 22,548,832 parameters",
     ),
     "image_text_to_text:llava_onevision1_5": (
         "refused",

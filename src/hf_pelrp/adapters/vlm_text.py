@@ -661,3 +661,56 @@ register_adapter(
         },
     )
 )
+
+# ---- Llama 4: the multimodal wrapper of llama4_text ---------------------------------------------------------------
+
+
+def _no_text_temperature_tuning(model: torch.nn.Module) -> None:
+    """Llama 4's refusal of ``attn_temperature_tuning``, read where the wrapper keeps it (its text config)."""
+    from .more_moe import no_temperature_tuning
+
+    no_temperature_tuning(type("TextView", (), {"config": model.config.get_text_config()})())
+
+
+register_adapter(
+    dataclasses.replace(
+        text_only_vlm(
+            "llama4",
+            "Llama4",
+            _REGISTRY["llama4_text"],
+            (
+                "Llama4ForCausalLM",
+                "Llama4VisionModel",
+                "Llama4UnfoldConvolution",
+                "Llama4VisionRotaryEmbedding",
+                "Llama4VisionEncoder",
+                "Llama4VisionEncoderLayer",
+                "Llama4VisionAttention",
+                "Llama4VisionMLP",
+                "Llama4VisionMLP2",
+                "Llama4VisionPixelShuffleMLP",
+                "GELU",
+                "LayerNorm",
+                "Unfold",
+            ),
+            # Llama4ForConditionalGeneration has no `model`: its base is itself, the decoder sits in
+            # language_model (a Llama4ForCausalLM) .model
+            language_model="language_model",
+            constants=(),
+            tiny={
+                "vision_config": {
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "image_size": 28,
+                    "patch_size": 14,
+                    "vision_output_dim": 16,
+                    "projector_input_dim": 16,
+                    "projector_output_dim": 16,
+                }
+            },
+        ),
+        checks=(_no_text_temperature_tuning,),
+    )
+)
