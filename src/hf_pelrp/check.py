@@ -96,7 +96,8 @@ def head_classes(model_type: str, adapter: Adapter) -> list[type]:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    type_config = CONFIG_MAPPING.get(model_type)
+    # (the lazy CONFIG_MAPPING's .get() answers None for every type: index it)
+    type_config = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # noqa: SIM401
 
     def built_from_this_config(cls: type) -> bool:
         # an auto map may give a composite type the class of one of its sub-configs (Llama 4's causal-LM map:
