@@ -34,16 +34,26 @@ CASES = {
     "exaone4_5": ("Exaone4_5_ForConditionalGeneration", "language_model"),  # sliding-window layers
     # interleaved M-RoPE, compared to a Qwen3
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "language_model"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "language_model"),  # compared to a Qwen3-MoE
     # complex rotary and NoPE layers, experts; the whole Llama4ForCausalLM sits in language_model
     "llama4": ("Llama4ForConditionalGeneration", None),
 }
 
 
 def _text_decoder(text_config):
-    """The text decoder's own ``*ForCausalLM``; Qwen3-VL's text model has none: on text its interleaved M-RoPE
-    is Qwen3's rotary (every axis has the same position), so a Qwen3 with the same sizes is the reference."""
-    if text_config.model_type != "qwen3_vl_text":
+    """The text decoder's own ``*ForCausalLM``; Qwen3-VL's (and Qwen3-VL-MoE's) text model has none: on text its
+    interleaved M-RoPE is Qwen3's rotary (every axis has the same position), so a Qwen3 (Qwen3-MoE) with the same
+    sizes is the reference."""
+    if text_config.model_type not in ("qwen3_vl_text", "qwen3_vl_moe_text"):
         return AutoModelForCausalLM.from_config(text_config)
+    moe = text_config.model_type == "qwen3_vl_moe_text"
+    moe_fields = (
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    )
     fields = (
         "hidden_size",
         "intermediate_size",
@@ -56,9 +66,16 @@ def _text_decoder(text_config):
         "max_position_embeddings",
         "pad_token_id",
     )
-    return transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(
-            **{f: getattr(text_config, f) for f in fields},
+    cls, config_cls = (
+        (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig)
+        if moe
+        else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config)
+    )
+    return cls(
+        config_cls(
+            **{f: getattr(text_config, f) for f in fields + (moe_fields if moe else ())},
+            # (Qwen3-VL-MoE's router always renormalises its top-k weights)
+            **({"experts_implementation": "eager", "norm_topk_prob": True} if moe else {}),
             rope_parameters={"rope_type": "default", "rope_theta": text_config.rope_parameters["rope_theta"]},
             tie_word_embeddings=False,
         )

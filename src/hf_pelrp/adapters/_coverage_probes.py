@@ -280,15 +280,6 @@ PROBES: dict[str, tuple[str, str]] = {
         "(register_adapter, see the README's 'Adding an architecture') if it is "
         "covered by the rules.",
     ),
-    "image_text_to_text:cosmos3_omni": (
-        "refused",
-        "Cosmos3OmniForConditionalGeneration: a composite model (its config has "
-        "no num_hidden_layers of its own: sub-models such as a vision tower, an "
-        "encoder and a decoder, or a wrapped language model); the inference "
-        "covers a single decoder stack. Declare the model type explicitly "
-        "(register_adapter, see the README's 'Adding an architecture') if it is "
-        "covered by the rules.",
-    ),
     "image_text_to_text:deepseek_ocr2": (
         "not probed",
         "no tiny instance from its default config (TypeError: 'NoneType' object is not subscriptable)",
@@ -640,10 +631,6 @@ PROBES: dict[str, tuple[str, str]] = {
     "image_text_to_text:qwen3_omni_moe_thinker": (
         "not probed",
         "its default config shrunk with the generic sizes still has 25,486,528 parameters",
-    ),
-    "image_text_to_text:qwen3_vl_moe": (
-        "not probed",
-        "its default config shrunk with the generic sizes still has 18,294,816 parameters",
     ),
     "image_text_to_text:shieldgemma2": (
         "refused",

@@ -29,6 +29,7 @@ from ..positions import Rotary
 from .base import _REGISTRY, Adapter, register_adapter
 from .gemma import _TINY_ALTERNATING
 from .llama import TINY_DECODER, llama_like
+from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny
 from .norms import rms_norm_one_plus
 from .qwen2_vl import TextOnlyInputs
 
@@ -629,36 +630,36 @@ QWEN3_VL_TEXT = llama_like(
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
     },
 )
+_QWEN3_VL_TOWER = (
+    "Qwen3VLVisionModel",
+    "Qwen3VLVisionPatchEmbed",
+    "Qwen3VLVisionRotaryEmbedding",
+    "Qwen3VLVisionPatchMerger",
+    "Qwen3VLVisionBlock",
+    "Qwen3VLVisionAttention",
+    "Qwen3VLVisionMLP",
+    "GELU",
+    "GELUTanh",
+    "LayerNorm",
+    "Conv3d",
+)
+_QWEN3_VL_TINY_TOWER = {
+    "depth": 1,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": 32,
+    "deepstack_visual_indexes": [0],
+}
 register_adapter(
     text_only_vlm(
         "qwen3_vl",
         "Qwen3VL",
         QWEN3_VL_TEXT,
-        (
-            "Qwen3VLVisionModel",
-            "Qwen3VLVisionPatchEmbed",
-            "Qwen3VLVisionRotaryEmbedding",
-            "Qwen3VLVisionPatchMerger",
-            "Qwen3VLVisionBlock",
-            "Qwen3VLVisionAttention",
-            "Qwen3VLVisionMLP",
-            "GELU",
-            "GELUTanh",
-            "LayerNorm",
-            "Conv3d",
-        ),
+        _QWEN3_VL_TOWER,
         constants=("visual.pos_embed",),
         placeholders=("image_token_id", "video_token_id"),
-        tiny={
-            "vision_config": {
-                "depth": 1,
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_heads": 2,
-                "out_hidden_size": 32,
-                "deepstack_visual_indexes": [0],
-            },
-        },
+        tiny={"vision_config": _QWEN3_VL_TINY_TOWER},
     )
 )
 
@@ -712,5 +713,72 @@ register_adapter(
             },
         ),
         checks=(_no_text_temperature_tuning,),
+    )
+)
+
+#: Cosmos 3 Omni: Qwen3-VL's text decoder and vision tower under its own wrapper
+register_adapter(
+    text_only_vlm(
+        "cosmos3_omni",
+        "Cosmos3Omni",
+        QWEN3_VL_TEXT,
+        _QWEN3_VL_TOWER,
+        constants=("visual.pos_embed",),
+        placeholders=("image_token_id", "video_token_id"),
+        text_type="qwen3_vl_text",
+        tiny={"vision_config": {"model_type": "qwen3_vl_vision", **_QWEN3_VL_TINY_TOWER}},
+    )
+)
+
+#: Qwen3-VL-MoE's text decoder: Qwen3-VL's, with Qwen3-MoE's experts and softmax top-k router (re-computed and
+#: checked against the modules at every call by MixtureOfExperts)
+QWEN3_VL_MOE_EXPERTS = MixtureOfExperts(experts="Qwen3VLMoeTextExperts", router="Qwen3VLMoeTextTopKRouter")
+QWEN3_VL_MOE_TEXT = llama_like(
+    ("qwen3_vl_moe_text",),
+    "Qwen3VLMoeText",
+    name="qwen3_vl_moe_text",
+    modules=("Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextExperts", "Qwen3VLMoeTextTopKRouter"),
+    gated=(DENSE_MLP,),
+    extra_rules=QWEN3_VL_MOE_EXPERTS,
+    checks=(QWEN3_VL_MOE_EXPERTS.check,),
+    tiny=_moe_tiny(
+        num_experts=4,
+        moe_intermediate_size=16,
+        head_dim=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    ),
+)
+register_adapter(
+    text_only_vlm(
+        "qwen3_vl_moe",
+        "Qwen3VLMoe",
+        QWEN3_VL_MOE_TEXT,
+        (
+            "Qwen3VLMoeVisionModel",
+            "Qwen3VLMoeVisionPatchEmbed",
+            "Qwen3VLMoeVisionRotaryEmbedding",
+            "Qwen3VLMoeVisionPatchMerger",
+            "Qwen3VLMoeVisionBlock",
+            "Qwen3VLMoeVisionAttention",
+            "Qwen3VLMoeVisionMLP",
+            "GELU",
+            "GELUTanh",
+            "LayerNorm",
+            "Conv3d",
+        ),
+        constants=("visual.pos_embed",),
+        placeholders=("image_token_id", "video_token_id"),
+        tiny={
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_heads": 2,
+                "out_hidden_size": 32,
+                "deepstack_visual_indexes": [0],
+            },
+        },
     )
 )
