@@ -136,13 +136,40 @@ def stored_probes() -> dict[str, tuple[str, str]]:
     return dict(_coverage_probes.PROBES)
 
 
+#: further sizes the probe caps (the inference keeps a user's own counts): experts, latent ranks, tower depths
+_PROBE_CAPS = {
+    "num_experts": 4,
+    "n_routed_experts": 4,
+    "num_local_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 24,
+    "n_group": 1,
+    "topk_group": 1,
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "depth": 1,
+}
+
+
 def _shrunk(config):
-    """``config`` and its sub-configs shrunk to the inference's tiny sizes."""
+    """``config`` and its sub-configs shrunk to the inference's tiny sizes (and :data:`_PROBE_CAPS`)."""
     from transformers import PretrainedConfig
 
     from .infer import _tiny_config
 
     tiny = _tiny_config(config)
+    for name, cap in _PROBE_CAPS.items():
+        value = getattr(tiny, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            try:
+                setattr(tiny, name, cap)
+            except (AttributeError, TypeError, ValueError):  # a read-only or validated field: left as it is
+                continue
     for name, value in list(vars(tiny).items()):
         if isinstance(value, PretrainedConfig):
             setattr(tiny, name, _shrunk(value))
