@@ -94,6 +94,19 @@ class AdapterReport:
 def head_classes(model_type: str, adapter: Adapter) -> list[type]:
     """The model classes transformers maps ``model_type`` to, for each head kind the adapter explains."""
     import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    # (the lazy CONFIG_MAPPING's .get() answers None for every type: index it)
+    type_config = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # noqa: SIM401
+
+    def built_from_this_config(cls: type) -> bool:
+        # an auto map may give a composite type the class of one of its sub-configs (Llama 4's causal-LM map:
+        # Llama4ForCausalLM, built from a Llama4TextConfig, i.e. the llama4_text type): not built from this config
+        wanted = getattr(cls, "config_class", None)
+        subs = getattr(type_config, "sub_configs", None) or {}
+        return not (
+            isinstance(wanted, type) and wanted in subs.values() and not issubclass(type_config, wanted)
+        )
 
     classes = []
     for kind, mapping_name in _HEAD_MAPPINGS.items():
@@ -103,7 +116,7 @@ def head_classes(model_type: str, adapter: Adapter) -> list[type]:
         names = name if isinstance(name, list | tuple) else [name]
         for n in names:
             cls = getattr(transformers, n, None) if n else None
-            if cls is not None:
+            if cls is not None and built_from_this_config(cls):
                 classes.append(cls)
     for n, kind in registered_head_classes(model_type):
         cls = getattr(transformers, n, None)
@@ -193,6 +206,7 @@ def _per_layer(config: PretrainedConfig) -> dict[str, list | tuple]:
 def _layer_kinds(config: PretrainedConfig) -> list[int]:
     """The first layer of each kind: layers whose per-layer entries (global / sliding, rotary / NoPE, ...) all
     agree are of one kind."""
+    config = _layered(config)
     lists = _per_layer(config)
     first: dict[tuple, int] = {}
     for index in range(getattr(config, "num_hidden_layers", 1) if lists else 1):
@@ -200,8 +214,27 @@ def _layer_kinds(config: PretrainedConfig) -> list[int]:
     return sorted(first.values())
 
 
+def _layered(config: PretrainedConfig) -> PretrainedConfig:
+    """The config that counts the layers: ``config``, or the text config of a wrapper that has none itself (a
+    vision-language model explained on text)."""
+    if isinstance(getattr(config, "num_hidden_layers", None), int):
+        return config
+    text = config.get_text_config()
+    return text if text is not config else config
+
+
 def _one_layer(config: PretrainedConfig, index: int = 0) -> PretrainedConfig | None:
-    """``config`` with one layer: per-layer lists (layer types, NoPE flags, ...) cut to their ``index``-th entry."""
+    """``config`` with one layer: per-layer lists (layer types, NoPE flags, ...) cut to their ``index``-th entry
+    (in its text config, for a wrapper whose text config counts the layers)."""
+    text = _layered(config)
+    if text is not config:
+        names = [k for k, v in vars(config).items() if v is text]
+        one_text = _one_layer(text, index)
+        if not names or one_text is None:
+            return None
+        wrapper = copy.deepcopy(config)
+        setattr(wrapper, names[0], one_text)
+        return wrapper
     layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 1:
         return None

@@ -47,6 +47,7 @@ from . import (  # noqa: F401
     starcoder2,
     swin,
     vit,
+    vlm_text,
     xlm_roberta,
 )
 from .base import (

@@ -432,6 +432,25 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
         for p, m in base.named_modules()
         if isinstance(m, nn.ModuleList) and len(m) == layers and any(map(_dispatches_attention, m.modules()))
     ]
+    if not isinstance(layers, int):
+        # a composite config (vision-language wrapper, encoder-decoder, speech model): its sub-models have the
+        # layers, and the inference does not enter them
+        raise _refuse(
+            model,
+            "",
+            None,
+            "a composite model (its config has no num_hidden_layers of its own: sub-models such as a vision "
+            "tower, an encoder and a decoder, or a wrapped language model); the inference covers a single "
+            "decoder stack.",
+        )
+    if len(lists) > 1:
+        raise _refuse(
+            model,
+            "",
+            None,
+            f"several lists of attention blocks ({', '.join(p for p, _ in lists)}); the inference covers a "
+            "single decoder stack.",
+        )
     if len(lists) != 1:
         raise _refuse(
             model,

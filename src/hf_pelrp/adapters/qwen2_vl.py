@@ -37,6 +37,12 @@ _MULTIMODAL = (
     "mm_encoder_outputs",
     "second_per_grid_ts",
     "rope_deltas",
+    # other vision-language wrappers explained on text (hf_pelrp.adapters.vlm_text)
+    "pixel_attention_mask",
+    "image_sizes",
+    "image_patches",
+    "image_patches_indices",
+    "vision_feature_layer",
 )
 
 

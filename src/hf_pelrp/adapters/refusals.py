@@ -32,6 +32,12 @@ _HYBRID = (
     "attention layers would silently drop the relevance that flows through the others."
 )
 
+_ROTARY_SEQ2SEQ = (
+    "it is an encoder-decoder whose encoder and decoder both rotate q and k (rotary positions on both sides, "
+    "Gemma-style blocks); hf_pelrp's encoder-decoder declarations cover additive (BART) and relative-bias (T5) "
+    "positions, and rotary leaves split into source and target positions are not implemented yet."
+)
+
 REFUSED: dict[str, str] = {
     "longt5": _RELATIVE,
     "deberta": _DISENTANGLED,
@@ -120,6 +126,13 @@ REFUSED: dict[str, str] = {
     "axk2": "its DeepSeek Sparse Attention masks the keys each query attends to by a top-k selection from a separate 'lightning indexer' (AXK2Indexer: its own projections, rotary positions and ReLU-weighted scores), a content- and position-dependent mask beside the multi-head latent attention; hf_pelrp has no declaration of the indexer, and the relevance of the positions it uses is not defined by the method yet.",
     "hy_v4": "its DeepSeek Sparse Attention masks the keys each query attends to by a top-k selection from a separate 'lightning indexer' (HYV4Indexer: its own projections, rotary positions and ReLU-weighted scores), a content- and position-dependent mask beside the multi-head latent attention; hf_pelrp has no declaration of the indexer, and the relevance of the positions it uses is not defined by the method yet; it also mixes several residual streams with hyper-connections (HYV4HyperConnection), which are not declared either.",
     "lfm3": _HYBRID.format(layers="short-convolution (Lfm3ShortConv)"),
+    "paligemma": "its language model attends bidirectionally over the image and prompt prefix (token_type_ids == 0) and causally over the suffix, and counts positions from 1; explained on text alone it would run fully causal, a computation its checkpoints are not used with, and the prefix mask is not declared; not covered.",
+    "t5gemma": _ROTARY_SEQ2SEQ,
+    "t5gemma2": _ROTARY_SEQ2SEQ,
+    "whisper": "its encoder reads log-mel input_features through two 1-D convolutions (no token ids) and adds fixed sinusoidal positions; hf_pelrp's inputs are token ids or images [B, C, H, W], and an input-feature leaf (relevance per audio frame beside its position) is not implemented yet, so neither WhisperForConditionalGeneration nor WhisperForCausalLM (whose cross-attention reads the encoder's states) is covered.",
+    "olmo_hybrid": _HYBRID.format(layers="Gated DeltaNet (OlmoHybridGatedDeltaNet, linear attention)"),
+    "glm_moe_dsa": "its DeepSeek Sparse Attention masks the keys each query attends to by a top-k selection from a separate 'lightning indexer' (GlmMoeDsaIndexer: its own projections, rotary positions and ReLU-weighted scores), a content- and position-dependent mask beside the multi-head latent attention; hf_pelrp has no declaration of the indexer, and the relevance of the positions it uses is not defined by the method yet.",
+    "deepseek_v4": "its attention reads keys and values compressed over blocks of the sequence (DeepseekV4CSACompressor, DeepseekV4HCACompressor) and selected by a top-k indexer (DeepseekV4Indexer), and its blocks mix several residual streams with hyper-connections (DeepseekV4HyperConnection, DeepseekV4HyperHead); hf_pelrp has no rules for the compression, the indexer's position-dependent selection or the hyper-connections, so it is not covered.",
     "qwen4_exp": _HYBRID.format(layers="Gated DeltaNet (linear attention)"),
     "qwen4_exp_text": _HYBRID.format(layers="Gated DeltaNet (linear attention)"),
     "zaya": "its Compressed Convolutional Attention (ZayaCCAProjection) builds q and k through causal depthwise and grouped convolutions over the sequence and v from a delayed recurrent state, and its router is an MLP (ZayaRouterMLP); position enters through those convolutions and the recurrence, where hf_pelrp has no positional leaf or rule, so it is not covered.",
