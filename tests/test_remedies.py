@@ -239,3 +239,15 @@ def test_residual_rule_in_gpt2_and_refusals():
     with pytest.raises(UnsupportedModelError, match="gradient checkpointing"):
         hf_pelrp.attribute(model, ids, config=LRPConfig(residual_gamma=0.5), gradient_checkpointing=True)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in bert.modules())
+
+
+def test_the_conservative_preset():
+    from hf_pelrp.config import preset
+
+    cfg = preset("attnlrp-conservative")
+    assert (cfg.mode, cfg.softmax, cfg.softmax_eps, cfg.positional) == ("attnlrp", "identity", 0.1, True)
+    model = tiny_llama_family(num_layers=2)
+    ids, mask = padded_batch("left")
+    attr = hf_pelrp.attribute(model, ids, mask, mode="attnlrp-conservative")
+    default = hf_pelrp.attribute(model, ids, mask)
+    assert (_gap(attr) < _gap(default)).all() and attr.position.abs().sum() > 0

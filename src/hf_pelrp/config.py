@@ -142,6 +142,10 @@ PRESETS: dict[str, LRPConfig] = {
     "cp": LRPConfig(mode="cp"),
     # the PE-LRP paper's ViT rules (after Zennit / LXT): CP attention, Gamma on MLP + head and on the patch conv
     "vit-paper": LRPConfig(mode="cp", gamma_linear=0.05, gamma_conv=100.0),
+    # issue 21: the attention normaliser a constant (identity softmax rule), eps 0.1: 3.5% of SmolLM2's logit
+    # unexplained instead of 58%, non-zero rotary positions, but lower position-flip faithfulness than the
+    # default (docs/results.md, "Where the unexplained logit goes: remedies"); an option, not the default
+    "attnlrp-conservative": LRPConfig(softmax="identity", softmax_eps=0.1),
 }
 
 
