@@ -251,3 +251,19 @@ def test_the_conservative_preset():
     attr = hf_pelrp.attribute(model, ids, mask, mode="attnlrp-conservative")
     default = hf_pelrp.attribute(model, ids, mask)
     assert (_gap(attr) < _gap(default)).all() and attr.position.abs().sum() > 0
+
+
+def test_conservative_softmax_with_a_relative_position_bias_leaf():
+    """T5's relative bias is a leaf inside the scores: the identity rule passes its share on and conserves."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0
+    )
+    model = T5ForConditionalGeneration(config).eval()
+    ids, dec = torch.tensor([[3, 5, 7, 9, 11]]), torch.tensor([[0, 4, 6]])
+    default = hf_pelrp.attribute(model, ids, decoder_input_ids=dec)
+    attr = hf_pelrp.attribute(model, ids, decoder_input_ids=dec, config=LRPConfig(softmax="split"))
+    assert _gap(default).max() > 1e-3 and _gap(attr).max() < 1e-4
+    assert attr.position.abs().sum() > 1e-3
