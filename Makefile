@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results positions lock test-latest test-oldest
+.PHONY: setup demo test lint bench results positions ledger remedies lock test-latest test-oldest
 
 $(STAMP): pyproject.toml scripts/setup.sh constraints/lock.txt
 	bash scripts/setup.sh
@@ -72,3 +72,13 @@ positions: $(STAMP)
 	nice -n 15 $(PY) scripts/train_positional.py
 	for c in $(POSITION_CONFIGS); do nice -n 15 .venv/bin/hf-pelrp evaluate configs/$$c.yaml || exit 1; done
 	$(PY) scripts/collect_positions.py
+
+# Issue 21, "where the unexplained logit goes" (docs/results.md): the conservation ledger of SmolLM2 and MiniLM
+# (seconds), then the remedies (softmax rules, epsilon, ResLRP's residual rule) on 24 SmolLM2 review windows:
+# unexplained share, rotary share, token- and position-flip faithfulness (about 45 minutes on 2 loaded cores).
+ledger: $(STAMP)
+	$(PY) scripts/ledger.py
+
+remedies: $(STAMP)
+	$(PY) scripts/prepare_data.py --skip-fashion-mnist
+	nice -n 15 $(PY) scripts/remedies.py --n 24 --out runs/remedies.json

@@ -1,6 +1,8 @@
 """Measure the conservation ledger (hf_pelrp.conservation_ledger) on the offline real-weight models.
 
-Usage: ``python scripts/ledger.py [--model smollm2|minilm|all] [--modes attnlrp cp] [--no-positional]``.
+Usage: ``python scripts/ledger.py [--model smollm2|minilm|all] [--modes attnlrp cp] [--no-positional]
+[--softmax gxi|identity|split] [--softmax-eps E] [--residual-gamma G]`` (the last three: the remedies of
+docs/method.md, "The softmax rule and the conservation gap"; scripts/remedies.py measures them over many inputs).
 Prints, per model and mode, the ledger by kind (summed over layers), then the per-layer table; the tables of
 docs/results.md ("Where the unexplained logit goes") are this output. SmolLM2-135M-Instruct explains " Paris"
 after "The capital of France is"; all-MiniLM-L6-v2 gets a classification head with seed 0 (as tests/test_minilm.py)
@@ -15,6 +17,7 @@ import torch
 
 import hf_pelrp
 from hf_pelrp import assets
+from hf_pelrp.rules import SOFTMAX_RULES
 
 PROMPT, TARGET = "The capital of France is", " Paris"
 PAIR = ("The movie was surprisingly good.", "I liked it a lot.")
@@ -51,21 +54,32 @@ def main() -> None:
     parser.add_argument(
         "--no-positional", action="store_true", help="the classic baseline (positional=False)"
     )
+    parser.add_argument("--softmax", choices=SOFTMAX_RULES, default="gxi", help="the softmax rule (attnlrp)")
+    parser.add_argument("--softmax-eps", type=float, default=0.0)
+    parser.add_argument("--residual-gamma", type=float, default=None, help="ResLRP's residual rule")
     args = parser.parse_args()
     for name in MODELS if args.model == "all" else [args.model]:
         model, tokenizer, inputs, target = MODELS[name]()
         for mode in args.modes:
-            ledger = hf_pelrp.conservation_ledger(
-                model,
-                target=target,
+            config = hf_pelrp.LRPConfig(
                 mode=mode,
                 positional=not args.no_positional,
-                tokenizer=tokenizer,
-                **inputs,
+                softmax=args.softmax if mode == "attnlrp" else "gxi",
+                softmax_eps=args.softmax_eps,
+                residual_gamma=args.residual_gamma,
             )
+            try:
+                ledger = hf_pelrp.conservation_ledger(
+                    model, target=target, config=config, tokenizer=tokenizer, **inputs
+                )
+            except (
+                hf_pelrp.UnsupportedModelError
+            ) as error:  # e.g. the residual rule on BERT's post-norm blocks
+                print(f"\n### {name}, mode={mode}: not measured ({error})")
+                continue
             attr = ledger.attribution
             label = attr.labels.get(int(attr.target[0]), str(int(attr.target[0]))) if attr.labels else ""
-            print(f"\n### {name}, mode={mode}, positional={attr.positional}, target {label!r}\n")
+            print(f"\n### {name}, {config}, target {label!r}\n")
             print(
                 f"explained logit {float(attr.target_value[0]):.4f}, relevance sum "
                 f"{float(attr.relevance.sum()):.4f}, gap {float(attr.conservation_gap[0]):.4f}, "
