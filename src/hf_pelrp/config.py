@@ -26,18 +26,41 @@ class LRPConfig:
         DeiT: the MLP and classifier-head linears); other adapters keep the epsilon rule everywhere.
     gamma_conv
         The same for convolutions the adapter declares (ViT / DeiT: the patch-embedding convolution).
+    offsets
+        ``True``: also split the relevance of every attention score into a content and a position part and sum
+        the position part per query-key offset ``d = i - j`` (``Attribution.position_by_offset`` [B, L, D],
+        method.md 2 "Relevance per offset"), for rotary and ALiBi models; other families refuse it. Needs
+        ``positional=True``. Opt-in: rotary layers re-compute their scores in the backward pass (one more
+        attention pass per layer, in blocks of ``offset_chunk`` queries).
+    offset_chunk
+        Queries per block of that re-computation (its memory is about ``6 * B * H * offset_chunk * T`` floats at
+        a time); ``None``: all queries in one block. The maps do not depend on it.
     """
 
     mode: str = "attnlrp"
     positional: bool = True
     gamma_linear: float | None = None
     gamma_conv: float | None = None
+    offsets: bool = False
+    offset_chunk: int | None = 256
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.positional, bool):
             raise TypeError(f"positional must be a bool, got {type(self.positional).__name__}")
+        if not isinstance(self.offsets, bool):
+            raise TypeError(f"offsets must be a bool, got {type(self.offsets).__name__}")
+        if self.offsets and not self.positional:
+            raise ValueError(
+                "offsets=True splits the relevance that reaches the positions, which positional=False makes "
+                "constants: use positional=True with offsets=True"
+            )
+        chunk = self.offset_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"offset_chunk must be None or a positive int (queries per block), got {chunk!r}"
+            )
         for name in ("gamma_linear", "gamma_conv"):
             value = getattr(self, name)
             if value is None:

@@ -200,7 +200,9 @@ def _forward_parameters(model: torch.nn.Module) -> frozenset[str]:
 
 
 def _is_sequence_map(name: str, value: Any, mask: torch.Tensor) -> bool:
-    if name.startswith("target_"):  # the target prefix of an encoder-decoder model is not source-aligned
+    if (
+        name.startswith("target_") or "offset" in name
+    ):  # a target prefix / offset bins are not source positions
         return False
     return (
         isinstance(value, torch.Tensor)

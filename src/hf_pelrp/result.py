@@ -128,6 +128,18 @@ class Attribution(_Relevance):
     def seq_len(self) -> int:
         return self.token.shape[-1]
 
+    @property
+    def position_by_offset(self) -> torch.Tensor | None:
+        """Position relevance per layer and query-key offset, [B, L, D], or ``None`` where it was not computed.
+
+        ``position_by_offset[b, l, n]`` is the position part of the relevance of every attention score of layer
+        ``l`` whose query and key are ``position_offsets[b, n]`` tokens apart (``d = i - j``: ``0 .. T - 1`` for
+        causal models), summed over heads (``position_by_offset_by_head`` [B, L, H, D] keeps them). Computed with
+        ``LRPConfig(offsets=True)`` for rotary and ALiBi models (method.md 2, "Relevance per offset");
+        ``content_by_offset`` holds the content part of the same scores (rotary models).
+        """
+        return self.extras.get("position_by_offset")
+
     def label_of(self, index: int) -> str | None:
         """The readable name of a class / token id, if known."""
         return self.labels.get(int(index))
