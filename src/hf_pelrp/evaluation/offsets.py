@@ -64,7 +64,9 @@ def _offset_index(tq: int, tk: int, device) -> torch.Tensor:
     return (rows - torch.arange(tk, device=device)[None, :]).clamp(min=0)
 
 
-def _gated_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kw):
+def _gated_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kw
+):
     """Eager attention with the position part of each score gated per offset (forward of :func:`gated_offsets`)."""
     gate = _GATES[id(module)]
     groups = query.shape[1] // key.shape[1]
@@ -119,7 +121,10 @@ def _swapped_configs(model: nn.Module) -> list[tuple[dict, PretrainedConfig]]:
 def offset_kind(model: nn.Module) -> str:
     """``"rotary"`` or ``"alibi"`` (BLOOM); other models are refused with the reason."""
     adapter = adapter_for(model)
-    if isinstance(adapter.positions, Rotary) and adapter.positions.offsets_refusal(adapter.attention_interface) is None:
+    if (
+        isinstance(adapter.positions, Rotary)
+        and adapter.positions.offsets_refusal(adapter.attention_interface) is None
+    ):
         return "rotary"
     if isinstance(adapter.positions, AttentionBias) and model.config.model_type == "bloom":
         return "alibi"
@@ -183,7 +188,9 @@ class OffsetSample:
     target: int
 
 
-def gated_logits(model: nn.Module, sample: OffsetSample, alpha: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+def gated_logits(
+    model: nn.Module, sample: OffsetSample, alpha: torch.Tensor, chunk: int = 32
+) -> torch.Tensor:
     """The explained logit for each row of gates ``alpha`` [N, D]: [N] (differentiable in ``alpha``)."""
     out = []
     for start in range(0, alpha.shape[0], chunk):
@@ -234,7 +241,9 @@ def offset_occlusion(model: nn.Module, sample: OffsetSample) -> torch.Tensor:
 
 
 @torch.no_grad()
-def offset_flip(model: nn.Module, sample: OffsetSample, ranking: torch.Tensor) -> dict[str, list[float] | float]:
+def offset_flip(
+    model: nn.Module, sample: OffsetSample, ranking: torch.Tensor
+) -> dict[str, list[float] | float]:
     """MoRF and LeRF logit curves: offsets ``1 .. T - 1`` removed one at a time in the order of ``ranking`` [T]
     (highest first for MoRF, lowest first for LeRF); x = share of those offsets removed."""
     length = sample.input_ids.shape[-1]
@@ -300,12 +309,13 @@ def run(
     model: nn.Module,
     samples: Sequence[OffsetSample],
     ig_steps: int = 16,
+    random_orders: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, object]]:
     """:func:`evaluate_sample` for every sample (seeded per sample)."""
     results = []
     for i, sample in enumerate(samples):
-        results.append(evaluate_sample(model, sample, ig_steps, seed=i))
+        results.append(evaluate_sample(model, sample, ig_steps, seed=i, random_orders=random_orders))
         if progress is not None:
             progress(i)
     return results
