@@ -179,7 +179,7 @@ def main() -> None:
             samples,
             args.ig_steps,
             args.random_orders,
-            progress=lambda i: print(f"{name}: {i + 1}", flush=True),
+            progress=lambda i, label=name: print(f"{label}: {i + 1}", flush=True),
         )
         (args.out / f"{name}.json").write_text(json.dumps(results))
         profile = torch.tensor([r["offset_map"]["ranking"] for r in results]).mean(0)

@@ -250,7 +250,7 @@ def offset_flip(
     units = torch.arange(1, length)
     values = ranking[1:].double()
     rows, curves = [], {}
-    for name, sign in (("morf", -1.0), ("lerf", 1.0)):
+    for sign in (-1.0, 1.0):  # MoRF, then LeRF
         order = units[torch.sort(sign * values, stable=True).indices]
         alpha = torch.ones(length, length)  # row k: the first k offsets of the order removed
         for k in range(1, length):
