@@ -210,3 +210,11 @@ def test_refusals_name_the_fix():
         LRPConfig(offsets=True, positional=False)
     with pytest.raises(ValueError, match="offset_chunk"):
         LRPConfig(offsets=True, offset_chunk=0)
+
+
+def test_the_html_report_shows_the_recency_profile():
+    model = _llama()
+    ids, mask = _batch()
+    with_offsets = hf_pelrp.attribute(model, ids[:1], config=OFFSETS).to_html()
+    assert "recency profile" in with_offsets and "offset i - j = 6" in with_offsets
+    assert "recency profile" not in hf_pelrp.attribute(model, ids[:1]).to_html()
