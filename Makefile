@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results positions lock test-latest test-oldest
+.PHONY: setup demo test lint bench results positions offsets lock test-latest test-oldest
 
 $(STAMP): pyproject.toml scripts/setup.sh constraints/lock.txt
 	bash scripts/setup.sh
@@ -72,3 +72,12 @@ positions: $(STAMP)
 	nice -n 15 $(PY) scripts/train_positional.py
 	for c in $(POSITION_CONFIGS); do nice -n 15 .venv/bin/hf-pelrp evaluate configs/$$c.yaml || exit 1; done
 	$(PY) scripts/collect_positions.py
+
+# Offset flipping (issue 21, docs/results.md "Relevance per offset"): PE-LRP's position_by_offset against IG over
+# the offset gates, occlusion and random on SmolLM2, the ALiBi BLOOM and the rotary ground-truth models.
+offsets: $(STAMP)
+	$(PY) scripts/prepare_data.py --skip-fashion-mnist
+	test -f $(MODELS)/bloom-alibi-lm/config.json || nice -n 15 $(PY) scripts/train_alibi.py --epochs 1 --docs runs/alibi-1-epoch
+	for t in order_ab token_at_k; do test -f $(MODELS)/positional/llama-$$t/config.json || nice -n 15 $(PY) scripts/train_positional.py --kinds llama --tasks $$t || exit 1; done
+	nice -n 15 $(PY) scripts/offset_flipping.py --models smollm2 --samples 16 --random-orders 1
+	nice -n 15 $(PY) scripts/offset_flipping.py --models bloom-alibi gt-llama-order_ab gt-llama-token_at_k --samples 32

@@ -124,6 +124,8 @@ def table(summaries: dict) -> str:
     ]
     for name, entry in summaries.items():
         s = entry["summary"]
+        if s is None:
+            continue
         for method in ev.METHODS:
             diff = "" if method == "offset_map" else fmt(s["offset_map"][f"minus_{method}"])
             lines.append(
@@ -174,25 +176,24 @@ def main() -> None:
             print(f"{name}: skipped ({samples})")
             continue
         start = time.time()
-        results = ev.run(
-            model,
-            samples,
-            args.ig_steps,
-            args.random_orders,
-            progress=lambda i, label=name: print(f"{label}: {i + 1}", flush=True),
-        )
-        (args.out / f"{name}.json").write_text(json.dumps(results))
-        profile = torch.tensor([r["offset_map"]["ranking"] for r in results]).mean(0)
-        summaries[name] = {
-            "samples": len(results),
-            "length": results[0]["length"],
-            "ig_steps": args.ig_steps,
-            "random_orders": args.random_orders,
-            "seconds": round(time.time() - start),
-            "summary": ev.summarise(results),
-            "mean_offset_map": profile.tolist(),
-        }
-        summary_path.write_text(json.dumps(summaries, indent=1))
+        results = []
+        for i, sample in enumerate(samples):  # saved after every sample: an interrupted run keeps what it did
+            results.append(
+                ev.evaluate_sample(model, sample, args.ig_steps, seed=i, random_orders=args.random_orders)
+            )
+            print(f"{name}: {i + 1}/{len(samples)}", flush=True)
+            (args.out / f"{name}.json").write_text(json.dumps(results))
+            profile = torch.tensor([r["offset_map"]["ranking"] for r in results]).mean(0)
+            summaries[name] = {
+                "samples": len(results),
+                "length": results[0]["length"],
+                "ig_steps": args.ig_steps,
+                "random_orders": args.random_orders,
+                "seconds": round(time.time() - start),
+                "summary": ev.summarise(results) if len(results) > 1 else None,
+                "mean_offset_map": profile.tolist(),
+            }
+            summary_path.write_text(json.dumps(summaries, indent=1))
     plot({k: v["mean_offset_map"] for k, v in summaries.items()}, args.docs / "offset_recency.png")
     print(table(summaries))
 
