@@ -12,7 +12,12 @@ pairs at offset ``d`` (identity rotation, or zero bias, for those pairs). Then
 - occlusion of an offset is ``f(alpha = 1) - f(alpha_d = 0)``;
 - Integrated Gradients on the same quantity integrates ``df / dalpha`` from ``alpha = 0`` (no positional signal
   at any offset) to ``alpha = 1`` (midpoint rule);
+- gradient x input of the gates at ``alpha = 1`` (``offset_gxi``: the plain-gradient counterpart of the offset
+  map, ``sum_{i - j = d} p_ij df/ds_ij``);
 - random orders the offsets at random.
+
+The offset map is ranked signed (``offset_map``: ``position_by_offset`` summed over layers and heads) and by its
+absolute values per layer and head (``offset_map_abs``: ``sum_{l,h} |R_p|``, no cancellation between layers).
 
 Offset 0 is never a unit: its rotation is the identity and its ALiBi bias 0, so ``p = 0`` there.
 
@@ -43,7 +48,7 @@ from .metrics import area_under_curve, mean_confidence_interval
 
 #: the attention implementation name of the gated eager attention (registered on first use)
 GATED = "hf_pelrp_offset_gate"
-METHODS = ("offset_map", "offset_ig", "offset_occlusion", "random")
+METHODS = ("offset_map", "offset_map_abs", "offset_gxi", "offset_ig", "offset_occlusion", "random")
 
 
 @dataclass
@@ -204,8 +209,10 @@ def gated_logits(
     return torch.cat(out)
 
 
-def offset_map(model: nn.Module, sample: OffsetSample, mode: str = "attnlrp") -> torch.Tensor:
-    """PE-LRP's ``position_by_offset`` summed over layers: [T]."""
+def offset_map(
+    model: nn.Module, sample: OffsetSample, mode: str = "attnlrp"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PE-LRP's ``position_by_offset`` summed over layers and heads, and ``sum_{l,h} |R_p|``: [T] each."""
     attr = hf_pelrp.attribute(
         model,
         sample.input_ids,
@@ -213,7 +220,16 @@ def offset_map(model: nn.Module, sample: OffsetSample, mode: str = "attnlrp") ->
         position=None if sample.position is None else torch.tensor([sample.position]),
         config=hf_pelrp.LRPConfig(mode=mode, offsets=True),
     )
-    return attr.position_by_offset[0].sum(0).float()
+    by_head = attr.position_by_offset_by_head[0].float()
+    return by_head.sum((0, 1)), by_head.abs().sum((0, 1))
+
+
+def offset_gxi(model: nn.Module, sample: OffsetSample) -> torch.Tensor:
+    """Gradient x input of the gates at ``alpha = 1``: [T]."""
+    alpha = torch.ones(1, sample.input_ids.shape[-1], requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(gated_logits(model, sample, alpha).sum(), alpha)
+    return grad[0]
 
 
 def offset_ig(model: nn.Module, sample: OffsetSample, steps: int = 16) -> tuple[torch.Tensor, float]:
@@ -271,7 +287,8 @@ def evaluate_sample(
 ) -> dict[str, object]:
     """Every method's ranking and flipping curves for one sample (plus IG completeness, the full-removal logit)."""
     length = sample.input_ids.shape[-1]
-    rankings = {"offset_map": offset_map(model, sample)}
+    signed, absolute = offset_map(model, sample)
+    rankings = {"offset_map": signed, "offset_map_abs": absolute, "offset_gxi": offset_gxi(model, sample)}
     rankings["offset_ig"], ig_error = offset_ig(model, sample, ig_steps)
     rankings["offset_occlusion"] = offset_occlusion(model, sample)
     result: dict[str, object] = {"ig_completeness_error": ig_error, "length": length}
