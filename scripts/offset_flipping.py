@@ -126,7 +126,7 @@ def table(summaries: dict) -> str:
         s = entry["summary"]
         if s is None:
             continue
-        for method in ev.METHODS:
+        for method in [m for m in ev.METHODS if m in s]:
             diff = "" if method == "offset_map" else fmt(s["offset_map"][f"minus_{method}"])
             lines.append(
                 f"| {name} ({entry['samples']}, {entry['length']}) | {method} | {fmt(s[method]['morf_auc'])} "
@@ -163,6 +163,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "offsets")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--report", action="store_true", help="only redraw the plot and print the table")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(ev.METHODS),
+        choices=ev.METHODS,
+        help="evaluate only these methods",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the methods to the samples of runs/offsets/<model>.json (same samples)",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -170,27 +183,32 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     summary_path = args.docs / "offset_flipping.json"
     summaries = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    for name in args.models:
+    for name in [] if args.report else args.models:
         model, samples = load(name, args.samples)
         if model is None:
             print(f"{name}: skipped ({samples})")
             continue
         start = time.time()
-        results = []
+        results: list[dict] = []
+        previous = json.loads((args.out / f"{name}.json").read_text()) if args.merge else []
         for i, sample in enumerate(samples):  # saved after every sample: an interrupted run keeps what it did
-            results.append(
-                ev.evaluate_sample(model, sample, args.ig_steps, seed=i, random_orders=args.random_orders)
-            )
+            if args.merge and i >= len(previous):
+                break
+            found = ev.evaluate_sample(model, sample, args.ig_steps, i, args.random_orders, args.methods)
+            results.append({**previous[i], **found} if args.merge else found)
             print(f"{name}: {i + 1}/{len(samples)}", flush=True)
-            (args.out / f"{name}.json").write_text(json.dumps(results))
+            (args.out / f"{name}.json").write_text(json.dumps(results + previous[len(results) :]))
             profile = torch.tensor([r["offset_map"]["ranking"] for r in results]).mean(0)
             summaries[name] = {
-                "samples": len(results),
+                "samples": len(results + previous[len(results) :]),
                 "length": results[0]["length"],
-                "ig_steps": args.ig_steps,
-                "random_orders": args.random_orders,
+                # a merged run keeps the settings of the run whose methods it adds to
+                "ig_steps": summaries.get(name, {}).get("ig_steps") if args.merge else args.ig_steps,
+                "random_orders": summaries.get(name, {}).get("random_orders")
+                if args.merge
+                else args.random_orders,
                 "seconds": round(time.time() - start),
-                "summary": ev.summarise(results) if len(results) > 1 else None,
+                "summary": ev.summarise(results + previous[len(results) :]) if len(results) > 1 else None,
                 "mean_offset_map": profile.tolist(),
             }
             summary_path.write_text(json.dumps(summaries, indent=1))

@@ -283,26 +283,43 @@ def offset_flip(
 
 
 def evaluate_sample(
-    model: nn.Module, sample: OffsetSample, ig_steps: int = 16, seed: int = 0, random_orders: int = 4
+    model: nn.Module,
+    sample: OffsetSample,
+    ig_steps: int = 16,
+    seed: int = 0,
+    random_orders: int = 4,
+    methods: Sequence[str] = METHODS,
 ) -> dict[str, object]:
-    """Every method's ranking and flipping curves for one sample (plus IG completeness, the full-removal logit)."""
+    """The rankings and flipping curves of ``methods`` for one sample (plus IG's completeness error)."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown offset-flipping methods {unknown}; known: {METHODS}")
     length = sample.input_ids.shape[-1]
-    signed, absolute = offset_map(model, sample)
-    rankings = {"offset_map": signed, "offset_map_abs": absolute, "offset_gxi": offset_gxi(model, sample)}
-    rankings["offset_ig"], ig_error = offset_ig(model, sample, ig_steps)
-    rankings["offset_occlusion"] = offset_occlusion(model, sample)
-    result: dict[str, object] = {"ig_completeness_error": ig_error, "length": length}
+    rankings: dict[str, torch.Tensor] = {}
+    result: dict[str, object] = {"length": length}
+    if {"offset_map", "offset_map_abs"} & set(methods):
+        signed, absolute = offset_map(model, sample)
+        rankings.update({"offset_map": signed, "offset_map_abs": absolute})
+    if "offset_gxi" in methods:
+        rankings["offset_gxi"] = offset_gxi(model, sample)
+    if "offset_ig" in methods:
+        rankings["offset_ig"], result["ig_completeness_error"] = offset_ig(model, sample, ig_steps)
+    if "offset_occlusion" in methods:
+        rankings["offset_occlusion"] = offset_occlusion(model, sample)
     for name, ranking in rankings.items():
-        result[name] = {"ranking": ranking.tolist(), **offset_flip(model, sample, ranking)}
-    gen = random.Random(seed)
-    draws = []
-    for _ in range(random_orders):
-        perm = list(range(length))
-        gen.shuffle(perm)
-        draws.append(offset_flip(model, sample, torch.tensor(perm, dtype=torch.float32)))
-    result["random"] = {
-        key: sum(d[key] for d in draws) / len(draws) for key in ("morf_auc", "lerf_auc", "lerf_minus_morf")
-    }
+        if name in methods:
+            result[name] = {"ranking": ranking.tolist(), **offset_flip(model, sample, ranking)}
+    if "random" in methods:
+        gen = random.Random(seed)
+        draws = []
+        for _ in range(random_orders):
+            perm = list(range(length))
+            gen.shuffle(perm)
+            draws.append(offset_flip(model, sample, torch.tensor(perm, dtype=torch.float32)))
+        result["random"] = {
+            key: sum(d[key] for d in draws) / len(draws)
+            for key in ("morf_auc", "lerf_auc", "lerf_minus_morf")
+        }
     return result
 
 
@@ -310,15 +327,18 @@ def summarise(results: Sequence[dict[str, object]]) -> dict[str, dict[str, tuple
     """Mean and 95% Student-t half-width over samples: each method's MoRF / LeRF areas and LeRF - MoRF, and the
     paired differences of the offset map's LeRF - MoRF against every other method."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    for method in METHODS:
+    present = [m for m in METHODS if all(m in r for r in results)]
+    for method in present:
         out[method] = {
             key: mean_confidence_interval([r[method][key] for r in results])
             for key in ("morf_auc", "lerf_auc", "lerf_minus_morf")
         }
-    for other in METHODS[1:]:
+    for other in present[1:] if present and present[0] == "offset_map" else []:
         diffs = [r["offset_map"]["lerf_minus_morf"] - r[other]["lerf_minus_morf"] for r in results]
         out["offset_map"][f"minus_{other}"] = mean_confidence_interval(diffs)
-    out["ig_completeness_error"] = {"max": (max(r["ig_completeness_error"] for r in results), math.nan)}
+    errors = [r["ig_completeness_error"] for r in results if "ig_completeness_error" in r]
+    if errors:
+        out["ig_completeness_error"] = {"max": (max(errors), math.nan)}
     return out
 
 
