@@ -69,6 +69,9 @@ class Attribution(_Relevance):
         ``token + position`` (+ ``segment`` where the model has token types).
     position_by_layer : FloatTensor [B, L, T] or None
         Per-layer position relevance for models whose positions enter every layer (rotary), else None.
+    position_by_offset : FloatTensor [B, L, D] or None
+        Position relevance per layer and query-key offset ``d = i - j`` (``LRPConfig(offsets=True)``, rotary and
+        ALiBi models; read from ``extras``), else None.
     target : LongTensor [B]
         The explained class / vocabulary id of each row.
     target_value : FloatTensor [B]
