@@ -218,3 +218,12 @@ def test_the_html_report_shows_the_recency_profile():
     with_offsets = hf_pelrp.attribute(model, ids[:1], config=OFFSETS).to_html()
     assert "recency profile" in with_offsets and "offset i - j = 6" in with_offsets
     assert "recency profile" not in hf_pelrp.attribute(model, ids[:1]).to_html()
+
+
+def test_gradient_checkpointing_gives_the_same_offsets():
+    model = _llama()
+    ids, mask = _batch()
+    plain = hf_pelrp.attribute(model, ids, attention_mask=mask, config=OFFSETS)
+    again = hf_pelrp.attribute(model, ids, attention_mask=mask, config=OFFSETS, gradient_checkpointing=True)
+    assert torch.equal(plain.position_by_offset, again.position_by_offset)
+    assert torch.equal(plain.content_by_offset, again.content_by_offset)
