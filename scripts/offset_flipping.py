@@ -176,6 +176,9 @@ def main() -> None:
         action="store_true",
         help="add the methods to the samples of runs/offsets/<model>.json (same samples)",
     )
+    p.add_argument(
+        "--resume", action="store_true", help="continue runs/offsets/<model>.json with the next samples"
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -189,26 +192,29 @@ def main() -> None:
             print(f"{name}: skipped ({samples})")
             continue
         start = time.time()
-        results: list[dict] = []
-        previous = json.loads((args.out / f"{name}.json").read_text()) if args.merge else []
+        path = args.out / f"{name}.json"
+        previous = json.loads(path.read_text()) if (args.merge or args.resume) and path.exists() else []
+        results: list[dict] = list(previous) if args.resume else []
+        before = summaries.get(name, {})
         for i, sample in enumerate(samples):  # saved after every sample: an interrupted run keeps what it did
             if args.merge and i >= len(previous):
                 break
+            if args.resume and i < len(previous):
+                continue
             found = ev.evaluate_sample(model, sample, args.ig_steps, i, args.random_orders, args.methods)
             results.append({**previous[i], **found} if args.merge else found)
             print(f"{name}: {i + 1}/{len(samples)}", flush=True)
-            (args.out / f"{name}.json").write_text(json.dumps(results + previous[len(results) :]))
-            profile = torch.tensor([r["offset_map"]["ranking"] for r in results]).mean(0)
+            everything = results + (previous[len(results) :] if args.merge else [])
+            path.write_text(json.dumps(everything))
+            profile = torch.tensor([r["offset_map"]["ranking"] for r in everything]).mean(0)
+            keep = args.merge or args.resume  # the settings of the run this one extends
             summaries[name] = {
-                "samples": len(results + previous[len(results) :]),
-                "length": results[0]["length"],
-                # a merged run keeps the settings of the run whose methods it adds to
-                "ig_steps": summaries.get(name, {}).get("ig_steps") if args.merge else args.ig_steps,
-                "random_orders": summaries.get(name, {}).get("random_orders")
-                if args.merge
-                else args.random_orders,
-                "seconds": round(time.time() - start),
-                "summary": ev.summarise(results + previous[len(results) :]) if len(results) > 1 else None,
+                "samples": len(everything),
+                "length": everything[0]["length"],
+                "ig_steps": before.get("ig_steps") if keep else args.ig_steps,
+                "random_orders": before.get("random_orders") if keep else args.random_orders,
+                "seconds": round(time.time() - start) + (before.get("seconds", 0) if keep else 0),
+                "summary": ev.summarise(everything) if len(everything) > 1 else None,
                 "mean_offset_map": profile.tolist(),
             }
             summary_path.write_text(json.dumps(summaries, indent=1))
