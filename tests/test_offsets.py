@@ -99,7 +99,7 @@ def test_rotary_offsets_match_the_explicit_reference():
     r_c = torch.where(s == 0, torch.zeros_like(s), r_s * c / safe)
     by_head = _per_offset(r_p)
     assert attr.position_by_offset.shape == (3, 2, 7)
-    assert torch.equal(attr.position_offsets[0], torch.arange(7))
+    assert torch.equal(attr.offset_labels[0], torch.arange(7))
     _close(attr.position_by_offset_by_head, by_head, "position_by_offset_by_head", ROTARY_TOL)
     _close(attr.position_by_offset, by_head.sum(2), "position_by_offset", ROTARY_TOL)
     _close(attr.content_by_offset, _per_offset(r_c).sum(2), "content_by_offset", ROTARY_TOL)
@@ -196,7 +196,7 @@ def test_save_and_load_keep_the_offset_map(tmp_path):
     attr.save(str(tmp_path / "a.safetensors"))
     back = hf_pelrp.Attribution.load(str(tmp_path / "a.safetensors"))
     assert torch.equal(back.position_by_offset, attr.position_by_offset)
-    assert torch.equal(back.position_offsets, attr.position_offsets)
+    assert torch.equal(back.offset_labels, attr.offset_labels)
     assert back[1].position_by_offset.shape == (1, 2, 7)
 
 

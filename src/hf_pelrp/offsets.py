@@ -257,7 +257,7 @@ def offset_maps(
     layers: dict[int, LayerOffsets], like: torch.Tensor, num_layers: int
 ) -> dict[str, torch.Tensor]:
     """The maps of the recorded layers: ``position_by_offset`` [B, L, D], ``position_by_offset_by_head``
-    [B, L, H, D], ``content_by_offset`` [B, L, D] (where the score relevance is known), ``position_offsets``
+    [B, L, H, D], ``content_by_offset`` [B, L, D] (where the score relevance is known), ``offset_labels``
     [B, D] (the offset ``d = i - j`` of each bin: ``0 .. T - 1`` when every layer is causal, else
     ``-(T - 1) .. T - 1``)."""
     if not layers:
@@ -285,7 +285,7 @@ def offset_maps(
     maps = {
         "position_by_offset": by_head.sum(2),
         "position_by_offset_by_head": by_head,
-        "position_offsets": labels.expand(batch, -1),
+        "offset_labels": labels.expand(batch, -1),
     }
     if known:
         maps["content_by_offset"] = (score - by_head).sum(2)

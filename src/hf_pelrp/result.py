@@ -136,7 +136,7 @@ class Attribution(_Relevance):
         """Position relevance per layer and query-key offset, [B, L, D], or ``None`` where it was not computed.
 
         ``position_by_offset[b, l, n]`` is the position part of the relevance of every attention score of layer
-        ``l`` whose query and key are ``position_offsets[b, n]`` tokens apart (``d = i - j``: ``0 .. T - 1`` for
+        ``l`` whose query and key are ``offset_labels[b, n]`` tokens apart (``d = i - j``: ``0 .. T - 1`` for
         causal models), summed over heads (``position_by_offset_by_head`` [B, L, H, D] keeps them). Computed with
         ``LRPConfig(offsets=True)`` for rotary and ALiBi models (method.md 2, "Relevance per offset");
         ``content_by_offset`` holds the content part of the same scores (rotary models).

@@ -273,7 +273,7 @@ def row_views(
         by_layer = None  # positions were constants: the per-layer map is all zero, nothing to draw
     gaps = conservation_gap(attr).detach().float().cpu().tolist()
     by_offset = attr.extras.get("position_by_offset")
-    offset_labels = attr.extras.get("position_offsets")
+    offset_labels = attr.extras.get("offset_labels")
     if not (isinstance(by_offset, torch.Tensor) and isinstance(offset_labels, torch.Tensor)):
         by_offset = offset_labels = None
     foils = attr.foil.detach().cpu().tolist() if getattr(attr, "foil", None) is not None else None
