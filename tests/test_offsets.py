@@ -30,8 +30,14 @@ ALIBI_TOL = 1e-5
 OFFSETS = LRPConfig(offsets=True, offset_chunk=None)
 
 
-def _llama():
-    return tiny_llama_family("llama", "causal_lm", num_layers=2, seed=0, initializer_range=0.15).double()
+#: YaRN scales cos and sin by an attention factor a != 1: the identity rotation is (a, 0)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "rope_theta": 10000.0}
+
+
+def _llama(**overrides):
+    return tiny_llama_family(
+        "llama", "causal_lm", num_layers=2, seed=0, initializer_range=0.15, **overrides
+    ).double()
 
 
 def _batch(length: int = 7, vocab: int = 100):
@@ -87,8 +93,9 @@ def test_unrotate_gives_the_identity_rotation(layout, rotated):
     assert not torch.allclose(content, turned, atol=1e-3)
 
 
-def test_rotary_offsets_match_the_explicit_reference():
-    model = _llama()
+@pytest.mark.parametrize("rope", [None, YARN], ids=["rope", "yarn"])
+def test_rotary_offsets_match_the_explicit_reference(rope):
+    model = _llama() if rope is None else _llama(rope_parameters=rope)
     ids, mask = _batch()
     attr = hf_pelrp.attribute(model, ids, attention_mask=mask, config=OFFSETS)
     ref = reference_lrp(model, ids, mask, target=attr.target)

@@ -79,7 +79,8 @@ def unrotate(
 
     ``x_rot = x * cos + rotate(x) * sin`` with ``cos = a cos(theta)``, ``sin = a sin(theta)`` is ``a R(theta) x``
     per channel pair; ``(x_rot * cos - rotate(x_rot) * sin) / a = a x`` undoes it (``a^2 = cos^2 + sin^2``).
-    Pass-through channels (partial rotary) are returned as they are.
+    Pass-through channels (partial rotary) are returned as they are. (``rotate(unrotate(x)) = a x`` holds for any
+    layout, so it cannot check one: the layout is the adapter's declaration, proven by ``check_adapter``.)
     """
     part, rest, where, c, s, rotate = _rotation_parts(x, cos, sin, layout, rotated)
     content = (part * c - rotate(part) * s) / torch.sqrt(c * c + s * s)
@@ -155,15 +156,19 @@ class OffsetRecorder:
         if rot is None:
             qc, kc = q, k
         else:
-            qc = unrotate(q, rot.cos.detach(), rot.sin.detach(), rot.layout, rot.rotated)
-            kc = unrotate(k, rot.cos.detach(), rot.sin.detach(), rot.layout, rot.rotated)
-            # the declared layout must describe the model: rotating the content back gives q exactly
-            again = rotate(qc, rot.cos.detach(), rot.sin.detach(), rot.layout, rot.rotated)
-            if not torch.allclose(again, q, rtol=1e-3, atol=1e-4 * float(q.abs().max().clamp(min=1e-12))):
-                raise UnsupportedModelError(
-                    f"{type(module).__name__}: the declared rotary layout ({rot.layout}, {rot.rotated} channels) "
-                    "does not reproduce the rotated queries, so the content part of the scores is unknown"
-                )
+            # in float32 at least: a half-precision round trip would blur the position part
+            dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            cos, sin = rot.cos.detach().to(dtype), rot.sin.detach().to(dtype)
+            if rot.layout == "half":
+                # the half layout rotates channel d with d + w/2 by one angle: cos is cat(f, f)
+                half = cos.shape[-1] // 2
+                if not torch.allclose(cos[..., :half], cos[..., half:]):
+                    raise UnsupportedModelError(
+                        f"{type(module).__name__}: the rotary cos is not two equal halves, so the declared 'half' "
+                        "layout does not describe this rotation and the content part of the scores is unknown"
+                    )
+            qc = unrotate(q.to(dtype), cos, sin, rot.layout, rot.rotated)
+            kc = unrotate(k.to(dtype), cos, sin, rot.layout, rot.rotated)
         scaling = kwargs.get("scaling")
         scaling = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
         softcap = kwargs.get("softcap")
