@@ -34,7 +34,8 @@ class LRPConfig:
         attention pass per layer, in blocks of ``offset_chunk`` queries).
     offset_chunk
         Queries per block of that re-computation (its memory is about ``6 * B * H * offset_chunk * T`` floats at
-        a time); ``None``: all queries in one block. The maps do not depend on it.
+        a time, besides up to four ``[B, H, T, D]`` tensors per layer kept for the backward pass); ``None``: all
+        queries in one block. The maps do not depend on it.
     """
 
     mode: str = "attnlrp"
