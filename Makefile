@@ -77,7 +77,7 @@ positions: $(STAMP)
 # the offset gates, occlusion and random on SmolLM2, the ALiBi BLOOM and the rotary ground-truth models.
 offsets: $(STAMP)
 	$(PY) scripts/prepare_data.py --skip-fashion-mnist
-	test -f $(MODELS)/bloom-alibi-lm/config.json || nice -n 15 $(PY) scripts/train_alibi.py --epochs 1 --docs runs/alibi-1-epoch
+	test -f $(MODELS)/bloom-alibi-lm/config.json || nice -n 15 $(PY) scripts/train_alibi.py --docs runs/alibi-recency
 	for t in order_ab token_at_k; do test -f $(MODELS)/positional/llama-$$t/config.json || nice -n 15 $(PY) scripts/train_positional.py --kinds llama --tasks $$t || exit 1; done
-	nice -n 15 $(PY) scripts/offset_flipping.py --models smollm2 --samples 16 --random-orders 1
+	nice -n 15 $(PY) scripts/offset_flipping.py --models smollm2 --samples 32 --random-orders 1
 	nice -n 15 $(PY) scripts/offset_flipping.py --models bloom-alibi gt-llama-order_ab gt-llama-token_at_k --samples 32

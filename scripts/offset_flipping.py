@@ -15,7 +15,8 @@ Writes ``runs/offsets/<model>.json`` (per sample), ``docs/offset_flipping.json``
 ``docs/offset_recency.png`` and prints the Markdown table of docs/results.md.
 
 Usage: ``nice -n 15 python scripts/offset_flipping.py [--samples 32] [--ig-steps 16] [--models ...]`` (SmolLM2:
-about 25 s of CPU per sample; the others a few seconds)
+about 25 s of CPU per window; the others well under a second per sequence). ``make offsets`` runs what
+docs/results.md reports (SmolLM2 with one random order per window).
 """
 
 from __future__ import annotations
