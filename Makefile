@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results positions ledger remedies lock test-latest test-oldest
+.PHONY: setup demo test lint bench results positions ledger remedies offsets lock test-latest test-oldest
 
 $(STAMP): pyproject.toml scripts/setup.sh constraints/lock.txt
 	bash scripts/setup.sh
@@ -82,3 +82,12 @@ ledger: $(STAMP)
 remedies: $(STAMP)
 	$(PY) scripts/prepare_data.py --skip-fashion-mnist
 	nice -n 15 $(PY) scripts/remedies.py --n 24 --out runs/remedies.json
+
+# Offset flipping (issue 21, docs/results.md "Relevance per offset"): PE-LRP's position_by_offset against IG over
+# the offset gates, occlusion and random on SmolLM2, the ALiBi BLOOM and the rotary ground-truth models.
+offsets: $(STAMP)
+	$(PY) scripts/prepare_data.py --skip-fashion-mnist
+	test -f $(MODELS)/bloom-alibi-lm/config.json || nice -n 15 $(PY) scripts/train_alibi.py --docs runs/alibi-recency
+	for t in order_ab token_at_k; do test -f $(MODELS)/positional/llama-$$t/config.json || nice -n 15 $(PY) scripts/train_positional.py --kinds llama --tasks $$t || exit 1; done
+	nice -n 15 $(PY) scripts/offset_flipping.py --models smollm2 --samples 32 --random-orders 1
+	nice -n 15 $(PY) scripts/offset_flipping.py --models bloom-alibi gt-llama-order_ab gt-llama-token_at_k --samples 32

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .offsets import OffsetRecorder
 from .rules import identity_rule, scale_gradient, softmax_rule
 
 LRP_ATTENTION = "lrp"
@@ -59,6 +60,9 @@ class AttentionRule:
     #: ``f(module, position_bias, query) -> leaf``: makes the ``position_bias`` the module passes to the attention
     #: interface a leaf (T5 / UMT5 compute it inside the module, so only the interface sees it with its batch)
     bias_leaf: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: set at each forward pass when relevance per offset is asked for (``LRPConfig(offsets=True)``): the
+    #: backward hook of the attention output that splits each score's relevance (hf_pelrp.offsets)
+    offsets: OffsetRecorder | None = None
 
     def channel_factors(self, base: float, x: torch.Tensor) -> float | torch.Tensor:
         """``base`` for every channel of ``x`` [..., D], times ``rotary`` on the rotated ones."""
@@ -119,6 +123,7 @@ def lrp_attention_forward(
                 f"the 'lrp' attention does not support {name}= (attention sinks); this model cannot be attributed yet"
             )
     rule = _RULES.get(module)
+    plain = (query, key, value, attention_mask)  # the recorder re-computes the scores from the forward values
     if rule is not None:
         rule.calls += 1
         query = scale_gradient(query, rule.channel_factors(rule.q, query))
@@ -136,8 +141,12 @@ def lrp_attention_forward(
         kwargs["softmax"] = functools.partial(softmax_rule, rule=rule.softmax, eps=rule.softmax_eps)
         return eager_attention(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("softcap") is not None:
-        return eager_attention(module, query, key, value, attention_mask, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        output, weights = eager_attention(module, query, key, value, attention_mask, **kwargs)
+    else:
+        output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if rule is not None and rule.offsets is not None:
+        output = rule.offsets.watch(module, output, *plain, rule.scores, kwargs)
+    return output, weights
 
 
 def eager_attention(

@@ -39,6 +39,16 @@ class LRPConfig:
         ``None`` (default): residual additions are plain sums (epsilon rule). A number ``gamma >= 0``: ResLRP's
         residual rule (:func:`hf_pelrp.rules.residual_rule`) at both residual additions of every pre-norm block
         (:class:`hf_pelrp.hooks.ResidualGamma`); exactly conservative, composable with both modes and positions.
+    offsets
+        ``True``: also split the relevance of every attention score into a content and a position part and sum
+        the position part per query-key offset ``d = i - j`` (``Attribution.position_by_offset`` [B, L, D],
+        method.md 2 "Relevance per offset"), for rotary and ALiBi models; other families refuse it. Needs
+        ``positional=True``. Opt-in: rotary layers re-compute their scores in the backward pass (one more
+        attention pass per layer, in blocks of ``offset_chunk`` queries).
+    offset_chunk
+        Queries per block of that re-computation (its memory is about ``6 * B * H * offset_chunk * T`` floats at
+        a time, besides up to four ``[B, H, T, D]`` tensors per layer kept for the backward pass); ``None``: all
+        queries in one block. The maps do not depend on it.
     """
 
     mode: str = "attnlrp"
@@ -48,6 +58,8 @@ class LRPConfig:
     softmax: str = "gxi"
     softmax_eps: float = 0.0
     residual_gamma: float | None = None
+    offsets: bool = False
+    offset_chunk: int | None = 256
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +77,24 @@ class LRPConfig:
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"softmax_eps must be a finite number >= 0, got {eps!r}")
         object.__setattr__(self, "softmax_eps", float(eps))
+
+        if not isinstance(self.offsets, bool):
+            raise TypeError(f"offsets must be a bool, got {type(self.offsets).__name__}")
+        if self.offsets and not self.positional:
+            raise ValueError(
+                "offsets=True splits the relevance that reaches the positions, which positional=False makes "
+                "constants: use positional=True with offsets=True"
+            )
+        chunk = self.offset_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"offset_chunk must be None or a positive int (queries per block), got {chunk!r}"
+            )
+        if self.offsets and self.softmax != "gxi":
+            raise ValueError(
+                f"offsets=True splits the scores' relevance under AttnLRP's own softmax rule; softmax={self.softmax!r} "
+                "gives the scores other relevance: use softmax='gxi' with offsets=True"
+            )
         for name in ("gamma_linear", "gamma_conv", "residual_gamma"):
             value = getattr(self, name)
             if value is None:

@@ -170,7 +170,8 @@ def _forward_parameters(model: torch.nn.Module) -> frozenset[str]:
 
 
 def _is_sequence_map(name: str, value: Any, mask: torch.Tensor) -> bool:
-    if name.startswith("target_"):  # the target prefix of an encoder-decoder model is not source-aligned
+    # an encoder-decoder's target prefix is not source-aligned; offset bins (position_by_offset) are not positions
+    if name.startswith("target_") or "offset" in name:
         return False
     return (
         isinstance(value, torch.Tensor)

@@ -31,6 +31,7 @@ from .devices import execution_device
 from .errors import UnsupportedModelError
 from .hooks import EmbeddingLeaf, Handles, HookRule, LeafStore, make_leaf
 from .modules import find_module
+from .offsets import REQUESTED, LayerOffsets, OffsetRecorder, Rotation, bias_offsets, offset_maps
 from .rules import relevance_dtype, relevance_of
 
 Maps = dict[str, Any]
@@ -70,6 +71,12 @@ class PositionalKind(ABC):
     name: str = ""
     #: positions act inside attention on q and k only: CP-LRP (q, k constant) gives them exactly 0
     inside_attention: bool = False
+
+    def offsets_refusal(self, attention_interface: bool) -> str | None:
+        """Why this kind cannot give relevance per offset (``LRPConfig(offsets=True)``), or ``None`` if it can."""
+        return (
+            f"its positions are {self.name or type(self).__name__}, not rotary or a per-pair attention bias"
+        )
 
     def rules(
         self,
@@ -191,6 +198,10 @@ class RotaryLeaves(HookRule):
         kind, store, layer = self.kind, self.store, self.layer
 
         def hook(attention, args, kwargs):
+            rule = self.rule_of()
+            chunk = store.aux.get(REQUESTED)
+            if rule is not None:  # a fresh recorder per forward pass, or none when the maps are not asked for
+                rule.offsets = None if chunk is None else OffsetRecorder(store.aux, layer, chunk)
             pe = kwargs.get(kind.keyword)
             if pe is None or (kind.applies is not None and not kind.applies(attention)):
                 return None
@@ -210,9 +221,13 @@ class RotaryLeaves(HookRule):
             ):
                 existing = {kind.names[0]: make_leaf(first), kind.names[1]: make_leaf(second)}
                 store.layers[layer] = existing
-            rule = self.rule_of()
             if rule is not None:
                 rule.rotated = (kind.rotated_channels(first), kind.rotated)
+                if rule.offsets is not None:
+                    cos, sin = (existing[kind.names[0]], existing[kind.names[1]])
+                    if kind.names[0] != "cos":  # GPT-J passes (sin, cos)
+                        cos, sin = sin, cos
+                    rule.offsets.rotation = Rotation(cos, sin, kind.layout, kind.rotated)
             kwargs = dict(kwargs)
             kwargs[kind.keyword] = (existing[kind.names[0]], existing[kind.names[1]])
             return args, kwargs
@@ -286,6 +301,15 @@ class Rotary(PositionalKind):
             r = r.sum(0)  # M-RoPE: the axes (temporal, height, width) of one position together
         return r
 
+    def offsets_refusal(self, attention_interface: bool) -> str | None:
+        if not attention_interface:
+            return (
+                "its attention is written inline (the 'lrp' attention, which records the scores, never runs)"
+            )
+        if self.batch_axis != 0 or self.layout not in ("half", "interleaved"):
+            return f"its rotary layout ({self.name}, {self.layout}) is not one relevance per offset can undo"
+        return None
+
     def read(self, store: LeafStore, token: torch.Tensor, num_layers: int) -> Maps:
         batch, seq = token.shape
         by_layer = torch.zeros(batch, num_layers, seq, device=token.device, dtype=token.dtype)
@@ -300,12 +324,15 @@ class Rotary(PositionalKind):
                 by_leaf[:, layer, i] = r
                 by_layer[:, layer] += r
                 absolute += r.abs()
-        return {
+        maps = {
             "position_by_layer": by_layer,
             "position": by_layer.sum(1),
             "position_abs": absolute,
             "position_by_leaf": by_leaf,
         }
+        recorded = {key[1]: v for key, v in store.aux.items() if isinstance(v, LayerOffsets)}
+        maps.update(offset_maps(recorded, token, num_layers))
+        return maps
 
     def describe(self) -> str:
         parts = {"half": "rotary", "interleaved": "interleaved rotary"}[self.layout]
@@ -323,6 +350,12 @@ class _RecordAux(HookRule):
             self.store.aux[self.key] = self.value
 
         handles.append(module.register_forward_pre_hook(hook))
+
+
+def offsets_request(store: LeafStore, chunk: int | None) -> HookRule:
+    """The rule (on the model) that marks every forward pass as asking for relevance per offset, with the query
+    block size of the rotary re-computation (``None``: one block)."""
+    return _RecordAux(store, REQUESTED, chunk or 0)
 
 
 @dataclass(frozen=True)
@@ -345,6 +378,9 @@ class MultimodalRotary(Rotary):
     sections: str = "language_model.rotary_emb"
     axes: tuple[str, ...] = ("temporal", "height", "width")
     name: str = "mrope"
+
+    def offsets_refusal(self, attention_interface: bool) -> str | None:
+        return "M-RoPE rotates by three position axes at once: one offset per pair does not describe it"
 
     def section_sizes(self, model: torch.nn.Module) -> tuple[int, ...]:
         holder = find_module(model.base_model, self.sections)
@@ -505,6 +541,14 @@ class AttentionBias(PositionalKind):
     description: str = "positional bias inside attention"
     name: str = "attention bias"
     inside_attention: bool = True
+    #: the bias is one value per (query, key) pair of tokens (ALiBi): ``position_by_offset`` can be read from its
+    #: leaves (``LRPConfig(offsets=True)``); 2-D, windowed and bucketed biases do not declare it
+    per_pair_offsets: bool = False
+
+    def offsets_refusal(self, attention_interface: bool) -> str | None:
+        if self.per_pair_offsets:
+            return None
+        return f"its positional bias ({self.description}) is not declared as one bias per token offset"
 
     def rules(self, model, layers, attention, store):
         return [] if self.leaves is None else list(self.leaves(model, layers, attention, store))
@@ -520,6 +564,13 @@ class AttentionBias(PositionalKind):
             prefix = "position" if group == BIAS_LEAF else group[: -len(BIAS_LEAF)] + "position"
             keys = token if group == BIAS_LEAF else store.aux.get(("keys", group))
             maps.update(self._read_group(store, group, prefix, leaves, keys, num_layers))
+        if self.per_pair_offsets and store.aux.get(REQUESTED) is not None and BIAS_LEAF in groups:
+            # the bias leaf holds R_p = f b g_s per pair: the exact split of each score's relevance (s = c + b)
+            layers = {
+                layer: LayerOffsets(bias_offsets(leaf, token.dtype), None, causal=True)
+                for layer, leaf in groups[BIAS_LEAF].items()
+            }
+            maps.update(offset_maps(layers, token, num_layers))
         return maps
 
     def _read_group(

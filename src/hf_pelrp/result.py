@@ -69,6 +69,9 @@ class Attribution(_Relevance):
         ``token + position`` (+ ``segment`` where the model has token types).
     position_by_layer : FloatTensor [B, L, T] or None
         Per-layer position relevance for models whose positions enter every layer (rotary), else None.
+    position_by_offset : FloatTensor [B, L, D] or None
+        Position relevance per layer and query-key offset ``d = i - j`` (``LRPConfig(offsets=True)``, rotary and
+        ALiBi models; read from ``extras``), else None.
     target : LongTensor [B]
         The explained class / vocabulary id of each row.
     target_value : FloatTensor [B]
@@ -127,6 +130,18 @@ class Attribution(_Relevance):
     @property
     def seq_len(self) -> int:
         return self.token.shape[-1]
+
+    @property
+    def position_by_offset(self) -> torch.Tensor | None:
+        """Position relevance per layer and query-key offset, [B, L, D], or ``None`` where it was not computed.
+
+        ``position_by_offset[b, l, n]`` is the position part of the relevance of every attention score of layer
+        ``l`` whose query and key are ``offset_labels[b, n]`` tokens apart (``d = i - j``: ``0 .. T - 1`` for
+        causal models), summed over heads (``position_by_offset_by_head`` [B, L, H, D] keeps them). Computed with
+        ``LRPConfig(offsets=True)`` for rotary and ALiBi models (method.md 2, "Relevance per offset");
+        ``content_by_offset`` holds the content part of the same scores (rotary models).
+        """
+        return self.extras.get("position_by_offset")
 
     def label_of(self, index: int) -> str | None:
         """The readable name of a class / token id, if known."""

@@ -32,6 +32,9 @@ class BiasReference:
     position_by_layer: torch.Tensor
     position_by_distance: torch.Tensor
     logit: torch.Tensor
+    #: ALiBi decoders: the bias relevance ``R_b`` and the score relevance ``R_S`` of every pair [B, L, H, T, T]
+    bias_pairs: torch.Tensor | None = None
+    score_pairs: torch.Tensor | None = None
 
 
 def alibi_slopes(heads: int, bias_max: float = 8.0, mpt: bool = False) -> torch.Tensor:
@@ -223,6 +226,8 @@ def _row(model, fam, ids, mask, position, target, mode):
     r_x = lrp_layer_norm(x, nf, wf, sf, r_nf)
     by_layer = torch.zeros(len(acts), seq, dtype=F64)
     by_distance = torch.zeros(2 * seq - 1, dtype=F64)
+    bias_pairs = torch.zeros(len(acts), heads, seq, seq, dtype=F64)
+    score_pairs = torch.zeros_like(bias_pairs)
     for layer in reversed(range(len(acts))):
         blk, a = fam["blocks"][layer], acts[layer]
         r_x1, r_m = split_sum([a["x1"], a["m"]], r_x)
@@ -234,6 +239,12 @@ def _row(model, fam, ids, mask, position, target, mode):
         r_q, r_k, r_v, r_b = lrp_biased_attention(
             a["q"], a["k"], a["v"], 1.0 / math.sqrt(dim), bias, allowed, a["S"], a["A"], a["o"], r_o, mode
         )
+        bias_pairs[layer] = r_b
+        if mode == "attnlrp":  # the softmax rule's R_S, as lrp_biased_attention computes it
+            frac = a["A"][..., None] * a["v"][:, None, :, :] * safe_div(r_o, a["o"])[:, :, None, :]
+            r_probs = 0.5 * frac.sum(-1)
+            r_s = a["S"] * (r_probs - a["A"] * r_probs.sum(-1, keepdim=True))
+            score_pairs[layer] = torch.where(allowed, r_s, torch.zeros_like(r_s))
         r_pairs = r_b.sum(0)  # [T, T]
         by_layer[layer] = r_pairs.sum(0)
         distance = (pos[None, :] - pos[:, None]) + seq - 1
@@ -243,7 +254,7 @@ def _row(model, fam, ids, mask, position, target, mode):
         r_x = r_xin + lrp_layer_norm(a["x"], a["n1"], a["w1"], a["s1"], r_n1)
     if ln0 is not None:
         r_x = lrp_layer_norm(t, ln0[0], ln0[1], ln0[2], r_x)
-    return r_x.sum(-1), by_layer, by_distance, logits[tgt]
+    return r_x.sum(-1), by_layer, by_distance, logits[tgt], bias_pairs, score_pairs
 
 
 @torch.no_grad()

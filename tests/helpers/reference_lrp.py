@@ -48,6 +48,11 @@ class ReferenceMaps:
     logit: torch.Tensor
     target: torch.Tensor
     softmax_absorbed: torch.Tensor
+    #: per row, layer, head and pair [B, L, H, T, T]: the relevance of each attention score ``R_S``, the score
+    #: ``S`` and its content part ``C = scaling * (a q) . (a k)`` (q, k unrotated, ``a`` the attention scaling)
+    score_relevance: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    content_scores: torch.Tensor | None = None
 
     @property
     def position(self) -> torch.Tensor:
@@ -233,6 +238,8 @@ def _explain_row(w, ids, mask, position, target, mode, positional):
     r_x = _lrp_rms_norm(x, nf, sf, r_nf)
     pos_by_layer = torch.zeros(len(acts), seq, dtype=F64)
     absorbed = torch.zeros((), dtype=F64)
+    r_scores = torch.zeros(len(acts), n_heads, seq, seq, dtype=F64)
+    contents = torch.zeros_like(r_scores)
     for li in reversed(range(len(acts))):
         a, lw = acts[li], w["layers"][li]
         hd = lw["head_dim"]
@@ -263,6 +270,7 @@ def _explain_row(w, ids, mask, position, target, mode, positional):
             r_s = s * (r_probs - p * r_probs.sum(-1, keepdim=True))
             r_s = torch.where(allowed, r_s, torch.zeros_like(r_s))
             absorbed = absorbed + r_probs.sum() - r_s.sum()
+            r_scores[li] = r_s
             kr = a["kr"].repeat_interleave(group, 0)
             # S[h, i, j] = scaling * sum_d qr[h, i, d] kr[h, j, d]
             terms = lw["scaling"] * a["qr"][:, :, None, :] * kr[:, None, :, :]
@@ -278,7 +286,11 @@ def _explain_row(w, ids, mask, position, target, mode, positional):
             + lrp_linear(a["n1"], *lw["v"], _heads_to_flat(r_v))
         )
         r_x = r_xin + _lrp_rms_norm(a["x"], a["n1"], a["s1"], r_n1)
-    return r_x.sum(-1), pos_by_layer, logits[tgt], tgt, absorbed
+        scale = w["attention_scaling"]
+        k_plain = (scale * a["k"]).repeat_interleave(group, 0)
+        contents[li] = lw["scaling"] * ((scale * a["q"]) @ k_plain.transpose(1, 2))
+    scores = torch.stack([a["S"] for a in acts])
+    return r_x.sum(-1), pos_by_layer, logits[tgt], tgt, absorbed, (r_scores, scores, contents)
 
 
 @torch.no_grad()
@@ -301,12 +313,13 @@ def reference_lrp(
     w = _weights(model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    tokens, by_layer, logits, targets, absorbed = [], [], [], [], []
+    tokens, by_layer, logits, targets, absorbed, pairs = [], [], [], [], [], []
     for b in range(input_ids.shape[0]):
         mask = attention_mask[b]
         pos = int(position[b]) if position is not None else int(mask.nonzero().max())
         tgt = None if target is None else int(target[b])
-        tok, pbl, logit, t, lost = _explain_row(w, input_ids[b], mask, pos, tgt, mode, positional)
+        tok, pbl, logit, t, lost, parts = _explain_row(w, input_ids[b], mask, pos, tgt, mode, positional)
+        pairs.append(parts)
         tokens.append(tok)
         by_layer.append(pbl)
         logits.append(logit)
@@ -318,4 +331,7 @@ def reference_lrp(
         logit=torch.stack(logits),
         target=torch.tensor(targets),
         softmax_absorbed=torch.stack(absorbed),
+        score_relevance=torch.stack([p[0] for p in pairs]),
+        scores=torch.stack([p[1] for p in pairs]),
+        content_scores=torch.stack([p[2] for p in pairs]),
     )

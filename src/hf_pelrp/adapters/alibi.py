@@ -43,7 +43,9 @@ from .base import Adapter, register_adapter, register_variants
 from .llama import DECODER_INPUTS
 from .norms import layer_norm
 
-ALIBI = AttentionBias(description="ALiBi: linear bias m_h (j - i) on the attention scores")
+ALIBI = AttentionBias(
+    description="ALiBi: linear bias m_h (j - i) on the attention scores", per_pair_offsets=True
+)
 #: ALiBi extrapolates: no position limit; there are no position ids (the bias is built from the attention mask,
 #: so position_ids= is refused rather than ignored; Falcon's forward reads them only for its rotary variant)
 ALIBI_INPUTS = TextInputs(position_ids=None, max_positions=None)

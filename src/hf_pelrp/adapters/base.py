@@ -42,7 +42,7 @@ from ..hooks import (
 from ..hub_kernels import is_kernel_forward
 from ..inputs import Prepared, TextInputs
 from ..modules import find_module, find_optional
-from ..positions import PositionalKind, PositionalSite, Rotary
+from ..positions import PositionalKind, PositionalSite, Rotary, offsets_request
 from .norms import ACTIVATIONS, is_activation_like, is_norm_like
 
 #: module classes whose computation is one the rules already cover without a hook: linear maps and
@@ -319,6 +319,14 @@ class Adapter:
             for name in ("gamma_linear", "gamma_conv")
             if getattr(config, name) is not None and name not in self.gamma
         ]
+        if config.offsets:
+            reason = self.positions.offsets_refusal(self.attention_interface)
+            if reason is not None:
+                raise UnsupportedModelError(
+                    f"relevance per offset (LRPConfig(offsets=True)) is not available for the {self.label} adapter "
+                    f"({getattr(getattr(model, 'config', None), 'model_type', '?')}): {reason}. It exists for rotary "
+                    "and ALiBi models; use offsets=False here (position and position_by_layer are still given)."
+                )
         if unsupported:
             supported = ", ".join(sorted(self.gamma)) or "none"
             raise UnsupportedModelError(
@@ -339,6 +347,8 @@ class Adapter:
         for path, names in self.embeddings.items():
             rules.append((find_module(base, path), EmbeddingLeaf(store, tuple(names))))
         blocks = self.blocks(model)
+        if config.offsets:
+            rules.append((model, offsets_request(store, config.offset_chunk)))
         if config.positional:
             rules.extend(self.positions.rules(model, blocks, self.attention_modules(model), store))
         gates: dict[nn.Module, float] = {}

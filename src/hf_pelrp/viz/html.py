@@ -206,8 +206,10 @@ def _layer_chart(
     positions: Sequence[int],
     special: Sequence[bool],
     columns: Sequence[int],
+    unit: str = "position",
 ) -> dict[str, Any]:
-    """The context of the per-layer position chart: ``grid[layer][i]`` for the columns ``columns``.
+    """The context of the per-layer position chart: ``grid[layer][i]`` for the columns ``columns`` (``unit``
+    names a column in the tips: a position, or an offset for the per-offset chart).
 
     Colours share one symmetric scale (the largest absolute cell of the non-special columns: a BOS token's
     large relevance does not wash out the rest); the bars are each layer's summed position relevance (all
@@ -228,7 +230,7 @@ def _layer_chart(
         cells = []
         for i in columns:
             value = grid[layer][i]
-            tip = f"layer {layer}, position {positions[i]} {quoted(tokens[i])}: {_fmt(value)}"
+            tip = f"layer {layer}, {unit} {positions[i]} {quoted(tokens[i])}: {_fmt(value)}"
             cells.append({"color": css_hex(diverging_rgb(value, scale)), "title": tip})
         half = abs(totals[layer]) / bar_scale * 50
         rows.append(
@@ -246,7 +248,7 @@ def _layer_chart(
     excluded = len(visible) < len(columns)
     return {
         "columns": [
-            {"text": t, "special": special[i], "title": f"position {positions[i]} {quoted(tokens[i])}"}
+            {"text": t, "special": special[i], "title": f"{unit} {positions[i]} {quoted(tokens[i])}"}
             for t, i in zip(texts, columns, strict=True)
         ],
         "rows": rows,
@@ -349,6 +351,17 @@ def _text_rows(
             chart = _layer_chart(
                 view.position_by_layer, view.tokens, view.positions, view.special, range(len(view.positions))
             )
+        offset_chart = None
+        if view.position_by_offset and view.offsets:
+            count = len(view.offsets)
+            offset_chart = _layer_chart(
+                view.position_by_offset,
+                [str(d) for d in view.offsets],
+                view.offsets,
+                [False] * count,
+                range(count),
+                unit="offset i - j =",
+            )
         foil = (view.foil_label, view.foil_id) if view.foil_id is not None else None
         sums = dict(maps)
         if decoder is not None:
@@ -371,6 +384,7 @@ def _text_rows(
                 "chart": chart,
                 "chart_title": f"position relevance per layer{' over the source' if decoder else ''}: {chart_title}",
                 "chart_open": len(views) == 1,
+                "offset_chart": offset_chart,
             }
         )
     return rows, payloads

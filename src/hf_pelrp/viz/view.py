@@ -59,6 +59,9 @@ class RowView:
     decoder : DecoderView or None
         Encoder-decoder models: the target prefix (decoder input), where the explained position lies; the
         source then has no explained position (``explained`` is None).
+    position_by_offset : list[list[float]] or None
+        ``[layer][offset]`` position relevance per query-key offset (``LRPConfig(offsets=True)``), with the
+        offsets ``d = i - j`` in ``offsets``; None where it was not computed.
     """
 
     row: int
@@ -75,6 +78,8 @@ class RowView:
     foil_id: int | None = None
     foil_label: str | None = None
     decoder: DecoderView | None = None
+    position_by_offset: list[list[float]] | None = None
+    offsets: list[int] | None = None
 
     @property
     def predicts_next(self) -> bool:
@@ -267,6 +272,10 @@ def row_views(
     if by_layer is not None and not attr.positional:
         by_layer = None  # positions were constants: the per-layer map is all zero, nothing to draw
     gaps = conservation_gap(attr).detach().float().cpu().tolist()
+    by_offset = attr.extras.get("position_by_offset")
+    offset_labels = attr.extras.get("offset_labels")
+    if not (isinstance(by_offset, torch.Tensor) and isinstance(offset_labels, torch.Tensor)):
+        by_offset = offset_labels = None
     foils = attr.foil.detach().cpu().tolist() if getattr(attr, "foil", None) is not None else None
     decoders = _decoder_views(attr, tokenizer, list(maps_full)) if is_seq2seq(attr) else None
 
@@ -334,6 +343,10 @@ def row_views(
                 foil_id=foil_id,
                 foil_label=label_of(foil_id, **find) if foil_id is not None else None,
                 decoder=decoders[r] if decoders is not None else None,
+                position_by_offset=by_offset[r].detach().float().cpu().tolist()
+                if by_offset is not None
+                else None,
+                offsets=offset_labels[r].tolist() if offset_labels is not None else None,
             )
         )
     return views
