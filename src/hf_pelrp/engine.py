@@ -12,6 +12,7 @@ end in :func:`explain`.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,6 +219,18 @@ def _gamma_of(cfg: LRPConfig) -> dict[str, float]:
     return {k: v for k in ("gamma_linear", "gamma_conv") if (v := getattr(cfg, k)) is not None}
 
 
+def _settings_of(cfg: LRPConfig) -> dict[str, Any]:
+    """The settings of ``cfg`` besides mode, positional and Gamma that differ from LRPConfig's defaults: what a
+    result must say about the rules beyond its mode (a preset like ``attnlrp-conservative``)."""
+    default = LRPConfig(mode=cfg.mode)
+    skip = {"mode", "positional", "gamma_linear", "gamma_conv"}
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in skip and getattr(cfg, f.name) != getattr(default, f.name)
+    }
+
+
 def _labels(model: torch.nn.Module, tokenizer: Any, ids: list[int], vocabulary: bool) -> dict[int, str]:
     """Readable names of ``ids``: decoded tokens for LMs (with a tokenizer), else the model's class names."""
     if vocabulary:
@@ -272,6 +285,7 @@ def build_result(
         "positional": cfg.positional,
         "model_type": model.config.model_type,
         "gamma": _gamma_of(cfg),
+        "rules": _settings_of(cfg),
     }
     extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS}
     if cont is not None and request.kind.name != SEQ2SEQ_LM:

@@ -347,6 +347,12 @@ def _check_fields(
         raise AttributionFileError(
             f"{where}: 'gamma' must map gamma_linear / gamma_conv to numbers, got {gamma!r}"
         )
+    rules = fields.get("rules", {})
+    if not isinstance(rules, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool))
+        for k, v in rules.items()
+    ):
+        raise AttributionFileError(f"{where}: 'rules' must map rule settings to plain values, got {rules!r}")
     labels = fields.get("labels", {})
     if not isinstance(labels, dict) or not all(
         isinstance(k, str) and k.lstrip("-").isdigit() and isinstance(v, str) for k, v in labels.items()

@@ -98,6 +98,10 @@ class Attribution(_Relevance):
     gamma : dict
         The generalised Gamma rule parameters in effect (``{"gamma_linear": 0.05, "gamma_conv": 100.0}`` for
         the ``vit-paper`` preset); empty when every linear and convolution layer followed the epsilon rule.
+    rules : dict
+        Every other rule setting that differs from :class:`hf_pelrp.LRPConfig`'s defaults (e.g.
+        ``{"softmax": "identity", "softmax_eps": 0.1}`` for the ``attnlrp-conservative`` preset, ``{"offsets":
+        True}``); empty for the plain rules of ``mode``.
     extras : dict
         Family-specific maps (e.g. ``patch_map`` / ``pixel_map`` for vision models), readable as attributes.
     """
@@ -119,6 +123,7 @@ class Attribution(_Relevance):
     positional: bool = True
     model_type: str = ""
     gamma: dict[str, float] = field(default_factory=dict)
+    rules: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived maps -------------------------------------------------------------------------------------
@@ -163,6 +168,7 @@ class Attribution(_Relevance):
             raise AttributionInputError(f"{type(self).__name__} has no field(s) {unknown}")
         changes.setdefault("labels", dict(self.labels))
         changes.setdefault("gamma", dict(self.gamma))
+        changes.setdefault("rules", dict(self.rules))
         changes.setdefault("extras", dict(self.extras))
         return replace(self, **changes)
 
@@ -251,11 +257,12 @@ class Attribution(_Relevance):
             raise AttributionInputError("stack() needs at least one attribution")
         first = rows[0]
         for r in rows[1:]:
-            if (r.mode, r.positional, r.model_type, r.gamma) != (
+            if (r.mode, r.positional, r.model_type, r.gamma, r.rules) != (
                 first.mode,
                 first.positional,
                 first.model_type,
                 first.gamma,
+                first.rules,
             ):
                 raise AttributionInputError(
                     "stack() joins attributions made with the same rules and model type; got "
@@ -318,6 +325,7 @@ class Attribution(_Relevance):
     def __repr__(self) -> str:
         gap = ", ".join(f"{g:.4g}" for g in self.conservation_gap.tolist()[:4])
         gamma = f", gamma={self.gamma}" if self.gamma else ""
+        gamma += f", rules={self.rules}" if self.rules else ""
         return (
             f"Attribution(model_type={self.model_type!r}, mode={self.mode!r}, positional={self.positional}{gamma}, "
             f"batch={self.batch_size}, seq_len={self.seq_len}, target={self.target.tolist()[:4]}, "
@@ -458,8 +466,8 @@ class GenerationAttribution(_Relevance):
         True at special tokens, which reports may hide.
     labels : dict[int, str]
         Readable names of the explained (and foil) token ids.
-    mode, positional, model_type, gamma
-        The rules and the architecture that produced the maps.
+    mode, positional, model_type, gamma, rules
+        The rules and the architecture that produced the maps (as :class:`Attribution`).
     """
 
     token: torch.Tensor
@@ -479,6 +487,7 @@ class GenerationAttribution(_Relevance):
     positional: bool = True
     model_type: str = ""
     gamma: dict[str, float] = field(default_factory=dict)
+    rules: dict[str, Any] = field(default_factory=dict)
 
     @property
     def generated_ids(self) -> torch.Tensor:
@@ -495,6 +504,7 @@ class GenerationAttribution(_Relevance):
         """A copy with some fields changed."""
         changes.setdefault("labels", dict(self.labels))
         changes.setdefault("gamma", dict(self.gamma))
+        changes.setdefault("rules", dict(self.rules))
         return replace(self, **changes)
 
     def to_attribution(self) -> Attribution:
@@ -536,6 +546,7 @@ class GenerationAttribution(_Relevance):
             positional=self.positional,
             model_type=self.model_type,
             gamma=dict(self.gamma),
+            rules=dict(self.rules),
         )
 
     # the target x source matrix views live in hf_pelrp.viz (imported lazily, as for Attribution)
