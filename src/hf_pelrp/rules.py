@@ -90,13 +90,31 @@ def identity_rule(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _IdentityRule.apply(x, y.detach())
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
 def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """Forward ``value`` exactly, backward through ``surrogate`` (which must equal ``value`` up to rounding).
 
-    Used where a rule is a differently differentiated re-computation of the same function (the norm rules):
-    ``value.detach() + (surrogate - surrogate.detach())`` adds an exact zero, so outputs stay bit-identical.
+    Used where a rule is a differently differentiated re-computation of the same function (the norm rules): the
+    output is ``value`` itself (bit-identical outputs) and its gradient goes unchanged to ``surrogate``, the
+    value of ``value.detach() + (surrogate - surrogate.detach())`` without its two temporaries (this runs at
+    every norm of the model).
     """
-    return value.detach() + (surrogate - surrogate.detach())
+    if not surrogate.requires_grad:
+        return value.detach()
+    if surrogate.shape != value.shape:
+        raise ValueError(
+            f"straight_through: surrogate shape {tuple(surrogate.shape)} != {tuple(value.shape)}"
+        )
+    return _StraightThrough.apply(value.detach(), surrogate)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
