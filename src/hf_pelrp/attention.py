@@ -9,6 +9,7 @@ N x N attention matrix is kept for the backward pass beyond what the kernel itse
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .rules import identity_rule, scale_gradient
+from .rules import identity_rule, scale_gradient, softmax_rule
 
 LRP_ATTENTION = "lrp"
 
@@ -52,6 +53,9 @@ class AttentionRule:
     rotary: float = 1.0
     rotated: tuple[int, str] | None = None
     calls: int = 0
+    #: the softmax rule (:func:`hf_pelrp.rules.softmax_rule`); anything but ``"gxi"`` runs the eager path
+    softmax: str = "gxi"
+    softmax_eps: float = 0.0
     #: ``f(module, position_bias, query) -> leaf``: makes the ``position_bias`` the module passes to the attention
     #: interface a leaf (T5 / UMT5 compute it inside the module, so only the interface sees it with its batch)
     bias_leaf: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -127,6 +131,10 @@ def lrp_attention_forward(
             bias = kwargs["position_bias"] = rule.bias_leaf(module, bias, query)
         if bias is not None and bias.requires_grad:
             kwargs["position_bias"] = scale_gradient(bias, rule.scores)
+    if rule is not None and rule.softmax != "gxi":
+        # the conservative softmax rules need the written-out scores: N x N per head kept for the backward pass
+        kwargs["softmax"] = functools.partial(softmax_rule, rule=rule.softmax, eps=rule.softmax_eps)
+        return eager_attention(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("softcap") is not None:
         return eager_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -141,13 +149,15 @@ def eager_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     softcap: float | None = None,
+    softmax: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention written out (as transformers' eager implementations compute it), with logit soft-capping.
 
     ``s = q k^T * scaling``; soft-capping ``c * tanh(s / c)`` is an element-wise activation and gets the
     identity rule (AttnLRP Prop. 3.4, method.md "soft-capping"); then the mask, a float32 softmax (its rule is
-    Gradient x Input) and ``A V``. The N x N scores are kept for the backward pass: memory grows with the
+    Gradient x Input, or ``softmax(scores, probs)``: a relevance rule of :func:`hf_pelrp.rules.softmax_rule`)
+    and ``A V``. The N x N scores are kept for the backward pass: memory grows with the
     square of the sequence length for the layers that need this path.
     """
     groups = getattr(module, "num_key_value_groups", 1)
@@ -166,7 +176,10 @@ def eager_attention(
     bias = kwargs.get("position_bias")
     if bias is not None:
         scores = scores + bias
-    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+    if softmax is not None:
+        probs = softmax(scores, probs)
+    probs = probs.to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .rules import SOFTMAX_RULES
+
 MODES = ("attnlrp", "cp")
 
 
@@ -26,19 +28,44 @@ class LRPConfig:
         DeiT: the MLP and classifier-head linears); other adapters keep the epsilon rule everywhere.
     gamma_conv
         The same for convolutions the adapter declares (ViT / DeiT: the patch-embedding convolution).
+    softmax
+        The rule at the attention softmax (:func:`hf_pelrp.rules.softmax_rule`; AttnLRP mode only, CP has no
+        softmax relevance): ``"gxi"`` (default, AttnLRP Prop. 3.1, not conservative), ``"identity"`` (the
+        normaliser a constant: ``R_z = R_A``) or ``"split"`` (uniform split between ``exp(z)`` and the
+        normaliser). The last two conserve and need the written-out N x N scores (eager attention).
+    softmax_eps
+        Stabiliser of those two rules' ratio ``R_z / (z + eps sign(z))`` (0: exactly conservative).
+    residual_gamma
+        ``None`` (default): residual additions are plain sums (epsilon rule). A number ``gamma >= 0``: ResLRP's
+        residual rule (:func:`hf_pelrp.rules.residual_rule`) at both residual additions of every pre-norm block
+        (:class:`hf_pelrp.hooks.ResidualGamma`); exactly conservative, composable with both modes and positions.
     """
 
     mode: str = "attnlrp"
     positional: bool = True
     gamma_linear: float | None = None
     gamma_conv: float | None = None
+    softmax: str = "gxi"
+    softmax_eps: float = 0.0
+    residual_gamma: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.positional, bool):
             raise TypeError(f"positional must be a bool, got {type(self.positional).__name__}")
-        for name in ("gamma_linear", "gamma_conv"):
+        if self.softmax not in SOFTMAX_RULES:
+            raise ValueError(f"softmax must be one of {SOFTMAX_RULES}, got {self.softmax!r}")
+        if self.softmax != "gxi" and self.mode != "attnlrp":
+            raise ValueError(
+                f"softmax={self.softmax!r} applies to mode='attnlrp' only (under {self.mode!r} the attention "
+                "probabilities are constants and the softmax passes on no relevance): use softmax='gxi'"
+            )
+        eps = self.softmax_eps
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"softmax_eps must be a finite number >= 0, got {eps!r}")
+        object.__setattr__(self, "softmax_eps", float(eps))
+        for name in ("gamma_linear", "gamma_conv", "residual_gamma"):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -24,8 +24,8 @@ from .adapters.base import Adapter
 from .attention import ATTENTION_RULES, LRP_ATTENTION, AttentionRule, set_attention_rule
 from .checkpointing import checkpoint_layers, wants_checkpointing
 from .config import LRPConfig, resolve_rules
-from .errors import AttributionStateError
-from .hooks import Handles, LeafStore, make_leaf
+from .errors import AttributionStateError, UnsupportedModelError
+from .hooks import Handles, LeafStore, make_leaf, residual_rules
 from .hub_kernels import kernel_forwards
 from .rules import relevance_of
 
@@ -216,6 +216,7 @@ def lrp(
     adapter = adapter_for(model)
     adapter.check_model(model)
     adapter.check_config(model, cfg)
+    _check_remedies(model, adapter, cfg, gradient_checkpointing)
     ctx = LRPContext()
     # Every undo step is recorded before its change and is harmless if the change has not happened yet; the
     # return is inside the try, so an interrupt at any line of the set-up closes the context.
@@ -245,12 +246,18 @@ def lrp(
         for p, _ in flags:
             p.requires_grad_(False)
         rules = adapter.attention_rules(model, cfg)
+        for _, rule in rules:
+            rule.softmax, rule.softmax_eps = cfg.softmax, cfg.softmax_eps
         ctx._attention = [rule for _, rule in rules]
         start = _make_start_forward(store, ctx._attention)
         handles.append(model.register_forward_pre_hook(start, with_kwargs=True))
         handles.append(model.register_forward_hook(functools.partial(_end_forward, store)))
         for module, rule in adapter.module_rules(model, cfg, store):
             rule.attach(module, handles)
+        if cfg.residual_gamma is not None:
+            blocks, attentions = adapter.blocks(model), adapter.attention_modules(model)
+            for module, rule in residual_rules(blocks, attentions, cfg.residual_gamma):
+                rule.attach(module, handles)
         if wants_checkpointing(model, gradient_checkpointing):
             checkpoint_layers(adapter.blocks(model), handles)
         ctx.callback(_each(ATTENTION_RULES.pop, [(module, None) for module, _ in rules]))
@@ -267,3 +274,19 @@ def lrp(
     except BaseException:
         ctx.close()
         raise
+
+
+def _check_remedies(
+    model: Any, adapter: Adapter, cfg: LRPConfig, gradient_checkpointing: bool | None
+) -> None:
+    """Refuse a conservative softmax or residual rule (docs/method.md) where it would not be applied."""
+    if cfg.softmax != "gxi" and not adapter.attention_interface:
+        raise UnsupportedModelError(
+            f"softmax={cfg.softmax!r} needs the 'lrp' attention implementation, but {type(model).__name__}'s "
+            "attention is written inline (its own kernel keeps AttnLRP's softmax rule): use softmax='gxi'."
+        )
+    if cfg.residual_gamma is not None and wants_checkpointing(model, gradient_checkpointing):
+        raise UnsupportedModelError(
+            "residual_gamma does not combine with gradient checkpointing (the recomputed blocks would rebuild "
+            "the residual rule's state): pass gradient_checkpointing=False or residual_gamma=None."
+        )

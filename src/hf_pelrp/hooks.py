@@ -13,12 +13,13 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .devices import weights_on_device
 from .errors import UnsupportedModelError
-from .rules import gamma_rule, identity_rule, scale_gradient, straight_through
+from .rules import gamma_rule, identity_rule, residual_rule, scale_gradient, straight_through
 
 
 @dataclass
@@ -385,3 +386,104 @@ class OutputActivation(HookRule):
 
         handles.append(self.producer.register_forward_hook(remember))
         handles.append(module.register_forward_hook(replace))
+
+
+#: the block child that normalises the stream between a pre-norm block's two residual additions (LLaMA
+#: layout, GPT-2); a block without one of these names has no layout the residual rule knows
+_SECOND_NORMS = ("post_attention_layernorm", "ln_2")
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class ResidualGamma(HookRule):
+    """ResLRP's residual rule (:func:`hf_pelrp.rules.residual_rule`) at both additions of a pre-norm block.
+
+    The block computes ``y1 = x + attention(norm1(x))`` and ``y2 = y1 + mlp(norm2(y1))`` inside its own forward
+    (transformers' ``hidden_states = residual + hidden_states``), so the additions are reached through hooks on
+    this one block instance: a pre-hook remembers ``x``, forward hooks on ``attention`` and ``mlp`` remember
+    their outputs, a pre-hook on ``norm`` gives ``norm2`` the rule's ``y1`` (same value), and a forward hook on
+    the block returns the rule's ``y2`` (same value) as its output. Each addition is checked to be the sum of
+    the tensors remembered (a block with another layout, e.g. a norm after the attention output, is refused,
+    not explained with a wrong rule). Nothing is patched; removing the handles restores the block.
+    """
+
+    gamma: float
+    attention: torch.nn.Module
+    norm: torch.nn.Module
+    mlp: torch.nn.Module
+    name: str = ""
+
+    def attach(self, module: torch.nn.Module, handles: Handles) -> None:
+        seen: dict[str, torch.Tensor] = {}
+        where = self.name or type(module).__name__
+
+        def start(_module, args, kwargs):
+            seen.clear()
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor):
+                seen["x"] = x
+
+        def attention_out(_module, _args, output):
+            seen["b1"] = _first(output)
+
+        def norm_in(_module, args):
+            x, b1 = seen.get("x"), seen.pop("b1", None)
+            if x is None or b1 is None or not args:
+                raise UnsupportedModelError(
+                    f"{where}: the residual rule found no attention output before its norm"
+                )
+            check_reproduces(x + b1, args[0], where, "first residual addition (x + attention)")
+            seen["y1"] = residual_rule((x, b1), args[0], self.gamma)
+            return (seen["y1"], *args[1:])
+
+        def mlp_out(_module, _args, output):
+            seen["b2"] = output
+
+        def end(_module, _args, output):
+            y1, b2 = seen.pop("y1", None), seen.pop("b2", None)
+            seen.clear()
+            if y1 is None or b2 is None:
+                raise UnsupportedModelError(
+                    f"{where}: the residual rule did not see both branches of the block"
+                )
+            y2 = _first(output)
+            check_reproduces(y1 + b2, y2, where, "second residual addition (y1 + mlp)")
+            y2 = residual_rule((y1, b2), y2, self.gamma)
+            return (y2, *output[1:]) if isinstance(output, tuple) else y2
+
+        handles.append(module.register_forward_pre_hook(start, with_kwargs=True))
+        handles.append(self.attention.register_forward_hook(attention_out))
+        handles.append(self.norm.register_forward_pre_hook(norm_in))
+        handles.append(self.mlp.register_forward_hook(mlp_out))
+        handles.append(module.register_forward_hook(end))
+
+
+def residual_rules(
+    blocks: list[torch.nn.Module], attentions: list[torch.nn.Module], gamma: float
+) -> list[tuple[torch.nn.Module, HookRule]]:
+    """One :class:`ResidualGamma` per pre-norm block (LLaMA layout or GPT-2: an ``mlp`` child and a second norm
+    named as in ``_SECOND_NORMS``); any other block layout is refused by name."""
+    rules: list[tuple[torch.nn.Module, HookRule]] = []
+    for i, (block, attention) in enumerate(zip(blocks, attentions, strict=True)):
+        norm = next(
+            (
+                getattr(block, n)
+                for n in _SECOND_NORMS
+                if isinstance(getattr(block, n, None), torch.nn.Module)
+            ),
+            None,
+        )
+        mlp = getattr(block, "mlp", None)
+        if norm is None or not isinstance(mlp, torch.nn.Module):
+            raise UnsupportedModelError(
+                f"residual_gamma: block {i} ({type(block).__name__}) is not a pre-norm block with an `mlp` and a "
+                f"second norm named one of {_SECOND_NORMS}; the residual rule supports the LLaMA and GPT-2 block "
+                "layouts. Use residual_gamma=None for this model."
+            )
+        rules.append(
+            (block, ResidualGamma(gamma, attention, norm, mlp, name=f"block {i} ({type(block).__name__})"))
+        )
+    return rules

@@ -210,6 +210,7 @@ def conservation_ledger(
     positional: bool | None = None,
     *,
     tokenizer: Any = None,
+    config: Any = None,
     **inputs: Any,
 ) -> ConservationLedger:
     """Explain one logit per row (as :func:`hf_pelrp.attribute` does) and split its conservation gap by stage.
@@ -227,7 +228,7 @@ def conservation_ledger(
       embedding norm and dropout).
 
     The entries telescope, so they sum to the gap exactly; what each one says is where the rules absorbed
-    relevance. Arguments as :func:`hf_pelrp.attribute` (one explained logit per row: no continuations).
+    relevance. Arguments as :func:`hf_pelrp.attribute` (``config``: an :class:`hf_pelrp.LRPConfig` or preset; one explained logit per row: no continuations).
     Gradient checkpointing is off for the call (recomputed blocks would be measured twice).
     """
     if getattr(model.config, "is_encoder_decoder", False):
@@ -245,11 +246,21 @@ def conservation_ledger(
     recorder = _Recorder()
     try:
         for layer, (block, attn, mlp) in enumerate(zip(blocks, attentions, mlps, strict=True)):
-            last = layer == len(blocks) - 1
-            recorder.attach(block, ("stream", layer), ("stream", layer + 1) if last else None, block=True)
+            recorder.attach(block, ("stream", layer), None, block=True)
             recorder.attach(attn, ("attention in", layer), ("attention out", layer))
             if mlp is not None:
                 recorder.attach(mlp, ("mlp in", layer), ("mlp out", layer))
+        # the last block's output is watched by a hook registered when the forward starts, i.e. after the
+        # rules' own hooks (a rule may replace the block's output, as the residual rule does): the watch sees
+        # the output the head reads
+        late: list[Any] = []
+
+        def watch_last_output(_model, _args):
+            if not late:
+                late.append(blocks[-1].register_forward_hook(recorder.output_hook(("stream", len(blocks)))))
+                recorder.handles.append(late[0])
+
+        recorder.handles.append(model.register_forward_pre_hook(watch_last_output))
         attr = attribute(
             model,
             input_ids,
@@ -258,6 +269,7 @@ def conservation_ledger(
             mode,
             positional,
             tokenizer=tokenizer,
+            config=config,
             gradient_checkpointing=False,
             **inputs,
         )

@@ -210,3 +210,106 @@ def gamma_rule(
     # the biases inside agree_* are constants: they change the surrogate's value, never its gradient
     surrogate = (c_pos + c_neg) * (agree_pos + agree_neg) + gamma * (c_pos * agree_pos + c_neg * agree_neg)
     return straight_through(y, surrogate)
+
+
+#: the softmax rules of :func:`softmax_rule` (``"gxi"``: AttnLRP's, the default, needs no written-out scores)
+SOFTMAX_RULES = ("gxi", "identity", "split")
+
+
+class _SoftmaxRelevance(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, probs: torch.Tensor, split: bool, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(scores, probs)
+        ctx.split, ctx.eps = split, eps
+        return probs.view_as(probs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scores, probs = ctx.saved_tensors
+        dtype = _at_least_float32(probs.dtype)
+        z, a = scores.to(dtype), probs.to(dtype)
+        relevance = a * grad.to(dtype)  # R_A, one value per (query, key)
+        if ctx.split:
+            relevance = 0.5 * relevance + 0.5 * a * relevance.sum(-1, keepdim=True)
+        # epsilon-stabilised ratio R_z / z; a score of exactly 0 (or a masked one: R_A = 0) passes on nothing
+        denominator = z + ctx.eps * torch.where(z >= 0, 1.0, -1.0)
+        grad_z = torch.where(z == 0, 0.0, relevance / torch.where(denominator == 0, 1.0, denominator))
+        return grad_z.to(scores.dtype), None, None, None
+
+
+def softmax_rule(scores: torch.Tensor, probs: torch.Tensor, rule: str, eps: float = 0.0) -> torch.Tensor:
+    """A conservative relevance rule for the attention softmax ``A = softmax(z)`` (row-wise), straight-through.
+
+    AttnLRP's rule (``"gxi"``, Achtibat et al. 2024, Prop. 3.1) is Gradient x Input through the softmax:
+    ``R_z_i = z_i A_i (g_i - sum_j A_j g_j)``, with ``g = dR/dA``. It is not conservative: the linearisation's
+    bias term ``A_j - sum_i z_i dA_j/dz_i`` absorbs relevance, and no per-row reference point changes that
+    (``sum_i dA_j/dz_i = 0``, so ``sum_i (z_i - c) dA_j/dz_i`` is the same for every ``c``; method.md, "The
+    softmax rule and the conservation gap"). The two rules here treat the normaliser explicitly, with
+    ``A_j = exp(z_j) / Z`` and ``R_A_j = A_j g_j``:
+
+    - ``"identity"``: ``Z`` is a constant of the backward pass (as the norms' scale, AttnLRP Prop. 3.4), so
+      ``A_j`` is an element-wise function of ``z_j`` and gets the identity rule: ``R_z_j = R_A_j``.
+    - ``"split"``: the product ``exp(z_j) * (1/Z)`` gets the uniform rule (Prop. 3.2): half of ``R_A_j`` to
+      ``exp(z_j)``, half to ``1/Z``; ``1/Z`` passes its relevance (identity rule) to ``Z = sum_k exp(z_k)``, which
+      shares it in proportion to its terms (epsilon rule): ``R_z_k = R_A_k / 2 + A_k sum_j R_A_j / 2``.
+
+    Both conserve each row exactly: ``sum_k R_z_k = sum_j R_A_j``. In Gradient x Input form the gradient at
+    ``z`` becomes ``R_z / (z + eps sign(z))``, which reproduces ``R_z`` at ``eps = 0`` (0 where ``z = 0``) and
+    lets the stabiliser absorb the share ``eps / (|z| + eps)`` otherwise. Needs the written-out scores ``z``
+    (mask and positional bias included), i.e. the eager attention path.
+
+    Parameters
+    ----------
+    scores
+        The softmax's input ``z`` [..., K] (masked entries at a large negative value: their ``A`` is 0 and so is
+        their relevance).
+    probs
+        ``softmax(z)`` as computed (the returned tensor equals it).
+    rule
+        ``"identity"`` or ``"split"``; ``"gxi"`` returns ``probs`` unchanged (plain autograd).
+    eps
+        Non-negative stabiliser of the ratio.
+    """
+    if rule not in SOFTMAX_RULES:
+        raise ValueError(f"softmax rule must be one of {SOFTMAX_RULES}, got {rule!r}")
+    if rule == "gxi" or not scores.requires_grad:
+        return probs
+    # probs enters detached: its own graph (the softmax Jacobian) is replaced, not added to
+    return _SoftmaxRelevance.apply(scores, probs.detach(), rule == "split", float(eps))
+
+
+def residual_rule(terms: tuple[torch.Tensor, ...], y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """ResLRP's conservative residual rule (Berend, Achtibat et al. 2026) for ``y = sum_i z_i``, straight-through.
+
+    At a residual addition the relevance of each output element goes to the addends in proportion to
+    ``(1 + gamma [sign(z_i) == sign(y)]) z_i``:
+
+    ``R_i = (1 + gamma [z_i y > 0]) z_i / sum_k (1 + gamma [z_k y > 0]) z_k * R_y``
+
+    which is exactly conservative (``sum_i R_i = R_y``) element by element; ``gamma = 0`` is the epsilon rule
+    (eps -> 0) of a plain sum, i.e. plain autograd. The denominator has the sign of ``y`` and
+    ``|denominator| >= |y|``; an output ``y = 0`` passes on nothing. Gradient x Input form: each addend gets
+    the detached factor ``f_i = (1 + gamma [z_i y > 0]) y / denominator`` on the gradient of ``y`` (the
+    backward of ``sum_i f_i z_i``), so ``z_i * grad_i = R_i``. The returned tensor is ``y`` itself
+    (:func:`straight_through`); the addends' own graphs carry the gradient, the sum's graph is not used.
+
+    Parameters
+    ----------
+    terms
+        The addends ``z_i``, each of ``y``'s shape.
+    y
+        Their sum as the model computed it.
+    gamma
+        Non-negative amplification of the addends that agree in sign with the sum.
+    """
+    if gamma < 0:
+        raise ValueError(f"the residual rule's gamma must be >= 0, got {gamma}")
+    with torch.no_grad():
+        dtype = _at_least_float32(y.dtype)
+        out = y.detach().to(dtype)
+        weights = [1.0 + gamma * ((t.detach().to(dtype) * out) > 0).to(dtype) for t in terms]
+        denominator = sum(w * t.detach().to(dtype) for w, t in zip(weights, terms, strict=True))
+        scale = torch.where(denominator == 0, 0.0, out / torch.where(denominator == 0, 1.0, denominator))
+        factors = [(w * scale).to(t.dtype) for w, t in zip(weights, terms, strict=True)]
+    surrogate = sum(f * t for f, t in zip(factors, terms, strict=True))
+    return straight_through(y, surrogate)
