@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .rules import SOFTMAX_RULES
+from .rules import INPUT_RULES, SOFTMAX_RULES
 
 MODES = ("attnlrp", "cp")
+
+#: the vision-only LRPConfig fields (issue 20) and their values; adapters list the ones they apply
+VISION_OPTIONS: dict[str, tuple[str, ...]] = {
+    "patch_rule": tuple(INPUT_RULES),
+    "logit_contrast": ("softmax", "mean"),
+    "position_reference": ("mean",),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,21 @@ class LRPConfig:
         ``None`` (default): residual additions are plain sums (epsilon rule). A number ``gamma >= 0``: ResLRP's
         residual rule (:func:`hf_pelrp.rules.residual_rule`) at both residual additions of every pre-norm block
         (:class:`hf_pelrp.hooks.ResidualGamma`); exactly conservative, composable with both modes and positions.
+    patch_rule
+        Vision families (ViT / DeiT / DINOv2 layouts): the rule that carries the patch tokens' relevance to the
+        pixels in ``pixel_map``. ``None`` (default): Gradient x Input through the patch convolution (epsilon, or
+        Gamma with ``gamma_conv``). ``"zplus"``, ``"wsquare"``, ``"flat"``, ``"zbox"``: the input-layer rules
+        of :data:`hf_pelrp.rules.INPUT_RULES` (``"zbox"`` bounds the pixels to ``[0, 1]``). Changes only the
+        pixel map (each patch's relevance stays that patch's), never ``patch_map``.
+    logit_contrast
+        ``None`` (default): the explained logit itself. ``"softmax"`` / ``"mean"``: the logit against the others
+        (:func:`hf_pelrp.rules.contrast_logits`: the linearised log-probability, or the logit minus the mean
+        logit); relevance then sums to that contrast. Vision families.
+    position_reference
+        ``None`` (default): the position leaf is ``p``. ``"mean"``: the mean position row over the sequence is a
+        sink credited to the token map and the position map holds ``(p - mean p) . g`` only
+        (:func:`hf_pelrp.rules.reference_split`); ``patch_map`` and ``pixel_map`` are unchanged. Vision
+        families, with ``positional=True``.
     """
 
     mode: str = "attnlrp"
@@ -48,6 +70,9 @@ class LRPConfig:
     softmax: str = "gxi"
     softmax_eps: float = 0.0
     residual_gamma: float | None = None
+    patch_rule: str | None = None
+    logit_contrast: str | None = None
+    position_reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +102,18 @@ class LRPConfig:
             ):
                 raise ValueError(f"{name} must be None (epsilon rule) or a finite number >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
+        self._check_vision_options()
+
+    def _check_vision_options(self) -> None:
+        for name, allowed in VISION_OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be None or one of {allowed}, got {value!r}")
+        if self.position_reference is not None and not self.positional:
+            raise ValueError(
+                "position_reference splits the position leaf, which positional=False does not have: set "
+                "positional=True or position_reference=None"
+            )
 
     def with_(self, **changes) -> LRPConfig:
         """A copy with some fields changed."""

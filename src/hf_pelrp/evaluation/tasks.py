@@ -344,6 +344,37 @@ def _fashion_mnist_test(spec: dict, model, tokenizer, seed: int, causal: bool) -
     return out
 
 
+@data_builder("fashion_mnist_canvas")
+def _fashion_mnist_canvas(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    """The first ``num_samples`` Fashion-MNIST test garments placed on a canvas (:mod:`.canvas`: ``canvas``,
+    ``background`` ``"black"`` / ``"noise"``, ``noise``, ``layout_seed``); the mask is the placed garment."""
+    from .canvas import CanvasLayout, place_on_canvas
+
+    layout = CanvasLayout(
+        canvas=int(spec.get("canvas", 56)),
+        background=spec.get("background", "black"),
+        noise=float(spec.get("noise", 0.3)),
+        seed=int(spec.get("layout_seed", 0)),
+    )
+    size = model.config.image_size
+    if size != layout.canvas:
+        raise ValueError(f"the model takes {size}x{size} images but the canvas is {layout.canvas}: set canvas: {size}")
+    images, labels = datasets.fashion_mnist("test")
+    n = int(spec["num_samples"])
+    pixels, masks, _ = place_on_canvas(images, range(n), layout)
+    n_patches = (size // model.config.patch_size) ** 2
+    return [
+        Sample(
+            i,
+            {"pixel_values": pixels[i : i + 1]},
+            torch.ones(n_patches, dtype=torch.bool),
+            label=int(labels[i]),
+            mask=masks[i],
+        )
+        for i in range(n)
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ building
 def resolve_replacement(name: str | int, tokenizer, neutral: str | None = None) -> int:
     """The token id that replaces removed tokens: ``unk``, ``pad``, ``mask``, ``neutral`` (the single token of
