@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results positions lock test-latest test-oldest
+.PHONY: setup demo test lint bench results positions vision-rules lock test-latest test-oldest
 
 $(STAMP): pyproject.toml scripts/setup.sh constraints/lock.txt
 	bash scripts/setup.sh
@@ -72,3 +72,11 @@ positions: $(STAMP)
 	nice -n 15 $(PY) scripts/train_positional.py
 	for c in $(POSITION_CONFIGS); do nice -n 15 .venv/bin/hf-pelrp evaluate configs/$$c.yaml || exit 1; done
 	$(PY) scripts/collect_positions.py
+
+# The vision-rules evaluation of issue 20 (docs/results.md, "vision rules"): the two canvas models (skipped when
+# their checkpoint exists), then every candidate rule set against rollout, IG, IxG and random (resumable).
+vision-rules: $(STAMP)
+	$(PY) scripts/prepare_data.py
+	test -f $(MODELS)/vit-fashion-canvas/config.json || nice -n 15 $(PY) scripts/train_vision_canvas.py --arch vit
+	test -f $(MODELS)/deit-fashion-noise/config.json || nice -n 15 $(PY) scripts/train_vision_canvas.py --arch deit
+	nice -n 15 $(PY) scripts/eval_vision_rules.py

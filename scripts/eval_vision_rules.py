@@ -32,6 +32,7 @@ from hf_pelrp.evaluation.methods import (
     _spread,
     explain,
     lrp_config_method,
+    method_description,
     register_method,
 )
 from hf_pelrp.evaluation.metrics import mean_confidence_interval, paired_bootstrap
@@ -94,7 +95,9 @@ def score_sample(task, sample, method: str, settings: MethodSettings) -> dict:
     }
 
 
-def run_task(spec: dict, methods: list[str], settings: MethodSettings, cache: Path, samples: int) -> list[dict]:
+def run_task(
+    spec: dict, methods: list[str], settings: MethodSettings, cache: Path, samples: int
+) -> list[dict]:
     spec = {**spec, "data": {**spec["data"], "num_samples": samples}}
     task = build_task(spec, ROOT, seed=settings.seed)
     path = cache / f"{task.name}.jsonl"
@@ -159,7 +162,9 @@ def markdown(summaries: dict, descriptions: dict[str, str]) -> str:
         acc = info.get("test_accuracy")
         lines += [f"## {task}", ""]
         if info:
-            lines.append(f"Model: {info.get('model', '?')}; test accuracy {acc:.3f} on {info.get('test_size')}.")
+            lines.append(
+                f"Model: {info.get('model', '?')}; test accuracy {acc:.3f} on {info.get('test_size')}."
+            )
         lines += [f"n = {n} test canvases per method; mean ± 95% t interval.", ""]
         lines.append(
             "| method | rules | neg − pos AU prob ↑ | pos AU ↓ | neg AU ↑ | mIoU ↑ | mass in mask ↑ | "
@@ -171,7 +176,9 @@ def markdown(summaries: dict, descriptions: dict[str, str]) -> str:
             ms = row["seconds"][0] * 1000
             lines.append(f"| `{m}` | {descriptions.get(m, '')} | " + " | ".join(cells) + f" | {ms:.0f} |")
         lines += ["", "Paired bootstrap (2.5%–97.5% of 2,000 resampled means) of method minus reference:", ""]
-        lines.append("| method | Δ neg − pos vs IG | Δ mIoU vs IG | Δ neg − pos vs rollout | Δ mIoU vs rollout |")
+        lines.append(
+            "| method | Δ neg − pos vs IG | Δ mIoU vs IG | Δ neg − pos vs rollout | Δ mIoU vs rollout |"
+        )
         lines.append("|---|---|---|---|---|")
         for m in methods:
             cells = []
@@ -191,6 +198,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "vision_rules")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "vision_rules")
     p.add_argument("--report-only", action="store_true", help="summarise the cached records only")
+    p.add_argument("--tasks", nargs="*", default=None, help="only these tasks of the configuration")
     args = p.parse_args()
     config = yaml.safe_load(args.config.read_text())
     torch.manual_seed(int(config.get("seed", 0)))
@@ -202,12 +210,14 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for spec in config["tasks"]:
+        if args.tasks and spec["name"] not in args.tasks:
+            continue
         records, info = run_task(spec, [] if args.report_only else methods, settings, args.cache, samples)
         if args.report_only:
             path = args.cache / f"{spec['name']}.jsonl"
             records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         summaries[spec["name"]] = (summarise(records, methods, int(config.get("bootstrap", 2000))), info)
-    descriptions = {m: "baseline" for m in config["baselines"]}
+    descriptions = {m: method_description(m) for m in config["baselines"]}
     for name, fields in config["candidates"].items():
         descriptions[name] = ", ".join(f"{k}={v}" for k, v in fields.items())
     args.out.parent.mkdir(parents=True, exist_ok=True)

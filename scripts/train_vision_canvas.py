@@ -17,7 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from hf_pelrp.evaluation import training
 from hf_pelrp.evaluation.canvas import CanvasLayout, place_on_canvas

@@ -320,3 +320,30 @@ def test_canvas_mask_matches_the_placed_garment(background):
     assert torch.equal(again[0], pixels[2]) and torch.equal(again_offsets[0], offsets[2])
     with pytest.raises(ValueError, match="background"):
         CanvasLayout(background="grey")
+
+
+def test_paired_bootstrap_known_answers():
+    from hf_pelrp.evaluation.metrics import paired_bootstrap
+
+    mean, low, high = paired_bootstrap([1.0, 2.0, 3.0], [0.5, 1.5, 2.5], reps=200)
+    assert (mean, low, high) == pytest.approx((0.5, 0.5, 0.5))
+    mean, low, high = paired_bootstrap([0.0, 1.0] * 50, [0.0] * 100, reps=2000, seed=1)
+    assert mean == pytest.approx(0.5) and 0.38 < low < 0.5 < high < 0.62
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def test_lrp_config_method_on_a_canvas_sample(vit):
+    from hf_pelrp.evaluation.methods import MethodSettings, lrp_config_method
+    from hf_pelrp.evaluation.samples import Sample
+
+    x = _pixels()[:1]
+    sample = Sample(0, {"pixel_values": x}, torch.ones(16, dtype=torch.bool), mask=x[0, 0] > 0)
+    config = LRPConfig(mode="cp", patch_rule="zplus")
+    exp = lrp_config_method(config)(vit, sample, 1, MethodSettings())
+    attr = attribute(vit, pixel_values=x, target=1, config=config)
+    torch.testing.assert_close(exp.units, attr.patch_map[0].reshape(-1))
+    torch.testing.assert_close(exp.pixels, attr.pixel_map[0])
+    torch.testing.assert_close(exp.position, attr.position[0, 1:])
+    off = lrp_config_method(config.with_(positional=False))(vit, sample, 1, MethodSettings())
+    assert off.position is None

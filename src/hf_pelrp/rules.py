@@ -313,6 +313,8 @@ def residual_rule(terms: tuple[torch.Tensor, ...], y: torch.Tensor, gamma: float
         factors = [(w * scale).to(t.dtype) for w, t in zip(weights, terms, strict=True)]
     surrogate = sum(f * t for f, t in zip(factors, terms, strict=True))
     return straight_through(y, surrogate)
+
+
 # ------------------------------------------------------------------------------------ input-layer rules (issue 20)
 # The rules below are explicit redistributions, not Gradient x Input surrogates: w^2, flat and z^B give relevance
 # to inputs that are exactly 0 (a black pixel), which no ``x * x.grad`` can express. They take the relevance of

@@ -358,7 +358,9 @@ def _fashion_mnist_canvas(spec: dict, model, tokenizer, seed: int, causal: bool)
     )
     size = model.config.image_size
     if size != layout.canvas:
-        raise ValueError(f"the model takes {size}x{size} images but the canvas is {layout.canvas}: set canvas: {size}")
+        raise ValueError(
+            f"the model takes {size}x{size} images but the canvas is {layout.canvas}: set canvas: {size}"
+        )
     images, labels = datasets.fashion_mnist("test")
     n = int(spec["num_samples"])
     pixels, masks, _ = place_on_canvas(images, range(n), layout)
