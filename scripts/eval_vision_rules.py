@@ -1,6 +1,6 @@
 """Issue 20: every candidate LRP rule set for vision against rollout, Integrated Gradients, Input x Gradient and
 random, on the tasks of a configuration (``configs/vision_rules.yaml``: a ViT on black 56x56 canvases and a DeiT
-on noisy 48x48 canvases, Fashion-MNIST garments at random positions).
+on noisy 40x40 canvases, Fashion-MNIST garments at random positions).
 
 Per sample and method: positive / negative patch perturbation (probability of the explained class; the
 evaluation package's :func:`~hf_pelrp.evaluation.perturbation.patch_perturbation`), the segmentation-style
