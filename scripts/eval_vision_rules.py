@@ -28,7 +28,9 @@ import yaml
 from hf_pelrp import LRPConfig
 from hf_pelrp.evaluation.families import curve_fractions
 from hf_pelrp.evaluation.methods import (
+    Explanation,
     MethodSettings,
+    _patch_sum,
     _spread,
     explain,
     lrp_config_method,
@@ -56,13 +58,30 @@ SCORES = {
 REFERENCES = ("ig", "rollout")
 
 
+def clamped(method):
+    """The PE-LRP paper's ViT read-out for any rule set: the pixel map clamped at 0, the patch ranking its patch
+    sums (as the registered ``*_pe_abs`` methods do for the plain modes)."""
+
+    def run(model, sample, target, settings):
+        exp = method(model, sample, target, settings)
+        pixels = exp.pixels.clamp(min=0)
+        patch = int(model.config.patch_size)
+        return Explanation(_patch_sum(pixels, patch), pixels, position=exp.position)
+
+    return run
+
+
 def register_candidates(candidates: dict[str, dict]) -> dict[str, LRPConfig]:
-    """Register one evaluation method per candidate rule set (``name: LRPConfig fields``)."""
+    """Register one evaluation method per candidate rule set (``name: LRPConfig fields``; ``clamp: true`` reads
+    the maps out the paper's way, see :func:`clamped`)."""
     configs = {}
     for name, fields in candidates.items():
+        fields = dict(fields)
+        clamp = bool(fields.pop("clamp", False))
         config = LRPConfig(**fields)
         configs[name] = config
-        register_method(name, f"LRP candidate {fields}", ("vision",))(lrp_config_method(config))
+        method = lrp_config_method(config)
+        register_method(name, f"LRP candidate {fields}", ("vision",))(clamped(method) if clamp else method)
     return configs
 
 
