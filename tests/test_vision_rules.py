@@ -347,3 +347,17 @@ def test_lrp_config_method_on_a_canvas_sample(vit):
     torch.testing.assert_close(exp.position, attr.position[0, 1:])
     off = lrp_config_method(config.with_(positional=False))(vit, sample, 1, MethodSettings())
     assert off.position is None
+
+
+@pytest.mark.parametrize("model_name", ["vit", "deit"])
+def test_positive_readout_clamps_only_the_image_maps(request, model_name):
+    model = request.getfixturevalue(model_name)
+    x = _pixels(5)
+    config = LRPConfig(mode="attnlrp", gamma_linear=0.25, patch_rule="zplus")
+    signed = attribute(model, pixel_values=x, target=1, config=config)
+    positive = attribute(model, pixel_values=x, target=1, config=config.with_(image_readout="positive"))
+    assert (signed.pixel_map < 0).any()  # the test needs negative evidence to drop
+    torch.testing.assert_close(positive.pixel_map, signed.pixel_map.clamp(min=0))
+    torch.testing.assert_close(positive.patch_map, F.avg_pool2d(positive.pixel_map[:, None], 4)[:, 0] * 16)
+    for name in ("token", "position", "conservation_gap"):
+        torch.testing.assert_close(getattr(positive, name), getattr(signed, name))

@@ -14,6 +14,7 @@ VISION_OPTIONS: dict[str, tuple[str, ...]] = {
     "patch_rule": tuple(INPUT_RULES),
     "logit_contrast": ("softmax", "mean"),
     "position_reference": ("mean",),
+    "image_readout": ("positive",),
 }
 
 
@@ -61,6 +62,11 @@ class LRPConfig:
         sink credited to the token map and the position map holds ``(p - mean p) . g`` only
         (:func:`hf_pelrp.rules.reference_split`); ``patch_map`` and ``pixel_map`` are unchanged. Vision
         families, with ``positional=True``.
+    image_readout
+        ``None`` (default): ``pixel_map`` and ``patch_map`` are signed and conserve the patches' relevance.
+        ``"positive"``: the PE-LRP paper's ViT read-out, ``pixel_map`` clamped at 0 and ``patch_map`` its sums
+        per patch (negative evidence dropped from the image maps only; ``token``, ``position`` and the
+        conservation gap stay as they are). Vision families.
     """
 
     mode: str = "attnlrp"
@@ -73,6 +79,7 @@ class LRPConfig:
     patch_rule: str | None = None
     logit_contrast: str | None = None
     position_reference: str | None = None
+    image_readout: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

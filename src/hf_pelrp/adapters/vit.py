@@ -153,6 +153,7 @@ class VisionEmbeddingLeaves(HookRule):
     #: ``LRPConfig.position_reference`` / ``patch_rule`` (issue 20): where the vision maps take them from
     position_reference: str | None = None
     patch_rule: str | None = None
+    image_readout: str | None = None
 
     def attach(self, module: nn.Module, handles: Handles) -> None:
         store, layout = self.store, self.layout
@@ -188,6 +189,8 @@ class VisionEmbeddingLeaves(HookRule):
             store.aux["patch_size"] = layout.patch_size(emb)
             if self.patch_rule is not None:
                 store.aux["patch_rule"] = (self.patch_rule, find_module(emb, layout.conv))
+            if self.image_readout is not None:
+                store.aux["image_readout"] = self.image_readout
             position = layout.positions(
                 emb, token, height, width, bool(given.get("interpolate_pos_encoding"))
             )
@@ -254,7 +257,7 @@ def _vision_options(
     model: nn.Module, config: LRPConfig, store: LeafStore, layout: VisionLayout
 ) -> list[tuple[nn.Module, HookRule]]:
     leaves = VisionEmbeddingLeaves(
-        store, config.positional, layout, config.position_reference, config.patch_rule
+        store, config.positional, layout, config.position_reference, config.patch_rule, config.image_readout
     )
     rules: list[tuple[nn.Module, HookRule]] = [(layout.embeddings_of(model), leaves)]
     if config.logit_contrast is not None:
@@ -384,6 +387,9 @@ def vision_maps(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dic
       or Gamma-rule bias does), plus each patch's position relevance spread evenly over its ``p * p`` pixels
       (the PE-LRP paper's ViT recipe, without its clamping; pixels beyond the last full patch get 0). Hence
       with a bias-free patch convolution ``pixel_map.sum() == patch_map.sum()``.
+    - ``LRPConfig.patch_rule`` replaces the pixels' share by an input-layer rule (:func:`_input_rule_map`),
+      ``position_reference="mean"`` spreads the sink row's share like the position's, and
+      ``image_readout="positive"`` clamps ``pixel_map`` at 0 and makes ``patch_map`` its per-patch sums.
     """
     pixels, patches = store.aux.get("pixels"), store.aux.get("patches")
     token = store.additive.get("token")
@@ -425,6 +431,11 @@ def vision_maps(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dic
     )
     pixel_map = from_tokens.clone()
     pixel_map[:, : grid_h * patch_h, : grid_w * patch_w] += spread.to(pixel_map.device)
+    if store.aux.get("image_readout") == "positive":
+        # the paper's ViT read-out: negative evidence dropped from the image maps, patches ranked by what is left
+        pixel_map = pixel_map.clamp(min=0)
+        covered = pixel_map[:, : grid_h * patch_h, : grid_w * patch_w]
+        patch_map = covered.reshape(batch, grid_h, patch_h, grid_w, patch_w).sum((2, 4)).to(patch_map)
     return {"patch_map": patch_map, "pixel_map": pixel_map}
 
 
