@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_pelrp import LRPConfig, attribute
-from hf_pelrp.config import PRESETS, resolve_config
+from hf_pelrp.config import PRESETS, preset, resolve_config
 from hf_pelrp.errors import UnsupportedModelError
 from hf_pelrp.evaluation.canvas import CanvasLayout, place_on_canvas
 from hf_pelrp.evaluation.tasks import tiny_model
@@ -361,3 +361,37 @@ def test_positive_readout_clamps_only_the_image_maps(request, model_name):
     torch.testing.assert_close(positive.patch_map, F.avg_pool2d(positive.pixel_map[:, None], 4)[:, 0] * 16)
     for name in ("token", "position", "conservation_gap"):
         torch.testing.assert_close(getattr(positive, name), getattr(signed, name))
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit", "deit-teacher"])
+def test_vit_positive_preset_resolves_and_conserves_where_it_should(kind):
+    from helpers.builders import PATCH, images, tiny_vision
+
+    assert resolve_config("vit-positive", None, None) == LRPConfig(
+        mode="attnlrp", positional=False, gamma_linear=0.05, gamma_conv=100.0, image_readout="positive"
+    )
+    model = tiny_vision(kind, bias_free=True)
+    x = images()
+    attr = attribute(model, pixel_values=x, config="vit-positive")
+    assert attr.mode == "attnlrp" and not attr.positional
+    assert (attr.pixel_map >= 0).all() and attr.pixel_map.sum() > 0
+    torch.testing.assert_close(
+        attr.patch_map,
+        F.avg_pool2d(attr.pixel_map[:, None], PATCH)[:, 0] * PATCH * PATCH,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # the rules under it conserve exactly where they can: CP attention, positions as leaves, no biases
+    conservative = attribute(
+        model, pixel_values=x, config=preset("vit-positive").with_(mode="cp", positional=True)
+    )
+    total = conservative.token.sum(-1) + conservative.position.sum(-1)
+    torch.testing.assert_close(total, conservative.target_value, rtol=1e-5, atol=1e-6)
+    # the positive read-out changes only the image maps: token, position and gap as without it
+    signed = attribute(
+        model,
+        pixel_values=x,
+        config=preset("vit-positive").with_(mode="cp", positional=True, image_readout=None),
+    )
+    for name in ("token", "position", "conservation_gap"):
+        torch.testing.assert_close(getattr(conservative, name), getattr(signed, name))

@@ -186,6 +186,11 @@ PRESETS: dict[str, LRPConfig] = {
     "cp": LRPConfig(mode="cp"),
     # the PE-LRP paper's ViT rules (after Zennit / LXT): CP attention, Gamma on MLP + head and on the patch conv
     "vit-paper": LRPConfig(mode="cp", gamma_linear=0.05, gamma_conv=100.0),
+    # issue 20's best image rules (docs/results.md, "Vision rules"): the paper's Gamma values under AttnLRP,
+    # no position relevance in the maps, the paper's positive read-out of the pixel and patch maps
+    "vit-positive": LRPConfig(
+        mode="attnlrp", positional=False, gamma_linear=0.05, gamma_conv=100.0, image_readout="positive"
+    ),
 }
 
 

@@ -346,8 +346,9 @@ def _fashion_mnist_test(spec: dict, model, tokenizer, seed: int, causal: bool) -
 
 @data_builder("fashion_mnist_canvas")
 def _fashion_mnist_canvas(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
-    """The first ``num_samples`` Fashion-MNIST test garments placed on a canvas (:mod:`.canvas`: ``canvas``,
-    ``background`` ``"black"`` / ``"noise"``, ``noise``, ``layout_seed``); the mask is the placed garment."""
+    """``num_samples`` Fashion-MNIST test garments from index ``start`` (default 0) placed on a canvas
+    (:mod:`.canvas`: ``canvas``, ``background`` ``"black"`` / ``"noise"``, ``noise``, ``layout_seed``); the mask
+    is the placed garment; sample ids are the test-set indices."""
     from .canvas import CanvasLayout, place_on_canvas
 
     layout = CanvasLayout(
@@ -362,15 +363,15 @@ def _fashion_mnist_canvas(spec: dict, model, tokenizer, seed: int, causal: bool)
             f"the model takes {size}x{size} images but the canvas is {layout.canvas}: set canvas: {size}"
         )
     images, labels = datasets.fashion_mnist("test")
-    n = int(spec["num_samples"])
-    pixels, masks, _ = place_on_canvas(images, range(n), layout)
+    start, n = int(spec.get("start", 0)), int(spec["num_samples"])
+    pixels, masks, _ = place_on_canvas(images, range(start, start + n), layout)
     n_patches = (size // model.config.patch_size) ** 2
     return [
         Sample(
-            i,
+            start + i,
             {"pixel_values": pixels[i : i + 1]},
             torch.ones(n_patches, dtype=torch.bool),
-            label=int(labels[i]),
+            label=int(labels[start + i]),
             mask=masks[i],
         )
         for i in range(n)
