@@ -8,8 +8,8 @@ Two layouts, so that a rule is not tuned to one model and one image statistics:
 - ``"noise"``: the same on a background of uniform noise in ``[0, noise]`` (seeded per image). The background
   is no longer 0, so a map must *find* the garment rather than inherit the zeros of the input.
 
-The mask is the set of placed garment pixels ``> 0`` (the garment's own black pixels are background, as in the
-original Fashion-MNIST mask). Placements and noise are drawn from a generator seeded with ``seed`` and the
+Only the garment's pixels ``> 0`` are pasted (a cut-out: its own black pixels show the canvas's background), and
+the mask is exactly those pixels, as in the original Fashion-MNIST ``pixel > 0`` mask. Placements and noise are drawn from a generator seeded with ``seed`` and the
 image index, so any subset of a split is reproducible on its own.
 """
 
