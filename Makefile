@@ -80,3 +80,4 @@ vision-rules: $(STAMP)
 	test -f $(MODELS)/vit-fashion-canvas/config.json || nice -n 15 $(PY) scripts/train_vision_canvas.py --arch vit
 	test -f $(MODELS)/deit-fashion-noise/config.json || nice -n 15 $(PY) scripts/train_vision_canvas.py --arch deit
 	nice -n 15 $(PY) scripts/eval_vision_rules.py
+	nice -n 15 $(PY) scripts/eval_vision_rules.py --figure rollout ig attnlrp_pe vit_paper_pe vit_paper_attnlrp_clamp

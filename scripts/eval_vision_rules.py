@@ -210,6 +210,46 @@ def markdown(summaries: dict, descriptions: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def figure(spec: dict, methods: list[str], settings: MethodSettings, path: Path, count: int = 4) -> None:
+    """Example maps of the first ``count`` samples of a task: the image, the mask, each method's pixel map and,
+    for a method with one, its position map spread over the patches (the 2-D position map)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = {**spec, "data": {**spec["data"], "num_samples": count}}
+    task = build_task(spec, ROOT, seed=settings.seed)
+    patch = int(task.model.config.patch_size)
+    columns = ["image", "mask"] + methods + ["position map (attnlrp_pe)"]
+    fig, axes = plt.subplots(count, len(columns), figsize=(1.6 * len(columns), 1.7 * count), squeeze=False)
+    for row, sample in enumerate(task.samples):
+        with torch.no_grad():
+            target = int(explained_logits(task.model, sample, sample.inputs)[0].argmax())
+        h, w = sample.mask.shape
+        maps = [sample.inputs["pixel_values"][0, 0], sample.mask.float()]
+        for m in methods:
+            maps.append(explain(m, task.model, sample, target, settings).pixels)
+        exp = explain("attnlrp_pe", task.model, sample, target, settings)
+        maps.append(_spread(exp.position, patch, (h // patch, w // patch)))
+        for col, (name, image) in enumerate(zip(columns, maps, strict=True)):
+            ax = axes[row][col]
+            image = image.float()
+            if col < 2:
+                ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            else:
+                peak = float(image.abs().max()) or 1.0
+                ax.imshow(image, cmap="bwr", vmin=-peak, vmax=peak)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=7)
+    fig.suptitle(f"{task.name}: red supports the predicted class, blue speaks against it", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "vision_rules.yaml")
@@ -218,6 +258,12 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "vision_rules")
     p.add_argument("--report-only", action="store_true", help="summarise the cached records only")
     p.add_argument("--tasks", nargs="*", default=None, help="only these tasks of the configuration")
+    p.add_argument(
+        "--figure",
+        nargs="*",
+        default=None,
+        help="write example maps of these methods per task to <out>_<task>.png (and compute nothing else)",
+    )
     args = p.parse_args()
     config = yaml.safe_load(args.config.read_text())
     torch.manual_seed(int(config.get("seed", 0)))
@@ -226,6 +272,13 @@ def main() -> None:
     methods = list(config["baselines"]) + list(configs)
     settings = MethodSettings(ig_steps=int(config.get("ig_steps", 32)), seed=int(config.get("seed", 0)))
     samples = args.samples or int(config.get("num_samples", 100))
+    if args.figure:
+        for spec in config["tasks"]:
+            if not args.tasks or spec["name"] in args.tasks:
+                out = args.out.parent / f"{args.out.name}_{spec['name']}.png"
+                figure(spec, args.figure, settings, out)
+                print(f"wrote {out}")
+        return
     args.cache.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for spec in config["tasks"]:
