@@ -395,3 +395,33 @@ def test_vit_positive_preset_resolves_and_conserves_where_it_should(kind):
     )
     for name in ("token", "position", "conservation_gap"):
         torch.testing.assert_close(getattr(conservative, name), getattr(signed, name))
+
+
+def test_dinov2_takes_the_vision_options():
+    import transformers as tf
+
+    config = tf.Dinov2Config(
+        hidden_size=32,
+        mlp_ratio=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = tf.Dinov2ForImageClassification(config).double().eval()
+    x = _pixels(6)
+    base = attribute(model, pixel_values=x, target=2, config=LRPConfig(mode="cp"))
+    flat = attribute(
+        model,
+        pixel_values=x,
+        target=2,
+        config=LRPConfig(mode="cp", patch_rule="flat", position_reference="mean"),
+    )
+    torch.testing.assert_close(flat.patch_map, base.patch_map)
+    torch.testing.assert_close(F.avg_pool2d(flat.pixel_map[:, None], 4)[:, 0] * 16, flat.patch_map)
+    positive = attribute(model, pixel_values=x, target=2, config="vit-positive")
+    assert (positive.pixel_map >= 0).all()
+    torch.testing.assert_close(positive.patch_map, F.avg_pool2d(positive.pixel_map[:, None], 4)[:, 0] * 16)

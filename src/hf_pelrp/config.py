@@ -56,17 +56,17 @@ class LRPConfig:
     logit_contrast
         ``None`` (default): the explained logit itself. ``"softmax"`` / ``"mean"``: the logit against the others
         (:func:`hf_pelrp.rules.contrast_logits`: the linearised log-probability, or the logit minus the mean
-        logit); relevance then sums to that contrast. Vision families.
+        logit); relevance then sums to that contrast. ViT / DeiT / DINOv2.
     position_reference
         ``None`` (default): the position leaf is ``p``. ``"mean"``: the mean position row over the sequence is a
         sink credited to the token map and the position map holds ``(p - mean p) . g`` only
-        (:func:`hf_pelrp.rules.reference_split`); ``patch_map`` and ``pixel_map`` are unchanged. Vision
-        families, with ``positional=True``.
+        (:func:`hf_pelrp.rules.reference_split`); ``patch_map`` and ``pixel_map`` are unchanged. ViT / DeiT /
+        DINOv2, with ``positional=True``.
     image_readout
         ``None`` (default): ``pixel_map`` and ``patch_map`` are signed and conserve the patches' relevance.
         ``"positive"``: the PE-LRP paper's ViT read-out, ``pixel_map`` clamped at 0 and ``patch_map`` its sums
         per patch (negative evidence dropped from the image maps only; ``token``, ``position`` and the
-        conservation gap stay as they are). Vision families.
+        conservation gap stay as they are). ViT / DeiT / DINOv2.
     """
 
     mode: str = "attnlrp"

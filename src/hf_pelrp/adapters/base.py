@@ -325,7 +325,7 @@ class Adapter:
             raise UnsupportedModelError(
                 f"LRPConfig sets {', '.join(unapplied)}, but the {self.label} adapter "
                 f"({getattr(getattr(model, 'config', None), 'model_type', '?')}) does not apply "
-                f"{'it' if len(unapplied) == 1 else 'them'} (they are vision options of the ViT / DeiT "
+                f"{'it' if len(unapplied) == 1 else 'them'} (they are vision options of the ViT / DeiT / DINOv2 "
                 "adapters); the result would silently ignore them. Set them to None."
             )
 
