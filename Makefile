@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results positions ledger remedies offsets lock test-latest test-oldest
+.PHONY: setup demo test lint bench results positions ledger remedies offsets vision-rules lock test-latest test-oldest
 
 $(STAMP): pyproject.toml scripts/setup.sh constraints/lock.txt
 	bash scripts/setup.sh
@@ -91,3 +91,12 @@ offsets: $(STAMP)
 	for t in order_ab token_at_k; do test -f $(MODELS)/positional/llama-$$t/config.json || nice -n 15 $(PY) scripts/train_positional.py --kinds llama --tasks $$t || exit 1; done
 	nice -n 15 $(PY) scripts/offset_flipping.py --models smollm2 --samples 32 --random-orders 1
 	nice -n 15 $(PY) scripts/offset_flipping.py --models bloom-alibi gt-llama-order_ab gt-llama-token_at_k --samples 32
+
+# The vision-rules evaluation of issue 20 (docs/results.md, "vision rules"): the two canvas models (skipped when
+# their checkpoint exists), then every candidate rule set against rollout, IG, IxG and random (resumable).
+vision-rules: $(STAMP)
+	$(PY) scripts/prepare_data.py
+	test -f $(MODELS)/vit-fashion-canvas/config.json || nice -n 15 $(PY) scripts/train_vision_canvas.py --arch vit
+	test -f $(MODELS)/deit-fashion-noise/config.json || nice -n 15 $(PY) scripts/train_vision_canvas.py --arch deit
+	nice -n 15 $(PY) scripts/eval_vision_rules.py
+	nice -n 15 $(PY) scripts/eval_vision_rules.py --figure rollout ig attnlrp_pe vit_paper_pe vit_paper_attnlrp_clamp

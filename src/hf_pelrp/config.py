@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .rules import SOFTMAX_RULES
+from .rules import INPUT_RULES, SOFTMAX_RULES
 
 MODES = ("attnlrp", "cp")
+
+#: the vision-only LRPConfig fields (issue 20) and their values; adapters list the ones they apply
+VISION_OPTIONS: dict[str, tuple[str, ...]] = {
+    "patch_rule": tuple(INPUT_RULES),
+    "logit_contrast": ("softmax", "mean"),
+    "position_reference": ("mean",),
+    "image_readout": ("positive",),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,26 @@ class LRPConfig:
         Queries per block of that re-computation (its memory is about ``6 * B * H * offset_chunk * T`` floats at
         a time, besides up to four ``[B, H, T, D]`` tensors per layer kept for the backward pass); ``None``: all
         queries in one block. The maps do not depend on it.
+    patch_rule
+        Vision families (ViT / DeiT / DINOv2 layouts): the rule that carries the patch tokens' relevance to the
+        pixels in ``pixel_map``. ``None`` (default): Gradient x Input through the patch convolution (epsilon, or
+        Gamma with ``gamma_conv``). ``"zplus"``, ``"wsquare"``, ``"flat"``, ``"zbox"``: the input-layer rules
+        of :data:`hf_pelrp.rules.INPUT_RULES` (``"zbox"`` bounds the pixels to ``[0, 1]``). Changes only the
+        pixel map (each patch's relevance stays that patch's), never ``patch_map``.
+    logit_contrast
+        ``None`` (default): the explained logit itself. ``"softmax"`` / ``"mean"``: the logit against the others
+        (:func:`hf_pelrp.rules.contrast_logits`: the linearised log-probability, or the logit minus the mean
+        logit); relevance then sums to that contrast. ViT / DeiT / DINOv2.
+    position_reference
+        ``None`` (default): the position leaf is ``p``. ``"mean"``: the mean position row over the sequence is a
+        sink credited to the token map and the position map holds ``(p - mean p) . g`` only
+        (:func:`hf_pelrp.rules.reference_split`); ``patch_map`` and ``pixel_map`` are unchanged. ViT / DeiT /
+        DINOv2, with ``positional=True``.
+    image_readout
+        ``None`` (default): ``pixel_map`` and ``patch_map`` are signed and conserve the patches' relevance.
+        ``"positive"``: the PE-LRP paper's ViT read-out, ``pixel_map`` clamped at 0 and ``patch_map`` its sums
+        per patch (negative evidence dropped from the image maps only; ``token``, ``position`` and the
+        conservation gap stay as they are). ViT / DeiT / DINOv2.
     """
 
     mode: str = "attnlrp"
@@ -60,6 +88,10 @@ class LRPConfig:
     residual_gamma: float | None = None
     offsets: bool = False
     offset_chunk: int | None = 256
+    patch_rule: str | None = None
+    logit_contrast: str | None = None
+    position_reference: str | None = None
+    image_readout: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,6 +139,18 @@ class LRPConfig:
             ):
                 raise ValueError(f"{name} must be None (epsilon rule) or a finite number >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
+        self._check_vision_options()
+
+    def _check_vision_options(self) -> None:
+        for name, allowed in VISION_OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be None or one of {allowed}, got {value!r}")
+        if self.position_reference is not None and not self.positional:
+            raise ValueError(
+                "position_reference splits the position leaf, which positional=False does not have: set "
+                "positional=True or position_reference=None"
+            )
 
     def with_(self, **changes) -> LRPConfig:
         """A copy with some fields changed."""
@@ -176,6 +220,11 @@ PRESETS: dict[str, LRPConfig] = {
     # unexplained instead of 58%, non-zero rotary positions, but lower position-flip faithfulness than the
     # default (docs/results.md, "Where the unexplained logit goes: remedies"); an option, not the default
     "attnlrp-conservative": LRPConfig(softmax="identity", softmax_eps=0.1),
+    # issue 20's best image rules (docs/results.md, "Vision rules"): the paper's Gamma values under AttnLRP,
+    # no position relevance in the maps, the paper's positive read-out of the pixel and patch maps
+    "vit-positive": LRPConfig(
+        mode="attnlrp", positional=False, gamma_linear=0.05, gamma_conv=100.0, image_readout="positive"
+    ),
 }
 
 

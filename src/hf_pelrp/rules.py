@@ -368,3 +368,170 @@ def residual_rule(terms: tuple[torch.Tensor, ...], y: torch.Tensor, gamma: float
         factors = [(w * scale).to(t.dtype) for w, t in zip(weights, terms, strict=True)]
     surrogate = sum(f * t for f, t in zip(factors, terms, strict=True))
     return straight_through(y, surrogate)
+
+
+# ------------------------------------------------------------------------------------ input-layer rules (issue 20)
+# The rules below are explicit redistributions, not Gradient x Input surrogates: w^2, flat and z^B give relevance
+# to inputs that are exactly 0 (a black pixel), which no ``x * x.grad`` can express. They take the relevance of
+# the layer's outputs (already computed by the backward pass) and return the relevance of its inputs.
+
+LayerMap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _backproject(
+    layer_map: LayerMap, shape: torch.Size, weight: torch.Tensor, cotangent: torch.Tensor
+) -> torch.Tensor:
+    """``G_i = sum_j c_j V_ij``: the transpose of the linear map ``v -> layer_map(v, V, None)`` applied to ``c``."""
+    probe = torch.zeros(shape, dtype=cotangent.dtype, device=cotangent.device, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(layer_map(probe, weight.to(cotangent.dtype), None), probe, cotangent)
+    return grad
+
+
+def _ratio(relevance: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    # an output with denominator 0 has no input to pass its relevance to: it is dropped (and reported as such)
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return torch.where(denominator == 0, torch.zeros_like(relevance), relevance / safe)
+
+
+def zplus_relevance(
+    x: torch.Tensor, relevance: torch.Tensor, weight: torch.Tensor, layer_map: LayerMap
+) -> torch.Tensor:
+    """LRP z+ rule (Montavon et al. 2017, "Explaining nonlinear classification decisions with deep Taylor
+    decomposition", Eq. 9; alpha=1, beta=0 of Bach et al. 2015), for inputs of either sign:
+
+    ``R_i = sum_j (x_i w_ij)^+ / sum_k (x_k w_kj)^+ R_j``.
+
+    Only contributions that raise an output receive relevance, so the map is non-negative where the output
+    relevance is; the bias takes no share (an output with no positive contribution drops its relevance).
+    ``layer_map(x, w, b)`` is the layer as a function of its parameters (``F.linear``, a convolution).
+    """
+    dtype = _at_least_float32(x.dtype)
+    x, relevance, w = x.detach().to(dtype), relevance.detach().to(dtype), weight.detach().to(dtype)
+    x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+    w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+    positive = layer_map(x_pos, w_pos, None) + layer_map(x_neg, w_neg, None)
+    c = _ratio(relevance, positive)
+    return x_pos * _backproject(layer_map, x.shape, w_pos, c) + x_neg * _backproject(
+        layer_map, x.shape, w_neg, c
+    )
+
+
+def wsquare_relevance(
+    x: torch.Tensor, relevance: torch.Tensor, weight: torch.Tensor, layer_map: LayerMap
+) -> torch.Tensor:
+    """LRP w^2 rule (Montavon et al. 2017, deep Taylor decomposition, Eq. 12; for input layers of unbounded or
+    unknown domain): ``R_i = sum_j w_ij^2 / sum_k w_kj^2 R_j``.
+
+    Independent of the input's values: every input in an output's receptive field gets a share fixed by the
+    weights, black pixels included. Conservative (``sum_k w_kj^2 > 0`` unless a filter is all zero).
+    """
+    dtype = _at_least_float32(x.dtype)
+    relevance, w2 = relevance.detach().to(dtype), weight.detach().to(dtype).pow(2)
+    ones = torch.ones(x.shape, dtype=dtype, device=x.device)
+    c = _ratio(relevance, layer_map(ones, w2, None))
+    return _backproject(layer_map, x.shape, w2, c)
+
+
+def flat_relevance(
+    x: torch.Tensor, relevance: torch.Tensor, weight: torch.Tensor, layer_map: LayerMap
+) -> torch.Tensor:
+    """LRP flat rule (Lapuschkin et al. 2019, "Unmasking Clever Hans predictors", Methods): the w^2 rule with all
+    weights 1, ``R_i = sum_{j: i in RF(j)} R_j / |RF(j)|``: each output's relevance spread evenly over its
+    receptive field (for a ViT patch convolution: each patch-channel's relevance over the patch's pixels)."""
+    return wsquare_relevance(x, relevance, torch.ones_like(weight), layer_map)
+
+
+def zbox_relevance(
+    x: torch.Tensor,
+    relevance: torch.Tensor,
+    weight: torch.Tensor,
+    layer_map: LayerMap,
+    low: float = 0.0,
+    high: float = 1.0,
+) -> torch.Tensor:
+    """LRP z^B (box) rule for inputs bounded to ``[low, high]`` (Montavon et al. 2017, deep Taylor decomposition,
+    Eq. 13; Zennit's ``ZBox``, the usual pixel-layer rule):
+
+    ``R_i = sum_j (x_i w_ij - l w_ij^+ - h w_ij^-) / sum_k (x_k w_kj - l w_kj^+ - h w_kj^-) R_j``.
+
+    Each numerator is ``>= 0`` on the box, so pixels at the bound that would most lower an output (for
+    ``[0, 1]``: a black pixel under a negative weight) can receive relevance too.
+    """
+    dtype = _at_least_float32(x.dtype)
+    x, relevance, w = x.detach().to(dtype), relevance.detach().to(dtype), weight.detach().to(dtype)
+    w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+    lo, hi = torch.full_like(x, low), torch.full_like(x, high)
+    z = layer_map(x, w, None) - layer_map(lo, w_pos, None) - layer_map(hi, w_neg, None)
+    c = _ratio(relevance, z)
+    return (
+        x * _backproject(layer_map, x.shape, w, c)
+        - lo * _backproject(layer_map, x.shape, w_pos, c)
+        - hi * _backproject(layer_map, x.shape, w_neg, c)
+    )
+
+
+#: the input-layer rules by the name ``LRPConfig.patch_rule`` uses
+INPUT_RULES: dict[str, Callable[..., torch.Tensor]] = {
+    "zplus": zplus_relevance,
+    "wsquare": wsquare_relevance,
+    "flat": flat_relevance,
+    "zbox": zbox_relevance,
+}
+
+
+# ------------------------------------------------------------------------------------------- output contrast
+class _Contrast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weights,) = ctx.saved_tensors
+        # d/dy of y_t - sum_c w_c y_c for every seeded row t: g - w * sum_t g_t
+        return grad - weights.to(grad.dtype) * grad.sum(-1, keepdim=True), None
+
+
+def contrast_logits(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Explain each logit against the others: forward ``logits`` exactly, backward as if it were
+    ``y_t - sum_c w_c y_c`` (``w`` detached, rows summing to 1).
+
+    - ``kind="softmax"``: ``w = softmax(y)``, so the backward of ``y_t`` is the gradient of ``log p_t``
+      (``e_t - p``): the relevance explains the linearised log-probability, as softmax-gradient LRP does
+      (SGLRP, Iwana et al. 2019, "Explaining convolutional neural networks using softmax gradient layer-wise
+      relevance propagation"); evidence shared by all classes cancels.
+    - ``kind="mean"``: ``w = 1/C``, the logit against the mean logit (the contrastive LRP of Gu et al. 2018,
+      "Understanding individual decisions of CNNs via contrastive backpropagation", with all classes as the
+      dual).
+
+    In a conservative configuration the relevance then sums to ``y_t - sum_c w_c y_c`` instead of ``y_t``.
+    Seeding the backward with gradient 1 at ``y_t`` (the engine's seed) is all it takes: the rule sits at the
+    head's output and needs no target.
+    """
+    if kind not in ("softmax", "mean"):
+        raise ValueError(f"contrast kind must be 'softmax' or 'mean', got {kind!r}")
+    if not logits.requires_grad:
+        return logits
+    with torch.no_grad():
+        if kind == "softmax":
+            weights = logits.to(_at_least_float32(logits.dtype)).softmax(-1)
+        else:
+            weights = torch.full_like(logits, 1.0 / logits.shape[-1], dtype=_at_least_float32(logits.dtype))
+    return _Contrast.apply(logits, weights)
+
+
+# --------------------------------------------------------------------------------------- reference split
+def reference_split(position: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split an additive position embedding ``p`` at a reference ``r``: ``p = r + (p - r)``.
+
+    With ``e = t + p`` and ``g`` the (modified) gradient at ``e``, the epsilon rule at the three-way sum
+    ``e = t + r + (p - r)`` gives ``R_r = r . g`` and ``R_(p-r) = (p - r) . g``: conservative, the same
+    backward pass. With ``r`` the mean row of the table over the patches, ``R_r`` is what every patch's position
+    has in common, which cannot say *where* anything is: it is a sink of the positional part that the vision
+    adapter credits to the content (the token map) and only ``(p - r) . g`` is position relevance (the
+    identity-reference split of docs/positions.md, for additive positions). Returns ``(r, p - r)``.
+    """
+    reference = reference.expand_as(position)
+    return reference, position - reference

@@ -125,6 +125,9 @@ class Adapter:
     gamma
         For vision families: which module paths (model-relative, ``*`` allowed) the ``gamma_linear`` /
         ``gamma_conv`` fields of :class:`LRPConfig` apply to.
+    vision_options
+        The fields of :data:`hf_pelrp.config.VISION_OPTIONS` (``patch_rule``, ``logit_contrast``,
+        ``position_reference``) the family applies; setting another one is refused.
     inputs
         How inputs are checked (:class:`hf_pelrp.inputs.TextInputs`, or an image declaration).
     heads
@@ -156,6 +159,7 @@ class Adapter:
     functional: tuple[FunctionalActivationSite, ...] = ()
     constants: tuple[str, ...] = ()
     gamma: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    vision_options: tuple[str, ...] = ()
     inputs: Any = field(default_factory=TextInputs)
     heads: tuple[str, ...] | None = None
     extra_rules: Callable[[nn.Module, LRPConfig, LeafStore], list[tuple[nn.Module, HookRule]]] | None = None
@@ -314,6 +318,7 @@ class Adapter:
 
     def check_config(self, model: nn.Module, config: LRPConfig) -> None:
         """Refuse configuration fields this family does not apply (a Gamma rule it has no layers for)."""
+        self._check_vision_options(model, config)
         unsupported = [
             name
             for name in ("gamma_linear", "gamma_conv")
@@ -334,6 +339,22 @@ class Adapter:
                 f"({getattr(getattr(model, 'config', None), 'model_type', '?')}) does not apply that Gamma rule "
                 f"(Gamma fields it applies: {supported}); the result would silently use the epsilon rule. "
                 "Set those fields to None (or pick a preset meant for this architecture, e.g. 'attnlrp' / 'cp')."
+            )
+
+    def _check_vision_options(self, model: nn.Module, config: LRPConfig) -> None:
+        from ..config import VISION_OPTIONS
+
+        unapplied = [
+            name
+            for name in VISION_OPTIONS
+            if getattr(config, name, None) is not None and name not in self.vision_options
+        ]
+        if unapplied:
+            raise UnsupportedModelError(
+                f"LRPConfig sets {', '.join(unapplied)}, but the {self.label} adapter "
+                f"({getattr(getattr(model, 'config', None), 'model_type', '?')}) does not apply "
+                f"{'it' if len(unapplied) == 1 else 'them'} (they are vision options of the ViT / DeiT / DINOv2 "
+                "adapters); the result would silently ignore them. Set them to None."
             )
 
     # ---- the rules ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import LRPConfig
+from ..config import VISION_OPTIONS, LRPConfig
 from ..hooks import HookRule, LeafStore, OutputGradient
 from ..positions import Additive
 from .base import Adapter, register_adapter
@@ -70,6 +70,7 @@ DINOV2 = register_adapter(
             "gamma_linear": ("*.mlp.fc1", "*.mlp.fc2", "*.mlp.down_proj", "classifier"),
             "gamma_conv": ("*.patch_embeddings.projection",),
         },
+        vision_options=tuple(VISION_OPTIONS),
         inputs=ImageInputs(layout=DINOV2_LAYOUT),
         heads=("image_classification",),
         extra_rules=_rules,

@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LRPConfig
+from ..config import VISION_OPTIONS, LRPConfig
 from ..devices import weights_on_device
 from ..errors import AttributionInputError, AttributionStateError
-from ..hooks import Handles, HookRule, LeafStore, make_leaf
+from ..hooks import Handles, HookRule, LeafStore, layer_map_of, make_leaf
 from ..inputs import Prepared, check_unknown_inputs
 from ..modules import find_module
 from ..positions import Additive
+from ..rules import INPUT_RULES, contrast_logits, reference_split, straight_through
 from .base import Adapter, register_adapter
 from .norms import layer_norm
 
@@ -149,6 +150,10 @@ class VisionEmbeddingLeaves(HookRule):
     store: LeafStore
     positional: bool
     layout: VisionLayout = field(default_factory=VisionLayout)
+    #: ``LRPConfig.position_reference`` / ``patch_rule`` (issue 20): where the vision maps take them from
+    position_reference: str | None = None
+    patch_rule: str | None = None
+    image_readout: str | None = None
 
     def attach(self, module: nn.Module, handles: Handles) -> None:
         store, layout = self.store, self.layout
@@ -182,16 +187,23 @@ class VisionEmbeddingLeaves(HookRule):
             ]
             token = make_leaf(torch.cat(specials + [patches.detach()], dim=1))
             store.aux["patch_size"] = layout.patch_size(emb)
+            if self.patch_rule is not None:
+                store.aux["patch_rule"] = (self.patch_rule, find_module(emb, layout.conv))
+            if self.image_readout is not None:
+                store.aux["image_readout"] = self.image_readout
             position = layout.positions(
                 emb, token, height, width, bool(given.get("interpolate_pos_encoding"))
             )
             # one copy per image: a shared [1, S, D] leaf would sum the gradients of the whole batch
             position = position.detach().expand(batch, -1, -1)
-            if self.positional:
-                position = make_leaf(position)
-                store.additive["position"] = position
-            store.additive["token"] = token
-            rebuilt = token + position
+            if self.positional and self.position_reference == "mean":
+                rebuilt = _split_at_mean(store, token, position)
+            else:
+                if self.positional:
+                    position = make_leaf(position)
+                    store.additive["position"] = position
+                store.additive["token"] = token
+                rebuilt = token + position
             dropout = getattr(emb, "dropout", None)
             if isinstance(dropout, nn.Module):
                 rebuilt = dropout(rebuilt)
@@ -208,18 +220,63 @@ class VisionEmbeddingLeaves(HookRule):
         handles.append(module.register_forward_hook(embeddings_out, with_kwargs=True))
 
 
+def _split_at_mean(store: LeafStore, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """``position_reference="mean"``: ``e = (t + r) + (p - r)`` with ``r`` the mean position row
+    (:func:`hf_pelrp.rules.reference_split`). The token leaf holds ``t + r`` (the sink credited to the content),
+    the position leaf ``p - r``; the sum is returned with the bit-exact value of ``t + p``."""
+    shared, deviation = reference_split(position, position.mean(1, keepdim=True))
+    with_shared = make_leaf(token.detach() + shared)
+    deviation = make_leaf(deviation)
+    store.additive["token"] = with_shared
+    store.additive["position"] = deviation
+    store.aux["position_shared"] = shared
+    return straight_through(token.detach() + position, with_shared + deviation)
+
+
+@dataclass
+class ContrastLogits(HookRule):
+    """``LRPConfig.logit_contrast``: the model's output logits explained against the other classes
+    (:func:`hf_pelrp.rules.contrast_logits`); a forward hook on the whole model, values unchanged."""
+
+    kind: str
+
+    def attach(self, module: nn.Module, handles: Handles) -> None:
+        def hook(_module, _args, output):
+            logits = getattr(output, "logits", None)
+            if not isinstance(logits, torch.Tensor):
+                raise AttributionStateError(
+                    f"{type(module).__name__} returned no logits: logit_contrast needs a classification head"
+                )
+            output.logits = contrast_logits(logits, self.kind)
+            return output
+
+        handles.append(module.register_forward_hook(hook))
+
+
+def _vision_options(
+    model: nn.Module, config: LRPConfig, store: LeafStore, layout: VisionLayout
+) -> list[tuple[nn.Module, HookRule]]:
+    leaves = VisionEmbeddingLeaves(
+        store, config.positional, layout, config.position_reference, config.patch_rule, config.image_readout
+    )
+    rules: list[tuple[nn.Module, HookRule]] = [(layout.embeddings_of(model), leaves)]
+    if config.logit_contrast is not None:
+        rules.append((model, ContrastLogits(config.logit_contrast)))
+    return rules
+
+
 def _embedding_rules(
     model: nn.Module, config: LRPConfig, store: LeafStore
 ) -> list[tuple[nn.Module, HookRule]]:
-    return [(model.base_model.embeddings, VisionEmbeddingLeaves(store, config.positional))]
+    return _vision_options(model, config, store, VIT_LAYOUT)
 
 
 def vision_embedding_rules(layout: VisionLayout):
     """``extra_rules`` of a vision family with ``layout``: the :class:`VisionEmbeddingLeaves` rule on its
-    embeddings module."""
+    embeddings module (and the issue-20 options of :data:`hf_pelrp.config.VISION_OPTIONS`)."""
 
     def rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[nn.Module, HookRule]]:
-        return [(layout.embeddings_of(model), VisionEmbeddingLeaves(store, config.positional, layout))]
+        return _vision_options(model, config, store, layout)
 
     return rules
 
@@ -330,6 +387,9 @@ def vision_maps(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dic
       or Gamma-rule bias does), plus each patch's position relevance spread evenly over its ``p * p`` pixels
       (the PE-LRP paper's ViT recipe, without its clamping; pixels beyond the last full patch get 0). Hence
       with a bias-free patch convolution ``pixel_map.sum() == patch_map.sum()``.
+    - ``LRPConfig.patch_rule`` replaces the pixels' share by an input-layer rule (:func:`_input_rule_map`),
+      ``position_reference="mean"`` spreads the sink row's share like the position's, and
+      ``image_readout="positive"`` clamps ``pixel_map`` at 0 and makes ``patch_map`` its per-patch sums.
     """
     pixels, patches = store.aux.get("pixels"), store.aux.get("patches")
     token = store.additive.get("token")
@@ -344,7 +404,10 @@ def vision_maps(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dic
     special = token.shape[1] - patches.shape[1]
     dtype = maps["token"].dtype
     from_tokens = torch.zeros(batch, height, width, dtype=dtype, device=pixels.device)
-    if token.grad is not None:
+    rule = store.aux.get("patch_rule")
+    if token.grad is not None and rule is not None:
+        from_tokens = _input_rule_map(rule, pixels, patches, token.grad[:, special:], (grid_h, grid_w), dtype)
+    elif token.grad is not None:
         with torch.enable_grad():
             (pixel_grad,) = torch.autograd.grad(
                 patches,
@@ -357,10 +420,47 @@ def vision_maps(model: nn.Module, store: LeafStore, maps: dict[str, Any]) -> dic
             from_tokens = (pixels.detach().to(dtype) * pixel_grad.to(dtype)).sum(1)
     position = maps["position"][:, special:].reshape(batch, grid_h, grid_w)
     patch_map = maps["token"][:, special:].reshape(batch, grid_h, grid_w) + position
-    spread = (position / (patch_h * patch_w)).repeat_interleave(patch_h, 1).repeat_interleave(patch_w, 2)
+    spread_per_patch = position
+    shared = store.aux.get("position_shared")
+    if shared is not None and token.grad is not None:
+        # the mean-reference sink is in the token map; on the pixels it is spread like the position itself
+        sink = (shared.to(dtype) * token.grad.to(dtype)).sum(-1)[:, special:].reshape(batch, grid_h, grid_w)
+        spread_per_patch = position + sink.to(position.device)
+    spread = (
+        (spread_per_patch / (patch_h * patch_w)).repeat_interleave(patch_h, 1).repeat_interleave(patch_w, 2)
+    )
     pixel_map = from_tokens.clone()
     pixel_map[:, : grid_h * patch_h, : grid_w * patch_w] += spread.to(pixel_map.device)
+    if store.aux.get("image_readout") == "positive":
+        # the paper's ViT read-out: negative evidence dropped from the image maps, patches ranked by what is left
+        pixel_map = pixel_map.clamp(min=0)
+        covered = pixel_map[:, : grid_h * patch_h, : grid_w * patch_w]
+        patch_map = covered.reshape(batch, grid_h, patch_h, grid_w, patch_w).sum((2, 4)).to(patch_map)
     return {"patch_map": patch_map, "pixel_map": pixel_map}
+
+
+def _input_rule_map(
+    rule: tuple[str, nn.Module],
+    pixels: torch.Tensor,
+    patches: torch.Tensor,
+    grad: torch.Tensor,
+    grid: tuple[int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``LRPConfig.patch_rule``: each patch-channel's relevance ``z_j g_j`` (its bias included) carried to the
+    pixels by an input-layer rule of :data:`hf_pelrp.rules.INPUT_RULES`, summed over channels -> [B, H, W]."""
+    name, conv = rule
+    relevance = (patches.detach().to(dtype) * grad.to(dtype)).transpose(1, 2)
+    relevance = relevance.reshape(relevance.shape[0], relevance.shape[1], *grid)
+    with weights_on_device(conv):
+        weight = conv.weight.detach()
+        layer_map = layer_map_of(conv)
+        x = pixels.detach().to(dtype)
+        if name == "zbox":
+            out = INPUT_RULES[name](x, relevance.to(x.device), weight, layer_map, low=0.0, high=1.0)
+        else:
+            out = INPUT_RULES[name](x, relevance.to(x.device), weight, layer_map)
+    return out.sum(1)
 
 
 #: the MLP and head linears the Gamma rule applies to (the paper's ViT rules), and the patch convolution
@@ -405,6 +505,7 @@ for _model_types, _prefix, _heads in (
                 f"{_prefix}Pooler",
             ),
             gamma=_GAMMA,
+            vision_options=tuple(VISION_OPTIONS),
             inputs=ImageInputs(),
             heads=("image_classification",),
             extra_rules=_embedding_rules,

@@ -327,6 +327,29 @@ for _mode, _label in (("attnlrp", "AttnLRP"), ("cp", "CP-LRP")):
     )(lambda m, s, t, st, _mode=_mode: _lrp_reference(m, s, t, _mode))
 
 
+def lrp_config_method(config) -> MethodFn:
+    """A method explaining with the rules of ``config`` (an :class:`hf_pelrp.LRPConfig` or preset name): for
+    images ``patch_map`` as the units, ``pixel_map`` and the patches' position map; for text ``token + position``
+    (or the token map without positions). Register it with :func:`register_method` (issue 20's candidates)."""
+
+    from ..config import resolve_config
+
+    positional = resolve_config(config, None, None).positional
+
+    def method(model, sample, target, settings) -> Explanation:
+        if _is_vision(sample):
+            attr = attribute(model, pixel_values=sample.inputs["pixel_values"], target=target, config=config)
+            n = attr.patch_map[0].numel()
+            position = attr.position[0, -n:] if positional else None
+            return Explanation(attr.patch_map[0].reshape(-1), attr.pixel_map[0], position=position)
+        attr = attribute(model, **sample.inputs, target=target, config=config, position=sample.position)
+        position = attr.position[0] if positional else None
+        units = attr.relevance[0]
+        return Explanation(units, position=position)
+
+    return method
+
+
 # --------------------------------------------------------------------------------------- gradient baselines
 def _token_and_positional_gradients(model, sample, target, make=None, rows: int = 1):
     """Plain gradients (no LRP) at the token embedding, the segment embedding and the positional tensors.

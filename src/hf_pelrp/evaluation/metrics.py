@@ -197,3 +197,25 @@ def mean_confidence_interval(values: Sequence[float]) -> tuple[float, float]:
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"map and mask must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], reps: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of the paired differences ``a - b`` and its 95% percentile bootstrap interval.
+
+    The samples (pairs) are resampled with replacement ``reps`` times with a seeded generator; the interval is
+    the 2.5% and 97.5% quantiles of the resampled means. Returns ``(mean, low, high)``.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    if len(a) == 0:
+        raise ValueError("no pairs to bootstrap")
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(diff), (reps, len(diff)), generator=gen)
+    means = diff[idx].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(diff.mean()), float(low), float(high)

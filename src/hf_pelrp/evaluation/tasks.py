@@ -344,6 +344,40 @@ def _fashion_mnist_test(spec: dict, model, tokenizer, seed: int, causal: bool) -
     return out
 
 
+@data_builder("fashion_mnist_canvas")
+def _fashion_mnist_canvas(spec: dict, model, tokenizer, seed: int, causal: bool) -> list[Sample]:
+    """``num_samples`` Fashion-MNIST test garments from index ``start`` (default 0) placed on a canvas
+    (:mod:`.canvas`: ``canvas``, ``background`` ``"black"`` / ``"noise"``, ``noise``, ``layout_seed``); the mask
+    is the placed garment; sample ids are the test-set indices."""
+    from .canvas import CanvasLayout, place_on_canvas
+
+    layout = CanvasLayout(
+        canvas=int(spec.get("canvas", 56)),
+        background=spec.get("background", "black"),
+        noise=float(spec.get("noise", 0.3)),
+        seed=int(spec.get("layout_seed", 0)),
+    )
+    size = model.config.image_size
+    if size != layout.canvas:
+        raise ValueError(
+            f"the model takes {size}x{size} images but the canvas is {layout.canvas}: set canvas: {size}"
+        )
+    images, labels = datasets.fashion_mnist("test")
+    start, n = int(spec.get("start", 0)), int(spec["num_samples"])
+    pixels, masks, _ = place_on_canvas(images, range(start, start + n), layout)
+    n_patches = (size // model.config.patch_size) ** 2
+    return [
+        Sample(
+            start + i,
+            {"pixel_values": pixels[i : i + 1]},
+            torch.ones(n_patches, dtype=torch.bool),
+            label=int(labels[start + i]),
+            mask=masks[i],
+        )
+        for i in range(n)
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ building
 def resolve_replacement(name: str | int, tokenizer, neutral: str | None = None) -> int:
     """The token id that replaces removed tokens: ``unk``, ``pad``, ``mask``, ``neutral`` (the single token of
