@@ -338,11 +338,15 @@ def lrp_config_method(config) -> MethodFn:
 
     def method(model, sample, target, settings) -> Explanation:
         if _is_vision(sample):
-            attr = attribute(model, pixel_values=sample.inputs["pixel_values"], target=target, config=config)
+            request = single_request(
+                model, {"pixel_values": sample.inputs["pixel_values"]}, config=config, target=target
+            )
+            attr = engine_explain(request)
             n = attr.patch_map[0].numel()
             position = attr.position[0, -n:] if positional else None
             return Explanation(attr.patch_map[0].reshape(-1), attr.pixel_map[0], position=position)
-        attr = attribute(model, **sample.inputs, target=target, config=config, position=sample.position)
+        request = single_request(model, sample.inputs, config=config, target=target, position=sample.position)
+        attr = engine_explain(request)
         position = attr.position[0] if positional else None
         units = attr.relevance[0]
         return Explanation(units, position=position)
