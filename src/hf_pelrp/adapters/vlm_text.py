@@ -372,23 +372,24 @@ for _type, _prefix, _text, _vision, _extra in (
     )
 
 _SIGLIP_PLAIN = tuple(c for c in _SIGLIP_TOWER if c != "SiglipMultiheadAttentionPoolingHead")
+_GOT_OCR2_TOWER = (  # GOT-OCR 2's SAM-style vision encoder (also under pp_chart2table)
+    "GotOcr2VisionEncoder",
+    "GotOcr2PatchEmbeddings",
+    "GotOcr2VisionLayer",
+    "GotOcr2VisionAttention",
+    "GotOcr2MLPBlock",
+    "GotOcr2VisionNeck",
+    "GotOcr2LayerNorm",
+    "GELUActivation",
+    "LayerNorm",
+    "Conv2d",
+)
 for _type, _prefix, _text, _vision, _extra in (
     (
         "got_ocr2",
         "GotOcr2",
         "qwen2",
-        (
-            "GotOcr2VisionEncoder",
-            "GotOcr2PatchEmbeddings",
-            "GotOcr2VisionLayer",
-            "GotOcr2VisionAttention",
-            "GotOcr2MLPBlock",
-            "GotOcr2VisionNeck",
-            "GotOcr2LayerNorm",
-            "GELUActivation",
-            "LayerNorm",
-            "Conv2d",
-        ),
+        _GOT_OCR2_TOWER,
         {"constants": ()},
     ),
     (
@@ -546,18 +547,7 @@ for _type, _prefix, _text, _vision, _extra in (
         "pp_chart2table",  # GOT-OCR 2 classes under another model type
         "GotOcr2",
         "qwen2",
-        (
-            "GotOcr2VisionEncoder",
-            "GotOcr2PatchEmbeddings",
-            "GotOcr2VisionLayer",
-            "GotOcr2VisionAttention",
-            "GotOcr2MLPBlock",
-            "GotOcr2VisionNeck",
-            "GotOcr2LayerNorm",
-            "GELUActivation",
-            "LayerNorm",
-            "Conv2d",
-        ),
+        _GOT_OCR2_TOWER,
         {"constants": ()},
     ),
     (
