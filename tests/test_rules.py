@@ -313,3 +313,19 @@ def test_rotation_inverse_gradient_undoes_the_rotation_in_the_backward_pass(scal
     rotated = h * c + rotate_half(h) * s
     rotated.reshape(b, t, heads * d).backward(g)
     torch.testing.assert_close(x.grad, g, rtol=1e-12, atol=1e-12)
+
+
+def test_straight_through_output_may_be_modified_in_place_with_correct_gradients():
+    """XLM multiplies its norm output by the padding mask in place: the rule's output must allow it."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    value = torch.nn.functional.layer_norm(x, (3,))
+    surrogate = 2.0 * x
+    out = straight_through(value, surrogate)
+    out *= torch.tensor([[1.0], [0.0], [1.0], [1.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        out, value.detach() * torch.tensor([[1.0], [0.0], [1.0], [1.0]], dtype=torch.float64)
+    )
+    out.sum().backward()
+    expected = torch.full((4, 3), 2.0, dtype=torch.float64)
+    expected[1] = 0.0
+    torch.testing.assert_close(x.grad, expected)

@@ -91,13 +91,16 @@ def identity_rule(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
+    # ``value`` arrives inside a list, not as an input: an output that is an input is a view, which the model's
+    # own in-place steps after the norm (XLM: ``tensor *= mask``) may not modify; a detached tensor passed
+    # through is an ordinary output, modifiable in place with correct gradients
     @staticmethod
-    def forward(ctx, value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-        return value
+    def forward(ctx, surrogate: torch.Tensor, holder: list[torch.Tensor]) -> torch.Tensor:
+        return holder[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, grad
+        return grad, None
 
 
 def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
         raise ValueError(
             f"straight_through: surrogate shape {tuple(surrogate.shape)} != {tuple(value.shape)}"
         )
-    return _StraightThrough.apply(value.detach(), surrogate)
+    return _StraightThrough.apply(surrogate, [value.detach()])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
