@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AttributionInputError
+from ..errors import AttributionInputError, UnsupportedModelError
 from ..heads import CAUSAL_LM, SEQUENCE_CLASSIFICATION, register_head_class
 from ..inputs import Prepared, scaled_rotary_limit
 from ..positions import Rotary
@@ -663,6 +663,21 @@ def _no_text_temperature_tuning(model: torch.nn.Module) -> None:
     no_temperature_tuning(type("TextView", (), {"config": model.config.get_text_config()})())
 
 
+def _text_only_forward_runs(model: torch.nn.Module) -> None:
+    """transformers 5.24's Llama4ForConditionalGeneration fails on text-only inputs: refuse it there by name."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    installed = importlib.metadata.version("transformers")
+    if Version(installed) < Version("5.25"):
+        raise UnsupportedModelError(
+            f"Llama4ForConditionalGeneration does not run on text-only inputs in transformers {installed} (its "
+            "forward reads `image_outputs` from an output that has none; fixed in 5.25): upgrade transformers to "
+            ">= 5.25, or explain the text decoder alone (Llama4ForCausalLM, model type llama4_text)."
+        )
+
+
 register_adapter(
     dataclasses.replace(
         text_only_vlm(
@@ -702,7 +717,7 @@ register_adapter(
                 }
             },
         ),
-        checks=(_no_text_temperature_tuning,),
+        checks=(_text_only_forward_runs, _no_text_temperature_tuning),
     )
 )
 
