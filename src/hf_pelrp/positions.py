@@ -233,7 +233,11 @@ class RotaryLeaves(HookRule):
                 rule.rotated = (kind.rotated_channels(first), kind.rotated)
                 if rule.offsets is not None:
                     rule.offsets.rotation = Rotation(cos, sin, kind.layout, kind.rotated)
-                if kind.gradient_at_attention(attention) and not _handed_on(attention, own[0]):
+                if (
+                    kind.gradient_at_attention(attention)
+                    and kind.layout_matches(cos)
+                    and not _handed_on(attention, own[0])
+                ):
                     # the model rotates with constants (autograd keeps nothing for them); the "lrp" attention
                     # gives the leaves their gradient from q_rot, k_rot (hf_pelrp.offsets.rotary_leaf_gradient)
                     rule.rotary_leaves = Rotation(cos, sin, kind.layout, kind.rotated)
@@ -320,6 +324,16 @@ class Rotary(PositionalKind):
     #: keep the leaves in the model's graph (autograd then keeps q, rotate(q), k, rotate(k) of every layer);
     #: by default a plain ``Rotary`` running through the "lrp" attention gives them their gradient there instead
     in_graph: bool = False
+
+    def layout_matches(self, cos: torch.Tensor) -> bool:
+        """Whether ``cos`` has the form of the declared layout: ``"half"`` pairs channel ``d`` with ``d + w/2``
+        under one angle, so its cos is two equal halves (Cohere's full-width cos repeats each frequency in
+        place: its pairs are interleaved, and it keeps the in-graph leaves, which do not depend on the pairing).
+        """
+        if self.layout == "interleaved":
+            return True
+        half = cos.shape[-1] // 2
+        return cos.shape[-1] % 2 == 0 and torch.equal(cos[..., :half], cos[..., half:])
 
     def gradient_at_attention(self, attention: torch.nn.Module) -> bool:
         """Whether ``attention``'s leaves get their gradient at the ``"lrp"`` attention from q_rot and k_rot
