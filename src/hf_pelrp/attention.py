@@ -130,6 +130,13 @@ def lrp_attention_forward(
     if rule is not None:
         rule.calls += 1
         if rule.rotary_leaves is not None:
+            length = rule.rotary_leaves.cos.shape[-2]
+            if query.shape[-2] != length or key.shape[-2] != length:
+                raise RuntimeError(
+                    f"{type(module).__name__}: q / k of {query.shape[-2]} / {key.shape[-2]} positions reach the "
+                    f"'lrp' attention, but the rotary leaves have {length}; keys from a cache need the in-graph "
+                    "leaves (hf_pelrp.positions.rotary_leaves_in_graph())"
+                )
             # before the factors: the leaves get the gradient reaching q_rot and k_rot, as in the graph
             query = rotary_leaf_gradient(query, rule.rotary_leaves)
             key = rotary_leaf_gradient(key, rule.rotary_leaves)

@@ -237,6 +237,7 @@ class RotaryLeaves(HookRule):
                     kind.gradient_at_attention(attention)
                     and kind.layout_matches(cos)
                     and not _handed_on(attention, own[0])
+                    and not _has_cached_keys(attention, kwargs)
                 ):
                     # the model rotates with constants (autograd keeps nothing for them); the "lrp" attention
                     # gives the leaves their gradient from q_rot, k_rot (hf_pelrp.offsets.rotary_leaf_gradient)
@@ -269,6 +270,20 @@ def rotary_leaves_in_graph() -> Iterator[None]:
         yield
     finally:
         _IN_GRAPH.reset(token)
+
+
+def _has_cached_keys(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether the attention's keys will include cached ones (rotated in earlier passes, outside this layer's
+    cos / sin): their rotation is not this pass's, so the leaves stay in the graph."""
+    for name in ("past_key_values", "past_key_value", "layer_past"):
+        cache = kwargs.get(name)
+        if cache is None:
+            continue
+        try:
+            return int(cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)) > 0
+        except Exception:  # an unknown cache object: assume it holds keys
+            return True
+    return False
 
 
 def _handed_on(module: torch.nn.Module, own: int) -> bool:
