@@ -15,7 +15,7 @@ from hf_pelrp.adapters import adapter_for_type, register_adapter
 from hf_pelrp.adapters.base import _REGISTRY
 from hf_pelrp.adapters.infer import layer_norm_one_plus
 from hf_pelrp.check import _randomise, _zero_biases, tiny_config
-from hf_pelrp.positions import Rotary
+from hf_pelrp.positions import Rotary, rotary_leaves_in_graph
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -69,7 +69,9 @@ def test_the_nope_check_fails_a_declaration_without_applies(scratch_registry, mo
     """The test above can fail: a plain Rotary() halves q and k in the global layer too."""
     right = adapter_for_type(model_type)
     register_adapter(dataclasses.replace(right, positions=Rotary()))
-    gap, position = _split_gap(_one_layer(model_type, "full_attention"))
+    # in the graph, as check_adapter's split runs: the attention-side leaf gradient follows the declaration
+    with rotary_leaves_in_graph():
+        gap, position = _split_gap(_one_layer(model_type, "full_attention"))
     assert position == 0.0 and gap > 1e-6  # the right declaration: < 1e-9
 
 

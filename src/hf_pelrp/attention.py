@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .offsets import OffsetRecorder
+from .offsets import OffsetRecorder, Rotation, rotary_leaf_gradient
 from .rules import identity_rule, scale_gradient, softmax_rule
 
 LRP_ATTENTION = "lrp"
@@ -63,6 +63,9 @@ class AttentionRule:
     #: set at each forward pass when relevance per offset is asked for (``LRPConfig(offsets=True)``): the
     #: backward hook of the attention output that splits each score's relevance (hf_pelrp.offsets)
     offsets: OffsetRecorder | None = None
+    #: set at each forward pass by the rotary leaves when the model got detached ``(cos, sin)``
+    #: (:class:`hf_pelrp.positions.RotaryLeaves`): the leaves whose gradient q and k give in the backward pass
+    rotary_leaves: Rotation | None = None
 
     def channel_factors(self, base: float, x: torch.Tensor) -> float | torch.Tensor:
         """``base`` for every channel of ``x`` [..., D], times ``rotary`` on the rotated ones."""
@@ -126,6 +129,17 @@ def lrp_attention_forward(
     plain = (query, key, value, attention_mask)  # the recorder re-computes the scores from the forward values
     if rule is not None:
         rule.calls += 1
+        if rule.rotary_leaves is not None:
+            length = rule.rotary_leaves.cos.shape[-2]
+            if query.shape[-2] != length or key.shape[-2] != length:
+                raise RuntimeError(
+                    f"{type(module).__name__}: q / k of {query.shape[-2]} / {key.shape[-2]} positions reach the "
+                    f"'lrp' attention, but the rotary leaves have {length}; keys from a cache need the in-graph "
+                    "leaves (hf_pelrp.positions.rotary_leaves_in_graph())"
+                )
+            # before the factors: the leaves get the gradient reaching q_rot and k_rot, as in the graph
+            query = rotary_leaf_gradient(query, rule.rotary_leaves)
+            key = rotary_leaf_gradient(key, rule.rotary_leaves)
         query = scale_gradient(query, rule.channel_factors(rule.q, query))
         key = scale_gradient(key, rule.channel_factors(rule.k, key))
         value = scale_gradient(value, rule.v)

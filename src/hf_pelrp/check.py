@@ -36,7 +36,7 @@ from .heads import (
     SEQUENCE_CLASSIFICATION,
     registered_head_classes,
 )
-from .positions import Rotary
+from .positions import Rotary, rotary_leaves_in_graph
 
 #: transformers' auto mappings of the head kinds hf_pelrp explains
 _HEAD_MAPPINGS = {
@@ -499,7 +499,8 @@ class _Checker:
             _zero_biases(model)
             checker = _Checker(model, self.adapter, AdapterReport(""), self.tol, self.seed)
             inputs = checker.inputs()
-            on = checker.attribute(inputs, "attnlrp", positional=True)
+            with rotary_leaves_in_graph():  # the model's own rotation, not the declared one, gives the leaves
+                on = checker.attribute(inputs, "attnlrp", positional=True)
             off = checker.attribute(inputs, "attnlrp", positional=False)
             # a token-type (segment) leaf beside the token leaf shares the embedding sum's relevance with it, and
             # that share moves with the positions too (rotary encoders with token types: GTE, NomicBERT, Jina v3)

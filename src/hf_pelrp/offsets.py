@@ -105,6 +105,50 @@ class Rotation:
     scaling: float = 1.0
 
 
+class _RotaryLeafGradient(torch.autograd.Function):
+    """Identity forward on a rotated q or k; the backward adds the rotary leaves' gradient (see
+    :func:`rotary_leaf_gradient`) and passes the incoming gradient on unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+        ctx.rotation = rotation
+        ctx.save_for_backward(x)  # the attention keeps the same storage: no extra memory
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        rot = ctx.rotation
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        c, s = rot.cos.detach().to(dtype), rot.sin.detach().to(dtype)
+        norm = c * c + s * s
+        # R^{-1} x_rot: the rotation by (c, -s) / (c^2 + s^2) undoes (c, s) on every layout (pass-through kept)
+        plain = rotate(x.detach().to(dtype), c / norm, -s / norm, rot.layout, rot.rotated)
+        with torch.enable_grad():
+            cos = c.detach().requires_grad_(True)
+            sin = s.detach().requires_grad_(True)
+            out = rotate(plain, cos, sin, rot.layout, rot.rotated)
+            grads = torch.autograd.grad(out, (cos, sin), grad.to(dtype))
+        for leaf, g in zip((rot.cos, rot.sin), grads, strict=True):
+            g = g.to(leaf.dtype)
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
+        return grad, None
+
+
+def rotary_leaf_gradient(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """``x`` (a q or k the model has rotated with detached ``(cos, sin)``), whose backward pass gives the rotary
+    leaves of ``rotation`` the gradient they would get in the graph: ``x_rot = x * cos + rotate(x) * sin`` with
+    ``g`` the gradient reaching ``x_rot`` gives ``cos.grad += x * g``, ``sin.grad += rotate(x) * g`` (summed
+    over heads, and over the repeated channels of a half-width interleaved pair).
+
+    In the graph, autograd would keep ``x`` and ``rotate(x)`` of q and k for these gradients (four
+    [B, H, T, D] tensors per layer); here only ``x_rot`` is kept (the attention keeps it anyway), and ``x`` is
+    recovered in the backward pass by the inverse rotation. The gradient is accumulated into ``leaf.grad``, so
+    several backward passes, ``zero_grad`` and the map readers work as with in-graph leaves.
+    """
+    return _RotaryLeafGradient.apply(x, rotation) if x.requires_grad else x
+
+
 @dataclass
 class LayerOffsets:
     """Per-layer sums per signed offset (bin ``d + T - 1``, ``d = i - j``): ``position`` [B, H, 2T - 1] (``R_p``)

@@ -18,8 +18,10 @@ method.md section 2 gives the rules; the formulas are repeated in each class.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +202,8 @@ class RotaryLeaves(HookRule):
         def hook(attention, args, kwargs):
             rule = self.rule_of()
             chunk = store.aux.get(REQUESTED)
+            if rule is not None:  # set again below where this forward pass rotates with constants
+                rule.rotary_leaves = None
             if rule is not None:  # a fresh recorder per forward pass, or none when the maps are not asked for
                 rule.offsets = None if chunk is None else OffsetRecorder(store.aux, layer, chunk)
             pe = kwargs.get(kind.keyword)
@@ -221,18 +225,78 @@ class RotaryLeaves(HookRule):
             ):
                 existing = {kind.names[0]: make_leaf(first), kind.names[1]: make_leaf(second)}
                 store.layers[layer] = existing
+            cos, sin = (existing[kind.names[0]], existing[kind.names[1]])
+            if kind.names[0] != "cos":  # GPT-J passes (sin, cos)
+                cos, sin = sin, cos
+            pair = (existing[kind.names[0]], existing[kind.names[1]])
             if rule is not None:
                 rule.rotated = (kind.rotated_channels(first), kind.rotated)
                 if rule.offsets is not None:
-                    cos, sin = (existing[kind.names[0]], existing[kind.names[1]])
-                    if kind.names[0] != "cos":  # GPT-J passes (sin, cos)
-                        cos, sin = sin, cos
                     rule.offsets.rotation = Rotation(cos, sin, kind.layout, kind.rotated)
+                if (
+                    kind.gradient_at_attention(attention)
+                    and kind.layout_matches(cos)
+                    and not _handed_on(attention, own[0])
+                    and not _has_cached_keys(attention, kwargs)
+                ):
+                    # the model rotates with constants (autograd keeps nothing for them); the "lrp" attention
+                    # gives the leaves their gradient from q_rot, k_rot (hf_pelrp.offsets.rotary_leaf_gradient)
+                    rule.rotary_leaves = Rotation(cos, sin, kind.layout, kind.rotated)
+                    pair = (pair[0].detach(), pair[1].detach())
             kwargs = dict(kwargs)
-            kwargs[kind.keyword] = (existing[kind.names[0]], existing[kind.names[1]])
+            kwargs[kind.keyword] = pair
             return args, kwargs
 
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        own = [handle.id]
+        handles.append(handle)
+
+
+#: set by :func:`rotary_leaves_in_graph`
+_IN_GRAPH: contextvars.ContextVar[bool] = contextvars.ContextVar("rotary_leaves_in_graph", default=False)
+
+
+@contextlib.contextmanager
+def rotary_leaves_in_graph() -> Iterator[None]:
+    """Within the block, rotary leaves stay in the model's graph (the model rotates with the leaves themselves).
+
+    The gradient computed at the attention (:func:`hf_pelrp.offsets.rotary_leaf_gradient`) follows the
+    *declared* layout, so it is conservative even for a wrong declaration; the graph follows the model's own
+    rotation. ``check_adapter``'s rotary split runs here, where a rotated slice declared at the wrong end
+    breaks the split (and so proves the declaration the attention-side gradient relies on).
+    """
+    token = _IN_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _IN_GRAPH.reset(token)
+
+
+def _has_cached_keys(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether the attention's keys will include cached ones (rotated in earlier passes, outside this layer's
+    cos / sin): their rotation is not this pass's, so the leaves stay in the graph."""
+    for name in ("past_key_values", "past_key_value", "layer_past"):
+        cache = kwargs.get(name)
+        if cache is None:
+            continue
+        try:
+            return int(cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)) > 0
+        except Exception:  # an unknown cache object: assume it holds keys
+            return True
+    return False
+
+
+def _handed_on(module: torch.nn.Module, own: int) -> bool:
+    """Whether a forward pre-hook from outside the engine runs after the rotary leaves' hook ``own`` of
+    ``module`` (an evaluation's position removal, a test's independent read): it sees and may replace the pair,
+    so the leaves stay in the graph, where any change it makes reaches their gradient."""
+    ids = list(module._forward_pre_hooks)
+    later = ids[ids.index(own) + 1 :] if own in ids else ids
+    for hook_id in later:
+        where = getattr(module._forward_pre_hooks[hook_id], "__module__", "") or ""
+        if not where.startswith("hf_pelrp.") or where.startswith("hf_pelrp.evaluation"):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -272,6 +336,38 @@ class Rotary(PositionalKind):
     batch_axis: int = 0
     name: str = "rotary"
     inside_attention: bool = True
+    #: keep the leaves in the model's graph (autograd then keeps q, rotate(q), k, rotate(k) of every layer);
+    #: by default a plain ``Rotary`` running through the "lrp" attention gives them their gradient there instead
+    in_graph: bool = False
+
+    def layout_matches(self, cos: torch.Tensor) -> bool:
+        """Whether ``cos`` has the form of the declared layout: ``"half"`` pairs channel ``d`` with ``d + w/2``
+        under one angle, so its cos is two equal halves (Cohere's full-width cos repeats each frequency in
+        place: its pairs are interleaved, and it keeps the in-graph leaves, which do not depend on the pairing).
+        """
+        if self.layout == "interleaved":
+            return True
+        half = cos.shape[-1] // 2
+        return cos.shape[-1] % 2 == 0 and torch.equal(cos[..., :half], cos[..., half:])
+
+    def gradient_at_attention(self, attention: torch.nn.Module) -> bool:
+        """Whether ``attention``'s leaves get their gradient at the ``"lrp"`` attention from q_rot and k_rot
+        (:func:`hf_pelrp.offsets.rotary_leaf_gradient`), the model rotating with detached ``(cos, sin)``.
+
+        Only for this class itself (subclasses declare other rotations: M-RoPE, complex, inline), the two
+        declared layouts, cos / sin with the batch first, and a module that dispatches to the ``"lrp"``
+        attention (the same value is exact: only memory changes)."""
+        from .attention import LRP_ATTENTION
+
+        config = getattr(attention, "config", None)
+        return (
+            not self.in_graph
+            and not _IN_GRAPH.get()
+            and type(self) is Rotary
+            and self.batch_axis == 0
+            and self.layout in ("half", "interleaved")
+            and getattr(config, "_attn_implementation", None) == LRP_ATTENTION
+        )
 
     def rotated_channels(self, cos: torch.Tensor) -> int:
         return cos.shape[-1] * (2 if self.layout == "interleaved" else 1)
