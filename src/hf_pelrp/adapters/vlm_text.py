@@ -34,7 +34,7 @@ from .norms import rms_norm_one_plus
 from .qwen2_vl import TextOnlyInputs
 
 #: SigLIP's vision tower and Gemma 3's projector: never run (images are refused)
-_SIGLIP = (
+_SIGLIP_CLASSES = (
     "SiglipVisionModel",
     "SiglipVisionEmbeddings",
     "SiglipEncoder",
@@ -42,6 +42,9 @@ _SIGLIP = (
     "SiglipAttention",
     "SiglipMLP",
     "SiglipMultiheadAttentionPoolingHead",
+)
+_SIGLIP = (
+    *_SIGLIP_CLASSES,
     "Gemma3MultiModalProjector",
     "GELUTanh",
     "LayerNorm",
@@ -221,13 +224,7 @@ _CLIP = (
     "Conv2d",
 )
 _SIGLIP_TOWER = (
-    "SiglipVisionModel",
-    "SiglipVisionEmbeddings",
-    "SiglipEncoder",
-    "SiglipEncoderLayer",
-    "SiglipAttention",
-    "SiglipMLP",
-    "SiglipMultiheadAttentionPoolingHead",
+    *_SIGLIP_CLASSES,
     "MultiheadAttention",
     "NonDynamicallyQuantizableLinear",
     "GELUTanh",
