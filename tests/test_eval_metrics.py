@@ -162,6 +162,10 @@ def test_patch_perturbation_on_known_model():
     assert out["positive_acc_curve"] == [0.0, 0.0, 0.0]
     assert out["negative_acc_curve"] == [1.0, 1.0, 1.0]
     assert out["negative_prob_auc"] > out["positive_prob_auc"]
+    # the logit of class 0 is the top-left patch's pixel sum: 0 once it is removed, 4 while it stays
+    assert out["positive_logit_curve"] == [0.0, 0.0, 0.0]
+    assert out["negative_logit_curve"] == [4.0, 4.0, 4.0]
+    assert out["positive_logit_auc"] == 0.0 and out["negative_logit_auc"] == pytest.approx(4.0)
 
 
 def test_replacement_images():

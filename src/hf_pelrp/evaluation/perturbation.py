@@ -130,8 +130,8 @@ def patch_perturbation(
     chunk: int = 64,
 ) -> dict[str, object]:
     """Positive (most relevant first, lower area better) and negative (least relevant first, higher area
-    better) perturbation of image patches; curves of the explained class's probability and of accuracy
-    against ``sample.label``."""
+    better) perturbation of image patches; curves of the explained class's probability, its logit and of
+    accuracy against ``sample.label``."""
     pixels = sample.inputs["pixel_values"]
     h, w = pixels.shape[-2:]
     grid = (h // patch, w // patch)
@@ -148,16 +148,18 @@ def patch_perturbation(
     pixel_mask = F.interpolate(unique.float().view(-1, 1, *grid), scale_factor=patch, mode="nearest").bool()
     pixel_mask = pixel_mask.to(pixels.device)
     batch = torch.where(pixel_mask, fill, pixels)
-    probs, _, preds = _scores(model, sample, target, {"pixel_values": batch}, chunk)
-    probs, preds = probs[inverse], preds[inverse]
+    probs, logits, preds = _scores(model, sample, target, {"pixel_values": batch}, chunk)
+    probs, logits, preds = probs[inverse], logits[inverse], preds[inverse]
     label = target if sample.label is None else sample.label
     correct = (preds == label).float()
     xs = list(fracs)
     for i, name in enumerate(("positive", "negative")):
         rows = slice(i * len(xs), (i + 1) * len(xs))
-        p, acc = probs[rows].tolist(), correct[rows].tolist()
+        p, lg, acc = probs[rows].tolist(), logits[rows].tolist(), correct[rows].tolist()
         result[f"{name}_prob_curve"] = p
+        result[f"{name}_logit_curve"] = lg
         result[f"{name}_acc_curve"] = acc
         result[f"{name}_prob_auc"] = area_under_curve(xs, p)
+        result[f"{name}_logit_auc"] = area_under_curve(xs, lg)
         result[f"{name}_acc_auc"] = area_under_curve(xs, acc)
     return result
