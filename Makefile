@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint bench results positions ledger remedies offsets vision-rules lock test-latest test-oldest
+.PHONY: setup demo test lint bench results positions ledger remedies offsets vision-rules vlm-faithfulness lock test-latest test-oldest
 
 $(STAMP): pyproject.toml scripts/setup.sh constraints/lock.txt
 	bash scripts/setup.sh
@@ -100,3 +100,11 @@ vision-rules: $(STAMP)
 	test -f $(MODELS)/deit-fashion-noise/config.json || nice -n 15 $(PY) scripts/train_vision_canvas.py --arch deit
 	nice -n 15 $(PY) scripts/eval_vision_rules.py
 	nice -n 15 $(PY) scripts/eval_vision_rules.py --figure rollout ig attnlrp_pe vit_paper_pe vit_paper_attnlrp_clamp
+
+# The VLM faithfulness check of issue 19 (docs/results.md, "Vision-language model"): the tiny LLaVA on quadrant
+# canvases (skipped when its checkpoint exists; ~10 minutes on one thread), then its patch maps against IG,
+# rollout and random (a few minutes).
+vlm-faithfulness: $(STAMP)
+	$(PY) scripts/prepare_data.py
+	test -f $(MODELS)/llava-fashion-quadrants/config.json || nice -n 15 $(PY) scripts/train_vlm_canvas.py
+	nice -n 15 $(PY) scripts/eval_vlm_faithfulness.py

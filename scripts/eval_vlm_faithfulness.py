@@ -288,6 +288,47 @@ def run(
     return summarise(records, methods, reps), records, seen
 
 
+def figure(
+    model, task: QuadrantTask, methods: list[str], path: Path, count: int = 4, ig_steps: int = 32
+) -> None:
+    """Example maps of the first ``count`` correctly answered test canvases: the canvas with its question, the
+    asked garment's mask, and each method's patch map (red: for the answer, blue: against)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hf_pelrp.evaluation.vlm_canvas import CLASSES, QUADRANT_WORDS
+
+    batch, ids = correct_canvases(model, task, count, 50 * count)
+    inputs = batch.model_inputs()
+    columns = ["canvas", "asked garment"] + methods
+    fig, axes = plt.subplots(count, len(columns), figsize=(1.6 * len(columns), 1.8 * count), squeeze=False)
+    for row in range(count):
+        one = {k: v[row : row + 1] for k, v in inputs.items()}
+        maps = [batch.pixel_values[row, 0], batch.mask[row].float()]
+        for m in methods:
+            rel = EXPLAIN[m](model, one, int(batch.answer[row]), task, ids[row], ig_steps).detach()
+            maps.append(rel.reshape(task.grid).float())
+        for col, image in enumerate(maps):
+            ax = axes[row][col]
+            if col < 2:
+                ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            else:
+                peak = float(image.abs().max()) or 1.0
+                ax.imshow(image, cmap="bwr", vmin=-peak, vmax=peak)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col], fontsize=7)
+        words = " ".join(QUADRANT_WORDS[int(batch.asked[row])])
+        axes[row][0].set_ylabel(f"{words}?\n{CLASSES[int(batch.label[row])]}", fontsize=7)
+    fig.suptitle("tiny LLaVA: 'what is in the <quadrant>?' - patch maps of the answer logit", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=MODEL_DIR)
@@ -296,6 +337,7 @@ def main() -> None:
     p.add_argument("--ig-steps", type=int, default=32)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "vlm_faithfulness")
+    p.add_argument("--figure", action="store_true", help="write example maps to <out>.png (and nothing else)")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -304,6 +346,10 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     info = json.loads((args.model / "metrics.json").read_text())
     task = QuadrantTask(**info["task"])
+    if args.figure:
+        figure(model, task, args.methods, args.out.with_suffix(".png"), ig_steps=args.ig_steps)
+        print(f"wrote {args.out.with_suffix('.png')}")
+        return
     summary, records, seen = run(model, task, args.samples, args.methods, args.ig_steps, args.bootstrap)
     info["canvases_seen"] = seen
     args.out.parent.mkdir(parents=True, exist_ok=True)
