@@ -296,6 +296,10 @@ class _Checker:
         ids = torch.randint(low, vocab, (batch, length), generator=gen)
         if pad is not None:
             ids[ids == pad] = (pad + 1) % vocab if (pad + 1) % vocab != 0 else pad + 2
+        if getattr(self.adapter, "vision", None) is not None:  # text without image placeholders
+            from .adapters.vision_language import random_text
+
+            ids = random_text(self.model, batch, length, gen)
         out: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if self.kind == MASKED_LM:
             out["input_ids"][:, 2] = self.mask_id

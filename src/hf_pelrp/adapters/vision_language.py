@@ -160,13 +160,12 @@ class ImageTextInputs(TextOnlyInputs):
     image per row, each filling the row's ``tokens(model, pixels)`` placeholder tokens.
 
     Without ``pixel_values`` the prompt is text only, and placeholder tokens are refused (they would have no
-    image). ``image_keys`` are further keywords that come with images (Gemma 3's ``token_type_ids``, checked by
-    ``check_images``).
+    image). ``image_keys`` are further keywords that come with images (Gemma 3's ``token_type_ids``), passed on
+    with them; a family that checks them subclasses :meth:`validate`.
     """
 
     tokens: Callable[[nn.Module, torch.Tensor], int] | None = None
     image_keys: tuple[str, ...] = ()
-    check_images: Callable[[nn.Module, dict[str, Any], torch.Tensor], None] | None = None
     kind: str = "image_text"
 
     def validate(self, model: nn.Module, inputs: dict[str, Any]) -> Prepared:
@@ -174,7 +173,7 @@ class ImageTextInputs(TextOnlyInputs):
         pixels = inputs.pop("pixel_values", None)
         if pixels is None:
             given = [k for k in self.image_keys if k in inputs]
-            if given and self.check_images is None:
+            if given:
                 raise AttributionInputError(f"{', '.join(given)} come with images: pass pixel_values too")
             return super().validate(model, inputs)
         name = type(model).__name__
@@ -205,8 +204,6 @@ class ImageTextInputs(TextOnlyInputs):
                 f"{per_image}: build the prompt with the model's processor (it expands the image token to one "
                 "placeholder per image feature), one image per row."
             )
-        if self.check_images is not None:
-            self.check_images(model, extra, ids)
         return dataclasses.replace(prepared, inputs={**prepared.inputs, "pixel_values": pixels, **extra})
 
     def example(
