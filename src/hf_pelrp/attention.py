@@ -54,6 +54,9 @@ class AttentionRule:
     rotary: float = 1.0
     rotated: tuple[int, str] | None = None
     calls: int = 0
+    #: whether the module must run in every forward pass (a VLM's vision tower runs only when the prompt holds an
+    #: image: its rules are checked by the family's maps instead)
+    required: bool = True
     #: the softmax rule (:func:`hf_pelrp.rules.softmax_rule`); anything but ``"gxi"`` runs the eager path
     softmax: str = "gxi"
     softmax_eps: float = 0.0

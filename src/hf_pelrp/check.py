@@ -296,6 +296,10 @@ class _Checker:
         ids = torch.randint(low, vocab, (batch, length), generator=gen)
         if pad is not None:
             ids[ids == pad] = (pad + 1) % vocab if (pad + 1) % vocab != 0 else pad + 2
+        if getattr(self.adapter, "vision", None) is not None:  # text without image placeholders
+            from .adapters.vision_language import random_text
+
+            ids = random_text(self.model, batch, length, gen)
         out: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if self.kind == MASKED_LM:
             out["input_ids"][:, 2] = self.mask_id
@@ -427,6 +431,62 @@ class _Checker:
         )
         finite = all(bool(torch.isfinite(m).all()) for m in (attr.token, attr.position))
         self.record("maps are finite", finite)
+
+    def images(self) -> None:
+        """Vision-language models (issue 19), on prompts with one image per row: forward equivalence, bias-free
+        CP conservation over text and image maps together, non-zero image positions under AttnLRP, exactly 0
+        token relevance at the image placeholders (their embeddings are overwritten), and a row's maps alone
+        equal to its maps inside the batch."""
+        if getattr(self.adapter, "vision", None) is None:
+            return
+        from .engine import lrp
+
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        inputs = self.adapter.inputs.example(self.model, 2, 6, gen)
+        with torch.no_grad():
+            plain = self.model(**inputs).logits
+        for mode in MODES:
+            with self.attempt(f"forward equivalence with images ({mode})"):
+                with lrp(self.model, mode=mode), torch.enable_grad():
+                    patched = self.model(**inputs).logits
+                self.record(
+                    f"forward equivalence with images ({mode})", _close(patched.detach(), plain, 1e-12)
+                )
+        with self.attempt("bias-free CP conservation with images"):
+            saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            try:
+                _zero_biases(self.model)
+                attr = self.attribute(inputs, "cp")
+            finally:
+                self.model.load_state_dict(saved)
+            worst = float((attr.conservation_gap.abs() / attr.target_value.abs().clamp(min=1.0)).max())
+            share = float(attr.image_total.abs().sum() / attr.target_value.abs().sum().clamp(min=1e-30))
+            self.record(
+                "bias-free CP conservation with images (text + image maps)",
+                worst <= self.tol and share > 1e-6,
+                f"relative gap {worst:.2e}, image share {share:.3g}",
+            )
+        for mode in MODES:
+            with self.attempt(f"image maps ({mode})"):
+                attr = self.attribute(inputs, mode)
+                placeholders = inputs["input_ids"] == _image_token(self.model)
+                zero = float(attr.token[placeholders.to(attr.token.device)].abs().max())
+                self.record(
+                    f"image placeholders get 0 token relevance ({mode})", zero == 0.0, f"max {zero:.2e}"
+                )
+                finite = all(bool(torch.isfinite(m).all()) for m in (attr.image, attr.image_position))
+                self.record(f"image maps are finite ({mode})", finite)
+                alone = self.attribute({k: v[1:] for k, v in inputs.items()}, mode)
+                same = all(
+                    _close(getattr(attr, name)[1:], getattr(alone, name), 1e-9)
+                    for name in ("token", "position", "image", "image_position", "image_special")
+                )
+                self.record(f"image batch invariance ({mode})", same)
+                if mode == "attnlrp":
+                    share = float(attr.image_position.abs().sum() / attr.image.abs().sum().clamp(min=1e-30))
+                    self.record(
+                        "AttnLRP image position relevance is non-zero", share > 1e-6, f"share {share:.3g}"
+                    )
 
     def padding_and_batches(self) -> None:
         inputs = self.inputs()
@@ -591,6 +651,12 @@ def check_adapter(
     return report
 
 
+def _image_token(model: torch.nn.Module) -> int:
+    config = model.config
+    value = getattr(config, "image_token_id", None)
+    return int(value if value is not None else config.image_token_index)
+
+
 def _check_variant(
     config_or_model_type: PretrainedConfig | str,
     adapter: Adapter,
@@ -619,6 +685,11 @@ def _check_variant(
         checker = _Checker(model, adapter, report, tol, seed)
         if named:  # results of a config-aware type's variants are told apart by the declaration's name
             checker.name = f"{checker.name} [{adapter.label}]"
+        if getattr(adapter, "vision", None) is not None:
+            # transformers records a vision tower's hidden states with forward hooks it installs at the first
+            # forward pass that asks for them, and keeps: installed here, they are the model's "as it went in"
+            with torch.no_grad():
+                model(**adapter.inputs.example(model, 1, 2, torch.Generator().manual_seed(seed)))
         before = _snapshot(model)
         try:
             adapter.check_model(model)
@@ -633,6 +704,7 @@ def _check_variant(
                 ("padding and batches", checker.padding_and_batches),
                 ("rotary split", functools.partial(checker.rotary_split, config)),
                 ("rule sites", checker.rule_sites),
+                ("images", checker.images),
             )
             for name, check in properties:  # each one runs: the report lists every failure, not the first
                 try:

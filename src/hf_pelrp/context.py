@@ -80,13 +80,12 @@ class LRPContext(ExitStack):
         result.update(self.adapter.positions.read(self.store, token, self.adapter.num_layers(self.model)))
         if "segment" in additive:
             result["segment"] = relevance_of(additive["segment"]).to(token).expand_as(token)
-        if self.adapter.extra_maps is not None:
-            result.update(self.adapter.extra_maps(self.model, self.store, result))
+        result.update(self.adapter.family_maps(self.model, self.store, result))
         return result
 
     def check_attention_ran(self) -> None:
         """Refuse when an attention module with rules did not run through the ``"lrp"`` attention."""
-        idle = [i for i, rule in enumerate(self._attention) if rule.calls == 0]
+        idle = [i for i, rule in enumerate(self._attention) if rule.calls == 0 and rule.required]
         if idle:
             raise AttributionStateError(
                 f"the attention of layer(s) {idle} of {type(self.model).__name__} did not run through hf_pelrp's "

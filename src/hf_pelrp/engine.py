@@ -31,7 +31,7 @@ from .request import (
     continuation_request,
     single_request,
 )
-from .result import Attribution, GenerationAttribution, Seq2SeqAttribution
+from .result import IMAGE_MAPS, Attribution, GenerationAttribution, Seq2SeqAttribution
 from .tokens import display_token, display_tokens, special_ids
 
 #: the maps every family has; anything else LRPContext.maps() returns goes to Attribution.extras
@@ -172,7 +172,7 @@ def _forward_parameters(model: torch.nn.Module) -> frozenset[str]:
 
 def _is_sequence_map(name: str, value: Any, mask: torch.Tensor) -> bool:
     # an encoder-decoder's target prefix is not source-aligned; offset bins (position_by_offset) are not positions
-    if name.startswith("target_") or "offset" in name:
+    if name.startswith(("target_", "image")) or "offset" in name:
         return False
     return (
         isinstance(value, torch.Tensor)
@@ -286,8 +286,9 @@ def build_result(
         "model_type": model.config.model_type,
         "gamma": _gamma_of(cfg),
         "rules": _settings_of(cfg),
+        **{name: maps.get(name) for name in IMAGE_MAPS},
     }
-    extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS}
+    extras = {k: v for k, v in maps.items() if k not in _CORE_MAPS and k not in IMAGE_MAPS}
     if cont is not None and request.kind.name != SEQ2SEQ_LM:
         full = cont.sequence[0].detach()
         return GenerationAttribution(

@@ -21,6 +21,8 @@ _SEQUENCE_FIELDS += ("special_tokens_mask",)
 #: aggregation [B, T], the rotary pair kept apart [B, L, 2, T], the M-RoPE axes [B, 3, T]. (Distance bins,
 #: ``position_by_distance`` [B, bins], are not positions: they stay as they are.)
 _SEQUENCE_EXTRAS = ("position_abs", "position_by_leaf", "position_by_axis")
+#: a vision-language model's image maps (issue 19): result fields of their own, not positions of the sequence
+IMAGE_MAPS = ("image", "image_position", "image_special", "image_grid")
 #: an encoder-decoder result's target prefix: the same maps under this prefix, masked by its own
 #: ``target_attention_mask`` (hf_pelrp.positions.AttentionBias names a leaf group's maps "<group>_position...")
 _TARGET_PREFIX = "target_"
@@ -50,9 +52,26 @@ class _Relevance:
         return total
 
     @property
+    def image_total(self) -> torch.Tensor | None:
+        """The relevance of the image per row, [rows]: ``image + image_position`` summed over the patches, plus
+        ``image_special``; ``None`` without an image (vision-language models, issue 19)."""
+        image = getattr(self, "image", None)
+        if image is None:
+            return None
+        total = image.sum(-1)
+        for name in ("image_position", "image_special"):
+            part = getattr(self, name, None)
+            if part is not None:
+                total = total + (part if part.dim() == total.dim() else part.sum(-1))
+        return total
+
+    @property
     def conservation_gap(self) -> torch.Tensor:
-        """``target_value - relevance.sum(-1)``, [rows]: the relevance the rules absorbed."""
-        return self.target_value - self.relevance.sum(-1)
+        """``target_value - relevance.sum(-1)`` (minus :attr:`image_total` where the input held an image), [rows]:
+        the relevance the rules absorbed."""
+        gap = self.target_value - self.relevance.sum(-1)
+        image = self.image_total
+        return gap if image is None else gap - image.to(gap)
 
 
 @dataclass
@@ -104,6 +123,16 @@ class Attribution(_Relevance):
         True}``); empty for the plain rules of ``mode``.
     extras : dict
         Family-specific maps (e.g. ``patch_map`` / ``pixel_map`` for vision models), readable as attributes.
+    image : FloatTensor [B, P] or None
+        Vision-language models with an image in the prompt (issue 19): the relevance of each image patch's
+        content at the vision tower's patch embedding, patches in raster order (``image_grid``).
+    image_position : FloatTensor [B, P] or None
+        The relevance of the vision tower's positions per patch (CLIP / SigLIP: the learned position table).
+    image_special : FloatTensor [B] or None
+        The relevance of the tower's special tokens (CLIP's class token, content and position), 0 where the
+        tower has none.
+    image_grid : LongTensor [B, 2] or None
+        The patch grid (rows, columns) of each row's image, to draw ``image`` on it.
     """
 
     token: torch.Tensor
@@ -125,6 +154,10 @@ class Attribution(_Relevance):
     gamma: dict[str, float] = field(default_factory=dict)
     rules: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    image: torch.Tensor | None = None
+    image_position: torch.Tensor | None = None
+    image_special: torch.Tensor | None = None
+    image_grid: torch.Tensor | None = None
 
     # ---- derived maps -------------------------------------------------------------------------------------
 
@@ -468,6 +501,8 @@ class GenerationAttribution(_Relevance):
         Readable names of the explained (and foil) token ids.
     mode, positional, model_type, gamma, rules
         The rules and the architecture that produced the maps (as :class:`Attribution`).
+    image, image_position, image_special, image_grid
+        A vision-language model's image maps (as :class:`Attribution`), one row per continuation token.
     """
 
     token: torch.Tensor
@@ -488,6 +523,10 @@ class GenerationAttribution(_Relevance):
     model_type: str = ""
     gamma: dict[str, float] = field(default_factory=dict)
     rules: dict[str, Any] = field(default_factory=dict)
+    image: torch.Tensor | None = None
+    image_position: torch.Tensor | None = None
+    image_special: torch.Tensor | None = None
+    image_grid: torch.Tensor | None = None
 
     @property
     def generated_ids(self) -> torch.Tensor:

@@ -47,6 +47,7 @@ from . import (  # noqa: F401
     starcoder2,
     swin,
     vit,
+    vlm_images,  # imports vlm_text first, then replaces its text-only LLaVA and Gemma 3 declarations
     vlm_text,
     xlm_roberta,
 )

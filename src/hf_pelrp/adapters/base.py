@@ -425,6 +425,12 @@ class Adapter:
             for module in self.attention_modules(model)
         ]
 
+    def family_maps(
+        self, model: nn.Module, store: LeafStore, maps: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The family-specific maps of the latest backward pass (``extra_maps``; a VLM adds its image maps)."""
+        return {} if self.extra_maps is None else dict(self.extra_maps(model, store, maps))
+
     def validate_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> Prepared:
         """Check the user's model inputs (see :mod:`hf_pelrp.inputs`)."""
         return self.inputs.validate(model, inputs)

@@ -154,18 +154,30 @@ class VisionEmbeddingLeaves(HookRule):
     position_reference: str | None = None
     patch_rule: str | None = None
     image_readout: str | None = None
+    #: the names of the content and position leaves (a VLM's tower: ``("image_token", "image_position")``) and
+    #: the prefix of the ``store.aux`` entries (so that a tower inside a VLM keeps apart from anything else)
+    names: tuple[str, str] = ("token", "position")
+    prefix: str = ""
 
     def attach(self, module: nn.Module, handles: Handles) -> None:
         store, layout = self.store, self.layout
+        token_name, position_name = self.names
+        pixels_key, patches_key = self.prefix + "pixels", self.prefix + "patches"
+
         signature = inspect.signature(type(module).forward)
 
         def pixels_in(_module, args):
+            if (
+                self.prefix
+            ):  # a VLM reads no pixel map: the pixels stay as they are (no gradient kept for them)
+                store.aux[pixels_key + "_shape"] = tuple(args[0].shape[-2:])
+                return None
             pixels = make_leaf(args[0])
-            store.aux["pixels"] = pixels
+            store.aux[pixels_key] = pixels
             return (pixels, *args[1:])
 
         def patches_out(_module, _args, output):
-            store.aux["patches"] = _patch_tokens(output)
+            store.aux[patches_key] = _patch_tokens(output)
 
         def embeddings_out(emb, args, kwargs, output):
             # accelerate offload: the class token and the positions are on `meta` once the forward returned
@@ -179,14 +191,16 @@ class VisionEmbeddingLeaves(HookRule):
                 raise AttributionInputError(
                     "bool_masked_pos (masked image modelling) is not supported by hf_pelrp: attribute unmasked images"
                 )
-            patches = store.aux["patches"]
-            height, width = store.aux["pixels"].shape[-2:]
+            patches = store.aux[patches_key]
+            height, width = (
+                store.aux[pixels_key + "_shape"] if self.prefix else store.aux[pixels_key].shape[-2:]
+            )
             batch = patches.shape[0]
             specials = [
                 s.detach().reshape(1, 1, -1).expand(batch, -1, -1) for s in layout.special_tokens(emb)
             ]
             token = make_leaf(torch.cat(specials + [patches.detach()], dim=1))
-            store.aux["patch_size"] = layout.patch_size(emb)
+            store.aux[self.prefix + "patch_size"] = layout.patch_size(emb)
             if self.patch_rule is not None:
                 store.aux["patch_rule"] = (self.patch_rule, find_module(emb, layout.conv))
             if self.image_readout is not None:
@@ -201,8 +215,8 @@ class VisionEmbeddingLeaves(HookRule):
             else:
                 if self.positional:
                     position = make_leaf(position)
-                    store.additive["position"] = position
-                store.additive["token"] = token
+                    store.additive[position_name] = position
+                store.additive[token_name] = token
                 rebuilt = token + position
             dropout = getattr(emb, "dropout", None)
             if isinstance(dropout, nn.Module):
