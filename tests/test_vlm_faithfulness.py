@@ -116,6 +116,10 @@ def test_training_step_reduces_the_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = [train_step(model, batch, opt) for _ in range(12)]
     assert losses[-1] < 0.7 * losses[0]
+    # seeded: the same initialisation and the same steps again give the same losses
+    again = tiny_llava(task, hidden=32, vision_layers=1, text_layers=1)
+    opt = torch.optim.AdamW(again.parameters(), lr=3e-3)
+    assert [train_step(again, batch, opt) for _ in range(3)] == losses[:3]
 
 
 # ----------------------------------------------------------------------------------------------- the evaluation
@@ -154,12 +158,30 @@ def test_rollout_is_a_flow_share(untrained):
     assert model.config._attn_implementation == before  # the model comes out as it went in
 
 
+def test_lrp_methods_read_the_image_maps(untrained):
+    """``attnlrp`` is ``Attribution.image``, ``attnlrp_pos`` adds ``image_position``, ``cp`` is CP's image map."""
+    import hf_pelrp
+
+    model, batch, task = untrained
+    script = _script()
+    inputs = {k: v[1:] for k, v in batch.model_inputs().items()}
+    target = int(batch.answer[1])
+    attr = hf_pelrp.attribute(model, target=torch.tensor([target]), config="attnlrp", **inputs)
+    content = script.EXPLAIN["attnlrp"](model, inputs, target, task, 1, 0)
+    both = script.EXPLAIN["attnlrp_pos"](model, inputs, target, task, 1, 0)
+    torch.testing.assert_close(content, attr.image[0].double())
+    torch.testing.assert_close(both - content, attr.image_position[0].double())
+    assert attr.image_position[0].abs().sum() > 0  # the tower's learned positions get relevance
+    cp = hf_pelrp.attribute(model, target=torch.tensor([target]), config="cp", **inputs)
+    torch.testing.assert_close(script.EXPLAIN["cp"](model, inputs, target, task, 1, 0), cp.image[0].double())
+
+
 def test_evaluation_runs_end_to_end(untrained):
     model, batch, task = untrained
     script = _script()
-    methods = ["ig", "rollout", "random"]
+    methods = list(script.METHODS)
     records = script.evaluate(model, batch, task, methods, ig_steps=4, ids=[0, 1])
-    assert len(records) == 6
+    assert len(records) == 2 * len(methods)
     for rec in records:
         s = rec["scores"]
         assert 0.0 <= s["mass_inside"] <= 1.0 and s["pointing"] in (0.0, 1.0)
