@@ -154,9 +154,15 @@ class _AnswerHead(torch.nn.Module):
 
 
 def score(
-    model, batch: QuadrantBatch, row: int, relevance: torch.Tensor, task: QuadrantTask
+    model,
+    batch: QuadrantBatch,
+    row: int,
+    relevance: torch.Tensor,
+    task: QuadrantTask,
+    replacement: str = "zero",
 ) -> dict[str, float]:
-    """Perturbation and localisation scores of one canvas's patch relevance (the answer = ``batch.answer[row]``)."""
+    """Perturbation and localisation scores of one canvas's patch relevance (the answer = ``batch.answer[row]``;
+    removed patches become ``replacement``: ``"zero"`` is the black background, ``"blur"`` a blurred copy)."""
     target = int(batch.answer[row])
     sample = Sample(
         row,
@@ -166,7 +172,9 @@ def score(
         mask=batch.mask[row],
     )
     head = _AnswerHead(model, batch.input_ids[row : row + 1])
-    curves = patch_perturbation(head, sample, target, relevance.float(), task.patch, "zero", fractions(11))
+    curves = patch_perturbation(
+        head, sample, target, relevance.float(), task.patch, replacement, fractions(11)
+    )
     scores = {k: v for k, v in curves.items() if not k.endswith("_curve")}
     # patch_perturbation's "positive" is MoRF (most relevant removed first), "negative" LeRF
     out = {f"morf_{k[9:]}" if k.startswith("positive_") else f"lerf_{k[9:]}": v for k, v in scores.items()}
@@ -195,7 +203,13 @@ def correct_canvases(model, task: QuadrantTask, count: int, limit: int) -> tuple
 
 
 def evaluate(
-    model, batch: QuadrantBatch, task: QuadrantTask, methods: list[str], ig_steps: int, ids: list[int]
+    model,
+    batch: QuadrantBatch,
+    task: QuadrantTask,
+    methods: list[str],
+    ig_steps: int,
+    ids: list[int],
+    replacement: str = "zero",
 ) -> list[dict]:
     """One record per (canvas, method): the scores and the explanation's wall time."""
     records = []
@@ -208,7 +222,7 @@ def evaluate(
             seconds = time.perf_counter() - start
             if relevance.shape != (task.num_patches,):
                 raise RuntimeError(f"{method} gave shape {tuple(relevance.shape)}, not ({task.num_patches},)")
-            scores = score(model, batch, row, relevance.detach(), task)
+            scores = score(model, batch, row, relevance.detach(), task, replacement)
             records.append({"sample": sample_id, "method": method, "seconds": seconds, "scores": scores})
     return records
 
@@ -250,8 +264,8 @@ def markdown(summary: dict, info: dict) -> str:
         "",
         f"Model: {info.get('model', '?')}; test accuracy {info.get('test_accuracy', float('nan')):.3f} on "
         f"{info.get('test_size')} test canvases (chance 0.1). Explained: the answer logit of the first n = {n} "
-        f"test canvases answered correctly (of {info.get('canvases_seen')} looked at). Mean [95% bootstrap "
-        "interval].",
+        f"test canvases answered correctly (of {info.get('canvases_seen')} looked at). Removed patches: "
+        f"{info.get('replacement', 'zero')}. Mean [95% bootstrap interval].",
         "",
         "| method | LeRF − MoRF logit ↑ | MoRF logit AUC ↓ | LeRF logit AUC ↑ | LeRF − MoRF prob ↑ | "
         "mass in mask ↑ | pointing game ↑ | asked / all garments ↑ | ms |",
@@ -280,11 +294,12 @@ def run(
     ig_steps: int = 32,
     reps: int = 2000,
     limit: int | None = None,
+    replacement: str = "zero",
 ) -> tuple[dict, list[dict], int]:
     """Pick the canvases, explain and score them, summarise: ``(summary, records, canvases looked at)``."""
     batch, ids = correct_canvases(model, task, samples, limit or 4 * samples)
     seen = ids[-1] + 1
-    records = evaluate(model, batch, task, methods, ig_steps, ids)
+    records = evaluate(model, batch, task, methods, ig_steps, ids, replacement)
     return summarise(records, methods, reps), records, seen
 
 
@@ -337,6 +352,12 @@ def main() -> None:
     p.add_argument("--ig-steps", type=int, default=32)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "vlm_faithfulness")
+    p.add_argument(
+        "--replacement",
+        choices=("zero", "blur", "mean"),
+        default="zero",
+        help="what removed patches become: zero (the black background, default), a blurred copy, the mean",
+    )
     p.add_argument("--figure", action="store_true", help="write example maps to <out>.png (and nothing else)")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -350,8 +371,10 @@ def main() -> None:
         figure(model, task, args.methods, args.out.with_suffix(".png"), ig_steps=args.ig_steps)
         print(f"wrote {args.out.with_suffix('.png')}")
         return
-    summary, records, seen = run(model, task, args.samples, args.methods, args.ig_steps, args.bootstrap)
-    info["canvases_seen"] = seen
+    summary, records, seen = run(
+        model, task, args.samples, args.methods, args.ig_steps, args.bootstrap, replacement=args.replacement
+    )
+    info["canvases_seen"], info["replacement"] = seen, args.replacement
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps({"summary": summary, "training": info, "records": records}, indent=1)

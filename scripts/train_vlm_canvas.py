@@ -33,7 +33,7 @@ def main() -> None:
     p = training.training_parser(
         __doc__, ROOT / ".cache" / "models" / FOLDER, epochs=0.0, batch_size=64, lr=2e-3
     )
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (each on fresh canvases)")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (each on fresh canvases)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--text-layers", type=int, default=2)
