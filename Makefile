@@ -102,7 +102,7 @@ vision-rules: $(STAMP)
 	nice -n 15 $(PY) scripts/eval_vision_rules.py --figure rollout ig attnlrp_pe vit_paper_pe vit_paper_attnlrp_clamp
 
 # The VLM faithfulness check of issue 19 (docs/results.md, "Vision-language model"): the tiny LLaVA on quadrant
-# canvases (skipped when its checkpoint exists; ~10 minutes on one thread), then its patch maps against IG,
+# canvases (skipped when its checkpoint exists; ~15 minutes on one thread), then its patch maps against IG,
 # rollout and random (a few minutes).
 vlm-faithfulness: $(STAMP)
 	$(PY) scripts/prepare_data.py

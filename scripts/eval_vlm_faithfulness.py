@@ -7,6 +7,8 @@ logit of held-out canvases the model answers correctly, each method gives one re
 - ``attnlrp``: PE-LRP with the AttnLRP rules, ``Attribution.image`` (each patch's content);
 - ``attnlrp_pos``: the same plus ``Attribution.image_position`` (the tower's learned position leaves per patch);
 - ``cp``: CP-LRP (``config="cp"``), ``Attribution.image``;
+- ``attnlrp_positive``, ``cp_positive``: those image maps clamped at 0 (the positive read-out issue 20 found best
+  for ViTs, here per patch: only the order of the non-positive patches changes, which LeRF removes first);
 - ``ig``: Integrated Gradients over the pixels (black baseline, the canvas's own background), summed per patch;
 - ``rollout``: attention rollout (Abnar & Zuidema 2020: head-mean attention with the residual, 0.5 A + 0.5 I,
   row-normalised, multiplied through the layers) through the text model from the answer position to the image
@@ -54,7 +56,7 @@ from hf_pelrp.evaluation.vlm_canvas import QuadrantBatch, QuadrantTask, answer_l
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / ".cache" / "models" / "llava-fashion-quadrants"
-METHODS = ("attnlrp", "attnlrp_pos", "cp", "ig", "rollout", "random")
+METHODS = ("attnlrp", "attnlrp_positive", "attnlrp_pos", "cp", "cp_positive", "ig", "rollout", "random")
 #: the scores summarised, with the direction that is better
 SCORES = {
     "lerf_minus_morf_logit": "↑",
@@ -73,13 +75,17 @@ def _row(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
     return {k: v.expand(rows, *v.shape[1:]) for k, v in inputs.items()}
 
 
-def _lrp(config: str, with_position: bool) -> Callable:
+def _lrp(config: str, with_position: bool, positive: bool = False) -> Callable:
     def run(model, inputs, target, task, sample_id, ig_steps):
         attr = hf_pelrp.attribute(model, target=torch.tensor([target]), config=config, **inputs)
         if tuple(attr.image_grid[0].tolist()) != task.grid:
             raise RuntimeError(f"image_grid {attr.image_grid[0].tolist()} is not the task's {task.grid}")
         image = attr.image[0].double()
-        return image + attr.image_position[0].double() if with_position else image
+        if with_position:
+            image = image + attr.image_position[0].double()
+        # the positive read-out (the PE-LRP paper's for ViTs, issue 20's `vit-positive`), here per patch: the VLM
+        # path has no pixel map to clamp, and refuses `image_readout`
+        return image.clamp(min=0) if positive else image
 
     return run
 
@@ -128,8 +134,10 @@ def _random(model, inputs, target, task, sample_id, ig_steps):
 
 EXPLAIN = {
     "attnlrp": _lrp("attnlrp", False),
+    "attnlrp_positive": _lrp("attnlrp", False, positive=True),
     "attnlrp_pos": _lrp("attnlrp", True),
     "cp": _lrp("cp", False),
+    "cp_positive": _lrp("cp", False, positive=True),
     "ig": _ig,
     "rollout": _rollout,
     "random": _random,

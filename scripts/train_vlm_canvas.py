@@ -4,8 +4,9 @@ Fashion-MNIST garments in the quadrants of a 64x64 canvas (:mod:`hf_pelrp.evalua
 Every step draws fresh training canvases (garments of Fashion-MNIST's training split, canvas seed ``--seed + 1``);
 the test accuracy is measured on canvases of the test split (seed ``--seed``, the ones the evaluation explains).
 AdamW with linear warm-up and decay, one thread, deterministic. Writes the checkpoint and ``metrics.json`` to
-``.cache/models/llava-fashion-quadrants`` (skipped by ``make vlm-faithfulness`` when it exists). A few minutes
-on one CPU thread: ``nice -n 15 python scripts/train_vlm_canvas.py``.
+``.cache/models/llava-fashion-quadrants`` (skipped by ``make vlm-faithfulness`` when it exists). 3,000 steps of
+64 canvases took 15 minutes on one thread of the loaded shared 2-core machine (73.8% test accuracy; the loss
+sits near 2.0 for ~1,300 steps, then falls to ~0.65): ``nice -n 15 python scripts/train_vlm_canvas.py``.
 """
 
 from __future__ import annotations

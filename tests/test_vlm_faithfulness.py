@@ -171,6 +171,9 @@ def test_lrp_methods_read_the_image_maps(untrained):
     both = script.EXPLAIN["attnlrp_pos"](model, inputs, target, task, 1, 0)
     torch.testing.assert_close(content, attr.image[0].double())
     torch.testing.assert_close(both - content, attr.image_position[0].double())
+    positive = script.EXPLAIN["attnlrp_positive"](model, inputs, target, task, 1, 0)
+    torch.testing.assert_close(positive, content.clamp(min=0))
+    assert (content < 0).any()  # so the clamp is exercised
     assert attr.image_position[0].abs().sum() > 0  # the tower's learned positions get relevance
     cp = hf_pelrp.attribute(model, target=torch.tensor([target]), config="cp", **inputs)
     torch.testing.assert_close(script.EXPLAIN["cp"](model, inputs, target, task, 1, 0), cp.image[0].double())
