@@ -25,7 +25,8 @@ top patch show a pixel of the asked garment?) and the share of the positive rele
 the asked one rather than the other garments. Means with 95% percentile-bootstrap intervals over the canvases,
 and paired bootstrap intervals of each method minus IG.
 
-Writes ``--out`` (default ``docs/results/vlm_faithfulness.{json,md}``). Usage:
+Writes ``--out`` (default ``docs/results/vlm_faithfulness.{json,md}``: summary and table) and the per-canvas
+records to ``.cache/vlm_faithfulness/<out name>.jsonl``. Usage:
 ``nice -n 15 python scripts/eval_vlm_faithfulness.py [--samples 200]``.
 """
 
@@ -361,6 +362,9 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "vlm_faithfulness")
     p.add_argument(
+        "--records", type=Path, default=None, help="per-canvas records (default: .cache/vlm_faithfulness/)"
+    )
+    p.add_argument(
         "--replacement",
         choices=("zero", "blur", "mean"),
         default="zero",
@@ -368,6 +372,7 @@ def main() -> None:
     )
     p.add_argument("--figure", action="store_true", help="write example maps to <out>.png (and nothing else)")
     args = p.parse_args()
+    args.records = args.records or ROOT / ".cache" / "vlm_faithfulness" / f"{args.out.name}.jsonl"
     torch.manual_seed(0)
     torch.set_num_threads(1)
     from transformers import LlavaForConditionalGeneration
@@ -384,9 +389,10 @@ def main() -> None:
     )
     info["canvases_seen"], info["replacement"] = seen, args.replacement
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"summary": summary, "training": info, "records": records}, indent=1)
-    )
+    args.out.with_suffix(".json").write_text(json.dumps({"summary": summary, "training": info}, indent=1))
+    # the per-canvas records (scores of every method) stay out of the repository
+    args.records.parent.mkdir(parents=True, exist_ok=True)
+    args.records.write_text("".join(json.dumps(r) + "\n" for r in records))
     args.out.with_suffix(".md").write_text(markdown(summary, info))
     print(args.out.with_suffix(".md").read_text())
 
