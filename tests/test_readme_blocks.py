@@ -149,6 +149,15 @@ def _add_architecture(ns: dict[str, Any]) -> None:
     assert report.passed and "[ok] MyLlamaForCausalLM: bias-free CP conservation" in str(report)
 
 
+def _vision_language(ns: dict[str, Any]) -> None:
+    attr, ids = ns["attr"], ns["ids"]
+    assert attr.image.shape == (1, 16) and attr.image_grid.tolist() == [[4, 4]]
+    assert float(attr.token[ids == 99].abs().max()) == 0.0
+    assert float(attr.image.abs().sum()) > 0 and float(attr.image_position.abs().sum()) > 0
+    total = attr.relevance.sum(-1) + attr.image_total + attr.conservation_gap
+    torch.testing.assert_close(total, attr.target_value)
+
+
 def _quick_start_text(ns: dict[str, Any]) -> None:
     import hf_pelrp
 
@@ -218,6 +227,7 @@ CHECKS: dict[tuple[str, int], Callable[[dict[str, Any]], None]] = {
     ("Python API", 1): _api_context,
     ("Supported architectures", 0): _masked_lm,
     ("Positions inside attention (ALiBi, relative position biases, encoder-decoder models)", 0): _seq2seq,
+    ("Vision-language models: image patches, text and positions", 0): _vision_language,
     ("Adding an architecture", 0): _add_architecture,
     ("Quick start", 0): _quick_start_text,
     ("Quick start", 1): _quick_start_image,
