@@ -9,11 +9,11 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 import hf_pelrp
+from helpers.reference_qwen_vision import processor_coordinates, qwen_vision_reference
 from hf_pelrp import AttributionInputError, LRPConfig
 from hf_pelrp.adapters.base import adapter_for_type
 from hf_pelrp.adapters.qwen2_vl_vision import rotary_leaf_names
 from hf_pelrp.check import _randomise, _zero_biases, tiny_config
-from helpers.reference_qwen_vision import processor_coordinates, qwen_vision_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
@@ -102,7 +102,9 @@ def test_tower_matches_the_explicit_reference(model_type, mode):
         assert float(maps["image_position"].abs().max()) == 0.0
     else:
         assert float(maps["image_position"].abs().sum()) > 1e-6 * float(maps["image"].abs().sum())
-    if model_type == "qwen2_vl" and mode == "attnlrp":  # the blocks see the processor's order: each block's leaves compared alone
+    if (
+        model_type == "qwen2_vl" and mode == "attnlrp"
+    ):  # the blocks see the processor's order: each block's leaves compared alone
         for block in range(2):
             cos, sin = rotary_leaf_names(block)
             got = (leaves[cos].sum(-1) + leaves[sin].sum(-1)).to(F64)
@@ -114,7 +116,9 @@ def test_tower_conserves_under_bias_free_cp(model_type):
     """Bias-free CP: the relevance reaching the tower's output equals the patches' relevance (no positions)."""
     model, adapter = _model(model_type)
     _zero_biases(model)
-    maps, merged, _ = _explain_with_tower_output(model, adapter, _example(model, adapter), LRPConfig(mode="cp"))
+    maps, merged, _ = _explain_with_tower_output(
+        model, adapter, _example(model, adapter), LRPConfig(mode="cp")
+    )
     per_image = merged.reshape(2, -1).sum(-1)
     # Qwen2.5-VL's RMSNorm computes in float32 (its identity rule's scale too): conserved to float32 rounding
     rtol = 1e-10 if model_type == "qwen2_vl" else 1e-6
@@ -131,7 +135,9 @@ def test_rotary_split_per_patch_in_one_block(model_type):
     _zero_biases(model)
     inputs = _example(model, adapter)
     with torch.no_grad():
-        merged = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        merged = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"]
+        ).pooler_output
     seed = torch.randn(torch.cat(merged).shape, dtype=F64, generator=torch.Generator().manual_seed(5))
     on, _, _ = _explain_with_tower_output(model, adapter, inputs, LRPConfig(mode="attnlrp"), seed)
     off, _, _ = _explain_with_tower_output(
@@ -249,4 +255,6 @@ def test_refusals(model_type):
     refused("needs image_grid_thw", image_grid_thw=None)
     refused("dtype", pixel_values=inputs["pixel_values"].float())
     with pytest.raises(AttributionInputError, match="image_grid_thw comes with images"):
-        hf_pelrp.attribute(model, input_ids=inputs["input_ids"][:, :2], image_grid_thw=inputs["image_grid_thw"])
+        hf_pelrp.attribute(
+            model, input_ids=inputs["input_ids"][:, :2], image_grid_thw=inputs["image_grid_thw"]
+        )

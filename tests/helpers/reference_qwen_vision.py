@@ -78,7 +78,9 @@ def _lrp_layer_norm(x, y, scale, r_y):
 
 def _rms_norm(x, module):
     x32 = x.float()
-    y = module.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(F64)
+    y = module.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(
+        F64
+    )
     return y, module.weight * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
 
 

@@ -168,7 +168,12 @@ def _checked_grid(model: nn.Module, grid: Any, rows: int) -> torch.Tensor:
         raise AttributionInputError(
             f"{name} needs image_grid_thw with pixel_values (the image processor returns both)"
         )
-    if not isinstance(grid, torch.Tensor) or grid.is_floating_point() or grid.dim() != 2 or grid.shape[-1] != 3:
+    if (
+        not isinstance(grid, torch.Tensor)
+        or grid.is_floating_point()
+        or grid.dim() != 2
+        or grid.shape[-1] != 3
+    ):
         raise AttributionInputError(
             "image_grid_thw must be an integer tensor of shape [images, 3] (t, h, w per image), got "
             f"{getattr(grid, 'shape', type(grid).__name__)}"

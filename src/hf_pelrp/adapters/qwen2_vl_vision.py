@@ -193,7 +193,9 @@ class QwenVisionTower(VisionTower):
         where = raster.reshape(images, per_image)
 
         def to_raster(x: torch.Tensor) -> torch.Tensor:
-            return torch.zeros_like(x).reshape(images, per_image).scatter(1, where, x.reshape(images, per_image))
+            return (
+                torch.zeros_like(x).reshape(images, per_image).scatter(1, where, x.reshape(images, per_image))
+            )
 
         return {
             "image": to_raster(token),
