@@ -121,8 +121,10 @@ def test_tower_conserves_under_bias_free_cp(model_type):
     )
     per_image = merged.reshape(2, -1).sum(-1)
     # Qwen2.5-VL's RMSNorm computes in float32 (its identity rule's scale too): conserved to float32 rounding
-    rtol = 1e-10 if model_type == "qwen2_vl" else 1e-6
-    torch.testing.assert_close(maps["image"].sum(-1), per_image, rtol=rtol, atol=1e-12)
+    # (the gap relative to the patches' |relevance|, sample of 2 images: qwen2_vl ~1e-16, qwen2_5_vl ~1e-8)
+    size = maps["image"].abs().sum(-1)
+    gap = ((maps["image"].sum(-1) - per_image).abs() / size).max()
+    assert float(gap) <= (1e-12 if model_type == "qwen2_vl" else 1e-6)
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -217,8 +219,10 @@ def test_text_only_prompts_still_work_and_placeholders_need_images():
     ids = torch.randint(3, 90, (1, 7), generator=torch.Generator().manual_seed(0))
     attr = hf_pelrp.attribute(model, input_ids=ids)
     assert attr.image is None and attr.position_by_axis.shape == (1, 3, 7)
-    with pytest.raises(AttributionInputError, match="placeholder"):
-        hf_pelrp.attribute(model, input_ids=torch.cat([ids, torch.tensor([[95]])], 1))
+    with pytest.raises(AttributionInputError, match="placeholder tokens .* but no pixel_values"):
+        hf_pelrp.attribute(
+            model, input_ids=torch.cat([ids, torch.tensor([[model.config.image_token_id]])], 1)
+        )
 
 
 @pytest.mark.parametrize("model_type", TYPES)

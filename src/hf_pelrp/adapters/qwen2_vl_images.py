@@ -72,6 +72,11 @@ class QwenImageInputs(ImageTextInputs):
                 raise AttributionInputError(
                     "mm_token_type_ids marks image tokens but no pixel_values were given"
                 )
+            if _token_in(model, inputs.get("input_ids"), "image_token_id"):
+                raise AttributionInputError(
+                    "input_ids hold image placeholder tokens (config.image_token_id) but no pixel_values: pass "
+                    "the image with its grid (pixel_values, image_grid_thw: the processor's output), one per row"
+                )
             return TextOnlyInputs.validate(self, model, inputs)
         if "position_ids" in inputs:
             raise AttributionInputError(
@@ -305,10 +310,11 @@ def _with_images(model_type: str, tower: QwenVisionTower) -> None:
     tiny = {
         **text.tiny,
         "vision_config": _TINY_VISION[model_type],
-        # inside the tiny vocabulary (the model embeds the placeholders before replacing them); the random text
-        # of check_adapter avoids them
-        "image_token_id": 95,
-        "video_token_id": 96,
+        # inside the tiny vocabulary (the model embeds the placeholders before replacing them), after the 97 ids
+        # of the tiny decoders (tests compare with a plain Qwen2 of 97 ids); check_adapter's random text avoids them
+        "text_config": {**text.tiny["text_config"], "vocab_size": 99},
+        "image_token_id": 97,
+        "video_token_id": 98,
     }
     register_adapter(with_images(text, tower, inputs, tiny=tiny))
 
