@@ -4,6 +4,8 @@ patch, conservation over text + image maps, the text's M-RoPE positions with ima
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
@@ -39,13 +41,14 @@ def _model(model_type: str, seed: int = 0, sharpen: float = 6.0, **vision):
     return model, adapter
 
 
-def _example(model, adapter, batch: int = 2, seed: int = 1) -> dict:
-    return adapter.inputs.example(model, batch, 6, torch.Generator().manual_seed(seed))
+def _example(model, adapter, batch: int = 2, seed: int = 1, grid: tuple[int, int] = GRID) -> dict:
+    inputs = dataclasses.replace(adapter.inputs, example_grid=grid)
+    return inputs.example(model, batch, 6, torch.Generator().manual_seed(seed))
 
 
-def _raster(values: torch.Tensor, images: int, merge: int = 2) -> torch.Tensor:
+def _raster(values: torch.Tensor, images: int, grid: tuple[int, int] = GRID, merge: int = 2) -> torch.Tensor:
     """Processor-order values [images * h * w] -> [images, h * w] in raster order, by explicit loops."""
-    h, w = GRID
+    h, w = grid
     coords = processor_coordinates(h, w, merge)
     out = torch.zeros(images, h * w, dtype=values.dtype)
     for n in range(images):
@@ -82,21 +85,27 @@ def _explain_with_tower_output(model, adapter, inputs, config, seed_grad=None):
     return maps, relevance, leaves
 
 
-@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
-@pytest.mark.parametrize("model_type", TYPES)
-def test_tower_matches_the_explicit_reference(model_type, mode):
+@pytest.mark.parametrize(
+    ("model_type", "mode", "grid"),
+    [
+        *[(t, m, GRID) for t in TYPES for m in ("attnlrp", "cp")],
+        # Qwen2.5-VL: a grid of 3 x 5 merge units, cut into windows of 2 x 2 units with partial ones at the edges
+        ("qwen2_5_vl", "attnlrp", (6, 10)),
+    ],
+)
+def test_tower_matches_the_explicit_reference(model_type, mode, grid):
     """Per patch (raster order) and per block: the fast path equals the explicit float64 LRP of the tower, fed
     with the relevance that reaches the tower's output in the same pass."""
     model, adapter = _model(model_type)
-    inputs = _example(model, adapter)
+    inputs = _example(model, adapter, grid=grid)
     maps, merged, leaves = _explain_with_tower_output(model, adapter, inputs, LRPConfig(mode=mode))
-    ref = qwen_vision_reference(model, inputs["pixel_values"], GRID, 2, merged, mode)
+    ref = qwen_vision_reference(model, inputs["pixel_values"], grid, 2, merged, mode)
     scale = ref.token.abs().max()
-    torch.testing.assert_close(maps["image"], _raster(ref.token, 2), rtol=1e-6, atol=1e-7 * scale)
+    torch.testing.assert_close(maps["image"], _raster(ref.token, 2, grid), rtol=1e-6, atol=1e-7 * scale)
     torch.testing.assert_close(
-        maps["image_position"], _raster(ref.position_by_block.sum(0), 2), rtol=1e-6, atol=1e-7 * scale
+        maps["image_position"], _raster(ref.position_by_block.sum(0), 2, grid), rtol=1e-6, atol=1e-7 * scale
     )
-    assert maps["image_grid"].tolist() == [list(GRID)] * 2
+    assert maps["image_grid"].tolist() == [list(grid)] * 2
     assert torch.equal(maps["image_special"], torch.zeros(2, dtype=F64))
     if mode == "cp":
         assert float(maps["image_position"].abs().max()) == 0.0
