@@ -267,6 +267,21 @@ def test_refusals(model_type):
     refused("mm_token_type_ids does not mark", mm_token_type_ids=torch.zeros_like(inputs["input_ids"]))
     refused("needs image_grid_thw", image_grid_thw=None)
     refused("dtype", pixel_values=inputs["pixel_values"].float())
+    # the tiny text model has 64 positions: an image of 8 x 8 merge units takes 64 tokens but 8 positions (2 text
+    # tokens, the image at 2..9, 4 + 60 text tokens at 10..73)
+    big = _example(model, adapter, batch=1, grid=(16, 16))
+    assert hf_pelrp.attribute(model, **big).image.shape == (1, 256)
+    long = torch.randint(3, 90, (1, 60), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(AttributionInputError, match="reaches position 73.*at most 64"):
+        hf_pelrp.attribute(
+            model,
+            **{
+                **big,
+                "input_ids": torch.cat([big["input_ids"], long], 1),
+                "attention_mask": None,
+                "mm_token_type_ids": None,
+            },
+        )
     with pytest.raises(AttributionInputError, match="image_grid_thw comes with images"):
         hf_pelrp.attribute(
             model, input_ids=inputs["input_ids"][:, :2], image_grid_thw=inputs["image_grid_thw"]

@@ -89,7 +89,9 @@ class QwenImageInputs(ImageTextInputs):
                 "output), not inputs_embeds"
             )
         check_unknown_inputs(inputs, self.accepted(), model)
-        prepared = TextInputs.validate(self, model, inputs)  # text checks, placeholders allowed
+        # text checks, placeholders allowed; the position limit is checked below on the M-RoPE positions (an
+        # image of h x w merge units takes max(h, w) positions, not h * w)
+        prepared = TextInputs.validate(dataclasses.replace(self, max_positions=None), model, inputs)
         ids = prepared.inputs["input_ids"]
         mask = prepared.inputs["attention_mask"]
         grid = _checked_grid(model, grid, ids.shape[0])
@@ -119,6 +121,13 @@ class QwenImageInputs(ImageTextInputs):
         with torch.no_grad():
             position_ids, _ = base.get_rope_index(
                 ids, mm_token_type_ids=expected, image_grid_thw=grid.to(ids.device), attention_mask=mask
+            )
+        limit = self.max_positions(model.config) if self.max_positions is not None else None
+        needed = int(position_ids.max()) + 1
+        if limit is not None and needed > limit:
+            raise AttributionInputError(
+                f"the prompt with its image reaches position {needed - 1}, but {name} supports at most {limit} "
+                "positions: shorten the text or use a smaller image"
             )
         out = dict(prepared.inputs)
         out.update(
