@@ -286,3 +286,21 @@ def test_refusals(model_type):
         hf_pelrp.attribute(
             model, input_ids=inputs["input_ids"][:, :2], image_grid_thw=inputs["image_grid_thw"]
         )
+
+
+def test_maps_refuse_a_direct_pass_on_mixed_grids():
+    """Inside ``hf_pelrp.lrp`` the user calls the model directly (no input checks): per-image maps of images of
+    two sizes are refused when read, not laid out on a wrong grid."""
+    model, adapter = _model("qwen2_vl")
+    a, b = _example(model, adapter, batch=1), _example(model, adapter, batch=1, grid=(4, 4))
+    ids = torch.cat([a["input_ids"], torch.cat([b["input_ids"], torch.ones(1, 4, dtype=torch.long)], 1)])
+    pixels = torch.cat([a["pixel_values"].reshape(-1, 24), b["pixel_values"].reshape(-1, 24)])
+    grid = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
+    types = (ids == model.config.image_token_id).to(torch.int32)
+    with hf_pelrp.lrp(model) as ctx, torch.enable_grad():
+        logits = model(
+            input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=types
+        ).logits
+        logits[:, -1, 3].sum().backward()
+        with pytest.raises(hf_pelrp.AttributionStateError, match="one size"):
+            ctx.maps()

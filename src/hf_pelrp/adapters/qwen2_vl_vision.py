@@ -34,7 +34,7 @@ from torch import nn
 
 from ..attention import AttentionRule, attention_rule
 from ..config import LRPConfig
-from ..errors import UnsupportedModelError
+from ..errors import AttributionStateError, UnsupportedModelError
 from ..hooks import EmbeddingLeaf, Handles, HookRule, LeafStore, OutputGradient, make_leaf
 from ..modules import find_module
 from ..rules import relevance_of
@@ -176,6 +176,12 @@ class QwenVisionTower(VisionTower):
             return None
         grid = store.aux[GRID_KEY]
         assert isinstance(grid, torch.Tensor)
+        if bool((grid[:, 0] != 1).any()) or bool((grid != grid[:1]).any()):
+            # validate() refuses these; a forward pass called directly inside hf_pelrp.lrp() may not have run it
+            raise AttributionStateError(
+                f"the vision tower ran on grids {grid.tolist()}: per-image maps need single images (t = 1) of one "
+                "size in a pass"
+            )
         images = grid.shape[0]
         token = relevance_of(token_leaf)  # [total patches], the processor's order
         position = torch.zeros_like(token)
