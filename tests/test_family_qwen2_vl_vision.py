@@ -304,3 +304,34 @@ def test_maps_refuse_a_direct_pass_on_mixed_grids():
         logits[:, -1, 3].sum().backward()
         with pytest.raises(hf_pelrp.AttributionStateError, match="one size"):
             ctx.maps()
+
+
+def test_check_adapter_refuses_a_tower_without_the_gated_rule(monkeypatch):
+    """Qwen2.5-VL's gated vision MLP declared without the uniform rule at its product: relevance flows through
+    both factors in full, and check_adapter's image conservation fails."""
+    from hf_pelrp.adapters import base
+
+    good = base._REGISTRY["qwen2_5_vl"]
+    bad = dataclasses.replace(good, vision=dataclasses.replace(good.vision, gated=None))
+    monkeypatch.setitem(base._REGISTRY, "qwen2_5_vl", bad)
+    report = hf_pelrp.check_adapter("qwen2_5_vl", raise_on_failure=False)
+    assert [r.name for r in report.failures] == ["bias-free CP conservation with images (text + image maps)"]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_rotary_split_refuses_a_tower_without_the_half(monkeypatch, model_type):
+    """The 2-D rotary declared without its 1/2 on q and k (cos / sin get relevance q and k keep too): CP
+    conservation cannot see it (q, k get 0 there), check_adapter's image checks pass, the per-patch split of
+    test_rotary_split_per_patch_in_one_block fails."""
+    from hf_pelrp.adapters import base
+
+    good = base._REGISTRY[model_type]
+
+    class NoHalf(type(good.vision)):
+        def attention_rule(self, rule, config):
+            return rule
+
+    tower = NoHalf(**{f.name: getattr(good.vision, f.name) for f in dataclasses.fields(good.vision)})
+    monkeypatch.setitem(base._REGISTRY, model_type, dataclasses.replace(good, vision=tower))
+    with pytest.raises(AssertionError, match="not close"):
+        test_rotary_split_per_patch_in_one_block(model_type)
