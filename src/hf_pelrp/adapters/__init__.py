@@ -39,6 +39,7 @@ from . import (  # noqa: F401
     phi,
     phi3,
     qwen2_vl,
+    qwen2_vl_images,  # replaces the text-only Qwen2-VL and Qwen2.5-VL declarations of qwen2_vl
     qwen3,
     rotary_decoders,
     seq2seq,
