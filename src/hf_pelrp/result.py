@@ -586,6 +586,10 @@ class GenerationAttribution(_Relevance):
             model_type=self.model_type,
             gamma=dict(self.gamma),
             rules=dict(self.rules),
+            image=self.image,
+            image_position=self.image_position,
+            image_special=self.image_special,
+            image_grid=self.image_grid,
         )
 
     # the target x source matrix views live in hf_pelrp.viz (imported lazily, as for Attribution)
