@@ -797,7 +797,12 @@ def generation_html(
         image_rows=[]
         if panels is None
         else [
-            {"index": r.index, "label": visible_text(r.label), "value": _fmt(r.target_value), "panel": panels[r.index]}
+            {
+                "index": r.index,
+                "label": visible_text(r.label),
+                "value": _fmt(r.target_value),
+                "panel": panels[r.index],
+            }
             for r in view.rows
         ],
         data={"kind": "generation", "maps": keys, "rows": payloads, "tokens": view.tokens},

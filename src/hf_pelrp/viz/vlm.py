@@ -87,7 +87,9 @@ def image_panel(attr: Any, row: int, image: Any = None) -> ImagePanel:
         ``attr`` has no image maps, or its grid does not fit them.
     """
     if not is_vlm(attr):
-        raise AttributionInputError("this attribution has no image maps (it is not from a vision-language model)")
+        raise AttributionInputError(
+            "this attribution has no image maps (it is not from a vision-language model)"
+        )
     grid = _grid(attr, row)
     maps = {"image": _as_numpy(attr.image[row]).reshape(grid)}
     if attr.image_position is not None:
