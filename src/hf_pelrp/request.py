@@ -231,7 +231,15 @@ def continuation_request(
         )
     else:
         inputs, continuation = _decoder_continuation(
-            model, input_ids, continuation_ids, attention_mask, generate, max_new_tokens, device, images
+            model,
+            input_ids,
+            continuation_ids,
+            attention_mask,
+            generate,
+            max_new_tokens,
+            device,
+            images,
+            adapter,
         )
     return ExplanationRequest(
         model=model,
@@ -258,9 +266,14 @@ def _decoder_continuation(
     max_new_tokens: int | None,
     device: torch.device,
     images: dict[str, Any] | None = None,
+    adapter: Adapter | None = None,
 ) -> tuple[dict[str, Any], Continuation]:
     prompt, continuation = continuation_inputs(model, input_ids, attention_mask, continuation_ids, device)
     images = _prompt_image_inputs(images or {}, input_ids, attention_mask, device)
+    if images and adapter is not None:
+        # the prompt and its image checked before anything runs (generate() would fail on a wrong image size
+        # or placeholder count with an error of its own, deep in the vision tower)
+        adapter.validate_inputs(model, {"input_ids": prompt[None], **images})
     if generate:
         continuation = greedy_continuation(model, prompt, max_new_tokens, **images)
         if continuation.numel() == 0:
