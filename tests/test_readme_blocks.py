@@ -200,6 +200,14 @@ def _continuations(ns: dict[str, Any]) -> None:
     assert " capital" in page  # tokenizer= given: the matrix shows decoded tokens, not ids
 
 
+def _vision_language(ns: dict[str, Any]) -> None:
+    out, gen = ns["out"], ns["gen"]
+    assert out["image_relevance"].shape == (16,) and out["image_grid"] == (4, 4)
+    assert gen["image_relevance"].shape == (4, 16) and gen["relevance"].shape[0] == 4
+    torch.testing.assert_close(ns["rows"].image, gen["attribution"].image)
+    assert Path("vlm.html").read_text(encoding="utf-8").count('class="hfp-vlm-overlay') == 2 * 4
+
+
 def _captum(ns: dict[str, Any]) -> None:
     attributions, delta, token, position = (ns[k] for k in ("attributions", "delta", "token", "position"))
     assert attributions.shape == token.shape == position.shape == ns["input_ids"].shape
@@ -225,6 +233,7 @@ CHECKS: dict[tuple[str, int], Callable[[dict[str, Any]], None]] = {
     ('`pipeline("lrp-attribution")`', 1): _pipeline_heads,
     ("Loading with attribution enabled", 0): _loading,
     ("Continuations, contrastive targets, span sums", 0): _continuations,
+    ("Vision-language models: an image with text", 0): _vision_language,
     ("Captum: `hf_pelrp.captum.PELRP`", 0): _captum,
     ('Inseq: the `"pelrp"` method', 0): _inseq,
 }
