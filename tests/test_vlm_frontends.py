@@ -9,6 +9,7 @@ tests/helpers/tiny_vlm.py), loaded by ``pipeline(model=<folder>)`` like a hub ch
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -354,3 +355,34 @@ def test_cli_bad_image_inputs_end_with_one_line(llava_dir, tmp_path, capsys, ext
     assert main(["explain", "--model", str(llava_dir), "--image", str(image), *extra, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_terminal_tables_name_the_image_share(pipe):
+    import io
+
+    from rich.console import Console
+
+    out = pipe(images=picture(), text=TEXT, return_attribution=True)
+    console = Console(file=io.StringIO(), width=200)
+    hf_pelrp.viz.show_terminal(out["attribution"], console=console)
+    assert f"image {float(out['attribution'].image_total[0]):.4g}" in console.file.getvalue()
+    gen = pipe(images=picture(), text=TEXT, max_new_tokens=2, return_attribution=True)["attribution"]
+    console = Console(file=io.StringIO(), width=200)
+    hf_pelrp.viz.show_terminal(gen, console=console)
+    line = next(r for r in console.file.getvalue().splitlines() if "│ image" in r)
+    assert all(f"{t:+.4g}" in line for t in gen.image_total.tolist())
+
+
+def test_a_vlm_pipeline_without_processor_explains_text_and_refuses_images(pipe):
+    # a model object from nowhere (no folder to find a processor in), with a tokenizer only
+    config = copy.deepcopy(pipe.model.config)
+    config._name_or_path = ""
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    text_only = pipeline("lrp-attribution", model=model, tokenizer=pipe.tokenizer)
+    assert text_only.processor is None
+    out = text_only("What is this?")
+    direct = hf_pelrp.attribute(model, **pipe.tokenizer("What is this?", return_tensors="pt"))
+    _close(out["relevance"], direct.relevance[0])
+    assert "image_relevance" not in out
+    with pytest.raises(AttributionInputError, match="no processor for LlavaForConditionalGeneration"):
+        text_only(images=picture(), text=TEXT)

@@ -128,15 +128,11 @@ class LRPAttributionPipeline(Pipeline):
                 from transformers import AutoProcessor
 
                 self.processor = AutoProcessor.from_pretrained(source)
-            if self.processor is None or not hasattr(self.processor, "image_processor"):
-                raise AttributionInputError(
-                    f"no processor for {type(self.model).__name__}: pass processor=AutoProcessor.from_pretrained"
-                    "(...) to pipeline() (it turns an image and text into pixel_values and input_ids with one "
-                    "placeholder token per image feature)"
-                )
-            if self.tokenizer is None:
+            if self.processor is not None and not hasattr(self.processor, "image_processor"):
+                self.processor = None  # a tokenizer found as "the processor": text only
+            if self.tokenizer is None and self.processor is not None:
                 self.tokenizer = self.processor.tokenizer
-            return
+            # without a processor, text-only prompts still work; an image is refused when it comes
         if self.kind == IMAGE_CLASSIFICATION:
             if self.image_processor is None and local:
                 from transformers import AutoImageProcessor
@@ -318,6 +314,12 @@ class LRPAttributionPipeline(Pipeline):
                 "no images. Give text only, or use a vision-language model (LLaVA, ...)."
             )
         processor = self.processor
+        if processor is None:
+            raise AttributionInputError(
+                f"no processor for {type(self.model).__name__}: pass processor=AutoProcessor.from_pretrained(...) "
+                "to pipeline() (it turns an image and text into pixel_values and input_ids with one placeholder "
+                "token per image feature)"
+            )
         if isinstance(inputs, ImagePrompt):
             self._check_placeholder(inputs.text)
         try:
@@ -384,8 +386,10 @@ class LRPAttributionPipeline(Pipeline):
         pixels = pixel_values[0].detach().float().cpu()
         if pixels.shape[0] != len(mean):
             return original
+        if not getattr(ip, "do_rescale", True):  # pixels kept in 0..255 units: no un-normalising known here
+            return original
         pixels = pixels * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-        rescale = getattr(ip, "rescale_factor", 1 / 255) if getattr(ip, "do_rescale", True) else 1 / 255
+        rescale = float(getattr(ip, "rescale_factor", 1 / 255))
         array = (pixels / (rescale * 255.0)).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
         return Image.fromarray(array)
 

@@ -859,7 +859,8 @@ def to_html(
         switches; the maps themselves keep their relevance).
     shared_scale
         One colour scale for the combined, token and position maps of a row (default: colours are comparable
-        between maps), or one scale per map.
+        between maps), or one scale per map; likewise for a vision-language row's two patch maps (content and
+        positions).
     title
         Heading of the page.
     full_page
