@@ -386,3 +386,22 @@ def test_a_vlm_pipeline_without_processor_explains_text_and_refuses_images(pipe)
     assert "image_relevance" not in out
     with pytest.raises(AttributionInputError, match="no processor for LlavaForConditionalGeneration"):
         text_only(images=picture(), text=TEXT)
+
+
+def test_per_token_image_inputs_follow_the_prompt_and_give_the_continuation_zero():
+    from hf_pelrp.request import _extend_image_inputs, _prompt_image_inputs
+
+    images = {
+        "pixel_values": torch.ones(1, 3, 4, 4),
+        "token_type_ids": torch.tensor([[0, 1, 1, 0]]),
+        "image_grid_thw": torch.tensor([[1, 2, 2]]),  # [1, 3]: not a per-token map, even for a 3-token prompt
+    }
+    prompt = _prompt_image_inputs(images, [[5, 6, 6, 7]], [[0, 1, 1, 1]], torch.device("cpu"))
+    assert prompt["token_type_ids"].tolist() == [[1, 1, 0]] and prompt["image_grid_thw"].tolist() == [
+        [1, 2, 2]
+    ]
+    full = _extend_image_inputs(prompt, 3, 2)
+    assert full["token_type_ids"].tolist() == [[1, 1, 0, 0, 0]] and full["image_grid_thw"].tolist() == [
+        [1, 2, 2]
+    ]
+    assert full["pixel_values"] is prompt["pixel_values"]

@@ -326,7 +326,8 @@ def _prompt_image_inputs(
 
 
 def _per_token(key: str, value: torch.Tensor, length: int) -> bool:
-    return key != "pixel_values" and value.dim() == 2 and value.shape == (1, length)
+    # by name, not by shape alone: a grid such as image_grid_thw [1, 3] must not pass for a 3-token prompt's map
+    return key.endswith("token_type_ids") and value.dim() == 2 and value.shape == (1, length)
 
 
 def _extend_image_inputs(images: dict[str, Any], prompt_len: int, steps: int) -> dict[str, Any]:
