@@ -282,8 +282,16 @@ def _summary_line(index: int, result: dict[str, Any]) -> str:
     # with a foil the score is logit(target) - logit(foil): the line says so
     versus = f" versus foil {_named(foil)}" if foil else ""
     score = "score (difference)" if foil else "score"
+    image = ""
+    if (
+        "image_relevance" in result
+    ):  # a vision-language model: the image's share (patches, positions, specials)
+        total = float(result["image_relevance"].sum()) + float(result.get("image_special", 0.0))
+        if "image_position_relevance" in result:
+            total += float(result["image_position_relevance"].sum())
+        image = f" image {total:.4g}"
     return (
-        f"[{index}] target {_named(target)}{versus} {score} {result['score']:.4g} "
+        f"[{index}] target {_named(target)}{versus} {score} {result['score']:.4g}{image} "
         f"conservation gap {result['conservation_gap']:.4g} | top: {top}"
     )
 

@@ -433,6 +433,8 @@ def _text_html(
     for row in rows:
         row["ledger"] = None if ledger is None else _ledger_rows(ledger, row["index"])
         row["image_panel"] = None if panels is None else panels[row["index"]]
+        if panels is not None:  # the image's share next to the text maps' sums
+            row["summary"]["sums"].append(("image", panels[row["index"]]["image_total"]))
     return _render(
         "text.html.j2",
         path,
