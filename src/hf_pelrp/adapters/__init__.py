@@ -48,6 +48,7 @@ from . import (  # noqa: F401
     swin,
     vit,
     vlm_images,  # imports vlm_text first, then replaces its text-only LLaVA and Gemma 3 declarations
+    vlm_idefics3,  # after vlm_images: replaces the text-only Idefics3 and SmolVLM declarations
     vlm_text,
     xlm_roberta,
 )
