@@ -47,8 +47,9 @@ from . import (  # noqa: F401
     starcoder2,
     swin,
     vit,
+    vlm_idefics3,  # imports vlm_text first, then replaces its text-only Idefics3 and SmolVLM declarations
     vlm_images,  # imports vlm_text first, then replaces its text-only LLaVA and Gemma 3 declarations
-    vlm_idefics3,  # after vlm_images: replaces the text-only Idefics3 and SmolVLM declarations
+    vlm_llava_next,  # imports vlm_images and vlm_text, then replaces the text-only LLaVA-NeXT declaration
     vlm_text,
     xlm_roberta,
 )

@@ -1,0 +1,233 @@
+"""Idefics3 / SmolVLM (image tiles, pixel shuffle) and LLaVA-NeXT (anyres tiles, ``image_newline``) explained
+with their images (issue 19), in float64: conservation over text + image maps under bias-free CP, the per-tile
+layout of the maps against the relevance at the tower's embedding output, the newline's relevance against the
+gradient of the ``image_newline`` parameter, placeholders at exactly 0, and the refusal of bad image inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import hf_pelrp
+from hf_pelrp import AttributionInputError, UnsupportedModelError
+from hf_pelrp.adapters.base import adapter_for_type
+from hf_pelrp.adapters.vlm_llava_next import NEWLINE, feature_layout
+from hf_pelrp.check import _zero_biases, check_adapter, tiny_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CLASSES = {
+    "idefics3": transformers.Idefics3ForConditionalGeneration,
+    "smolvlm": transformers.SmolVLMForConditionalGeneration,
+    "llava_next": transformers.LlavaNextForConditionalGeneration,
+}
+
+
+def _model(model_type: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(seed)
+    adapter = adapter_for_type(model_type)
+    model = CLASSES[model_type](tiny_config(model_type, adapter)).double().eval()
+    inputs = adapter.inputs.example(model, 2, 5, torch.Generator().manual_seed(seed + 1))
+    return model, inputs
+
+
+@pytest.mark.parametrize("model_type", sorted(CLASSES))
+def test_check_adapter_passes_with_images(model_type):
+    report = check_adapter(model_type, raise_on_failure=False)
+    assert report.passed, str(report)
+    names = {r.name for r in report.results}
+    assert any("conservation with images" in n for n in names)  # the image checks ran
+
+
+@pytest.mark.parametrize("model_type", sorted(CLASSES))
+def test_bias_free_cp_conserves_over_text_and_image(model_type):
+    model, inputs = _model(model_type, 3)
+    _zero_biases(model)
+    attr = hf_pelrp.attribute(model, **inputs, config="cp")
+    total = attr.relevance.sum(-1) + attr.image.sum(-1) + attr.image_position.sum(-1) + attr.image_special
+    torch.testing.assert_close(total, attr.target_value, rtol=1e-6, atol=0)
+    assert float(attr.image.abs().sum()) > 1e-3 * float(attr.target_value.abs().sum())
+    placeholders = inputs["input_ids"] == model.config.image_token_id
+    assert float(attr.token[placeholders].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("model_type", sorted(CLASSES))
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_tile_maps_are_the_relevance_at_the_tower_embedding_output(model_type, mode):
+    """Layout: ``image + image_position`` of row b, tile slot s, patch p is the relevance ``e * de`` of the
+    embedding output of the tower's run on that tile (tiles in the tower's batch in row order, padding slots
+    0); under AttnLRP the positions carry relevance too."""
+    model, inputs = _model(model_type)
+    attr = hf_pelrp.attribute(model, **inputs, config=mode)
+    base = model.model
+    tower = base.vision_model if hasattr(base, "vision_model") else base.vision_tower
+    seen = []
+    with hf_pelrp.lrp(model, config=mode), torch.enable_grad():
+        # registered after the rules' hooks: sees the output rebuilt from the leaves
+        handle = tower.embeddings.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        try:
+            logits = model(**inputs).logits
+        finally:
+            handle.remove()
+        (emb,) = seen
+        emb.retain_grad()
+        logits[torch.arange(2), -1, attr.target].sum().backward(inputs=[emb])
+        per_tile = (emb * emb.grad).sum(-1).detach()
+    if model_type == "llava_next":
+        per_tile = per_tile[:, 1:]  # the class token: in image_special
+        real = torch.zeros(inputs["pixel_values"].shape[:2], dtype=torch.bool)
+        for row, n in enumerate([5, 3]):  # example(): (32, 32) and (12, 40) with the tiny pinpoints
+            real[row, :n] = True
+    else:
+        flat = inputs["pixel_values"].flatten(2)
+        real = (flat != 0).any(-1)
+    slots = inputs["pixel_values"].shape[1]
+    want = torch.zeros(2, slots, per_tile.shape[-1], dtype=per_tile.dtype)
+    want[real] = per_tile
+    got = (attr.image + attr.image_position).reshape(2, slots, -1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert (~real).any() and float(got[~real].abs().max()) == 0.0  # padding slots
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert attr.image_grid.tolist() == [[slots * side, side]] * 2
+    if mode == "attnlrp":
+        assert float(attr.image_position.abs().sum()) > 1e-6 * float(attr.image.abs().sum())
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_llava_next_newline_relevance_is_the_newline_times_its_gradient(mode):
+    """The ``image_newline`` copies' relevance (read at the language model's input) against the gradient of the
+    shared parameter, one row at a time: ``sum over copies of n * g_copy = n * dlogit/dn``."""
+    model, inputs = _model("llava_next")
+    newline = model.model.image_newline
+    flag = newline.requires_grad
+    for row in range(2):
+        one = {k: v[row : row + 1] for k, v in inputs.items()}
+        with hf_pelrp.lrp(model, config=mode) as ctx, torch.enable_grad():
+            newline.requires_grad_(True)  # restored when the context closes
+            logits = model(**one).logits
+            target = int(logits[0, -1].argmax())
+            (grad,) = torch.autograd.grad(logits[0, -1, target], newline, retain_graph=True)
+            logits[0, -1, target].backward(inputs=[ctx.store.additive["image_newline"]])
+            probe = ctx.store.additive["image_newline"]
+            got = float((probe * probe.grad).sum().detach())
+            copies = probe.shape[0]
+        want = float((newline.detach() * grad).sum())
+        assert abs(got - want) <= 1e-10 * abs(want) and abs(want) > 0
+        layout = feature_layout(model, one["image_sizes"])[0]
+        assert copies == int((layout == NEWLINE).sum()) == (8 if row == 0 else 2)
+    assert newline.requires_grad == flag  # the context restored the test's own change
+
+
+def test_llava_next_conservation_needs_the_newline():
+    """Without the newlines' relevance bias-free CP would not conserve: the probe carries real relevance."""
+    model, inputs = _model("llava_next", 3)
+    _zero_biases(model)
+    with hf_pelrp.lrp(model, config="cp") as ctx, torch.enable_grad():
+        logits = model(**inputs).logits
+        logits[torch.arange(2), -1, logits[:, -1].argmax(-1)].sum().backward(inputs=ctx.leaves())
+        probe = ctx.store.additive["image_newline"]
+        newline = float((probe * probe.grad).sum().abs().detach())
+    attr = hf_pelrp.attribute(model, **inputs, config="cp")
+    assert newline > 1e3 * float(attr.conservation_gap.abs().max())
+
+
+def test_idefics3_positions_follow_the_patch_attention_mask():
+    """A tile whose right-most patch column is padding (``pixel_attention_mask`` 0 there) is given the
+    bucketed position rows the model computes for 3 real patch columns: the leaves hold the looked-up rows."""
+    model, inputs = _model("idefics3")
+    with hf_pelrp.lrp(model, config="attnlrp") as ctx, torch.no_grad():
+        model(**inputs)
+        rows = ctx.store.additive["image_position"]
+    table = model.model.vision_model.embeddings.position_embedding.weight
+    # tower batch: row 0's 3 tiles, then row 1's 2 real tiles; row 1's first tile has a padded last column
+    padded = rows[3].reshape(4, 4, -1)
+    full = rows[0].reshape(4, 4, -1)
+    assert torch.equal(full, table.reshape(4, 4, -1))  # ids 0..15
+    buckets = [0, 1, 2]  # floor(j / 3 * 4) for j < 3
+    for i in range(4):
+        for j, b in enumerate(buckets):
+            assert torch.equal(padded[i, j], table[i * 4 + b])
+        assert torch.equal(padded[i, 3], table[0])  # padding patches read id 0
+
+
+def _drop(key):
+    return lambda i: {k: v for k, v in i.items() if k != key}
+
+
+@pytest.mark.parametrize("model_type", ["idefics3", "smolvlm"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda i: {**i, "pixel_values": i["pixel_values"][:, :, :, :8, :8]}, "tiles are 8x8"),
+        (lambda i: {**i, "pixel_values": i["pixel_values"][:1]}, "row"),
+        (lambda i: {**i, "pixel_values": i["pixel_values"][:, 0]}, r"\[batch, tiles"),
+        (lambda i: {**i, "pixel_values": i["pixel_values"].float()}, "dtype"),
+        (lambda i: {**i, "pixel_attention_mask": i["pixel_attention_mask"][:, :2]}, "pixel_attention_mask"),
+        (
+            lambda i: {**i, "input_ids": i["input_ids"][:, 3:], "attention_mask": i["attention_mask"][:, 3:]},
+            "placeholder",
+        ),
+        (  # one more real tile in row 1 than its placeholders
+            lambda i: {**i, "pixel_values": i["pixel_values"] + 1.0},
+            "3 image tile",
+        ),
+        (
+            lambda i: {
+                **i,
+                "pixel_values": i["pixel_values"] * torch.tensor([1.0, 0.0])[:, None, None, None, None],
+            },
+            "all-zero",
+        ),
+        (_drop("pixel_values"), "pixel_attention_mask comes with images"),
+        (lambda i: _drop("pixel_attention_mask")(_drop("pixel_values")(i)), "placeholder"),
+    ],
+)
+def test_bad_tiled_image_inputs_are_refused(model_type, change, message):
+    model, inputs = _model(model_type)
+    with pytest.raises(AttributionInputError, match=message):
+        hf_pelrp.attribute(model, **change(inputs))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_drop("image_sizes"), "needs image_sizes"),
+        (lambda i: {**i, "image_sizes": i["image_sizes"].double()}, "integer tensor"),
+        (lambda i: {**i, "image_sizes": torch.tensor([[32, 32], [32, 32]])}, "fills 88"),
+        (lambda i: {**i, "pixel_values": i["pixel_values"][:, :3]}, "makes 5 tiles"),
+        (lambda i: {**i, "pixel_values": i["pixel_values"][..., :8, :8]}, "tiles are 8x8"),
+        (
+            lambda i: {**i, "input_ids": i["input_ids"][:, 3:], "attention_mask": i["attention_mask"][:, 3:]},
+            "placeholder",
+        ),
+        (_drop("pixel_values"), "image_sizes comes with images"),
+    ],
+)
+def test_bad_llava_next_image_inputs_are_refused(change, message):
+    model, inputs = _model("llava_next")
+    with pytest.raises(AttributionInputError, match=message):
+        hf_pelrp.attribute(model, **change(inputs))
+
+
+def test_llava_next_full_feature_strategy_is_refused():
+    model, inputs = _model("llava_next")
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(UnsupportedModelError, match="'default'"):
+        hf_pelrp.attribute(model, **inputs)
+
+
+@pytest.mark.parametrize("model_type", sorted(CLASSES))
+def test_text_only_prompts_have_no_image_maps_and_model_comes_out_as_it_went_in(model_type):
+    model, inputs = _model(model_type)
+    text = {"input_ids": inputs["input_ids"][:, :2], "attention_mask": inputs["attention_mask"][:, :2]}
+    assert hf_pelrp.attribute(model, **text).image is None
+    with torch.no_grad():
+        before = model(**inputs).logits
+    hooks = {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+    flags = [p.requires_grad for p in model.parameters()]
+    hf_pelrp.attribute(model, **inputs)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert hooks == {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+    assert flags == [p.requires_grad for p in model.parameters()]
