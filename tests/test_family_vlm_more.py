@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import hf_pelrp
+from helpers.reference_vlm_tiles import idefics3_reference, llava_next_reference
 from hf_pelrp import AttributionInputError, UnsupportedModelError
 from hf_pelrp.adapters.base import adapter_for_type
 from hf_pelrp.adapters.vlm_llava_next import NEWLINE, feature_layout
@@ -38,6 +39,48 @@ def test_check_adapter_passes_with_images(model_type):
     assert report.passed, str(report)
     names = {r.name for r in report.results}
     assert any("conservation with images" in n for n in names)  # the image checks ran
+
+
+def _close(fast: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    scale = ref.abs().max().item()
+    err = (fast.double() - ref).abs().max().item() / max(scale, 1e-30)
+    assert err < tol, f"{what}: max error {err:.3e} of the largest entry (tolerance {tol:.0e})"
+
+
+@pytest.mark.parametrize("model_type", sorted(CLASSES))
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_image_maps_match_explicit_rules(model_type, mode):
+    """The whole path (tower per tile, connector / projector, packing, decoder) against the explicit float64
+    reference of ``helpers/reference_vlm_tiles.py``: every map, both modes."""
+    model, inputs = _model(model_type)
+    if model_type == "llava_next":
+        ref = llava_next_reference(
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["pixel_values"],
+            inputs["image_sizes"],
+            mode=mode,
+        )
+    else:
+        ref = idefics3_reference(
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["pixel_values"],
+            inputs["pixel_attention_mask"],
+            mode=mode,
+        )
+    attr = hf_pelrp.attribute(model, **inputs, config=mode)
+    assert torch.equal(attr.target, ref.target)
+    torch.testing.assert_close(attr.target_value.double(), ref.logit, rtol=1e-9, atol=0)
+    for name in ("token", "position", "image", "image_position", "image_special"):
+        if name == "image_special" and model_type != "llava_next":
+            assert float(attr.image_special.abs().max()) == 0.0
+            continue
+        _close(getattr(attr, name), getattr(ref, name), 1e-6, name)
+    if mode == "attnlrp":
+        assert ref.image_position.abs().sum() > 1e-3 * ref.image.abs().sum()
 
 
 @pytest.mark.parametrize("model_type", sorted(CLASSES))

@@ -176,9 +176,13 @@ def _weights(model) -> dict:
     }
 
 
-def _explain_row(w, ids, mask, position, target, mode, positional):
+def _explain_row(w, ids, mask, position, target, mode, positional, embeds=None, keep=None):
     """Explicit forward and relevance sweep of one row; returns (token [T], position_by_layer [L, T], logit,
-    target id, relevance absorbed by the softmax rule)."""
+    target id, relevance absorbed by the softmax rule).
+
+    ``embeds`` [T, D]: the input embeddings to use instead of the table's rows (a vision-language model's image
+    features at its placeholders); ``keep``: a dict that receives the relevance of every input embedding
+    channel, ``keep["r_x"]`` [T, D]."""
     seq = ids.shape[0]
     n_heads, n_kv = w["n_heads"], w["n_kv"]
     group = n_heads // n_kv
@@ -188,7 +192,7 @@ def _explain_row(w, ids, mask, position, target, mode, positional):
     attnlrp = mode == "attnlrp"
 
     # ---- forward, keeping every activation
-    x = w["embed"][ids]
+    x = w["embed"][ids] if embeds is None else embeds
     acts = []
     for lw in w["layers"]:
         a = {"x": x}
@@ -290,6 +294,8 @@ def _explain_row(w, ids, mask, position, target, mode, positional):
         k_plain = (scale * a["k"]).repeat_interleave(group, 0)
         contents[li] = lw["scaling"] * ((scale * a["q"]) @ k_plain.transpose(1, 2))
     scores = torch.stack([a["S"] for a in acts])
+    if keep is not None:
+        keep["r_x"] = r_x
     return r_x.sum(-1), pos_by_layer, logits[tgt], tgt, absorbed, (r_scores, scores, contents)
 
 

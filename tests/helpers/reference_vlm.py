@@ -1,0 +1,155 @@
+"""A slow, explicit PE-LRP of a LLaVA (CLIP vision tower, LLaVA's MLP projector, LLaMA decoder) in float64.
+
+Plain tensor math on the weights, no autograd and no hf_pelrp code (as :mod:`reference_lrp` and
+:mod:`reference_absolute`, whose rule formulas it reuses):
+
+- the decoder is :func:`reference_lrp._explain_row` with the image features written into the placeholder
+  rows of the input embeddings, returning the relevance of every input embedding channel;
+- the projector ``z2 = gelu(x W1^T + b1) W2^T + b2``: epsilon rule on both linear maps, identity rule on GELU;
+- the CLIP tower, from the hidden state LLaVA reads (``vision_feature_layer``, class token dropped by the
+  ``"default"`` strategy) down to its embedding sum ``e = [CLS, conv(patches)] + positions``: LayerNorms by the
+  identity rule, attention by :func:`reference_absolute.lrp_attention` (AttnLRP or CP), QuickGELU by the
+  identity rule, residual sums and the embedding sum by the epsilon rule. The layers after the one LLaVA reads
+  get no relevance.
+
+``image`` [P] is the patch content relevance, ``image_position`` [P] the relevance of the patches' rows of the
+position table, ``image_special`` the class token's content and position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from helpers.reference_absolute import (
+    _apply,
+    _flat,
+    _heads,
+    _lin,
+    attention_forward,
+    layer_norm,
+    lrp_attention,
+    lrp_layer_norm,
+    lrp_linear,
+    split_sum,
+)
+from helpers.reference_lrp import F64, _explain_row, _weights
+
+
+@dataclass
+class VlmReference:
+    token: torch.Tensor
+    position: torch.Tensor
+    image: torch.Tensor
+    image_position: torch.Tensor
+    image_special: torch.Tensor
+    logit: torch.Tensor
+    target: torch.Tensor
+
+
+def _tower_forward(tower, pixels: torch.Tensor, upto: int):
+    emb = tower.embeddings
+    conv = emb.patch_embedding
+    patches = torch.nn.functional.conv2d(
+        pixels[None].to(F64), conv.weight.detach().to(F64), None, stride=conv.stride
+    )[0]
+    patches = patches.flatten(1).T  # [P, D], raster order
+    t = torch.cat([emb.class_embedding.detach().to(F64)[None], patches])
+    p = emb.position_embedding.weight.detach().to(F64)[: t.shape[0]]
+    e = t + p
+    x, w0, s0 = layer_norm(e, tower.pre_layrnorm)
+    stem = {"t": t, "p": p, "e": e, "x": x, "w": w0, "s": s0}
+    seq = t.shape[0]
+    allowed = torch.ones(1, seq, seq, dtype=torch.bool)
+    acts = []
+    for layer in list(tower.encoder.layers)[:upto]:
+        att, mlp = layer.self_attn, layer.mlp
+        n_heads = att.num_heads
+        a = {"x": x}
+        a["h1"], a["wa"], a["sa"] = layer_norm(x, layer.layer_norm1)
+        a["q"], a["k"], a["v"] = (
+            _heads(_apply(_lin(m), a["h1"]), n_heads) for m in (att.q_proj, att.k_proj, att.v_proj)
+        )
+        a["S"], a["A"], a["o"] = attention_forward(a["q"], a["k"], a["v"], att.scale, allowed)
+        a["o_flat"] = _flat(a["o"])
+        a["d"] = _apply(_lin(att.out_proj), a["o_flat"])
+        a["x1"] = x + a["d"]
+        a["h2"], a["wb"], a["sb"] = layer_norm(a["x1"], layer.layer_norm2)
+        a["f"] = _apply(_lin(mlp.fc1), a["h2"])
+        a["g"] = mlp.activation_fn(a["f"])
+        a["m"] = _apply(_lin(mlp.fc2), a["g"])
+        x = a["x1"] + a["m"]
+        a["y"] = x
+        acts.append(a)
+    return stem, acts, allowed
+
+
+def _tower_backward(tower, stem, acts, allowed, r_x, mode):
+    for layer, a in zip(reversed(list(tower.encoder.layers)[: len(acts)]), reversed(acts), strict=True):
+        att, mlp = layer.self_attn, layer.mlp
+        r_m, r_x1 = split_sum([a["m"], a["x1"]], r_x)
+        r_g = lrp_linear(a["g"], *_lin(mlp.fc2), r_m)
+        r_h2 = lrp_linear(a["h2"], *_lin(mlp.fc1), r_g)  # identity rule: R_f = R_g
+        r_x1 = r_x1 + lrp_layer_norm(a["x1"], a["h2"], a["wb"], a["sb"], r_h2)
+        r_d, r_xin = split_sum([a["d"], a["x"]], r_x1)
+        r_o = _heads(lrp_linear(a["o_flat"], *_lin(att.out_proj), r_d), att.num_heads)
+        r_q, r_k, r_v = lrp_attention(
+            a["q"], a["k"], a["v"], att.scale, allowed, a["S"], a["A"], a["o"], r_o, mode
+        )
+        r_h1 = sum(
+            lrp_linear(a["h1"], *_lin(m), _flat(r))
+            for m, r in ((att.q_proj, r_q), (att.k_proj, r_k), (att.v_proj, r_v))
+        )
+        r_x = r_xin + lrp_layer_norm(a["x"], a["h1"], a["wa"], a["sa"], r_h1)
+    r_e = lrp_layer_norm(stem["e"], stem["x"], stem["w"], stem["s"], r_x)
+    return split_sum([stem["t"], stem["p"]], r_e)
+
+
+@torch.no_grad()
+def llava_reference(model, input_ids, attention_mask, pixel_values, *, mode: str) -> VlmReference:
+    """Explicit PE-LRP of a ``LlavaForConditionalGeneration`` (one image per row, the last position's arg-max
+    explained), with positions made leaves."""
+    cfg = model.config
+    if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError("the reference implements the 'default' strategy with one feature layer")
+    base = model.model
+    tower, proj = base.vision_tower, base.multi_modal_projector
+    text = _weights(SimpleNamespace(model=base.language_model, config=cfg.text_config, lm_head=model.lm_head))
+    layers = len(tower.encoder.layers)
+    upto = cfg.vision_feature_layer % (layers + 1)  # hidden_states[k] is the output of layer k - 1
+    rows = {
+        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
+    }
+    for b in range(input_ids.shape[0]):
+        ids, mask = input_ids[b], attention_mask[b]
+        stem, acts, allowed = _tower_forward(tower, pixel_values[b], upto)
+        feats = (acts[-1]["y"] if acts else stem["x"])[1:]
+        z1 = _apply(_lin(proj.linear_1), feats)
+        a1 = proj.act(z1)
+        z2 = _apply(_lin(proj.linear_2), a1)
+        slots = ids == cfg.image_token_id
+        embeds = text["embed"][ids].clone()
+        embeds[slots] = z2
+        keep: dict = {}
+        position = int(mask.nonzero().max())
+        token, by_layer, logit, target, _, _ = _explain_row(
+            text, ids, mask, position, None, mode, True, embeds=embeds, keep=keep
+        )
+        r_z2 = keep["r_x"][slots]
+        r_a1 = lrp_linear(a1, *_lin(proj.linear_2), r_z2)
+        r_feats = lrp_linear(feats, *_lin(proj.linear_1), r_a1)  # identity rule: R_z1 = R_a1
+        r_hidden = torch.zeros_like(stem["x"])
+        r_hidden[1:] = r_feats
+        r_t, r_p = _tower_backward(tower, stem, acts, allowed, r_hidden, mode)
+        token = token.clone()
+        token[slots] = 0.0  # the placeholders' own embeddings were overwritten: they reach nothing
+        rows["token"].append(token)
+        rows["position"].append(by_layer.sum(0))
+        rows["image"].append(r_t[1:].sum(-1))
+        rows["image_position"].append(r_p[1:].sum(-1))
+        rows["image_special"].append(r_t[0].sum() + r_p[0].sum())
+        rows["logit"].append(logit)
+        rows["target"].append(torch.tensor(target))
+    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
