@@ -274,3 +274,17 @@ def test_text_only_prompts_have_no_image_maps_and_model_comes_out_as_it_went_in(
         assert torch.equal(model(**inputs).logits, before)
     assert hooks == {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
     assert flags == [p.requires_grad for p in model.parameters()]
+
+
+def test_idefics3_without_pixel_attention_mask_conserves_with_the_models_own_mask():
+    """Without ``pixel_attention_mask`` the model treats every pixel of a real tile as real (plain position ids):
+    other maps than with the mask, the same conservation."""
+    model, inputs = _model("idefics3", 3)
+    _zero_biases(model)
+    masked = hf_pelrp.attribute(model, **inputs, config="cp")
+    plain = hf_pelrp.attribute(
+        model, **{k: v for k, v in inputs.items() if k != "pixel_attention_mask"}, config="cp"
+    )
+    torch.testing.assert_close(plain.conservation_gap, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert not torch.allclose(plain.image_position[1], masked.image_position[1])
+    torch.testing.assert_close(plain.image_position[0], masked.image_position[0], rtol=1e-9, atol=1e-15)
