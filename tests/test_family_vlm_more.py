@@ -1,5 +1,5 @@
-"""Idefics3 / SmolVLM (image tiles, pixel shuffle) and LLaVA-NeXT (anyres tiles, ``image_newline``) explained
-with their images (issue 19), in float64: conservation over text + image maps under bias-free CP, the per-tile
+"""Idefics3 / SmolVLM (image tiles, pixel shuffle), LLaVA-NeXT (anyres tiles, ``image_newline``) and VipLLaVA
+(several feature layers) explained with their images (issue 19), in float64: conservation over text + image maps under bias-free CP, the per-tile
 layout of the maps against the relevance at the tower's embedding output, the newline's relevance against the
 gradient of the ``image_newline`` parameter, placeholders at exactly 0, and the refusal of bad image inputs."""
 
@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import hf_pelrp
-from helpers.reference_vlm_tiles import idefics3_reference, llava_next_reference
+from helpers.reference_vlm_tiles import idefics3_reference, llava_next_reference, vipllava_reference
 from hf_pelrp import AttributionInputError, UnsupportedModelError
 from hf_pelrp.adapters.base import adapter_for_type
 from hf_pelrp.adapters.vlm_llava_next import NEWLINE, feature_layout
@@ -22,7 +22,10 @@ CLASSES = {
     "idefics3": transformers.Idefics3ForConditionalGeneration,
     "smolvlm": transformers.SmolVLMForConditionalGeneration,
     "llava_next": transformers.LlavaNextForConditionalGeneration,
+    "vipllava": transformers.VipLlavaForConditionalGeneration,
 }
+#: the types whose images come as tiles ([B, n_tiles, C, H, W])
+TILED = ("idefics3", "llava_next", "smolvlm")
 
 
 def _model(model_type: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
@@ -50,7 +53,7 @@ def _close(fast: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None
 @pytest.mark.parametrize("model_type", sorted(CLASSES))
 @pytest.mark.parametrize("mode", ["attnlrp", "cp"])
 def test_image_maps_match_explicit_rules(model_type, mode):
-    """The whole path (tower per tile, connector / projector, packing, decoder) against the explicit float64
+    """The whole path (tower per tile or image, connector / projector, packing, decoder) against the explicit float64
     reference of ``helpers/reference_vlm_tiles.py``: every map, both modes."""
     model, inputs = _model(model_type)
     if model_type == "llava_next":
@@ -61,6 +64,10 @@ def test_image_maps_match_explicit_rules(model_type, mode):
             inputs["pixel_values"],
             inputs["image_sizes"],
             mode=mode,
+        )
+    elif model_type == "vipllava":
+        ref = vipllava_reference(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], mode=mode
         )
     else:
         ref = idefics3_reference(
@@ -75,7 +82,7 @@ def test_image_maps_match_explicit_rules(model_type, mode):
     assert torch.equal(attr.target, ref.target)
     torch.testing.assert_close(attr.target_value.double(), ref.logit, rtol=1e-9, atol=0)
     for name in ("token", "position", "image", "image_position", "image_special"):
-        if name == "image_special" and model_type != "llava_next":
+        if name == "image_special" and model_type in ("idefics3", "smolvlm"):
             assert float(attr.image_special.abs().max()) == 0.0
             continue
         _close(getattr(attr, name), getattr(ref, name), 1e-6, name)
@@ -95,7 +102,7 @@ def test_bias_free_cp_conserves_over_text_and_image(model_type):
     assert float(attr.token[placeholders].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("model_type", sorted(CLASSES))
+@pytest.mark.parametrize("model_type", TILED)
 @pytest.mark.parametrize("mode", ["attnlrp", "cp"])
 def test_tile_maps_are_the_relevance_at_the_tower_embedding_output(model_type, mode):
     """Layout: ``image + image_position`` of row b, tile slot s, patch p is the relevance ``e * de`` of the

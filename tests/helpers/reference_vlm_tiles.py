@@ -291,3 +291,64 @@ def llava_next_reference(model, input_ids, attention_mask, pixel_values, image_s
         rows["logit"].append(logit)
         rows["target"].append(torch.tensor(target))
     return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
+
+
+# ---- VipLLaVA ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def vipllava_reference(model, input_ids, attention_mask, pixel_values, *, mode):
+    """Explicit PE-LRP of a ``VipLlavaForConditionalGeneration`` (one image per row, the last position's arg-max
+    explained): the CLIP tower's hidden states of ``vision_feature_layer`` (class token dropped) concatenated,
+    the projector's LayerNorm (identity rule) and MLP. The tower's rules are linear in the relevance they pass
+    on, so the relevance reaching each feature layer is carried down by :func:`reference_vlm._tower_backward`
+    from that layer, and the parts are summed."""
+    cfg = model.config
+    base = model.model
+    tower, proj = base.vision_tower, base.multi_modal_projector
+    text = _weights(SimpleNamespace(model=base.language_model, config=cfg.text_config, lm_head=model.lm_head))
+    layers = len(tower.encoder.layers)
+    wanted = (
+        cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
+    )
+    depths = [k % (layers + 1) for k in wanted]  # hidden_states[k] is the output of layer k - 1
+    rows = {
+        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
+    }
+    for b in range(input_ids.shape[0]):
+        ids, mask = input_ids[b], attention_mask[b]
+        stem, acts, allowed = _tower_forward(tower, pixel_values[b], max(depths))
+        hidden = [stem["x"]] + [a["y"] for a in acts]
+        feats = torch.cat([hidden[k][1:] for k in depths], -1)
+        normed, w_ln, s_ln = layer_norm(feats, proj.projector_layernorm)
+        z1 = _apply(_lin(proj.linear_1), normed)
+        a1 = proj.act(z1)
+        z2 = _apply(_lin(proj.linear_2), a1)
+        holders = ids == cfg.image_token_id
+        embeds = text["embed"][ids].clone()
+        embeds[holders] = z2
+        keep: dict = {}
+        position = int(mask.nonzero().max())
+        token, by_layer, logit, target, _, _ = _explain_row(
+            text, ids, mask, position, None, mode, True, embeds=embeds, keep=keep
+        )
+        r_a1 = lrp_linear(a1, *_lin(proj.linear_2), keep["r_x"][holders])
+        r_normed = lrp_linear(normed, *_lin(proj.linear_1), r_a1)
+        r_feats = lrp_layer_norm(feats, normed, w_ln, s_ln, r_normed)
+        r_t = torch.zeros_like(stem["t"])
+        r_p = torch.zeros_like(stem["p"])
+        for k, r in zip(depths, r_feats.split(hidden[0].shape[-1], -1), strict=True):
+            r_hidden = torch.zeros_like(stem["x"])
+            r_hidden[1:] = r
+            part_t, part_p = _tower_backward(tower, stem, acts[:k], allowed, r_hidden, mode)
+            r_t, r_p = r_t + part_t, r_p + part_p
+        token = token.clone()
+        token[holders] = 0.0
+        rows["token"].append(token)
+        rows["position"].append(by_layer.sum(0))
+        rows["image"].append(r_t[1:].sum(-1))
+        rows["image_position"].append(r_p[1:].sum(-1))
+        rows["image_special"].append(r_t[0].sum() + r_p[0].sum())
+        rows["logit"].append(logit)
+        rows["target"].append(torch.tensor(target))
+    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})

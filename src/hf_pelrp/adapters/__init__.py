@@ -51,6 +51,7 @@ from . import (  # noqa: F401
     vlm_images,  # imports vlm_text first, then replaces its text-only LLaVA and Gemma 3 declarations
     vlm_llava_next,  # imports vlm_images and vlm_text, then replaces the text-only LLaVA-NeXT declaration
     vlm_text,
+    vlm_vipllava,  # imports vlm_images and vlm_text, then replaces the text-only VipLLaVA declaration
     xlm_roberta,
 )
 from .base import (
