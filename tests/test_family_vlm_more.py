@@ -22,10 +22,11 @@ CLASSES = {
     "idefics3": transformers.Idefics3ForConditionalGeneration,
     "smolvlm": transformers.SmolVLMForConditionalGeneration,
     "llava_next": transformers.LlavaNextForConditionalGeneration,
+    "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,  # on images
     "vipllava": transformers.VipLlavaForConditionalGeneration,
 }
 #: the types whose images come as tiles ([B, n_tiles, C, H, W])
-TILED = ("idefics3", "llava_next", "smolvlm")
+TILED = ("idefics3", "llava_next", "llava_next_video", "smolvlm")
 
 
 def _model(model_type: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
@@ -56,7 +57,7 @@ def test_image_maps_match_explicit_rules(model_type, mode):
     """The whole path (tower per tile or image, connector / projector, packing, decoder) against the explicit float64
     reference of ``helpers/reference_vlm_tiles.py``: every map, both modes."""
     model, inputs = _model(model_type)
-    if model_type == "llava_next":
+    if model_type.startswith("llava_next"):
         ref = llava_next_reference(
             model,
             inputs["input_ids"],
@@ -124,7 +125,7 @@ def test_tile_maps_are_the_relevance_at_the_tower_embedding_output(model_type, m
         emb.retain_grad()
         logits[torch.arange(2), -1, attr.target].sum().backward(inputs=[emb])
         per_tile = (emb * emb.grad).sum(-1).detach()
-    if model_type == "llava_next":
+    if model_type.startswith("llava_next"):
         per_tile = per_tile[:, 1:]  # the class token: in image_special
         real = torch.zeros(inputs["pixel_values"].shape[:2], dtype=torch.bool)
         for row, n in enumerate([5, 3]):  # example(): (32, 32) and (12, 40) with the tiny pinpoints
@@ -254,10 +255,23 @@ def test_bad_tiled_image_inputs_are_refused(model_type, change, message):
         (_drop("pixel_values"), "image_sizes comes with images"),
     ],
 )
-def test_bad_llava_next_image_inputs_are_refused(change, message):
-    model, inputs = _model("llava_next")
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_next_video"])
+def test_bad_llava_next_image_inputs_are_refused(model_type, change, message):
+    model, inputs = _model(model_type)
     with pytest.raises(AttributionInputError, match=message):
         hf_pelrp.attribute(model, **change(inputs))
+
+
+def test_llava_next_video_refuses_videos_and_video_placeholders_with_images():
+    model, inputs = _model("llava_next_video")
+    with pytest.raises(AttributionInputError, match="videos are not explained"):
+        hf_pelrp.attribute(
+            model, **inputs, pixel_values_videos=torch.zeros(2, 1, 3, 16, 16, dtype=torch.float64)
+        )
+    ids = inputs["input_ids"].clone()
+    ids[:, 0] = model.config.video_token_id
+    with pytest.raises(AttributionInputError, match="config.video_token_id"):
+        hf_pelrp.attribute(model, **{**inputs, "input_ids": ids})
 
 
 def test_llava_next_full_feature_strategy_is_refused():

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT explained with its images (``llava_next``; issue 19).
+"""LLaVA-NeXT explained with its images (``llava_next``, and ``llava_next_video`` on images; issue 19).
 
 LLaVA-NeXT ("anyres") resizes an image to the best of ``config.image_grid_pinpoints``, cuts it into tiles of the
 tower's size and adds the whole image resized to one tile (the "base" tile, first). Every tile runs through the
@@ -195,6 +195,10 @@ class AnyresImageTextInputs(ImageTextInputs):
                 raise AttributionInputError("image_sizes comes with images: pass pixel_values too")
             return super().validate(model, inputs)  # text only: placeholder tokens refused
         name = type(model).__name__
+        if inputs.get("pixel_values_videos") is not None:
+            raise AttributionInputError(
+                f"{name}'s videos are not explained by hf_pelrp (images are): leave pixel_values_videos out"
+            )
         if model.config.vision_feature_select_strategy != "default":
             raise UnsupportedModelError(
                 f"{name} with vision_feature_select_strategy={model.config.vision_feature_select_strategy!r}: "
@@ -208,6 +212,13 @@ class AnyresImageTextInputs(ImageTextInputs):
             )
         prepared = TextInputs.validate(self, model, inputs)
         ids = prepared.inputs["input_ids"]
+        for key in self.placeholders:
+            value = getattr(model.config, key, None)
+            if key != "image_token_id" and value is not None and bool((ids == value).any()):
+                raise AttributionInputError(
+                    f"input_ids hold the placeholder token {value} (config.{key}) of an input hf_pelrp does not "
+                    "explain (videos): remove it from the prompt"
+                )
         pixels = _checked_tiles(model, pixels, ids.shape[0])
         sizes = _checked_sizes(sizes, ids.shape[0])
         need = tiles_per_image(model, sizes)
@@ -282,44 +293,54 @@ def _checked_sizes(sizes: Any, rows: int) -> torch.Tensor:
     return sizes
 
 
-_TEXT_ONLY = _REGISTRY["llava_next"]
-_text = _TEXT_ONLY.inputs
-LLAVA_NEXT = register_adapter(
-    with_images(
-        _TEXT_ONLY,
-        AnyresTower(
-            path=CLIP_TOWER.path,
-            layers=CLIP_TOWER.layers,
-            attention=CLIP_TOWER.attention,
-            layout=CLIP_TOWER.layout,
-            modules=CLIP_TOWER.modules,
-            norms=CLIP_TOWER.norms,
-            constants=CLIP_TOWER.constants,
-        ),
-        AnyresImageTextInputs(
-            position_ids=_text.position_ids,
-            max_positions=_text.max_positions,
-            placeholders=_text.placeholders,
-            tokens=lambda model, _pixels: CLIP_TOWER.tokens_per_image(model, _pixels),
-        ),
-        tiny={
-            **_TEXT_ONLY.tiny,
-            # room for a 2x2 grid of tiles: 16 + 8 * 8 patches and 8 newlines
-            "text_config": {**_TEXT_ONLY.tiny["text_config"], "max_position_embeddings": 128},
-            "vision_config": {
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 16,
-                "patch_size": 4,
+def _anyres(model_type: str, **tiny: Any) -> Any:
+    """The declaration with images of an anyres LLaVA-NeXT type, from its text-only one (``tiny``: more tiny
+    config fields)."""
+    text_only = _REGISTRY[model_type]
+    text = text_only.inputs
+    return register_adapter(
+        with_images(
+            text_only,
+            AnyresTower(
+                path=CLIP_TOWER.path,
+                layers=CLIP_TOWER.layers,
+                attention=CLIP_TOWER.attention,
+                layout=CLIP_TOWER.layout,
+                modules=CLIP_TOWER.modules,
+                norms=CLIP_TOWER.norms,
+                constants=CLIP_TOWER.constants,
+            ),
+            AnyresImageTextInputs(
+                position_ids=text.position_ids,
+                max_positions=text.max_positions,
+                placeholders=text.placeholders,
+                tokens=lambda model, _pixels: CLIP_TOWER.tokens_per_image(model, _pixels),
+            ),
+            tiny={
+                **text_only.tiny,
+                # room for a 2x2 grid of tiles: 16 + 8 * 8 patches and 8 newlines
+                "text_config": {**text_only.tiny["text_config"], "max_position_embeddings": 128},
+                "vision_config": {
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "image_size": 16,
+                    "patch_size": 4,
+                },
+                # tiles of 16x16: 1x2, 2x1 and 2x2 grids (3 to 5 tiles with the base tile)
+                "image_grid_pinpoints": [[16, 32], [32, 16], [32, 32]],
+                # the default -2 with the tiny tower's 2 layers: the first layer's output
+                "vision_feature_layer": -2,
+                # inside the tiny vocabulary (the model embeds the placeholder before replacing it)
+                "image_token_id": 96,
+                **tiny,
             },
-            # tiles of 16x16: 1x2, 2x1 and 2x2 grids (3 to 5 tiles with the base tile)
-            "image_grid_pinpoints": [[16, 32], [32, 16], [32, 32]],
-            # the default -2 with the tiny tower's 2 layers: the first layer's output
-            "vision_feature_layer": -2,
-            # inside the tiny vocabulary (the model embeds the placeholder before replacing it)
-            "image_token_id": 96,
-        },
+        )
     )
-)
+
+
+LLAVA_NEXT = _anyres("llava_next")
+#: LLaVA-NeXT-Video's images are LLaVA-NeXT's (the same tower, projector and packing); videos are refused
+#: (its video placeholder inside the tiny vocabulary too, so that its refusal with images is tested)
+LLAVA_NEXT_VIDEO = _anyres("llava_next_video", video_token_id=95)
