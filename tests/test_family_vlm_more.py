@@ -309,3 +309,98 @@ def test_idefics3_without_pixel_attention_mask_conserves_with_the_models_own_mas
     torch.testing.assert_close(plain.conservation_gap, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6)
     assert not torch.allclose(plain.image_position[1], masked.image_position[1])
     torch.testing.assert_close(plain.image_position[0], masked.image_position[0], rtol=1e-9, atol=1e-15)
+
+
+# ---- the processors' own outputs (offline: PIL image processors and a word-level tokenizer) ------------------
+
+
+def _tokenizer():
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    words = ["[UNK]", "[PAD]", "a", "b", "c", "what", "is", "this", "?"]
+    special = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    special += [f"<row_{i}_col_{j}>" for i in range(1, 5) for j in range(1, 5)]
+    tok = tokenizers.Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(words + special)}, unk_token="[UNK]")
+    )
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.add_special_tokens({"additional_special_tokens": special})
+    return fast
+
+
+def _images():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)),  # 2 x 2 tiles + the whole image
+        Image.fromarray(rng.integers(0, 255, (40, 12, 3), dtype=np.uint8)),  # 2 x 1 tiles + the whole image
+    ]
+
+
+def _conserves(model, inputs, tiles):
+    _zero_biases(model)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    attr = hf_pelrp.attribute(model, **inputs, config="cp")
+    torch.testing.assert_close(attr.conservation_gap, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    per_tile = attr.image.reshape(2, inputs["pixel_values"].shape[1], -1)
+    for row, n in enumerate(tiles):
+        assert float(per_tile[row, :n].abs().min(-1).values.min()) > 0  # every real tile's patches
+        if n < per_tile.shape[1]:
+            assert float(per_tile[row, n:].abs().max()) == 0.0  # the padding tiles
+    placeholders = inputs["input_ids"] == model.config.image_token_id
+    assert float(attr.token[placeholders].abs().max()) == 0.0
+    return attr
+
+
+def test_idefics3_processor_output_is_explained():
+    """Idefics3's processor (image splitting, row / column tokens, the global image, padding tiles, right
+    padding of the text) gives inputs the declaration accepts, and bias-free CP conserves on them."""
+    tokenizer = _tokenizer()
+    processor = transformers.Idefics3Processor(
+        image_processor=transformers.Idefics3ImageProcessorPil(
+            size={"longest_edge": 32}, max_image_size={"longest_edge": 16}
+        ),
+        tokenizer=tokenizer,
+        image_seq_len=4,
+    )
+    inputs = processor(
+        text=["a <image> what is this ?", "b <image> c"],
+        images=[[im] for im in _images()],
+        return_tensors="pt",
+        padding=True,
+    )
+    config = tiny_config("idefics3")
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    model = transformers.Idefics3ForConditionalGeneration(config).double().eval()
+    assert inputs["pixel_values"].shape[:2] == (2, 5)
+    _conserves(model, dict(inputs), [5, 3])
+
+
+def test_llava_next_processor_output_is_explained():
+    """LLaVA-NeXT's processor (anyres tiles, image_sizes, the expanded image token with the crop and the
+    newlines counted its way) gives inputs the declaration accepts, and bias-free CP conserves on them."""
+    tokenizer = _tokenizer()
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    processor = transformers.LlavaNextProcessor(
+        image_processor=transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    inputs = processor(
+        text=["a <image> what is this ?", "b <image> c"], images=_images(), return_tensors="pt", padding=True
+    )
+    config = tiny_config("llava_next")
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(config).double().eval()
+    _conserves(model, dict(inputs), [5, 3])
