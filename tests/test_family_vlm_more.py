@@ -30,7 +30,10 @@ CLASSES = {
     "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,  # on images
     "vipllava": transformers.VipLlavaForConditionalGeneration,
     "aya_vision": transformers.AyaVisionForConditionalGeneration,
+    "cohere2_vision": transformers.Cohere2VisionForConditionalGeneration,
 }
+#: SigLIP tower per tile, SwiGLU projector, tiles of all rows in one [n_tiles, C, H, W] tensor
+SWIGLU = ("aya_vision", "cohere2_vision")
 #: the types whose images come as tiles ([B, n_tiles, C, H, W])
 TILED = ("idefics3", "llava_next", "llava_next_video", "smolvlm")
 
@@ -57,7 +60,7 @@ def _close(fast: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None
     assert err < tol, f"{what}: max error {err:.3e} of the largest entry (tolerance {tol:.0e})"
 
 
-@pytest.mark.parametrize("model_type", sorted(set(CLASSES) - {"aya_vision"}))
+@pytest.mark.parametrize("model_type", sorted(set(CLASSES) - set(SWIGLU)))
 @pytest.mark.parametrize("mode", ["attnlrp", "cp"])
 def test_image_maps_match_explicit_rules(model_type, mode):
     """The whole path (tower per tile or image, connector / projector, packing, decoder) against the explicit float64
@@ -412,12 +415,12 @@ def test_llava_next_processor_output_is_explained():
     _conserves(model, dict(inputs), [5, 3])
 
 
-# ---- Aya Vision: tiles of all rows in one [n_tiles, C, H, W] tensor, a SwiGLU projector ---------------------------
+# ---- Aya Vision / Cohere 2 Vision: tiles of all rows in one [n_tiles, C, H, W] tensor, a SwiGLU projector -------
 
 
-def _aya_two_rows(seed: int = 0):
+def _aya_two_rows(model_type: str = "aya_vision", seed: int = 0):
     """Row 0 owns 3 tiles, row 1 one: pixel_values [4, C, H, W], each row's placeholders after two text tokens."""
-    model, one_tile = _model("aya_vision", seed)
+    model, one_tile = _model(model_type, seed)
     gen = torch.Generator().manual_seed(seed + 5)
     pixels = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64)
     holder = model.config.image_token_id
@@ -430,12 +433,13 @@ def _aya_two_rows(seed: int = 0):
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
+@pytest.mark.parametrize("model_type", SWIGLU)
 @pytest.mark.parametrize("mode", ["attnlrp", "cp"])
-def test_aya_vision_image_maps_match_explicit_rules_from_the_image_features(mode):
+def test_swiglu_vlm_image_maps_match_explicit_rules_from_the_image_features(model_type, mode):
     """The SwiGLU projector, the pixel shuffle and the SigLIP tower against the explicit float64 reference, from
     the relevance the fast path gives the projector's output (the Cohere 2 decoder is check_adapter's); the
     maps of the 3 + 1 tiles land in the rows that own them."""
-    model, inputs = _aya_two_rows()
+    model, inputs = _aya_two_rows(model_type)
     attr = hf_pelrp.attribute(model, **inputs, config=mode)
     seen = []
     proj = model.model.multi_modal_projector
@@ -463,8 +467,9 @@ def test_aya_vision_image_maps_match_explicit_rules_from_the_image_features(mode
         assert float(position.abs().sum()) > 1e-3 * float(image.abs().sum())
 
 
-def test_aya_vision_multi_tile_rows_conserve():
-    model, inputs = _aya_two_rows(3)
+@pytest.mark.parametrize("model_type", SWIGLU)
+def test_swiglu_vlm_multi_tile_rows_conserve(model_type):
+    model, inputs = _aya_two_rows(model_type, 3)
     _zero_biases(model)
     attr = hf_pelrp.attribute(model, **inputs, config="cp")
     torch.testing.assert_close(attr.conservation_gap, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6)
@@ -483,8 +488,9 @@ def test_aya_vision_multi_tile_rows_conserve():
         (_drop("pixel_values"), "placeholder"),
     ],
 )
-def test_bad_aya_vision_image_inputs_are_refused(change, message):
-    model, inputs = _aya_two_rows()
+@pytest.mark.parametrize("model_type", SWIGLU)
+def test_bad_swiglu_vlm_image_inputs_are_refused(model_type, change, message):
+    model, inputs = _aya_two_rows(model_type)
     with pytest.raises(AttributionInputError, match=message):
         hf_pelrp.attribute(model, **change(inputs))
 

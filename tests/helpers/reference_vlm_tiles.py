@@ -354,17 +354,18 @@ def vipllava_reference(model, input_ids, attention_mask, pixel_values, *, mode):
     return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
 
 
-# ---- Aya Vision (from the relevance reaching the image features) --------------------------------------------------
+# ---- Aya Vision / Cohere 2 Vision (from the relevance reaching the image features) --------------------------------
 
 
 @torch.no_grad()
 def aya_vision_image_reference(model, pixel_values, r_features, *, mode):
-    """Explicit PE-LRP of Aya Vision's image path, from the relevance ``r_features`` [n_tiles, P', D] reaching
-    the projector's output down to the SigLIP tower's embedding sum: the projector (pixel shuffle as a
-    permutation, LayerNorm by the identity rule, ``linear_1``, the SwiGLU ``silu(gate) * x`` by the uniform rule
-    (AttnLRP) or with the activated gate constant (CP), ``linear_2``), then the tower's blocks up to
-    ``vision_feature_layer``. The decoder part is Cohere 2's, proven by check_adapter on text; this reference
-    checks what the images add. Returns ``(image, image_position)`` [n_tiles, P]."""
+    """Explicit PE-LRP of Aya Vision's (or Cohere 2 Vision's) image path, from the relevance ``r_features``
+    [n_tiles, P', D] reaching the projector's output down to the SigLIP tower's embedding sum: the projector
+    (pixel shuffle as a permutation, Aya's LayerNorm by the identity rule, ``linear_1``, the SwiGLU
+    ``silu(gate) * x`` by the uniform rule (AttnLRP) or with the activated gate constant (CP), ``linear_2``), then
+    the tower's blocks (Aya: ``vision_feature_layer`` -1, before the post-LayerNorm; Cohere 2 Vision: its
+    ``last_hidden_state``, after it). The decoder part is Cohere 2's, proven by check_adapter on text; this
+    reference checks what the images add. Returns ``(image, image_position)`` [n_tiles, P]."""
     cfg = model.config
     base = model.model
     tower, proj = base.vision_tower, base.multi_modal_projector
@@ -372,7 +373,8 @@ def aya_vision_image_reference(model, pixel_values, r_features, *, mode):
     conv = emb.patch_embedding
     patch = cfg.vision_config.patch_size
     side = cfg.vision_config.image_size // patch
-    if cfg.vision_feature_layer not in (-1, len(tower.encoder.layers)):
+    post_norm = cfg.model_type == "cohere2_vision"  # reads last_hidden_state
+    if not post_norm and cfg.vision_feature_layer not in (-1, len(tower.encoder.layers)):
         raise ValueError("the reference reads the last block's output")
     table = emb.position_embedding.weight.detach().to(F64)
     order = _shuffle_order(
@@ -392,17 +394,25 @@ def aya_vision_image_reference(model, pixel_values, r_features, *, mode):
         e = t + p
         allowed = torch.ones(1, side * side, side * side, dtype=torch.bool)
         y, acts = _siglip_blocks_forward(tower, e, allowed)
-        shuffled = y[order.reshape(-1, group)].flatten(1)
-        normed, w_ln, s_ln = layer_norm(shuffled, proj.layernorm)
+        out, w_post, s_post = layer_norm(y, tower.post_layernorm) if post_norm else (y, None, None)
+        shuffled = out[order.reshape(-1, group)].flatten(1)
+        if hasattr(proj, "layernorm"):
+            normed, w_ln, s_ln = layer_norm(shuffled, proj.layernorm)
+        else:
+            normed = shuffled
         z1 = _apply(_lin(proj.linear_1), normed)
         x, gate = z1.chunk(2, dim=-1)
         h = proj.act(gate) * x
         r_h = lrp_linear(h, *_lin(proj.linear_2), r_z)
         r_x, r_gate = (0.5 * r_h, 0.5 * r_h) if mode == "attnlrp" else (r_h, torch.zeros_like(r_h))
         r_normed = lrp_linear(normed, *_lin(proj.linear_1), torch.cat([r_x, r_gate], -1))
-        r_shuffled = lrp_layer_norm(shuffled, normed, w_ln, s_ln, r_normed)
-        r_y = torch.zeros_like(y)
-        r_y[order.reshape(-1, group)] = r_shuffled.reshape(r_shuffled.shape[0], group, -1)
+        if hasattr(proj, "layernorm"):
+            r_shuffled = lrp_layer_norm(shuffled, normed, w_ln, s_ln, r_normed)
+        else:
+            r_shuffled = r_normed
+        r_out = torch.zeros_like(out)
+        r_out[order.reshape(-1, group)] = r_shuffled.reshape(r_shuffled.shape[0], group, -1)
+        r_y = lrp_layer_norm(y, out, w_post, s_post, r_out) if post_norm else r_out
         r_e = _siglip_blocks_backward(tower, acts, allowed, r_y, mode)
         r_t, r_p = split_sum([t, p], r_e)
         images.append(r_t.sum(-1))

@@ -1,4 +1,4 @@
-"""Aya Vision explained with its images (``aya_vision``; issue 19).
+"""Aya Vision and Cohere 2 Vision explained with their images (``aya_vision``, ``cohere2_vision``; issue 19).
 
 Aya Vision runs every image tile (its processor crops an image into tiles and adds a thumbnail) through a SigLIP
 tower, then a projector: a pixel shuffle (a permutation: relevance moves with the values), a LayerNorm (identity
@@ -6,7 +6,9 @@ rule), ``linear_1``, a SwiGLU ``silu(gate) * x`` with ``x, gate = linear_1(...).
 (epsilon rule). The SwiGLU is a gated product outside the decoder's blocks: it gets the rule of the decoder's
 gated MLPs (AttnLRP: the uniform rule, half to each factor; CP: the activated gate a constant), attached by
 :class:`SwiGluTower`. The tower's leaves are a SigLIP tower's (``image_token`` / ``image_position`` at its
-embedding sum, no class token); its attention-pooling head is computed but unused: cut.
+embedding sum, no class token); its attention-pooling head is computed but unused: cut. Cohere 2 Vision is the
+same path without the projector's LayerNorm, reading the tower's ``last_hidden_state`` (after its
+post-LayerNorm).
 
 **Inputs and layout.** ``pixel_values`` [n_tiles, C, H, W] holds the tiles of all rows in row order (the
 processor's output); each row holds ``(side / downsample)^2`` placeholders per tile of its image, so the row's
@@ -128,9 +130,10 @@ class TileRowsInputs(ImageTextInputs):
             return super().validate(model, inputs)  # text only: placeholder tokens refused
         name = type(model).__name__
         config = model.config
-        if config.vision_feature_select_strategy != "full":
+        strategy = getattr(config, "vision_feature_select_strategy", "full")
+        if strategy != "full":
             raise UnsupportedModelError(
-                f"{name} with vision_feature_select_strategy={config.vision_feature_select_strategy!r}: its SigLIP "
+                f"{name} with vision_feature_select_strategy={strategy!r}: its SigLIP "
                 "tower has no class token to drop, so only 'full' runs (the pixel shuffle needs every patch)"
             )
         check_unknown_inputs(inputs, self.accepted(), model)
@@ -174,40 +177,46 @@ class TileRowsInputs(ImageTextInputs):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
-_TEXT_ONLY = _REGISTRY["aya_vision"]
-_text = _TEXT_ONLY.inputs
-AYA_VISION = register_adapter(
-    with_images(
-        _TEXT_ONLY,
-        SwiGluTower(
-            path="vision_tower",
-            layers="encoder.layers",
-            attention="self_attn",
-            layout=_tower_layout(()),
-            modules=(*_SIGLIP_TOWER, "AyaVisionMultiModalProjector", "SiLUActivation"),
-            norms={"LayerNorm": layer_norm},
-            constants=("embeddings.position_embedding",),
-            cut=("head",),
-        ),
-        TileRowsInputs(
-            position_ids=_text.position_ids,
-            max_positions=_text.max_positions,
-            placeholders=_text.placeholders,
-            tokens=lambda model, _pixels: tokens_per_tile(model),
-        ),
-        tiny={
-            **_TEXT_ONLY.tiny,
-            "vision_config": {
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 16,
-                "patch_size": 4,
+def _swiglu_vlm(model_type: str, projector_classes: tuple[str, ...]) -> Any:
+    """The declaration with images of a SigLIP-tower, SwiGLU-projector type, from its text-only one."""
+    text_only = _REGISTRY[model_type]
+    text = text_only.inputs
+    return register_adapter(
+        with_images(
+            text_only,
+            SwiGluTower(
+                path="vision_tower",
+                layers="encoder.layers",
+                attention="self_attn",
+                layout=_tower_layout(()),
+                modules=(*_SIGLIP_TOWER, *projector_classes),
+                norms={"LayerNorm": layer_norm},
+                constants=("embeddings.position_embedding",),
+                cut=("head",),
+            ),
+            TileRowsInputs(
+                position_ids=text.position_ids,
+                max_positions=text.max_positions,
+                placeholders=text.placeholders,
+                tokens=lambda model, _pixels: tokens_per_tile(model),
+            ),
+            tiny={
+                **text_only.tiny,
+                "vision_config": {
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "image_size": 16,
+                    "patch_size": 4,
+                },
+                "alignment_intermediate_size": 64,  # the SwiGLU: 32 channels of x, 32 of gate
+                # inside the tiny vocabulary (the model embeds the placeholder before replacing it)
+                "image_token_id": 96,
             },
-            "alignment_intermediate_size": 64,  # the SwiGLU: 32 channels of x, 32 of gate
-            # inside the tiny vocabulary (the model embeds the placeholder before replacing it)
-            "image_token_id": 96,
-        },
+        )
     )
-)
+
+
+AYA_VISION = _swiglu_vlm("aya_vision", ("AyaVisionMultiModalProjector", "SiLUActivation"))
+COHERE2_VISION = _swiglu_vlm("cohere2_vision", ("Cohere2VisionMultiModalProjector", "SiLU"))
