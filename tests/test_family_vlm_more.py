@@ -14,6 +14,7 @@ from helpers.reference_vlm_tiles import (
     aya_vision_image_reference,
     idefics3_reference,
     llava_next_reference,
+    llava_onevision_reference,
     vipllava_reference,
 )
 from hf_pelrp import AttributionInputError, UnsupportedModelError
@@ -28,6 +29,7 @@ CLASSES = {
     "smolvlm": transformers.SmolVLMForConditionalGeneration,
     "llava_next": transformers.LlavaNextForConditionalGeneration,
     "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,  # on images
+    "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,  # SigLIP tower, grids resized
     "vipllava": transformers.VipLlavaForConditionalGeneration,
     "aya_vision": transformers.AyaVisionForConditionalGeneration,
     "cohere2_vision": transformers.Cohere2VisionForConditionalGeneration,
@@ -35,7 +37,7 @@ CLASSES = {
 #: SigLIP tower per tile, SwiGLU projector, tiles of all rows in one [n_tiles, C, H, W] tensor
 SWIGLU = ("aya_vision", "cohere2_vision")
 #: the types whose images come as tiles ([B, n_tiles, C, H, W])
-TILED = ("idefics3", "llava_next", "llava_next_video", "smolvlm")
+TILED = ("idefics3", "llava_next", "llava_next_video", "llava_onevision", "smolvlm")
 
 
 def _model(model_type: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
@@ -66,7 +68,16 @@ def test_image_maps_match_explicit_rules(model_type, mode):
     """The whole path (tower per tile or image, connector / projector, packing, decoder) against the explicit float64
     reference of ``helpers/reference_vlm_tiles.py``: every map, both modes."""
     model, inputs = _model(model_type)
-    if model_type.startswith("llava_next"):
+    if model_type == "llava_onevision":
+        ref = llava_onevision_reference(
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["pixel_values"],
+            inputs["image_sizes"],
+            mode=mode,
+        )
+    elif model_type.startswith("llava_next"):
         ref = llava_next_reference(
             model,
             inputs["input_ids"],
@@ -136,6 +147,7 @@ def test_tile_maps_are_the_relevance_at_the_tower_embedding_output(model_type, m
         per_tile = (emb * emb.grad).sum(-1).detach()
     if model_type.startswith("llava_next"):
         per_tile = per_tile[:, 1:]  # the class token: in image_special
+    if model_type.startswith("llava"):
         real = torch.zeros(inputs["pixel_values"].shape[:2], dtype=torch.bool)
         for row, n in enumerate([5, 3]):  # example(): (32, 32) and (12, 40) with the tiny pinpoints
             real[row, :n] = True
@@ -261,7 +273,7 @@ def test_bad_tiled_image_inputs_are_refused(model_type, change, message):
             lambda i: {**i, "input_ids": i["input_ids"][:, 3:], "attention_mask": i["attention_mask"][:, 3:]},
             "placeholder",
         ),
-        (_drop("pixel_values"), "image_sizes comes with images"),
+        (_drop("pixel_values"), "image_sizes / batch_num_images come with images"),
     ],
 )
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_next_video"])
@@ -499,4 +511,16 @@ def test_aya_vision_default_feature_strategy_is_refused():
     model, inputs = _aya_two_rows()
     model.config.vision_feature_select_strategy = "default"
     with pytest.raises(UnsupportedModelError, match="'full'"):
+        hf_pelrp.attribute(model, **inputs)
+
+
+def test_llava_onevision_refuses_several_images_per_row_and_the_default_strategy():
+    model, inputs = _model("llava_onevision")
+    with pytest.raises(AttributionInputError, match="one image per prompt row"):
+        hf_pelrp.attribute(model, **inputs, batch_num_images=torch.tensor([2, 1]))
+    ones = hf_pelrp.attribute(model, **inputs, batch_num_images=torch.tensor([1, 1]), config="cp")
+    plain = hf_pelrp.attribute(model, **inputs, config="cp")
+    torch.testing.assert_close(ones.image, plain.image, rtol=0, atol=0)
+    model.config.vision_feature_select_strategy = "default"
+    with pytest.raises(UnsupportedModelError, match="only with 'full'"):
         hf_pelrp.attribute(model, **inputs)

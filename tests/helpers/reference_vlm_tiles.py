@@ -418,3 +418,120 @@ def aya_vision_image_reference(model, pixel_values, r_features, *, mode):
         images.append(r_t.sum(-1))
         positions.append(r_p.sum(-1))
     return torch.stack(images), torch.stack(positions)
+
+
+# ---- LLaVA-OneVision ------------------------------------------------------------------------------------------
+
+
+def _interpolation_matrix(height: int, width: int, size: tuple[int, int]) -> torch.Tensor:
+    """The bilinear resize of a ``height x width`` grid to ``size`` as a [size[0] * size[1], height * width]
+    matrix (the map is linear in the grid's values: each column is the resize of one unit grid)."""
+    basis = torch.eye(height * width, dtype=F64).reshape(height * width, 1, height, width)
+    resized = torch.nn.functional.interpolate(basis, list(size), mode="bilinear")
+    return resized.reshape(height * width, -1).T
+
+
+@torch.no_grad()
+def llava_onevision_reference(model, input_ids, attention_mask, pixel_values, image_sizes, *, mode):
+    """Explicit PE-LRP of a ``LlavaOnevisionForConditionalGeneration`` (one image per row, the last position's
+    arg-max explained, ``"full"`` features of a SigLIP tower): per tile the tower's blocks up to
+    ``vision_feature_layer`` (no class token, no pre-LayerNorm) and LLaVA's MLP projector; the packing written
+    out as for LLaVA-NeXT, with the cropped grid resized (bilinear, a linear map: epsilon rule without bias) when
+    it holds more than ``anyres_max_N`` tiles' worth of patches, a newline after each of its rows."""
+    cfg = model.config
+    base = model.model
+    tower, proj = base.vision_tower, base.multi_modal_projector
+    text = _weights(SimpleNamespace(model=base.language_model, config=cfg.text_config, lm_head=model.lm_head))
+    layers = len(tower.encoder.layers)
+    if cfg.vision_feature_select_strategy != "full" or cfg.vision_feature_layer % (layers + 1) != layers:
+        raise ValueError("the reference reads every token of the last block's output")
+    emb = tower.embeddings
+    conv = emb.patch_embedding
+    size = cfg.vision_config.image_size
+    patch = cfg.vision_config.patch_size
+    side = size // patch
+    table = emb.position_embedding.weight.detach().to(F64)
+    newline = base.image_newline.detach().to(F64)
+    max_tiles = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_"))
+    allowed = torch.ones(1, side * side, side * side, dtype=torch.bool)
+    rows = {
+        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
+    }
+    for b in range(input_ids.shape[0]):
+        ids, mask = input_ids[b], attention_mask[b]
+        tiles_h, tiles_w = _best_grid(image_sizes[b], cfg.image_grid_pinpoints, size)
+        tiles = []
+        for s in range(1 + tiles_h * tiles_w):
+            t = (
+                torch.nn.functional.conv2d(
+                    pixel_values[b, s][None].to(F64),
+                    conv.weight.detach().to(F64),
+                    conv.bias.detach().to(F64),
+                    stride=patch,
+                )[0]
+                .flatten(1)
+                .T
+            )
+            p = table[: side * side]
+            y, acts = _siglip_blocks_forward(tower, t + p, allowed)
+            z1 = _apply(_lin(proj.linear_1), y)
+            a1 = proj.act(z1)
+            z2 = _apply(_lin(proj.linear_2), a1)
+            tiles.append({"t": t, "p": p, "y": y, "acts": acts, "a1": a1, "z2": z2})
+        keep_rows, keep_cols = _kept(image_sizes[b], tiles_h * side, tiles_w * side)
+        where = [
+            (1 + (r // side) * tiles_w + c // side, (r % side) * side + c % side)
+            for r in keep_rows
+            for c in keep_cols
+        ]
+        grid = torch.stack([tiles[t]["z2"][k] for t, k in where])  # [Hk * Wk, D], raster order
+        height, width = len(keep_rows), len(keep_cols)
+        ratio = math.sqrt(height * width / (max_tiles * side**2))
+        resize = None
+        if ratio > 1.1:
+            out_h, out_w = int(height // ratio), int(width // ratio)
+            resize = _interpolation_matrix(height, width, (out_h, out_w))
+            packed_grid = resize @ grid
+            height, width = out_h, out_w
+        else:
+            packed_grid = grid
+        sequence = [tiles[0]["z2"]]
+        for r in range(height):
+            sequence += [packed_grid[r * width : (r + 1) * width], newline[None]]
+        holders = ids == cfg.image_token_id
+        embeds = text["embed"][ids].clone()
+        embeds[holders] = torch.cat(sequence)
+        keep: dict = {}
+        position = int(mask.nonzero().max())
+        token, by_layer, logit, target, _, _ = _explain_row(
+            text, ids, mask, position, None, mode, True, embeds=embeds, keep=keep
+        )
+        r_holders = keep["r_x"][holders]
+        r_z2 = [torch.zeros_like(tile["z2"]) for tile in tiles]
+        r_z2[0] += r_holders[: side * side]
+        rest = r_holders[side * side :].reshape(height, width + 1, -1)
+        special = rest[:, -1].sum()
+        r_packed = rest[:, :-1].reshape(height * width, -1)
+        r_grid = r_packed if resize is None else lrp_linear(grid.T, resize, None, r_packed.T).T
+        for (t, k), r in zip(where, r_grid, strict=True):
+            r_z2[t][k] += r
+        slots = pixel_values.shape[1]
+        image = torch.zeros(slots, side * side, dtype=F64)
+        image_position = torch.zeros(slots, side * side, dtype=F64)
+        for s, tile in enumerate(tiles):
+            r_a1 = lrp_linear(tile["a1"], *_lin(proj.linear_2), r_z2[s])
+            r_y = lrp_linear(tile["y"], *_lin(proj.linear_1), r_a1)  # identity rule on the activation
+            r_e = _siglip_blocks_backward(tower, tile["acts"], allowed, r_y, mode)
+            r_t, r_p = split_sum([tile["t"], tile["p"]], r_e)
+            image[s] = r_t.sum(-1)
+            image_position[s] = r_p.sum(-1)
+        token = token.clone()
+        token[holders] = 0.0
+        rows["token"].append(token)
+        rows["position"].append(by_layer.sum(0))
+        rows["image"].append(image.reshape(-1))
+        rows["image_position"].append(image_position.reshape(-1))
+        rows["image_special"].append(special)
+        rows["logit"].append(logit)
+        rows["target"].append(torch.tensor(target))
+    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})

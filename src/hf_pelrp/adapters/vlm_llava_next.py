@@ -29,6 +29,7 @@ and ``image_grid`` is ``(n_tiles * h, w)``: the tiles stacked from top to bottom
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +42,12 @@ from ..hooks import Handles, HookRule, LeafStore, make_leaf
 from ..inputs import Prepared, TextInputs, check_unknown_inputs
 from ..rules import relevance_of
 from .base import _REGISTRY, register_adapter
+from .norms import layer_norm
 from .vision_language import ImageTextInputs, VisionTower, _image_token_id, random_text, with_images
 from .vit import _pair
 from .vlm_idefics3 import _checked_tiles
-from .vlm_images import CLIP_TOWER
+from .vlm_images import CLIP_TOWER, _tower_layout
+from .vlm_text import _SIGLIP_TOWER
 
 #: the marker of a newline in :func:`feature_layout`
 NEWLINE = -1
@@ -68,7 +71,8 @@ def _base(model: nn.Module) -> nn.Module:
 def feature_layout(model: nn.Module, image_sizes: torch.Tensor) -> list[torch.Tensor]:
     """Per image, what each of its placeholder tokens holds: ``tile * P + patch`` (tile 0 is the base tile) or
     :data:`NEWLINE`. Computed by running the model's own ``pack_image_features`` on index tensors, so that the
-    grid arrangement and the ``unpad_image`` crop are the model's."""
+    grid arrangement and the ``unpad_image`` crop are the model's. (Where LLaVA-OneVision interpolates a large
+    grid down, the entries of the grid are no longer indices; the newlines and the length stay exact.)"""
     vision = model.config.vision_config
     side = vision.image_size // vision.patch_size
     patches = side * side
@@ -76,12 +80,14 @@ def feature_layout(model: nn.Module, image_sizes: torch.Tensor) -> list[torch.Te
         torch.arange(n * patches, dtype=torch.float64).reshape(n, patches, 1)
         for n in tiles_per_image(model, image_sizes)
     ]
-    packed, _ = _base(model).pack_image_features(
-        features,
-        image_sizes,
-        vision_feature_select_strategy="default",
-        image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64),
-    )
+    pack = _base(model).pack_image_features
+    options: dict[str, Any] = {"image_newline": torch.tensor([float(NEWLINE)], dtype=torch.float64)}
+    accepted = inspect.signature(pack).parameters
+    if "vision_feature_select_strategy" in accepted:
+        options["vision_feature_select_strategy"] = model.config.vision_feature_select_strategy
+    if "vision_aspect_ratio" in accepted:
+        options["vision_aspect_ratio"] = model.config.vision_aspect_ratio
+    packed, _ = pack(features, image_sizes, **options)
     return [p[:, 0].long() for p in packed]
 
 
@@ -185,24 +191,35 @@ class AnyresImageTextInputs(ImageTextInputs):
     the model packs for ``image_sizes[b]`` (patches of the kept tiles and the newlines)."""
 
     image_keys: tuple[str, ...] = ("image_sizes",)
+    #: the feature strategy the packing needs: ``"default"`` drops a CLIP tower's class token, ``"full"`` keeps
+    #: every token of a SigLIP tower (which has none)
+    strategy: str = "default"
 
     def validate(self, model: nn.Module, inputs: dict[str, Any]) -> Prepared:
         inputs = {k: v for k, v in inputs.items() if v is not None}
         pixels = inputs.pop("pixel_values", None)
         sizes = inputs.pop("image_sizes", None)
+        per_row = inputs.pop("batch_num_images", None)
         if pixels is None:
-            if sizes is not None:
-                raise AttributionInputError("image_sizes comes with images: pass pixel_values too")
+            if sizes is not None or per_row is not None:
+                raise AttributionInputError(
+                    "image_sizes / batch_num_images come with images: pass pixel_values too"
+                )
             return super().validate(model, inputs)  # text only: placeholder tokens refused
+        if per_row is not None and (len(per_row) != len(pixels) or any(int(n) != 1 for n in per_row)):
+            raise AttributionInputError(
+                f"batch_num_images={[int(n) for n in per_row]}: hf_pelrp explains one image per prompt row; attribute rows "
+                "with several images one image at a time"
+            )
         name = type(model).__name__
         if inputs.get("pixel_values_videos") is not None:
             raise AttributionInputError(
                 f"{name}'s videos are not explained by hf_pelrp (images are): leave pixel_values_videos out"
             )
-        if model.config.vision_feature_select_strategy != "default":
+        if model.config.vision_feature_select_strategy != self.strategy:
             raise UnsupportedModelError(
                 f"{name} with vision_feature_select_strategy={model.config.vision_feature_select_strategy!r}: "
-                "LLaVA-NeXT packs tiles of patches only with 'default' (the class token dropped)"
+                f"it packs tiles of patches only with {self.strategy!r} (the patches without a class token)"
             )
         check_unknown_inputs(inputs, self.accepted(), model)
         if "input_ids" not in inputs:
@@ -240,8 +257,9 @@ class AnyresImageTextInputs(ImageTextInputs):
                 f"of size {sizes[row].tolist()} fills {want} (the kept patches of its tiles and the newlines): "
                 "build the prompt with the model's processor, one image per row"
             )
+        extra = {} if per_row is None else {"batch_num_images": per_row}
         return dataclasses.replace(
-            prepared, inputs={**prepared.inputs, "pixel_values": pixels, "image_sizes": sizes}
+            prepared, inputs={**prepared.inputs, "pixel_values": pixels, "image_sizes": sizes, **extra}
         )
 
     def example(
@@ -293,28 +311,22 @@ def _checked_sizes(sizes: Any, rows: int) -> torch.Tensor:
     return sizes
 
 
-def _anyres(model_type: str, **tiny: Any) -> Any:
-    """The declaration with images of an anyres LLaVA-NeXT type, from its text-only one (``tiny``: more tiny
-    config fields)."""
+def _anyres(model_type: str, tower: VisionTower = CLIP_TOWER, strategy: str = "default", **tiny: Any) -> Any:
+    """The declaration with images of an anyres type (LLaVA-NeXT's packing), from its text-only one (``tower``:
+    where its vision tower is and what it is; ``tiny``: more tiny config fields)."""
     text_only = _REGISTRY[model_type]
     text = text_only.inputs
     return register_adapter(
         with_images(
             text_only,
-            AnyresTower(
-                path=CLIP_TOWER.path,
-                layers=CLIP_TOWER.layers,
-                attention=CLIP_TOWER.attention,
-                layout=CLIP_TOWER.layout,
-                modules=CLIP_TOWER.modules,
-                norms=CLIP_TOWER.norms,
-                constants=CLIP_TOWER.constants,
-            ),
+            AnyresTower(**{f.name: getattr(tower, f.name) for f in dataclasses.fields(VisionTower)}),
             AnyresImageTextInputs(
                 position_ids=text.position_ids,
                 max_positions=text.max_positions,
                 placeholders=text.placeholders,
-                tokens=lambda model, _pixels: CLIP_TOWER.tokens_per_image(model, _pixels),
+                tokens=lambda model, _pixels: tower.tokens_per_image(model, _pixels),
+                strategy=strategy,
+                image_keys=("image_sizes", "batch_num_images"),
             ),
             tiny={
                 **text_only.tiny,
@@ -344,3 +356,26 @@ LLAVA_NEXT = _anyres("llava_next")
 #: LLaVA-NeXT-Video's images are LLaVA-NeXT's (the same tower, projector and packing); videos are refused
 #: (its video placeholder inside the tiny vocabulary too, so that its refusal with images is tested)
 LLAVA_NEXT_VIDEO = _anyres("llava_next_video", video_token_id=95)
+
+#: LLaVA-OneVision's SigLIP tower (no class token; the attention-pooling head computed but unused: cut)
+SIGLIP_ANYRES_TOWER = VisionTower(
+    path="vision_tower",
+    layers="encoder.layers",
+    attention="self_attn",
+    layout=_tower_layout(()),
+    modules=_SIGLIP_TOWER,
+    norms={"LayerNorm": layer_norm},
+    constants=("embeddings.position_embedding",),
+    cut=("head",),
+)
+#: LLaVA-OneVision: LLaVA-NeXT's packing with a SigLIP tower ("full" features) and large grids interpolated down
+#: to at most ``anyres_max_N`` tiles' worth of patches (bilinear: a linear map, relevance moves through it by
+#: its gradient); the tiny model's ``anyres_max_1`` interpolates a 2x2 grid, so that this path is tested
+LLAVA_ONEVISION = _anyres(
+    "llava_onevision",
+    SIGLIP_ANYRES_TOWER,
+    "full",
+    vision_feature_select_strategy="full",
+    vision_feature_layer=-1,
+    vision_aspect_ratio="anyres_max_1",
+)
