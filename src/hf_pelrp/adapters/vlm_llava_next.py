@@ -1,4 +1,5 @@
-"""LLaVA-NeXT explained with its images (``llava_next``, and ``llava_next_video`` on images; issue 19).
+"""LLaVA-NeXT explained with its images (``llava_next``, ``llava_next_video`` on images, ``llava_onevision``;
+issue 19).
 
 LLaVA-NeXT ("anyres") resizes an image to the best of ``config.image_grid_pinpoints``, cuts it into tiles of the
 tower's size and adds the whole image resized to one tile (the "base" tile, first). Every tile runs through the
@@ -24,6 +25,11 @@ the tiles of its image, base tile first, then the grid tiles row by row; slots p
 [B, n_tiles * P] (P patches of a tile in raster order, tiles in ``pixel_values`` order, padding slots exactly 0)
 and ``image_grid`` is ``(n_tiles * h, w)``: the tiles stacked from top to bottom, as for Idefics3
 (:mod:`hf_pelrp.adapters.vlm_idefics3`). One image per row; ``image_sizes`` [B, 2] (height, width) is required.
+
+LLaVA-OneVision packs the same way with a SigLIP tower (no class token, ``"full"`` features) and resizes the
+cropped grid (bilinear) when it holds more than ``anyres_max_N`` tiles' worth of patches: a linear map, through
+which relevance moves by its gradient (the epsilon rule of a map without bias). ``batch_num_images`` other than
+one image per row is refused.
 """
 
 from __future__ import annotations
