@@ -146,12 +146,12 @@ def test_text_only_maps_equal_the_text_decoder_with_the_same_weights(model_type,
 
 
 def test_images_and_placeholders_are_refused():
-    """A wrapper explained on text only (VipLLaVA) refuses images by name; LLaVA (explained with images) refuses
-    placeholders without an image, and images that do not fit."""
-    config = tiny_config("vipllava")
+    """A wrapper explained on text only (Video-LLaVA) refuses images by name; LLaVA (explained with images)
+    refuses placeholders without an image, and images that do not fit."""
+    config = tiny_config("video_llava")
     config.image_token_id = 5
     torch.manual_seed(0)
-    model = transformers.VipLlavaForConditionalGeneration(config).double().eval()
+    model = transformers.VideoLlavaForConditionalGeneration(config).double().eval()
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with pytest.raises(AttributionInputError, match="text-only.*pixel_values"):
         hf_pelrp.attribute(model, ids, pixel_values=torch.zeros(1, 3, 28, 28, dtype=torch.float64))
