@@ -51,3 +51,34 @@ def test_generated_rows_conserve_over_text_and_image(model_type):
     for name in ("image", "image_position", "image_special"):
         torch.testing.assert_close(getattr(gen, name)[-1:], getattr(last, name), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gen.token[-1:, : prefix.shape[1]], last.token, rtol=1e-9, atol=1e-12)
+
+
+def _vision_types() -> list[str]:
+    from hf_pelrp.adapters.base import _REGISTRY
+
+    return sorted(t for t, a in _REGISTRY.items() if getattr(a, "vision", None) is not None)
+
+
+@pytest.mark.parametrize("model_type", _vision_types())
+def test_every_vlm_with_images_explains_a_continuation_exactly(model_type):
+    from hf_pelrp.check import head_classes
+
+    adapter = adapter_for_type(model_type)
+    cls = next(
+        c
+        for c in head_classes(model_type, adapter)
+        if "Conditional" in c.__name__ or "CausalLM" in c.__name__
+    )
+    torch.manual_seed(0)
+    model = cls(tiny_config(model_type, adapter)).double().eval()
+    _randomise(model, 0)
+    _zero_biases(model)
+    inputs = adapter.inputs.example(model, 1, 4, torch.Generator().manual_seed(1))
+    inputs.pop("attention_mask")
+    gen = hf_pelrp.explain_continuation(
+        model, **inputs, continuation_ids=torch.tensor([[5, 6, 7]]), config="cp"
+    )
+    assert gen.image.shape[0] == 3
+    scale = gen.target_value.abs().clamp(min=1.0)
+    assert float((gen.conservation_gap.abs() / scale).max()) < 1e-6
+    assert float(gen.image.abs().sum(-1).min()) > 0
