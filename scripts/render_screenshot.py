@@ -9,7 +9,13 @@
 - ``generation``: SmolLM2 generating 6 tokens, as the target x source matrix (``generation_matrix.png``, the
   same page with one per-layer chart opened: ``generation_layers.png``) and its figure (``generation_plot.png``);
 - ``image``: a tiny ViT trained here (about 20 s) on synthetic Fashion-MNIST-like 28 x 28 images
-  (``image_report.png``, ``image_report_maps.png`` without the image, ``image_plot.png``).
+  (``image_report.png``, ``image_report_maps.png`` without the image, ``image_plot.png``);
+- ``vlm``: a LLaVA whose language model is the real SmolLM2-135M-Instruct and whose CLIP tower (32 x 32 pixels,
+  8 x 8 patches) and projector are tiny and random (no VLM weights exist offline), through the pipeline with an
+  image and text, generating 4 tokens: the matrix with one image panel per generated token
+  (``vlm_generation_report.png``), the single-token report (``vlm_report.png``) and its figure
+  (``vlm_plot.png``). The image maps show the layout, not a meaningful reading of the picture: the tower is
+  untrained.
 
 The attributions carry their display fields (decoded ``tokens``, ``labels``, ``special_tokens_mask``) as the
 pipeline and the CLI fill them, so the reports are rendered with no tokenizer argument. Uses the offline
@@ -33,7 +39,7 @@ from hf_pelrp.tokens import display_token, display_tokens, special_ids
 from hf_pelrp.viz.browser import screenshot
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("text", "generation", "image")
+KINDS = ("text", "generation", "image", "vlm")
 #: Fashion-MNIST's names for the classes drawn by :func:`synthetic_clothes`
 CLASSES = {0: "T-shirt/top", 1: "Trouser", 2: "Bag", 3: "Sneaker", 4: "Ankle boot"}
 
@@ -213,6 +219,69 @@ def render_image(out: Path, pages: Path, train_steps: int) -> str:
     )
 
 
+def smollm2_llava(smol: Any, tok: Any) -> tuple[Any, Any]:
+    """A LLaVA around the real SmolLM2 (its weights copied in) with a tiny random CLIP tower, and a real
+    ``LlavaProcessor`` (CLIP image processor for 32 x 32 pixels, SmolLM2's tokenizer with ``<image>`` added)."""
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64}
+    vision.update({"num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 4})
+    config = LlavaConfig(
+        text_config=smol.config.to_dict(),
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=64,
+    )
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config).eval()
+    llava.model.language_model.load_state_dict(smol.model.state_dict())
+    llava.lm_head.load_state_dict(smol.lm_head.state_dict())
+    llava.resize_token_embeddings(len(tok))  # a row for <image> (replaced by the image features, never read)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    return llava, processor
+
+
+def render_vlm(smol: Any, tok: Any, out: Path, pages: Path) -> str:
+    from PIL import Image
+    from transformers import pipeline
+
+    llava, processor = smollm2_llava(smol, tok)
+    pipe = pipeline("lrp-attribution", model=llava, processor=processor, tokenizer=processor.tokenizer)
+    garment = synthetic_clothes(4, np.random.default_rng(3))  # an ankle boot, 28 x 28 grey
+    image = Image.fromarray((garment * 255).astype(np.uint8)).convert("RGB")
+    text = "<image>The capital of France is"
+    name = "LLaVA = SmolLM2-135M-Instruct + tiny random CLIP tower"
+    gen = pipe(images=image, text=text, max_new_tokens=4, return_attribution=True)
+    page = pages / "vlm_generation_report.html"
+    title = f"hf_pelrp · {name} · image + {text[7:]!r} → 4 generated tokens"
+    gen["attribution"].to_html(path=page, image=gen["image"], title=title)
+    shoot(page, out / "vlm_generation_report.png", width=1100, height=1600)
+    one = pipe(images=image, text=text, return_attribution=True)
+    page = pages / "vlm_report.html"
+    one["attribution"].to_html(path=page, image=one["image"], title=f"hf_pelrp · {name} · next token")
+    shoot(page, out / "vlm_report.png", width=1000, height=1000)
+    save_figure(lambda p: one["attribution"].save_png(p, image=one["image"]), out / "vlm_plot.png")
+    attr = one["attribution"]
+    return (
+        f"vlm: generated {gen['generated_text']!r}; next token {one['target']['label']!r}, logit "
+        f"{one['score']:.3f}, text {float(attr.relevance.sum()):.3f}, image {float(attr.image_total[0]):.4g}, "
+        f"gap {one['conservation_gap']:.3f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=KINDS, default=list(KINDS), help="which screenshots")
@@ -230,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pages = args.html_dir or Path(tmp)
         pages.mkdir(parents=True, exist_ok=True)
-        if "text" in args.only or "generation" in args.only:
+        if "text" in args.only or "generation" in args.only or "vlm" in args.only:
             from hf_pelrp.assets import load_smollm2
 
             model, tok = load_smollm2()
@@ -238,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(render_text(model, tok, args.prompt, args.out_dir, pages))
             if "generation" in args.only:
                 print(render_generation(model, tok, args.prompt, args.new_tokens, args.out_dir, pages))
+            if "vlm" in args.only:
+                print(render_vlm(model, tok, args.out_dir, pages))
         if "image" in args.only:
             print(render_image(args.out_dir, pages, args.train_steps))
     return 0

@@ -106,3 +106,12 @@ def test_bad_image_inputs_are_refused(change, message):
     model, inputs = _llava()
     with pytest.raises(AttributionInputError, match=message):
         hf_pelrp.attribute(model, **change(inputs))
+
+
+def test_rows_stack_back_with_their_image_maps():
+    model, inputs = _llava()
+    attr = hf_pelrp.attribute(model, **inputs)
+    again = hf_pelrp.Attribution.stack(attr.rows())
+    for name in ("image", "image_position", "image_special", "image_grid", "token"):
+        assert torch.equal(getattr(again, name), getattr(attr, name))
+    assert torch.equal(attr[0].unpad().image, attr.image[:1])

@@ -140,7 +140,8 @@ def test_the_head_is_a_causal_lm_and_images_are_refused():
     model = Qwen2VLForConditionalGeneration(config).double().eval()
     assert head_kind(model) == "causal_lm"
     ids = torch.tensor([[4, 8, 15, 16]])
-    with pytest.raises(AttributionInputError, match="text-only inputs.*pixel_values"):
+    # images are explained with their grid (tests/test_family_qwen2_vl_vision.py)
+    with pytest.raises(AttributionInputError, match="needs image_grid_thw with pixel_values"):
         hf_pelrp.attribute(model, ids, pixel_values=torch.zeros(4, 12))
     with pytest.raises(AttributionInputError, match="image placeholder"):
         hf_pelrp.attribute(model, torch.tensor([[4, 5, 15, 16]]))

@@ -121,6 +121,10 @@ def test_text_only_maps_equal_the_text_decoder_with_the_same_weights(model_type,
     assert head_kind(vl) == "causal_lm"
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 97, (2, 7), generator=gen)
+    for name in ("image_token_id", "image_token_index"):  # declared with images: a placeholder is not text
+        placeholder = getattr(vl.config, name, None)
+        if placeholder is not None:
+            ids[ids == placeholder] = 3
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
     ids = ids * mask
@@ -142,10 +146,12 @@ def test_text_only_maps_equal_the_text_decoder_with_the_same_weights(model_type,
 
 
 def test_images_and_placeholders_are_refused():
-    config = tiny_config("llava")
+    """A wrapper explained on text only (Video-LLaVA) refuses images by name; LLaVA (explained with images)
+    refuses placeholders without an image, and images that do not fit."""
+    config = tiny_config("video_llava")
     config.image_token_id = 5
     torch.manual_seed(0)
-    model = transformers.LlavaForConditionalGeneration(config).double().eval()
+    model = transformers.VideoLlavaForConditionalGeneration(config).double().eval()
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with pytest.raises(AttributionInputError, match="text-only.*pixel_values"):
         hf_pelrp.attribute(model, ids, pixel_values=torch.zeros(1, 3, 28, 28, dtype=torch.float64))
@@ -153,6 +159,17 @@ def test_images_and_placeholders_are_refused():
         hf_pelrp.attribute(model, ids, image_sizes=torch.tensor([[28, 28]]))
     with pytest.raises(AttributionInputError, match="image placeholder token 5"):
         hf_pelrp.attribute(model, torch.tensor([[4, 5, 15, 16]]))
+    config = tiny_config("llava")
+    config.image_token_id = 5
+    llava = transformers.LlavaForConditionalGeneration(config).double().eval()
+    with pytest.raises(AttributionInputError, match="takes 16x16"):
+        hf_pelrp.attribute(llava, ids, pixel_values=torch.zeros(1, 3, 28, 28, dtype=torch.float64))
+    with pytest.raises(AttributionInputError, match="0 image placeholder"):
+        hf_pelrp.attribute(llava, ids, pixel_values=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(AttributionInputError, match="image_sizes"):
+        hf_pelrp.attribute(llava, ids, image_sizes=torch.tensor([[28, 28]]))
+    with pytest.raises(AttributionInputError, match="no pixel_values were given"):
+        hf_pelrp.attribute(llava, torch.tensor([[4, 5, 15, 16]]))
 
 
 def test_llama4_refuses_temperature_tuning_set_in_its_text_config():

@@ -149,6 +149,15 @@ def _add_architecture(ns: dict[str, Any]) -> None:
     assert report.passed and "[ok] MyLlamaForCausalLM: bias-free CP conservation" in str(report)
 
 
+def _vision_language_api(ns: dict[str, Any]) -> None:
+    attr, ids = ns["attr"], ns["ids"]
+    assert attr.image.shape == (1, 16) and attr.image_grid.tolist() == [[4, 4]]
+    assert float(attr.token[ids == 99].abs().max()) == 0.0
+    assert float(attr.image.abs().sum()) > 0 and float(attr.image_position.abs().sum()) > 0
+    total = attr.relevance.sum(-1) + attr.image_total + attr.conservation_gap
+    torch.testing.assert_close(total, attr.target_value)
+
+
 def _quick_start_text(ns: dict[str, Any]) -> None:
     import hf_pelrp
 
@@ -200,6 +209,14 @@ def _continuations(ns: dict[str, Any]) -> None:
     assert " capital" in page  # tokenizer= given: the matrix shows decoded tokens, not ids
 
 
+def _vision_language(ns: dict[str, Any]) -> None:
+    out, gen = ns["out"], ns["gen"]
+    assert out["image_relevance"].shape == (16,) and out["image_grid"] == (4, 4)
+    assert gen["image_relevance"].shape == (4, 16) and gen["relevance"].shape[0] == 4
+    torch.testing.assert_close(ns["rows"].image, gen["attribution"].image)
+    assert Path("vlm.html").read_text(encoding="utf-8").count('class="hfp-vlm-overlay') == 2 * 4
+
+
 def _captum(ns: dict[str, Any]) -> None:
     attributions, delta, token, position = (ns[k] for k in ("attributions", "delta", "token", "position"))
     assert attributions.shape == token.shape == position.shape == ns["input_ids"].shape
@@ -218,6 +235,7 @@ CHECKS: dict[tuple[str, int], Callable[[dict[str, Any]], None]] = {
     ("Python API", 1): _api_context,
     ("Supported architectures", 0): _masked_lm,
     ("Positions inside attention (ALiBi, relative position biases, encoder-decoder models)", 0): _seq2seq,
+    ("Vision-language models: image patches, text and positions", 0): _vision_language_api,
     ("Adding an architecture", 0): _add_architecture,
     ("Quick start", 0): _quick_start_text,
     ("Quick start", 1): _quick_start_image,
@@ -225,6 +243,7 @@ CHECKS: dict[tuple[str, int], Callable[[dict[str, Any]], None]] = {
     ('`pipeline("lrp-attribution")`', 1): _pipeline_heads,
     ("Loading with attribution enabled", 0): _loading,
     ("Continuations, contrastive targets, span sums", 0): _continuations,
+    ("Vision-language models: an image with text", 0): _vision_language,
     ("Captum: `hf_pelrp.captum.PELRP`", 0): _captum,
     ('Inseq: the `"pelrp"` method', 0): _inseq,
 }

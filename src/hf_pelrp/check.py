@@ -296,10 +296,13 @@ class _Checker:
         ids = torch.randint(low, vocab, (batch, length), generator=gen)
         if pad is not None:
             ids[ids == pad] = (pad + 1) % vocab if (pad + 1) % vocab != 0 else pad + 2
-        if getattr(self.adapter, "vision", None) is not None:  # text without image placeholders
-            from .adapters.vision_language import random_text
-
-            ids = random_text(self.model, batch, length, gen)
+        # a VLM's image / video placeholders inside the vocabulary are not text (they would need images)
+        config = self.model.config
+        avoid = {getattr(config, n, None) for n in ("image_token_id", "image_token_index", "video_token_id")}
+        avoid = {v for v in avoid if v is not None and v < vocab}
+        if avoid:
+            plain = next(i for i in range(low, vocab) if i not in avoid and i != pad)
+            ids[torch.isin(ids, torch.tensor(sorted(avoid)))] = plain
         out: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if self.kind == MASKED_LM:
             out["input_ids"][:, 2] = self.mask_id

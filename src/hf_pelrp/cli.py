@@ -2,6 +2,7 @@
 
     hf-pelrp explain --model PATH --text "..." [--target ...] [--mode ...] [--no-positional] --out report.html
     hf-pelrp explain --model PATH --image cat.png --out report.png
+    hf-pelrp explain --model LLAVA --image cat.png --text "<image>What is this?" [--generate N] --out report.html
     hf-pelrp bench [ARGS ...]
     hf-pelrp evaluate CONFIG
 
@@ -54,25 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="explain a model's prediction on a text or an image and write a report",
         description=(
-            "Explain the prediction of a sequence classifier, a causal or masked language model, or an image "
-            "classifier (ViT / DeiT) saved in a local folder, and write an HTML (or PNG) report."
+            "Explain the prediction of a sequence classifier, a causal or masked language model, an image "
+            "classifier (ViT / DeiT) or a vision-language model (an image with text: LLaVA, ...) saved in a "
+            "local folder with its tokenizer / processor, and write an HTML (or PNG) report."
         ),
     )
     explain.add_argument(
         "--model", required=True, metavar="PATH", help="folder of the model and its tokenizer"
     )
-    source = explain.add_mutually_exclusive_group(required=True)
-    source.add_argument(
+    explain.add_argument(
         "--text",
         action="append",
         metavar="TEXT",
-        help="input text (repeat for several inputs, explained in one padded batch)",
+        help="input text (repeat for several inputs, explained in one padded batch); with --image for a "
+        "vision-language model, the prompt holding the processor's image token (e.g. '<image>What is this?')",
     )
-    source.add_argument(
+    explain.add_argument(
         "--image",
         action="append",
         metavar="FILE",
-        help="input image file, for image classifiers (repeatable)",
+        help="input image file: alone for image classifiers, with one --text per --image for vision-language "
+        "models (repeatable)",
     )
     explain.add_argument(
         "--target",
@@ -156,6 +159,8 @@ def _parse_id(value: str | None) -> int | str | None:
 
 
 def _check_explain_args(args: argparse.Namespace) -> None:
+    if not args.text and not args.image:
+        raise UsageError("give --text, --image, or both (an image with text, for vision-language models)")
     model = Path(args.model)
     if not model.is_dir() or not (model / "config.json").is_file():
         raise UsageError(f"--model {args.model}: not a folder with a config.json (a save_pretrained folder)")
@@ -180,6 +185,11 @@ def _check_explain_args(args: argparse.Namespace) -> None:
         raise UsageError("--top-k must be >= 0 and --batch-size >= 1")
     if (args.continuation is not None or args.generate is not None) and len(args.text or []) != 1:
         raise UsageError("--continuation / --generate explain one --text at a time")
+    if args.text and args.image and len(args.text) != len(args.image):
+        raise UsageError(
+            f"an image with text takes one --text per --image (got {len(args.image)} --image and "
+            f"{len(args.text)} --text)"
+        )
     if args.generate is not None and args.generate < 1:
         raise UsageError("--generate needs a positive number of tokens")
 
@@ -203,14 +213,21 @@ def _check_device(device: str) -> None:
 
 
 def _check_inputs_fit(args: argparse.Namespace, config: Any) -> None:
-    """Text for a text model, images for an image model: said before any weight is loaded."""
+    """Text for a text model, images for an image model, both for a vision-language model: said before any
+    weight is loaded."""
     architectures = " ".join(getattr(config, "architectures", None) or [])
-    takes_images = "ImageClassification" in architectures
-    if takes_images and args.text:
+    classifier = "ImageClassification" in architectures
+    vision_language = not classifier and getattr(config, "vision_config", None) is not None
+    if classifier and args.text:
         raise UsageError(
             f"--model {args.model} is an image classifier ({architectures}): give --image FILE, not --text"
         )
-    if not takes_images and args.image:
+    if vision_language and not args.text:
+        raise UsageError(
+            f"--model {args.model} is a vision-language model ({architectures}): give --text with the --image "
+            "(the prompt, holding the processor's image token)"
+        )
+    if not classifier and not vision_language and args.image:
         raise UsageError(f"--model {args.model} is a text model ({architectures}): give --text, not --image")
 
 
@@ -265,8 +282,16 @@ def _summary_line(index: int, result: dict[str, Any]) -> str:
     # with a foil the score is logit(target) - logit(foil): the line says so
     versus = f" versus foil {_named(foil)}" if foil else ""
     score = "score (difference)" if foil else "score"
+    image = ""
+    if (
+        "image_relevance" in result
+    ):  # a vision-language model: the image's share (patches, positions, specials)
+        total = float(result["image_relevance"].sum()) + float(result.get("image_special", 0.0))
+        if "image_position_relevance" in result:
+            total += float(result["image_position_relevance"].sum())
+        image = f" image {total:.4g}"
     return (
-        f"[{index}] target {_named(target)}{versus} {score} {result['score']:.4g} "
+        f"[{index}] target {_named(target)}{versus} {score} {result['score']:.4g}{image} "
         f"conservation gap {result['conservation_gap']:.4g} | top: {top}"
     )
 
@@ -280,7 +305,8 @@ def _jsonable(value: Any) -> Any:
         return {
             k: _jsonable(v)
             for k, v in value.items()
-            if not isinstance(v, Attribution | GenerationAttribution)
+            # the attribution object and the pipeline's image (a PIL picture) are not JSON
+            if not isinstance(v, Attribution | GenerationAttribution) and not hasattr(v, "getpixel")
         }
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
@@ -301,13 +327,15 @@ def _write_report(args: argparse.Namespace, pipe: Any, results: list[dict[str, A
     # the attributions carry their decoded tokens and label names (the pipeline filled them)
     if isinstance(attrs[0], GenerationAttribution):
         if html:
-            attrs[0].to_html(path=out, title=title)
+            attrs[0].to_html(path=out, title=title, image=results[0].get("image"))
         else:
             attrs[0].save_png(out)
         return [out]
     attr = Attribution.stack(attrs)
     images = None
-    if args.image:
+    if args.image and args.text:  # a vision-language model: the images as the model saw them (the pipeline's)
+        images = [r.get("image") for r in results]
+    elif args.image:
         from PIL import Image
 
         images = [Image.open(path).convert("RGB") for path in args.image]
@@ -328,6 +356,7 @@ def _explain(args: argparse.Namespace) -> int:
     _check_explain_args(args)
     if args.quiet:
         _quiet()
+    pairs = bool(args.text and args.image)  # a vision-language model: image i with text i
     inputs: list[Any] = list(args.text or args.image)
     params: dict[str, Any] = {
         "target": _parse_id(args.target),
@@ -349,11 +378,19 @@ def _explain(args: argparse.Namespace) -> int:
         results: list[dict[str, Any]] = []
         for batch in batches:
             bar.set_postfix_str("attributing")
-            if args.image:
+            if pairs:
                 from PIL import Image
 
-                batch = [Image.open(path).convert("RGB") for path in batch]
-            out = pipe(batch, batch_size=args.batch_size, **params)
+                start = len(results)
+                images = [Image.open(path).convert("RGB") for path in args.image[start : start + len(batch)]]
+                out = pipe(images=images, text=batch, batch_size=args.batch_size, **params)
+            else:
+                if args.image:
+                    from PIL import Image
+
+                    batch = [Image.open(path).convert("RGB") for path in batch]
+                out = pipe(batch, batch_size=args.batch_size, **params)
+            out = out if isinstance(out, list) else [out]
             results.extend(out)
             bar.update(len(batch))
     if not args.quiet:

@@ -416,7 +416,8 @@ def attribute(
         A supported transformers model with a causal-LM, masked-LM, sequence- or image-classification or
         encoder-decoder head.
     input_ids : LongTensor [B, T]
-        Token ids (or ``inputs_embeds=`` [B, T, H], not both; ``pixel_values=`` for image classifiers).
+        Token ids (or ``inputs_embeds=`` [B, T, H], not both; ``pixel_values=`` for image classifiers and, with
+        the image placeholders in ``input_ids``, for vision-language models).
     attention_mask : LongTensor [B, T], optional
         1 for tokens, 0 for padding (left or right).
     target
@@ -448,7 +449,9 @@ def attribute(
     -------
     Attribution
         Token / position relevance [B, T], per-layer position relevance for rotary models, the explained
-        target ids and logits, and the conservation gap (:class:`Seq2SeqAttribution` for encoder-decoder models).
+        target ids and logits, and the conservation gap (:class:`Seq2SeqAttribution` for encoder-decoder models);
+        for a vision-language model with an image, also ``image`` / ``image_position`` [B, P], ``image_special``
+        [B] and ``image_grid`` [B, 2].
     """
     old = _pop_deprecated("attribute", model_inputs, tuple(_DEPRECATED))
     if old.get("generate") or any(old.get(n) is not None for n in _CONTINUATION_ARGS if n != "generate"):

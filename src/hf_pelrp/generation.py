@@ -68,10 +68,14 @@ def _check_vocabulary(model: torch.nn.Module, ids: torch.Tensor) -> None:
         )
 
 
-def greedy_continuation(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def greedy_continuation(
+    model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, **model_inputs: Any
+) -> torch.Tensor:
     """The greedy continuation of a 1-D ``prompt`` (``model.generate`` with ``do_sample=False``), 1-D.
 
     Generation stops early at the model's end-of-sequence token (which is kept, and explained).
+    ``model_inputs`` go to ``generate`` as they are: a vision-language model's ``pixel_values`` (and the
+    keywords that come with them), the image the prompt's placeholder tokens stand for.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise AttributionInputError(
@@ -99,6 +103,7 @@ def greedy_continuation(model: torch.nn.Module, prompt: torch.Tensor, max_new_to
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=pad,
+                **model_inputs,
             )
     finally:
         for m, training in flags:

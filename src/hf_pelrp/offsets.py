@@ -121,17 +121,22 @@ class _RotaryLeafGradient(torch.autograd.Function):
         rot = ctx.rotation
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         c, s = rot.cos.detach().to(dtype), rot.sin.detach().to(dtype)
-        norm = c * c + s * s
-        # R^{-1} x_rot: the rotation by (c, -s) / (c^2 + s^2) undoes (c, s) on every layout (pass-through kept)
-        plain = rotate(x.detach().to(dtype), c / norm, -s / norm, rot.layout, rot.rotated)
-        with torch.enable_grad():
-            cos = c.detach().requires_grad_(True)
-            sin = s.detach().requires_grad_(True)
-            out = rotate(plain, cos, sin, rot.layout, rot.rotated)
-            grads = torch.autograd.grad(out, (cos, sin), grad.to(dtype))
-        for leaf, g in zip((rot.cos, rot.sin), grads, strict=True):
-            g = g.to(leaf.dtype)
-            leaf.grad = g if leaf.grad is None else leaf.grad + g
+        # closed form of d(x_rot)/d(cos, sin) at q = R^{-1} x_rot, with R^{-1} the rotation by (c, -s) / a and
+        # a = c^2 + s^2 (each channel pair shares its angle): q = (x c - r(x) s) / a, r(q) = (r(x) c + x s) / a,
+        # so dcos = sum_h g q = (G_x c - G_r s) / a and dsin = sum_h g r(q) = (G_r c + G_x s) / a, with the
+        # head sums G_x = sum_h g x and G_r = sum_h g r(x) taken first (two products of the q / k size)
+        part, _, _, c, s, turn = _rotation_parts(x.detach().to(dtype), c, s, rot.layout, rot.rotated)
+        g = grad.to(dtype)
+        g = g[..., : part.shape[-1]] if rot.rotated == "first" else g[..., g.shape[-1] - part.shape[-1] :]
+        g_x, g_r = (g * part).sum(1), (g * turn(part)).sum(1)
+        c, s = c[:, 0], s[:, 0]
+        a = c * c + s * s
+        grads = ((g_x * c - g_r * s) / a, (g_r * c + g_x * s) / a)
+        for leaf, g_leaf in zip((rot.cos, rot.sin), grads, strict=True):
+            if rot.layout == "interleaved":  # the leaf's channel k was repeated onto channels 2k and 2k + 1
+                g_leaf = g_leaf.unflatten(-1, (-1, 2)).sum(-1)
+            g_leaf = g_leaf.sum_to_size(leaf.shape).to(leaf.dtype)
+            leaf.grad = g_leaf if leaf.grad is None else leaf.grad + g_leaf
         return grad, None
 
 

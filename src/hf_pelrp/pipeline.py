@@ -2,8 +2,10 @@
 
 Registered with transformers' ``PIPELINE_REGISTRY`` when :mod:`hf_pelrp` is imported (transformers offers
 no entry point for third-party pipelines, so the import is the registration). Works for sequence
-classifiers, causal and masked language models and image classifiers; the tokenizer or image processor is
-found the usual way (from the model's folder, or passed explicitly).
+classifiers, causal and masked language models, image classifiers and vision-language models (an image with
+text, or chat messages with images, as transformers' ``image-text-to-text`` pipeline takes them); the
+tokenizer, image processor or processor is found the usual way (from the model's folder, or passed
+explicitly).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class LRPAttributionPipeline(Pipeline):
     >>> explain = pipeline("lrp-attribution", model="path/to/model")                 # doctest: +SKIP
     >>> out = explain("The capital of France is", target=" Paris")                   # doctest: +SKIP
     >>> out["tokens"], out["relevance"], out["score"], out["conservation_gap"]       # doctest: +SKIP
+    >>> vlm = pipeline("lrp-attribution", model="path/to/llava")                      # doctest: +SKIP
+    >>> out = vlm(images=image, text="<image>What is shown?")                         # doctest: +SKIP
+    >>> out["image_relevance"], out["image_grid"], out["image"]                       # doctest: +SKIP
 
     Call parameters
     ---------------
@@ -81,7 +86,11 @@ class LRPAttributionPipeline(Pipeline):
         arrays over the tokens, without padding), ``position_relevance_by_layer`` [L, T] for rotary models,
         ``segment_relevance`` where the model has token types, ``target`` ({``id``, ``label``}), ``score``
         (the explained logit), ``conservation_gap``, ``top_tokens``; for images ``patch_map`` /
-        ``pixel_map`` (numpy) and ``tokens`` naming the CLS / patch positions.
+        ``pixel_map`` (numpy) and ``tokens`` naming the CLS / patch positions. Vision-language models with an
+        image add ``image_relevance`` and ``image_position_relevance`` [P] (one value per patch, raster order;
+        [S, P] for a continuation), ``image_special`` (the tower's class token), ``image_grid`` (rows,
+        columns) and ``image``: the image as the model saw it (resized and cropped by the processor, a PIL
+        image), to draw the maps on (``out["attribution"].to_html(image=out["image"])``).
     """
 
     _load_tokenizer = None
@@ -95,6 +104,7 @@ class LRPAttributionPipeline(Pipeline):
         adapter_for(self.model)  # an unsupported architecture fails here, not at the first call
         self.head = head_of(self.model)
         self.kind = self.head.name
+        self.takes_images = getattr(adapter_for(self.model), "vision", None) is not None
         self._find_components()
         # a tokenizer may produce token_type_ids for a model that has no segment embedding (DistilBERT, LLaMA)
         forward_params = inspect.signature(self.model.forward).parameters
@@ -113,6 +123,16 @@ class LRPAttributionPipeline(Pipeline):
             self.model.config, "_name_or_path", None
         )
         local = isinstance(source, str) and os.path.isdir(source)
+        if self.takes_images:  # a vision-language model: its processor expands the image placeholder
+            if self.processor is None and local:
+                from transformers import AutoProcessor
+
+                self.processor = AutoProcessor.from_pretrained(source)
+            if self.processor is not None and not hasattr(self.processor, "image_processor"):
+                self.processor = None  # a tokenizer found as "the processor": text only
+            if self.tokenizer is None and self.processor is not None:
+                self.tokenizer = self.processor.tokenizer
+            # without a processor, text-only prompts still work; an image is refused when it comes
         if self.kind == IMAGE_CLASSIFICATION:
             if self.image_processor is None and local:
                 from transformers import AutoImageProcessor
@@ -188,6 +208,11 @@ class LRPAttributionPipeline(Pipeline):
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad a list of preprocessed inputs into one batch; the per-input metadata becomes a list."""
         batch: dict[str, Any] = {"meta": [m for item in items for m in item["meta"]]}
+        if any(set(item) != set(items[0]) for item in items):
+            raise AttributionInputError(
+                "a batch mixes inputs with and without images: explain prompts with an image and text-only "
+                "prompts in separate calls (or with batch_size=1)"
+            )
         side = getattr(self.tokenizer, "padding_side", "right") if self.tokenizer is not None else "right"
         pad_id = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
         for key in items[0]:
@@ -228,7 +253,22 @@ class LRPAttributionPipeline(Pipeline):
         self, inputs: Any, truncation: bool | None = None, continuation: str | None = None
     ) -> dict[str, Any]:
         if self.kind == IMAGE_CLASSIFICATION:
+            if isinstance(inputs, ImagePrompt | Chat):
+                raise AttributionInputError(
+                    f"{type(self.model).__name__} is an image classifier: give the image alone, not with text"
+                )
             return self._preprocess_image(inputs)
+        if isinstance(inputs, ImagePrompt) or (isinstance(inputs, Chat) and inputs.has_images):
+            return self._preprocess_image_text(inputs, continuation)
+        if _looks_like_image(inputs):
+            raise AttributionInputError(
+                f"an image alone cannot be explained with {type(self.model).__name__}: "
+                + (
+                    "give it with text, pipe(images=image, text='<image> ...'), or as chat messages"
+                    if self.takes_images
+                    else "it is a text model (it takes no images); give text"
+                )
+            )
         if isinstance(inputs, Chat):
             encoded = self._encode_chat(inputs.messages)
             text: Any = inputs.messages
@@ -248,6 +288,11 @@ class LRPAttributionPipeline(Pipeline):
             )
         model_inputs = {k: v for k, v in encoded.items() if k in self._text_keys}
         meta: dict[str, Any] = {"text": text, "continuation_ids": None}
+        self._continuation_meta(meta, continuation)
+        return {**model_inputs, "meta": [meta]}
+
+    def _continuation_meta(self, meta: dict[str, Any], continuation: str | None) -> None:
+        """``meta["continuation_ids"]``: the ids of ``continuation=`` (checked), for the forward step."""
         if continuation is not None:
             if self.kind not in (CAUSAL_LM, SEQ2SEQ_LM):
                 raise AttributionInputError(
@@ -259,7 +304,94 @@ class LRPAttributionPipeline(Pipeline):
             if not ids:
                 raise AttributionInputError(f"continuation {continuation!r} tokenizes to no tokens")
             meta["continuation_ids"] = torch.tensor(ids, dtype=torch.long)
+
+    def _preprocess_image_text(self, inputs: ImagePrompt | Chat, continuation: str | None) -> dict[str, Any]:
+        """An image with text, or chat messages with images, through the model's processor: ``input_ids`` with
+        the image placeholder expanded to one token per image feature, and ``pixel_values``."""
+        if not self.takes_images:
+            raise AttributionInputError(
+                f"{type(self.model).__name__} is a text model here (no vision tower hf_pelrp explains): it takes "
+                "no images. Give text only, or use a vision-language model (LLaVA, ...)."
+            )
+        processor = self.processor
+        if processor is None:
+            raise AttributionInputError(
+                f"no processor for {type(self.model).__name__}: pass processor=AutoProcessor.from_pretrained(...) "
+                "to pipeline() (it turns an image and text into pixel_values and input_ids with one placeholder "
+                "token per image feature)"
+            )
+        if isinstance(inputs, ImagePrompt):
+            self._check_placeholder(inputs.text)
+        try:
+            if isinstance(inputs, Chat):
+                if getattr(processor, "chat_template", None) is None:
+                    raise AttributionInputError(
+                        "the processor has no chat template (processor.chat_template is None): pass the image "
+                        "with text instead, pipe(images=image, text=...)"
+                    )
+                encoded = processor.apply_chat_template(
+                    inputs.messages,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                )
+                image = _first_chat_image(inputs.messages)
+                text: Any = inputs.messages
+            else:
+                from transformers.image_utils import load_image
+
+                image = load_image(_as_pil(inputs.image))
+                encoded = processor(images=image, text=inputs.text, return_tensors="pt")
+                text = inputs.text
+        except (ValueError, TypeError) as exc:  # the processor's own refusal, as one input error
+            raise AttributionInputError(
+                f"the processor of {type(self.model).__name__} refused the input: {exc}"
+            ) from exc
+        keys = (*self._text_keys, "pixel_values", *getattr(adapter_for(self.model).inputs, "image_keys", ()))
+        model_inputs = {k: v for k, v in encoded.items() if k in keys}
+        if "pixel_values" not in model_inputs:
+            raise AttributionInputError("the processor made no pixel_values: the input holds no image")
+        meta: dict[str, Any] = {
+            "text": text,
+            "continuation_ids": None,
+            "image": self._model_view(model_inputs["pixel_values"], image),
+            "inputs": {k: v for k, v in model_inputs.items()},  # this row alone, unpadded (continuations)
+        }
+        self._continuation_meta(meta, continuation)
         return {**model_inputs, "meta": [meta]}
+
+    def _check_placeholder(self, text: Any) -> None:
+        token = getattr(self.processor, "image_token", None)
+        if not isinstance(text, str) or not text:
+            raise AttributionInputError(
+                f"an image comes with text: pipe(images=image, text='...'), got text={text!r}"
+            )
+        if isinstance(token, str) and token not in text:
+            raise AttributionInputError(
+                f"the text holds no image token {token!r}: put {token!r} where the image goes "
+                f"(e.g. text='{token}What is shown?'), or pass chat messages with an image entry"
+            )
+
+    def _model_view(self, pixel_values: torch.Tensor, original: Any) -> Any:
+        """The image as the model saw it (after the processor's resizing and cropping), as a PIL image: the
+        patch grid lies exactly on it. ``pixel_values`` [1, C, H, W] are un-normalised with the image
+        processor's mean and std; other layouts (flattened patches) give the original image."""
+        from PIL import Image
+
+        ip = self.processor.image_processor
+        mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
+        if pixel_values.dim() != 4 or pixel_values.shape[0] != 1 or mean is None or std is None:
+            return original
+        pixels = pixel_values[0].detach().float().cpu()
+        if pixels.shape[0] != len(mean):
+            return original
+        if not getattr(ip, "do_rescale", True):  # pixels kept in 0..255 units: no un-normalising known here
+            return original
+        pixels = pixels * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+        rescale = float(getattr(ip, "rescale_factor", 1 / 255))
+        array = (pixels / (rescale * 255.0)).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(array)
 
     def _encode_chat(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """The conversation in the model's chat template, with the generation prompt: the explained token is
@@ -297,14 +429,27 @@ class LRPAttributionPipeline(Pipeline):
             pair["text"], pair["text_pair"], return_tensors="pt", truncation=bool(truncation)
         )
 
-    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+    def __call__(self, inputs: Any = None, *, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
         """Explain ``inputs``: a string, a sentence pair, chat messages, an image, or a list of any of these.
+
+        Vision-language models take ``images=`` with ``text=`` (one image per text: an image and a string, or
+        lists of equal length), or chat messages whose contents hold ``{"type": "image", "image": ...}``
+        entries (``text=messages`` or positionally), as transformers' ``image-text-to-text`` pipeline does.
 
         Raises
         ------
         AttributionInputError
-            ``inputs`` is an empty list (transformers would fail on it with an IndexError).
+            ``inputs`` is an empty list (transformers would fail on it with an IndexError); ``inputs`` together
+            with ``images=`` / ``text=``; images and texts that do not pair up.
         """
+        if images is not None or text is not None:
+            if inputs is not None:
+                raise AttributionInputError(
+                    "pass the input either positionally or as images= / text=, not both"
+                )
+            inputs = _image_text_inputs(images, text)
+        if inputs is None:
+            raise AttributionInputError("no inputs: give text, chat messages, or images= with text=")
         if isinstance(inputs, list | tuple) and len(inputs) == 0:
             raise AttributionInputError(
                 "no inputs: give a string, a sentence pair, chat messages or an image, or a non-empty list of them"
@@ -418,17 +563,29 @@ class LRPAttributionPipeline(Pipeline):
             cont = m.get("continuation_ids")
             if cont is not None and max_new_tokens is not None:
                 raise AttributionInputError("pass either continuation= or max_new_tokens=, not both")
+            # a prompt with an image: its own unpadded inputs (pixels and the keywords that come with them are
+            # not cut per row of a padded batch, whatever their layout)
+            own = m.get("inputs")
+            row_inputs = (
+                dict(own)
+                if own is not None
+                else {
+                    "input_ids": model_inputs["input_ids"][i : i + 1],
+                    "attention_mask": model_inputs["attention_mask"][i : i + 1],
+                }
+            )
             request = continuation_request(
                 self.model,
-                model_inputs["input_ids"][i : i + 1],
+                row_inputs.pop("input_ids"),
                 cont,
-                attention_mask=model_inputs["attention_mask"][i : i + 1],
+                attention_mask=row_inputs.pop("attention_mask", None),
                 generate=cont is None,
                 max_new_tokens=max_new_tokens,
                 foil=foil,
                 span_reduce=params.get("span_reduce"),
                 tokenizer=self.tokenizer,
                 **rules,
+                **row_inputs,
             )
             rows.append({"attribution": explain(request), "meta": m})
         return rows
@@ -442,12 +599,14 @@ class LRPAttributionPipeline(Pipeline):
         attr, meta = row["attribution"], row["meta"]
         if isinstance(attr, GenerationAttribution):
             out = self._generation_dict(attr)
+            _add_image_maps(out, attr, meta, row=None)
         elif isinstance(attr, Seq2SeqAttribution) and (
             meta.get("continuation_ids") is not None or attr.batch_size > 1
         ):
             out = self._seq2seq_continuation_dict(attr)
         else:
             out = self._attribution_dict(attr, meta)
+            _add_image_maps(out, attr, meta, row=0)
         relevance = out["relevance"] if out["relevance"].ndim == 1 else out["relevance"].sum(0)
         order = np.argsort(-relevance, kind="stable")[:top_k]
         out["top_tokens"] = [
@@ -551,6 +710,103 @@ class Chat:
     batching (a bare list of dicts would be taken as a batch of inputs)."""
 
     messages: list[dict[str, Any]]
+
+    @property
+    def has_images(self) -> bool:
+        """Whether a message's content holds an image entry (``{"type": "image", ...}``)."""
+        return _first_chat_image(self.messages) is not None
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """One image with its text (``pipe(images=image, text="...")``), explained together by a vision-language
+    model."""
+
+    image: Any
+    text: Any
+
+
+def _looks_like_image(value: Any) -> bool:
+    return hasattr(value, "convert") and hasattr(value, "size") or isinstance(value, np.ndarray)
+
+
+def _as_pil(image: Any) -> Any:
+    """A PIL image, a path / URL string, or a HxW(xC) uint8 array / tensor, as ``load_image`` takes it."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+
+        if image.dtype != np.uint8:
+            raise AttributionInputError(
+                f"an image array must be uint8 HxW(x3) pixels, got dtype {image.dtype}; pass a PIL image"
+            )
+        return Image.fromarray(image)
+    if isinstance(image, str) or _looks_like_image(image):
+        return image
+    raise AttributionInputError(
+        f"images= takes a PIL image, an image path or a HxW(x3) uint8 array, got {type(image).__name__}"
+    )
+
+
+def _first_chat_image(messages: list[dict[str, Any]]) -> Any:
+    """The first image of a conversation (its ``image`` / ``url`` / ``path`` entry), or None."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for item in content:
+                if isinstance(item, dict) and item.get("type") == "image":
+                    for key in ("image", "url", "path"):
+                        if item.get(key) is not None:
+                            return item[key]
+    return None
+
+
+def _image_text_inputs(images: Any, text: Any) -> Any:
+    """``images=`` / ``text=`` as the pipeline's inputs: one :class:`ImagePrompt` per image-text pair, or the
+    chat messages / texts alone."""
+    if images is None:
+        return text
+    if text is None:
+        raise AttributionInputError(
+            "images= needs text= (one text per image, holding the processor's image token), or chat messages "
+            "with image entries"
+        )
+    if _is_chat(text) or (isinstance(text, list | tuple) and text and all(_is_chat(t) for t in text)):
+        raise AttributionInputError(
+            "chat messages carry their images in their content ({'type': 'image', 'image': ...}): pass "
+            "text=messages without images="
+        )
+    many_images = isinstance(images, list | tuple)
+    many_texts = isinstance(text, list | tuple)
+    if many_images != many_texts or (many_images and len(images) != len(text)):
+        raise AttributionInputError(
+            "give one text per image: an image with a string, or lists of equal length "
+            f"(got {len(images) if many_images else 1} image(s) and {len(text) if many_texts else 1} text(s)); "
+            "hf_pelrp explains one image per prompt"
+        )
+    if not many_images:
+        return ImagePrompt(images, text)
+    return [ImagePrompt(i, t) for i, t in zip(images, text, strict=True)]
+
+
+def _add_image_maps(out: dict[str, Any], attr: Any, meta: dict[str, Any], row: int | None) -> None:
+    """A vision-language result's image maps (``image_relevance``, ...) and the displayable image, in ``out``."""
+    if getattr(attr, "image", None) is None:
+        return
+
+    def take(x: torch.Tensor) -> np.ndarray:
+        return _np(x if row is None else x[row])
+
+    out["image_relevance"] = take(attr.image)
+    if attr.image_position is not None:
+        out["image_position_relevance"] = take(attr.image_position)
+    if attr.image_special is not None:  # one value per row: a float, or [S] for a continuation
+        special = take(attr.image_special)
+        out["image_special"] = float(special) if special.ndim == 0 else special
+    out["image_grid"] = tuple(int(v) for v in attr.image_grid[0].tolist())
+    if meta.get("image") is not None:
+        out["image"] = meta["image"]
 
 
 def _is_chat(value: Any) -> bool:

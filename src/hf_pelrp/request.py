@@ -196,7 +196,8 @@ def continuation_request(
         raise AttributionInputError(
             "explaining a continuation needs input_ids (token ids), not inputs_embeds"
         )
-    extra = sorted(k for k, v in model_inputs.items() if v is not None)
+    images = _image_inputs(model, adapter, model_inputs)
+    extra = sorted(k for k, v in model_inputs.items() if v is not None and k not in images)
     if extra:
         raise AttributionInputError(
             f"extra model inputs {extra} are not supported when explaining a continuation "
@@ -230,7 +231,15 @@ def continuation_request(
         )
     else:
         inputs, continuation = _decoder_continuation(
-            model, input_ids, continuation_ids, attention_mask, generate, max_new_tokens, device
+            model,
+            input_ids,
+            continuation_ids,
+            attention_mask,
+            generate,
+            max_new_tokens,
+            device,
+            images,
+            adapter,
         )
     return ExplanationRequest(
         model=model,
@@ -256,17 +265,80 @@ def _decoder_continuation(
     generate: bool,
     max_new_tokens: int | None,
     device: torch.device,
+    images: dict[str, Any] | None = None,
+    adapter: Adapter | None = None,
 ) -> tuple[dict[str, Any], Continuation]:
     prompt, continuation = continuation_inputs(model, input_ids, attention_mask, continuation_ids, device)
+    images = _prompt_image_inputs(images or {}, input_ids, attention_mask, device)
+    if images and adapter is not None:
+        # the prompt and its image checked before anything runs (generate() would fail on a wrong image size
+        # or placeholder count with an error of its own, deep in the vision tower)
+        adapter.validate_inputs(model, {"input_ids": prompt[None], **images})
     if generate:
-        continuation = greedy_continuation(model, prompt, max_new_tokens)
+        continuation = greedy_continuation(model, prompt, max_new_tokens, **images)
         if continuation.numel() == 0:
             raise AttributionInputError("the model generated no new token: nothing to explain")
     full = torch.cat([prompt, continuation])[None]
     prompt_len, steps = prompt.shape[0], continuation.shape[0]
     positions = torch.arange(prompt_len - 1, prompt_len - 1 + steps, device=device)[None]
     inputs = {"input_ids": full, "attention_mask": torch.ones_like(full)}
+    inputs.update(_extend_image_inputs(images, prompt_len, steps))
     return inputs, Continuation(continuation, positions, full, prompt_len)
+
+
+def _image_inputs(model: torch.nn.Module, adapter: Adapter, model_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The image inputs of a continuation of a vision-language model: ``pixel_values`` and the keywords its
+    declaration says come with images (``image_keys``, e.g. Gemma 3's ``token_type_ids``), given (not None).
+
+    Raises
+    ------
+    AttributionInputError
+        Images for a model without a vision tower hf_pelrp explains.
+    """
+    if model_inputs.get("pixel_values") is None:
+        return {}
+    if getattr(adapter, "vision", None) is None:
+        raise AttributionInputError(
+            f"pixel_values= was given, but {type(model).__name__} has no vision tower hf_pelrp explains "
+            "(it is a text-only model here): explain the text alone, without pixel_values"
+        )
+    keys = ("pixel_values", *getattr(adapter.inputs, "image_keys", ()))
+    return {k: model_inputs[k] for k in keys if model_inputs.get(k) is not None}
+
+
+def _prompt_image_inputs(
+    images: dict[str, Any], input_ids: Any, attention_mask: Any, device: torch.device
+) -> dict[str, Any]:
+    """The image inputs on ``device``; those laid over the prompt's tokens ([1, T], like ``token_type_ids``) keep
+    the prompt's real tokens only, as the prompt does (padding removed)."""
+    if not images:
+        return {}
+    length = torch.as_tensor(input_ids).shape[-1]
+    keep = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(-1).bool()
+    out = {}
+    for key, value in images.items():
+        value = torch.as_tensor(value, device=device) if not isinstance(value, torch.Tensor) else value
+        value = value.to(device)
+        if _per_token(key, value, length) and keep is not None:
+            value = value[:, keep.to(device)]
+        out[key] = value
+    return out
+
+
+def _per_token(key: str, value: torch.Tensor, length: int) -> bool:
+    # by name, not by shape alone: a grid such as image_grid_thw [1, 3] must not pass for a 3-token prompt's map
+    return key.endswith("token_type_ids") and value.dim() == 2 and value.shape == (1, length)
+
+
+def _extend_image_inputs(images: dict[str, Any], prompt_len: int, steps: int) -> dict[str, Any]:
+    """Per-token image inputs over prompt + continuation: continuation tokens are text, so they get 0 (the
+    text value of ``token_type_ids`` / ``mm_token_type_ids``); the rest (pixels, grids) is unchanged."""
+    out = {}
+    for key, value in images.items():
+        if _per_token(key, value, prompt_len):
+            value = torch.cat([value, value.new_zeros(1, steps)], dim=1)
+        out[key] = value
+    return out
 
 
 def _seq2seq_continuation(

@@ -312,6 +312,11 @@ class Attribution(_Relevance):
                 return None
             if any(v is None for v in values):
                 raise AttributionInputError(f"stack(): field {name!r} is set on some rows and not on others")
+            if not sequence and len({tuple(v.shape[1:]) for v in values}) > 1:
+                raise AttributionInputError(
+                    f"stack(): field {name!r} has different shapes on different rows "
+                    f"({sorted({tuple(v.shape) for v in values})}): images of different patch grids are not stacked"
+                )
             return torch.cat([pad(v) if sequence else v for v in values])
 
         changes: dict[str, Any] = {}
@@ -586,6 +591,7 @@ class GenerationAttribution(_Relevance):
             model_type=self.model_type,
             gamma=dict(self.gamma),
             rules=dict(self.rules),
+            **{name: getattr(self, name) for name in IMAGE_MAPS},
         )
 
     # the target x source matrix views live in hf_pelrp.viz (imported lazily, as for Attribution)

@@ -35,7 +35,7 @@ from helpers.reference_absolute import (
     lrp_linear,
     split_sum,
 )
-from helpers.reference_lrp import F64, _explain_row, _weights
+from helpers.reference_lrp import F64, _explain_row, _weights, safe_div
 
 
 @dataclass
@@ -50,16 +50,23 @@ class VlmReference:
 
 
 def _tower_forward(tower, pixels: torch.Tensor, upto: int):
+    """CLIP (class token, ``pre_layrnorm``) or SigLIP (neither) up to the output of block ``upto - 1``."""
     emb = tower.embeddings
     conv = emb.patch_embedding
+    bias = None if conv.bias is None else conv.bias.detach().to(F64)
     patches = torch.nn.functional.conv2d(
-        pixels[None].to(F64), conv.weight.detach().to(F64), None, stride=conv.stride
+        pixels[None].to(F64), conv.weight.detach().to(F64), bias, stride=conv.stride
     )[0]
     patches = patches.flatten(1).T  # [P, D], raster order
-    t = torch.cat([emb.class_embedding.detach().to(F64)[None], patches])
+    cls = getattr(emb, "class_embedding", None)
+    t = patches if cls is None else torch.cat([cls.detach().to(F64)[None], patches])
     p = emb.position_embedding.weight.detach().to(F64)[: t.shape[0]]
     e = t + p
-    x, w0, s0 = layer_norm(e, tower.pre_layrnorm)
+    pre = getattr(tower, "pre_layrnorm", None)
+    if pre is None:
+        x, w0, s0 = e, None, None
+    else:
+        x, w0, s0 = layer_norm(e, pre)
     stem = {"t": t, "p": p, "e": e, "x": x, "w": w0, "s": s0}
     seq = t.shape[0]
     allowed = torch.ones(1, seq, seq, dtype=torch.bool)
@@ -103,8 +110,45 @@ def _tower_backward(tower, stem, acts, allowed, r_x, mode):
             for m, r in ((att.q_proj, r_q), (att.k_proj, r_k), (att.v_proj, r_v))
         )
         r_x = r_xin + lrp_layer_norm(a["x"], a["h1"], a["wa"], a["sa"], r_h1)
-    r_e = lrp_layer_norm(stem["e"], stem["x"], stem["w"], stem["s"], r_x)
+    r_e = r_x if stem["w"] is None else lrp_layer_norm(stem["e"], stem["x"], stem["w"], stem["s"], r_x)
     return split_sum([stem["t"], stem["p"]], r_e)
+
+
+@torch.no_grad()
+def gemma3_image_reference(model, pixels: torch.Tensor, r_features: torch.Tensor, *, mode: str):
+    """The image side of Gemma 3, explicitly: from the relevance ``r_features`` [M, D_text] of the projector's
+    output (the image features written into the placeholders) down to the SigLIP tower's leaves.
+
+    Projector: ``out = n W`` (epsilon rule), ``n = (1 + w) * s * pooled`` (RMSNorm, identity rule: ``s``
+    constant; ``n`` as the model computes it, statistics in float32), ``pooled`` = the average of each ``k x k`` window of the patch grid (epsilon rule: each patch
+    gets ``h / k^2 * R_pooled / pooled``); the tower's ``post_layernorm`` (identity rule), its blocks, the
+    embedding sum ``e = patches + positions``. Returns (image [P], image_position [P]).
+    """
+    base = model.model
+    tower, proj = base.vision_tower, base.multi_modal_projector
+    stem, acts, allowed = _tower_forward(tower, pixels, len(tower.encoder.layers))
+    y = acts[-1]["y"] if acts else stem["x"]
+    h, wl, sl = layer_norm(y, tower.post_layernorm)
+    side, k = proj.patches_per_image, proj.kernel_size
+    grid = h.T.reshape(-1, side, side)  # [D, side, side]
+    pooled = grid.unflatten(1, (side // k, k)).unflatten(3, (side // k, k)).mean((2, 4))  # [D, m, m]
+    pooled = pooled.flatten(1).T  # [M, D]
+    norm = proj.mm_soft_emb_norm
+    # the norm as the model computes it (its statistics in float32), so that its rounding is not counted as a
+    # disagreement; the identity rule is the epsilon rule of the element-wise map pooled -> n
+    p32 = pooled.float()
+    n = (p32 * torch.rsqrt(p32.pow(2).mean(-1, keepdim=True) + norm.eps) * (1.0 + norm.weight.float())).to(
+        F64
+    )
+    weight = proj.mm_input_projection_weight.detach().to(F64)  # [D_v, D_t]
+    r_n = lrp_linear(n, weight.T, None, r_features)
+    r_pooled = pooled * safe_div(n, pooled) * safe_div(r_n, n)
+    ratio = safe_div(r_pooled, pooled).T.reshape(-1, side // k, side // k)  # [D, m, m]
+    ratio = ratio.repeat_interleave(k, 1).repeat_interleave(k, 2).flatten(1).T  # [P, D]: each patch's window
+    r_h = h / (k * k) * ratio
+    r_y = lrp_layer_norm(y, h, wl, sl, r_h)
+    r_t, r_p = _tower_backward(tower, stem, acts, allowed, r_y, mode)
+    return r_t.sum(-1), r_p.sum(-1)
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ from . import (  # noqa: F401
     phi,
     phi3,
     qwen2_vl,
+    qwen2_vl_images,  # replaces the text-only Qwen2-VL and Qwen2.5-VL declarations of qwen2_vl
     qwen3,
     rotary_decoders,
     seq2seq,
@@ -47,8 +48,12 @@ from . import (  # noqa: F401
     starcoder2,
     swin,
     vit,
+    vlm_aya_vision,  # imports vlm_images, vlm_text; replaces the text-only Aya Vision, Cohere 2 Vision
+    vlm_idefics3,  # imports vlm_text first, then replaces its text-only Idefics3 and SmolVLM declarations
     vlm_images,  # imports vlm_text first, then replaces its text-only LLaVA and Gemma 3 declarations
+    vlm_llava_next,  # imports vlm_images and vlm_text, then replaces the text-only LLaVA-NeXT declaration
     vlm_text,
+    vlm_vipllava,  # imports vlm_images and vlm_text, then replaces the text-only VipLLaVA declaration
     xlm_roberta,
 )
 from .base import (

@@ -32,10 +32,8 @@ from torch import nn
 
 from ..config import LRPConfig
 from ..hooks import HookRule, LeafStore, OutputGradient
-from ..positions import Additive
-from .base import Adapter, register_adapter
-from .norms import layer_norm
-from .vit import ImageInputs, VisionLayout, vision_embedding_rules, vision_maps
+from .base import register_adapter
+from .vit import VisionLayout, vision_embedding_rules, vision_encoder
 
 CLIP_LAYOUT = VisionLayout(
     embeddings="vision_model.embeddings",
@@ -100,21 +98,14 @@ def _encoder_classes(prefix: str) -> tuple[str, ...]:
 
 
 CLIP = register_adapter(
-    Adapter(
-        model_types=("clip",),
-        name="clip",
+    vision_encoder(
+        ("clip",),
+        _encoder_classes("CLIP"),
+        layout=CLIP_LAYOUT,
         layers="vision_model.encoder.layers",
         attention="self_attn",
-        embeddings={},
-        positions=Additive({}, description="learned absolute, [CLS, patches] + positions"),
-        norms={"LayerNorm": layer_norm},
-        modules=_encoder_classes("CLIP"),
         constants=("vision_model.embeddings.position_embedding",),
         gamma=_GAMMA,
-        inputs=ImageInputs(layout=CLIP_LAYOUT),
-        heads=("image_classification",),
-        extra_rules=vision_embedding_rules(CLIP_LAYOUT),
-        extra_maps=vision_maps,
         tiny={**_TINY_TOWERS, "projection_dim": 16},
     )
 )
@@ -133,21 +124,16 @@ def _siglip_rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list
 
 
 SIGLIP = register_adapter(
-    Adapter(
-        model_types=("siglip",),
-        name="siglip",
+    vision_encoder(
+        ("siglip",),
+        (*_encoder_classes("Siglip"), "SiglipMultiheadAttentionPoolingHead", "MultiheadAttention"),
+        layout=SIGLIP_LAYOUT,
         layers="vision_model.encoder.layers",
         attention="self_attn",
-        embeddings={},
-        positions=Additive({}, description="learned absolute, patches + positions (no CLS)"),
-        norms={"LayerNorm": layer_norm},
-        modules=(*_encoder_classes("Siglip"), "SiglipMultiheadAttentionPoolingHead", "MultiheadAttention"),
+        positions="learned absolute, patches + positions (no CLS)",
         constants=("vision_model.embeddings.position_embedding",),
         gamma=_GAMMA,
-        inputs=ImageInputs(layout=SIGLIP_LAYOUT),
-        heads=("image_classification",),
         extra_rules=_siglip_rules,
-        extra_maps=vision_maps,
         tiny=_TINY_TOWERS,
     )
 )

@@ -21,10 +21,8 @@ from torch import nn
 
 from ..config import VISION_OPTIONS, LRPConfig
 from ..hooks import HookRule, LeafStore, OutputGradient
-from ..positions import Additive
-from .base import Adapter, register_adapter
-from .norms import layer_norm
-from .vit import ImageInputs, VisionLayout, vision_embedding_rules, vision_maps
+from .base import register_adapter
+from .vit import TINY_VIT, VisionLayout, vision_embedding_rules, vision_encoder
 
 DINOV2_LAYOUT = VisionLayout(specials=("cls_token",), interpolation="always")
 
@@ -42,48 +40,31 @@ def _rules(model: nn.Module, config: LRPConfig, store: LeafStore) -> list[tuple[
     return rules
 
 
+#: DINOv2 and its variants: the ViT tiny instance with an MLP ratio instead of an intermediate size
+TINY_DINOV2 = {**{k: v for k, v in TINY_VIT.items() if k != "intermediate_size"}, "mlp_ratio": 2}
+#: the linears the Gamma rule applies to (SwiGLU's down projection included) and the patch convolution
+DINOV2_GAMMA = {
+    "gamma_linear": ("*.mlp.fc1", "*.mlp.fc2", "*.mlp.down_proj", "classifier"),
+    "gamma_conv": ("*.patch_embeddings.projection",),
+}
+
+
+def dinov2_classes(prefix: str) -> tuple[str, ...]:
+    parts = ("Model", "Embeddings", "PatchEmbeddings", "Encoder", "Layer", "Attention", "LayerScale")
+    parts += ("DropPath", "MLP", "SwiGLUFFN")
+    return (f"{prefix}ForImageClassification", *(prefix + part for part in parts))
+
+
 DINOV2 = register_adapter(
-    Adapter(
-        model_types=("dinov2",),
-        name="dinov2",
+    vision_encoder(
+        ("dinov2",),
+        dinov2_classes("Dinov2"),
+        layout=DINOV2_LAYOUT,
         layers="encoder.layer",
-        attention="attention",
-        embeddings={},
-        positions=Additive(
-            {}, description="learned absolute, always interpolated: [CLS, patches] + positions"
-        ),
-        norms={"LayerNorm": layer_norm},
-        modules=(
-            "Dinov2ForImageClassification",
-            "Dinov2Model",
-            "Dinov2Embeddings",
-            "Dinov2PatchEmbeddings",
-            "Dinov2Encoder",
-            "Dinov2Layer",
-            "Dinov2Attention",
-            "Dinov2LayerScale",
-            "Dinov2DropPath",
-            "Dinov2MLP",
-            "Dinov2SwiGLUFFN",
-        ),
-        gamma={
-            "gamma_linear": ("*.mlp.fc1", "*.mlp.fc2", "*.mlp.down_proj", "classifier"),
-            "gamma_conv": ("*.patch_embeddings.projection",),
-        },
+        positions="learned absolute, always interpolated: [CLS, patches] + positions",
+        gamma=DINOV2_GAMMA,
         vision_options=tuple(VISION_OPTIONS),
-        inputs=ImageInputs(layout=DINOV2_LAYOUT),
-        heads=("image_classification",),
         extra_rules=_rules,
-        extra_maps=vision_maps,
-        tiny={
-            "hidden_size": 32,
-            "mlp_ratio": 2,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 16,
-            "patch_size": 4,
-            "num_channels": 3,
-            "num_labels": 3,
-        },
+        tiny=TINY_DINOV2,
     )
 )

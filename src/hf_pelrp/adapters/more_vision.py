@@ -44,26 +44,16 @@ from ..config import LRPConfig
 from ..errors import AttributionInputError, AttributionStateError, UnsupportedModelError
 from ..hooks import Handles, HookRule, LeafStore, OutputGradient, make_leaf
 from ..inline_attention import Recomputed
-from ..positions import BIAS_LEAF, Additive, AttentionBias, bias_leaf
+from ..positions import BIAS_LEAF, AttentionBias, bias_leaf
 from ..rules import scale_gradient
 from .base import Adapter, register_adapter
 from .beit import BeitLayout, _window_bins, attention_patch_size
 from .clip import _GAMMA as _CLIP_GAMMA
 from .clip import _TINY_TOWERS, CLIP_LAYOUT, _encoder_classes
+from .dinov2 import DINOV2_GAMMA, TINY_DINOV2, dinov2_classes
 from .norms import layer_norm
 from .vit import _GAMMA as _VIT_GAMMA
-from .vit import ImageInputs, VisionLayout, vision_embedding_rules, vision_maps
-
-_TINY_VIT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "image_size": 16,
-    "patch_size": 4,
-    "num_channels": 3,
-    "num_labels": 3,
-}
+from .vit import ImageInputs, VisionLayout, vision_embedding_rules, vision_encoder, vision_maps
 
 
 def _vit_classes(prefix: str, head: str, pooler: bool) -> tuple[str, ...]:
@@ -81,40 +71,21 @@ IJEPA_LAYOUT = VisionLayout(specials=())
 VIT_MSN_LAYOUT = VisionLayout(specials=("cls_token",))
 
 IJEPA = register_adapter(
-    Adapter(
-        model_types=("ijepa",),
-        name="ijepa",
-        layers="layers",
-        attention="attention",
-        embeddings={},
-        positions=Additive({}, description="learned absolute, patches + positions (no CLS)"),
-        norms={"LayerNorm": layer_norm},
-        modules=_vit_classes("IJepa", "IJepaForImageClassification", pooler=True),
+    vision_encoder(
+        ("ijepa",),
+        _vit_classes("IJepa", "IJepaForImageClassification", pooler=True),
+        layout=IJEPA_LAYOUT,
+        positions="learned absolute, patches + positions (no CLS)",
         gamma=_VIT_GAMMA,
-        inputs=ImageInputs(layout=IJEPA_LAYOUT),
-        heads=("image_classification",),
-        extra_rules=vision_embedding_rules(IJEPA_LAYOUT),
-        extra_maps=vision_maps,
-        tiny=_TINY_VIT,
     )
 )
 
 VIT_MSN = register_adapter(
-    Adapter(
-        model_types=("vit_msn",),
-        name="vit_msn",
-        layers="layers",
-        attention="attention",
-        embeddings={},
-        positions=Additive({}, description="learned absolute, [CLS, patches] + positions"),
-        norms={"LayerNorm": layer_norm},
-        modules=_vit_classes("ViTMSN", "ViTMSNForImageClassification", pooler=False),
+    vision_encoder(
+        ("vit_msn",),
+        _vit_classes("ViTMSN", "ViTMSNForImageClassification", pooler=False),
+        layout=VIT_MSN_LAYOUT,
         gamma=_VIT_GAMMA,
-        inputs=ImageInputs(layout=VIT_MSN_LAYOUT),
-        heads=("image_classification",),
-        extra_rules=vision_embedding_rules(VIT_MSN_LAYOUT),
-        extra_maps=vision_maps,
-        tiny=_TINY_VIT,
     )
 )
 
@@ -168,54 +139,15 @@ def _register_rules(
 
 
 DINOV2_REGISTERS = register_adapter(
-    Adapter(
-        model_types=("dinov2_with_registers",),
-        name="dinov2_with_registers",
+    vision_encoder(
+        ("dinov2_with_registers",),
+        dinov2_classes("Dinov2WithRegisters"),
+        layout=DINOV2_REGISTERS_LAYOUT,
         layers="encoder.layer",
-        attention="attention",
-        embeddings={},
-        positions=Additive(
-            {},
-            description="learned absolute, always interpolated: [CLS, patches] + positions; registers: none",
-        ),
-        norms={"LayerNorm": layer_norm},
-        modules=(
-            "Dinov2WithRegistersForImageClassification",
-            *(
-                "Dinov2WithRegisters" + part
-                for part in (
-                    "Model",
-                    "Embeddings",
-                    "PatchEmbeddings",
-                    "Encoder",
-                    "Layer",
-                    "Attention",
-                    "LayerScale",
-                    "DropPath",
-                    "MLP",
-                    "SwiGLUFFN",
-                )
-            ),
-        ),
-        gamma={
-            "gamma_linear": ("*.mlp.fc1", "*.mlp.fc2", "*.mlp.down_proj", "classifier"),
-            "gamma_conv": ("*.patch_embeddings.projection",),
-        },
-        inputs=ImageInputs(layout=DINOV2_REGISTERS_LAYOUT),
-        heads=("image_classification",),
+        positions="learned absolute, always interpolated: [CLS, patches] + positions; registers: none",
+        gamma=DINOV2_GAMMA,
         extra_rules=_register_rules,
-        extra_maps=vision_maps,
-        tiny={
-            "hidden_size": 32,
-            "mlp_ratio": 2,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 16,
-            "patch_size": 4,
-            "num_channels": 3,
-            "num_register_tokens": 2,
-            "num_labels": 3,
-        },
+        tiny={**TINY_DINOV2, "num_register_tokens": 2},
     )
 )
 
@@ -223,21 +155,14 @@ DINOV2_REGISTERS = register_adapter(
 # ---- MetaCLIP 2: CLIP's layout -------------------------------------------------------------------------------
 
 METACLIP_2 = register_adapter(
-    Adapter(
-        model_types=("metaclip_2",),
-        name="metaclip_2",
+    vision_encoder(
+        ("metaclip_2",),
+        _encoder_classes("MetaClip2"),
+        layout=CLIP_LAYOUT,
         layers="vision_model.encoder.layers",
         attention="self_attn",
-        embeddings={},
-        positions=Additive({}, description="learned absolute, [CLS, patches] + positions"),
-        norms={"LayerNorm": layer_norm},
-        modules=_encoder_classes("MetaClip2"),
         constants=("vision_model.embeddings.position_embedding",),
         gamma=_CLIP_GAMMA,
-        inputs=ImageInputs(layout=CLIP_LAYOUT),
-        heads=("image_classification",),
-        extra_rules=vision_embedding_rules(CLIP_LAYOUT),
-        extra_maps=vision_maps,
         tiny={**_TINY_TOWERS, "projection_dim": 16},
     )
 )

@@ -175,6 +175,15 @@ class ImageTextInputs(TextOnlyInputs):
             given = [k for k in self.image_keys if k in inputs]
             if given:
                 raise AttributionInputError(f"{', '.join(given)} come with images: pass pixel_values too")
+            ids = inputs.get("input_ids")
+            if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+                count = int((ids == _image_token_id(model)).sum())
+                if count:
+                    raise AttributionInputError(
+                        f"input_ids hold {count} image placeholder token(s) (id {_image_token_id(model)}) but no "
+                        "pixel_values were given: pass the image (the processor's pixel_values, one per row), or "
+                        "remove the placeholders for a text-only prompt."
+                    )
             return super().validate(model, inputs)
         name = type(model).__name__
         check_unknown_inputs(inputs, (*self.accepted(), *self.image_keys), model)

@@ -490,49 +490,72 @@ _GAMMA = {
     "gamma_conv": ("*.patch_embeddings.projection",),
 }
 
+#: the tiny instance of check_adapter for ViT-style classifiers (one source for the families built on it)
+TINY_VIT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 16,
+    "patch_size": 4,
+    "num_channels": 3,
+    "num_labels": 3,
+}
+
+
+def vision_encoder(
+    model_types: tuple[str, ...],
+    modules: tuple[str, ...],
+    *,
+    layout: VisionLayout | None = None,
+    layers: str = "layers",
+    attention: str = "attention",
+    positions: str = "learned absolute, [CLS, patches] + positions",
+    gamma: dict[str, tuple[str, ...]] | None = None,
+    constants: tuple[str, ...] = (),
+    vision_options: tuple[str, ...] = (),
+    extra_rules: Any = None,
+    tiny: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Adapter:
+    """The declaration of a ViT-style image classifier (the shared piece of ViT, DeiT, DINOv2, CLIP, SigLIP,
+    I-JEPA, ViT-MSN, MetaCLIP 2, ...): additive learned positions as the ``"position"`` leaf at the embedding
+    sum of ``layout`` (:class:`VisionEmbeddingLeaves`), the identity rule on LayerNorm, the ``"lrp"`` attention,
+    ``patch_map`` / ``pixel_map``. ``extra_rules`` replaces the embedding rules where a family adds its own (it
+    then calls :func:`vision_embedding_rules` itself); ``tiny`` defaults to :data:`TINY_VIT`."""
+    layout = layout or VIT_LAYOUT
+    return Adapter(
+        model_types=model_types,
+        name=name or model_types[0],
+        layers=layers,
+        attention=attention,
+        embeddings={},
+        positions=Additive({}, description=positions),
+        norms={"LayerNorm": layer_norm},
+        modules=modules,
+        constants=constants,
+        gamma=gamma or {},
+        vision_options=vision_options,
+        inputs=ImageInputs(layout=layout),
+        heads=("image_classification",),
+        extra_rules=extra_rules or vision_embedding_rules(layout),
+        extra_maps=vision_maps,
+        tiny=dict(TINY_VIT if tiny is None else tiny),
+    )
+
+
 for _model_types, _prefix, _heads in (
     (("vit",), "ViT", ("ViTForImageClassification",)),
     (("deit",), "DeiT", ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")),
 ):
+    _parts = ("Model", "Embeddings", "PatchEmbeddings", "Encoder", "Layer", "Attention", "SelfAttention")
+    _parts += ("SelfOutput", "MLP", "Intermediate", "Output", "Pooler")
     register_adapter(
-        Adapter(
-            model_types=_model_types,
-            name=_model_types[0],
-            layers="layers",
-            attention="attention",
-            embeddings={},
-            positions=Additive({}, description="learned absolute, [CLS, patches] + positions"),
-            norms={"LayerNorm": layer_norm},
-            modules=(
-                *_heads,
-                f"{_prefix}Model",
-                f"{_prefix}Embeddings",
-                f"{_prefix}PatchEmbeddings",
-                f"{_prefix}Encoder",
-                f"{_prefix}Layer",
-                f"{_prefix}Attention",
-                f"{_prefix}SelfAttention",
-                f"{_prefix}SelfOutput",
-                f"{_prefix}MLP",
-                f"{_prefix}Intermediate",
-                f"{_prefix}Output",
-                f"{_prefix}Pooler",
-            ),
+        vision_encoder(
+            _model_types,
+            (*_heads, *(_prefix + part for part in _parts)),
             gamma=_GAMMA,
             vision_options=tuple(VISION_OPTIONS),
-            inputs=ImageInputs(),
-            heads=("image_classification",),
             extra_rules=_embedding_rules,
-            extra_maps=vision_maps,
-            tiny={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "image_size": 16,
-                "patch_size": 4,
-                "num_channels": 3,
-                "num_labels": 3,
-            },
         )
     )

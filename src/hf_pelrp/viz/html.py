@@ -5,7 +5,9 @@
 - image (:func:`to_html` of a ViT / DeiT attribution): the image with the pixel, patch, token and position maps
   as switchable overlays (embedded PNGs), or the maps alone without an image;
 - generation (:func:`generation_html` of a :class:`~hf_pelrp.GenerationAttribution`): a target x source matrix,
-  per-layer charts per token on demand.
+  per-layer charts per token on demand;
+- vision-language models (a result with ``image``): the text report (or the matrix) with the image's patch maps
+  (content and positions, two panels) drawn on the image passed as ``image=``; one panel per generated token.
 
 Everything is inline (CSS, one constant script, the data as JSON, images as ``data:`` URLs): the page makes no
 network request. Text is escaped by the templates; every token string sits in a ``<bdi>`` (bidirectional text
@@ -35,9 +37,12 @@ from .deps import require
 from .strings import clean, quoted, visible_text
 from .view import MAP_TITLES, Labels, RowView, generation_view, is_generation, layer_chart_title, row_views
 from .vision import IMAGE_MAPS, ImageView, image_views, is_vision, picture_pixels, png_data_url
+from .vlm import VLM_MAPS, ImagePanel, image_panels, is_vlm
 
 #: the longer side of an image report's picture, in CSS pixels
 IMAGE_DISPLAY_SIZE = 320
+#: the longer side of each of a vision-language report's two image panels (they sit beside the text)
+VLM_DISPLAY_SIZE = 224
 #: the initial opacity (percent) of a relevance overlay on an image
 OVERLAY_OPACITY = 70
 _MODES = {"attnlrp": "AttnLRP", "cp": "CP-LRP"}
@@ -416,6 +421,7 @@ def _text_html(
     title: str | None,
     full_page: bool,
     ledger: Any = None,
+    image: Any = None,
 ) -> str:
     views = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)
     maps = list(views[0].maps) if views else ["relevance", "token", "position"]
@@ -423,8 +429,12 @@ def _text_html(
     # rows without special tokens have identical "visible" and "all" colours, so one key serves every row
     initial_key = "visible" if hide_special and any_special else "all"
     rows, payloads = _text_rows(views, shared_scale, initial_key, layer_chart_title(attr))
+    panels = _panel_payloads(image_panels(attr, image), shared_scale) if is_vlm(attr) else None
     for row in rows:
         row["ledger"] = None if ledger is None else _ledger_rows(ledger, row["index"])
+        row["image_panel"] = None if panels is None else panels[row["index"]]
+        if panels is not None:  # the image's share next to the text maps' sums
+            row["summary"]["sums"].append(("image", panels[row["index"]]["image_total"]))
     return _render(
         "text.html.j2",
         path,
@@ -444,8 +454,8 @@ def _text_html(
 # ---- image report --------------------------------------------------------------------------------------------
 
 
-def _display_size(height: int, width: int) -> tuple[int, int]:
-    factor = IMAGE_DISPLAY_SIZE / max(height, width, 1)
+def _display_size(height: int, width: int, size: int = IMAGE_DISPLAY_SIZE) -> tuple[int, int]:
+    factor = size / max(height, width, 1)
     return max(1, round(height * factor)), max(1, round(width * factor))
 
 
@@ -557,6 +567,60 @@ def _image_html(
     )
 
 
+# ---- a vision-language model's image beside the text -----------------------------------------------------
+
+
+def _panel_payloads(panels: list[ImagePanel], shared_scale: bool) -> list[dict[str, Any]]:
+    """The template data of each :class:`~hf_pelrp.viz.vlm.ImagePanel`: one stage per patch map (the overlay as
+    a PNG on the grey image), its sum and scale (one scale for both maps of a row with ``shared_scale``, so
+    their colours compare), a tooltip per patch, and the image's totals."""
+    bases: dict[int, str] = {}  # a continuation's rows share one image: encoded once
+    out = []
+    for panel in panels:
+        height, width = _display_size(panel.height, panel.width, VLM_DISPLAY_SIZE)
+        shared = color_scale(np.abs(np.concatenate([m.reshape(-1) for m in panel.maps.values()])).tolist())
+        base = None
+        if panel.picture is not None:
+            key = id(panel.picture)
+            if key not in bases:
+                bases[key] = png_data_url(picture_pixels(panel.picture))
+            base = bases[key]
+        stages = []
+        for key, values in panel.maps.items():
+            scale = shared if shared_scale else color_scale(np.abs(values).reshape(-1).tolist())
+            cells = []
+            for k in range(panel.grid[0] * panel.grid[1]):
+                r, c = divmod(k, panel.grid[1])
+                detail = " · ".join(f"{VLM_MAPS[n]} {_fmt(float(m[r, c]))}" for n, m in panel.maps.items())
+                cells.append(f"patch {k} (row {r}, column {c})\n{detail}")
+            stages.append(
+                {
+                    "key": key,
+                    "title": VLM_MAPS[key],
+                    "src": _overlay(values, scale),
+                    "pixelated": values.shape[1] * 2 <= width,
+                    "opacity": f"{OVERLAY_OPACITY / 100:.2f}" if base is not None else "1",
+                    "sum": _fmt(float(values.sum())),
+                    "scale": f"{scale:.3g}",
+                    "cells": cells,
+                }
+            )
+        out.append(
+            {
+                "width": width,
+                "height": height,
+                "base": base,
+                "base_pixelated": panel.picture is not None and panel.picture.shape[1] * 2 <= width,
+                "grid": panel.grid,
+                "stages": stages,
+                "special": _fmt(panel.special),
+                "text_total": _fmt(panel.text_total),
+                "image_total": _fmt(panel.image_total),
+            }
+        )
+    return out
+
+
 # ---- generation report ---------------------------------------------------------------------------------------
 
 
@@ -573,6 +637,7 @@ def generation_html(
     layer_charts: bool = True,
     title: str | None = None,
     full_page: bool = True,
+    image: Any = None,
 ) -> str:
     """Render a :class:`~hf_pelrp.GenerationAttribution` as a self-contained target x source matrix page.
 
@@ -604,12 +669,20 @@ def generation_html(
         Include the per-layer position charts (rotary models), folded per row.
     title, full_page
         Heading; a complete document with its Content-Security-Policy (default) or a fragment for notebooks.
+    image
+        A vision-language model's continuation: the prompt's image (PIL, array or tensor; best the image as the
+        model saw it, the pipeline's ``out["image"]``) under each explained token's patch maps. Without it the
+        maps are drawn alone.
 
     Returns
     -------
     str
         The HTML.
     """
+    if image is not None and not is_vlm(gen):
+        raise AttributionInputError(
+            "image= was given, but this continuation has no image maps (it is not from a vision-language model)"
+        )
     if scale not in ("row", "matrix"):
         raise AttributionInputError(f"scale must be 'row' or 'matrix', got {scale!r}")
     view = generation_view(gen, tokens=tokens, tokenizer=tokenizer, labels=labels)
@@ -627,6 +700,7 @@ def generation_html(
             fixed[name] = color_scale(values)
     payloads, rows, charts = [], [], []
     value_name = "logit" if gen.foil is None else "logit difference"
+    panels = _panel_payloads(image_panels(gen, image), shared_scale) if is_vlm(gen) else None
     for row in view.rows:
         payload = _colour_payload(row.maps, _subsets(view.special, range(row.visible)), shared_scale, fixed)
         payload["fmt"] = {k: [_short(v) for v in values] for k, values in row.maps.items()}
@@ -661,6 +735,7 @@ def generation_html(
                 "value": _fmt(row.target_value),
                 "gap": _fmt(row.gap),
                 "scale": payload["scale"][initial_key][first],
+                "image_total": None if panels is None else panels[row.index]["image_total"],
             }
         )
         if layer_charts and row.position_by_layer:
@@ -720,6 +795,18 @@ def generation_html(
         legend_note=f"{MEANING}; {note}",
         charts=charts,
         chart_title=f"position relevance per layer, per explained token: {layer_chart_title(gen)}",
+        span=view.span,
+        image_rows=[]
+        if panels is None
+        else [
+            {
+                "index": r.index,
+                "label": visible_text(r.label),
+                "value": _fmt(r.target_value),
+                "panel": panels[r.index],
+            }
+            for r in view.rows
+        ],
         data={"kind": "generation", "maps": keys, "rows": payloads, "tokens": view.tokens},
     )
 
@@ -765,13 +852,17 @@ def to_html(
         Class names for the target, e.g. ``model.config.id2label``. Defaults to ``attr.labels``.
     image
         Image attributions: the input image (PIL, array or tensor; a list for a batch) under the maps. Without
-        it the maps are drawn alone.
+        it the maps are drawn alone. Vision-language models (a result with ``image`` maps): the prompt's image
+        (one per row; the pipeline's ``out["image"]`` is the image as the model saw it, resized and cropped,
+        on which the patch grid lies exactly), drawn beside the text with the patch content and position
+        maps.
     hide_special
         Start with special tokens (BOS, CLS, SEP, ...) hidden and excluded from the colour scale (a checkbox
         switches; the maps themselves keep their relevance).
     shared_scale
         One colour scale for the combined, token and position maps of a row (default: colours are comparable
-        between maps), or one scale per map.
+        between maps), or one scale per map; likewise for a vision-language row's two patch maps (content and
+        positions).
     title
         Heading of the page.
     full_page
@@ -796,8 +887,6 @@ def to_html(
     if ledger is not None and (is_generation(attr) or is_vision(attr)):
         raise AttributionInputError("ledger= applies to text attributions (one explained logit per row)")
     if is_generation(attr):
-        if image is not None:
-            raise AttributionInputError("image= does not apply to a continuation attribution")
         return generation_html(
             attr,
             path,
@@ -808,18 +897,30 @@ def to_html(
             shared_scale=shared_scale,
             title=title,
             full_page=full_page,
+            image=image,
             **kwargs,
         )
     if kwargs:
         raise TypeError(f"to_html() got unexpected keyword arguments {sorted(kwargs)}")
     if is_vision(attr):
         return _image_html(attr, image, path, tokens, labels, title, full_page)
-    if image is not None:
+    if image is not None and not is_vlm(attr):
         raise AttributionInputError(
-            "image= was given, but this attribution has no patch_map / pixel_map (it is not from a vision model)"
+            "image= was given, but this attribution has no image maps (it is not from a vision model: no "
+            "patch_map / pixel_map, no image)"
         )
     return _text_html(
-        attr, tokens, path, tokenizer, labels, hide_special, shared_scale, title, full_page, ledger=ledger
+        attr,
+        tokens,
+        path,
+        tokenizer,
+        labels,
+        hide_special,
+        shared_scale,
+        title,
+        full_page,
+        ledger=ledger,
+        image=image,
     )
 
 

@@ -7,6 +7,8 @@ blue speaks against it, white is zero).
   as a bar on its own axis;
 - images (ViT / DeiT): the image, the pixel and patch maps laid over it (in grey, so the colours read) and the
   position map on the patch grid;
+- vision-language models (a result with ``image``): the image, its patch content and position maps laid over it
+  (one colour scale for both), and the text strip below;
 - continuations: the target x source matrix (:func:`generation_plot`).
 
 matplotlib is imported on first use (``pip install 'hf_pelrp[viz]'`` if it is missing).
@@ -34,6 +36,7 @@ from .view import (
     row_views,
 )
 from .vision import grey, image_array, image_view, is_vision
+from .vlm import VLM_MAPS, image_panels, is_vlm
 
 __all__ = ["generation_plot", "generation_png", "image_array", "plot", "save_png"]
 
@@ -298,6 +301,82 @@ def _vision_figure(attr: Any, row: int, image: Any, labels: Any, alpha: float) -
     return fig
 
 
+# ---- vision-language models ---------------------------------------------------------------------------------
+
+
+def _vlm_figure(
+    attr: Any,
+    row: int,
+    image: Any,
+    tokens: Any,
+    tokenizer: Any,
+    labels: Any,
+    hide_special: bool,
+    alpha: float,
+) -> Any:
+    """The image (if given) and the patch content / position maps over it, one scale for both (they compare),
+    above the text strip of the same row (its own scale: text and patches differ by orders of magnitude)."""
+    if isinstance(image, list | tuple):
+        if len(image) != attr.batch_size:
+            raise AttributionInputError(
+                f"image= is a list of {len(image)} images, but the attribution has {attr.batch_size} rows"
+            )
+        image = image[row]
+    panel = image_panels(attr[row] if attr.batch_size > 1 else attr, image)[0]
+    view = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)[row]
+    shown = _shown(view.special, hide_special, view.explained)
+    keys = list(view.maps)
+    picture = panel.picture
+    panels: list[tuple[str, np.ndarray | None]] = [("image", None)] if picture is not None else []
+    panels += [(f"{VLM_MAPS[k]} · sum {panel.maps[k].sum():.3g}", panel.maps[k]) for k in panel.maps]
+    cmap = matplotlib_cmap()
+    cm = require("matplotlib.cm")
+    width = max(3.3 * len(panels), min(0.55 * len(shown) + 3.2, 26.0))
+    fig = _figure(width, 6.4)
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[3.6, 2.0])
+    extent = (0, panel.width, panel.height, 0)
+    scale = color_scale(np.abs(np.concatenate([m.reshape(-1) for m in panel.maps.values()])).tolist())
+    for i, (name, data) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
+        ax.set_axis_off()
+        ax.set_title(_plain(name), fontsize=9)
+        if picture is not None:
+            if data is None:
+                ax.imshow(picture, extent=extent, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
+                continue
+            ax.imshow(grey(picture), cmap="gray", extent=extent, vmin=0, vmax=1)
+        shown_map = ax.imshow(
+            data,
+            cmap=cmap,
+            vmin=-scale,
+            vmax=scale,
+            alpha=alpha if picture is not None else 1.0,
+            extent=extent,
+            interpolation="nearest",
+        )
+        bar = fig.colorbar(cm.ScalarMappable(norm=shown_map.norm, cmap=cmap), ax=ax, fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=7)
+        bar.formatter.set_powerlimits((-2, 3))
+        bar.ax.yaxis.get_offset_text().set_fontsize(7)
+    text_scale = color_scale([view.maps[k][i] for k in keys for i in shown])
+    tax = fig.add_subplot(grid[1, :])
+    cmap_kw = {"cmap": cmap, "vmin": -text_scale, "vmax": text_scale, "interpolation": "nearest"}
+    strip = _strip(tax, view, shown, keys, text_scale, cmap_kw)
+    target = _target_text(view.target_label, None if view.target_label is not None else view.target_id)
+    tax.set_title(
+        _plain(
+            f"text {panel.text_total:.4g} · image {panel.image_total:.4g} (special tokens {panel.special:.3g})"
+            f" · next token after the outlined position: {target}"
+        ),
+        fontsize=9,
+        loc="left",
+    )
+    tbar = fig.colorbar(strip, ax=tax, fraction=0.025, pad=0.01, aspect=12)
+    tbar.ax.tick_params(labelsize=7)
+    fig.suptitle(f"{_plain(attr.model_type or 'model')} · {_summary(view)}\n{MEANING}", fontsize=9)
+    return fig
+
+
 # ---- continuations -----------------------------------------------------------------------------------------
 
 
@@ -463,11 +542,13 @@ def plot(
     if not -attr.batch_size <= row < attr.batch_size:
         raise AttributionInputError(f"row {row} is outside the batch of {attr.batch_size}")
     row = row % attr.batch_size
+    if is_vlm(attr):
+        return _vlm_figure(attr, row, image, tokens, tokenizer, labels, hide_special, alpha)
     if is_vision(attr):
         return _vision_figure(attr, row, image, labels, alpha)
     if image is not None:
         raise AttributionInputError(
-            "image= was given, but this attribution has no patch_map / pixel_map (it is not from a vision model)"
+            "image= was given, but this attribution has no image maps (it is not from a vision model)"
         )
     return _text_figure(attr, row, tokens, tokenizer, labels, hide_special)
 

@@ -76,6 +76,7 @@ def render_tables(
         raise TypeError(f"render_tables() got unexpected keyword arguments {sorted(kwargs)}")
     _console, _style, table_cls, text, group = _rich()
     views = row_views(attr, tokens=tokens, tokenizer=tokenizer, labels=labels)
+    image_totals = _image_totals(attr)
     parts: list[Any] = [_heading(attr)]
     for view in views:
         shown = [i for i in range(len(view.positions)) if not (hide_special and view.special[i])]
@@ -97,9 +98,11 @@ def render_tables(
         if view.foil_id is not None:
             target += f" vs foil {_target(view.foil_label, view.foil_id)}"
         rel = abs(view.gap) / abs(view.target_value) if view.target_value != 0 else float("inf")
+        # a vision-language row: the image's share (patches, their positions, special tokens), not in the table
+        image = "" if image_totals is None else f" · image {image_totals[view.row]:.4g}"
         parts.append(
             text(
-                f"row {view.row}: target {target} · explained logit {view.target_value:.4g} · "
+                f"row {view.row}: target {target} · explained logit {view.target_value:.4g}{image} · "
                 f"conservation gap {view.gap:.4g} ({rel:.1%} of |logit|)",
                 style="italic",
             )
@@ -182,6 +185,11 @@ def render_generation_table(
         text(value_name, style="bold"),
         *(text(f"{r.target_value:+.4g}", justify="right") for r in view.rows),
     )
+    image_totals = _image_totals(gen)
+    if image_totals is not None:  # a vision-language model: the image's share of each row
+        table.add_row(
+            text(""), text("image", style="bold"), *(text(f"{t:+.4g}", justify="right") for t in image_totals)
+        )
     table.add_row(
         text(""), text("gap", style="bold"), *(text(f"{r.gap:+.4g}", justify="right") for r in view.rows)
     )
@@ -192,6 +200,12 @@ def render_generation_table(
         style="italic",
     )
     return group(_heading(gen), caption, table)
+
+
+def _image_totals(attr: Any) -> list[float] | None:
+    """A vision-language result's image relevance per row (patches, positions, special tokens), or None."""
+    total = getattr(attr, "image_total", None)
+    return None if total is None else total.detach().float().cpu().tolist()
 
 
 def show_terminal(attr: Any, tokens: Any = None, *, console: Any = None, **kwargs: Any) -> None:

@@ -130,7 +130,8 @@ def conservation_gap(attr: Any) -> torch.Tensor:
         if isinstance(extras.get("target_position"), torch.Tensor):
             prefix = prefix + extras["target_position"]
         gap = gap - prefix.sum(-1).to(gap)
-    return gap
+    image = getattr(attr, "image_total", None)  # a vision-language model's image is part of the explanation
+    return gap if image is None else gap - image.to(gap)
 
 
 def layer_chart_title(attr: Any) -> str:
