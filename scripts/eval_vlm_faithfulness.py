@@ -206,7 +206,10 @@ def correct_canvases(model, task: QuadrantTask, count: int, limit: int) -> tuple
         right = answer_logits(model, batch.model_inputs()).argmax(-1) == batch.answer
     keep = torch.nonzero(right).flatten()[:count]
     if len(keep) < count:
-        raise RuntimeError(f"only {len(keep)} of {limit} test canvases answered correctly; raise --limit")
+        raise RuntimeError(
+            f"only {len(keep)} of the first {limit} test canvases are answered correctly: ask for fewer --samples "
+            "or train the model longer (scripts/train_vlm_canvas.py --steps)"
+        )
     picked = QuadrantBatch(*(getattr(batch, f)[keep] for f in QuadrantBatch.__dataclass_fields__))
     return picked, keep.tolist()
 
