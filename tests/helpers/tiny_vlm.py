@@ -131,6 +131,11 @@ def save_tiny_gemma3(folder: Path, dtype: torch.dtype = torch.float32, seed: int
     from hf_pelrp.check import _randomise, tiny_config
 
     tok = _smollm2_tokenizer(**GEMMA3_IMAGE_TOKENS)
+    # Gemma's turn markers are single tokens, as in its own vocabulary
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+        replace_extra_special_tokens=False,
+    )
     config = tiny_config("gemma3")
     config.text_config.vocab_size = len(tok)
     config.text_config.max_position_embeddings = 128  # the chat template's markup with the image
