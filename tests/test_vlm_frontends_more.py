@@ -123,12 +123,14 @@ def test_chat_messages_with_an_image_equal_attribute(vlm):
     assert "What?" in prompt and prompt.endswith(GENERATION_PROMPT[name])
 
 
-def test_a_batch_equals_one_prompt_at_a_time(vlm):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_batch_equals_one_prompt_at_a_time(vlm, side, monkeypatch):
     name, _, pipe, text, _, _ = vlm
+    monkeypatch.setattr(pipe.tokenizer, "padding_side", side)
     marker = pipe.processor.image_token
     # two pictures of one size (one grid), then of two sizes: Qwen2-VL sizes them differently (one pass each)
     for images in ([picture(seed=3), picture(seed=4)], [picture(seed=3), picture(20, 20, seed=4)]):
-        texts = [text, f"Look: {marker} and say"]
+        texts = [text, f"Look here: {marker} and say it"]
         batch = pipe(images=images, text=texts, batch_size=2)
         for out, image, prompt in zip(batch, images, texts, strict=True):
             alone = pipe(images=image, text=prompt)
