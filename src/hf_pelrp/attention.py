@@ -140,11 +140,13 @@ def lrp_attention_forward(
                     f"'lrp' attention, but the rotary leaves have {length}; keys from a cache need the in-graph "
                     "leaves (hf_pelrp.positions.rotary_leaves_in_graph())"
                 )
-            # before the factors: the leaves get the gradient reaching q_rot and k_rot, as in the graph
-            query = rotary_leaf_gradient(query, rule.rotary_leaves)
-            key = rotary_leaf_gradient(key, rule.rotary_leaves)
-        query = scale_gradient(query, rule.channel_factors(rule.q, query))
-        key = scale_gradient(key, rule.channel_factors(rule.k, key))
+            # the leaves get the gradient reaching q_rot and k_rot (after the q / k factors), as in the graph;
+            # the factor and the leaves' gradient in one node
+            query = rotary_leaf_gradient(query, rule.rotary_leaves, rule.channel_factors(rule.q, query))
+            key = rotary_leaf_gradient(key, rule.rotary_leaves, rule.channel_factors(rule.k, key))
+        else:
+            query = scale_gradient(query, rule.channel_factors(rule.q, query))
+            key = scale_gradient(key, rule.channel_factors(rule.k, key))
         value = scale_gradient(value, rule.v)
         if attention_mask is not None and attention_mask.requires_grad:
             attention_mask = scale_gradient(attention_mask, rule.scores)

@@ -63,14 +63,22 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module], handles: list | None = 
     return handles
 
 
-def wants_checkpointing(model: torch.nn.Module, requested: bool | None) -> bool:
+def wants_checkpointing(
+    model: torch.nn.Module, requested: bool | None, modules: list[torch.nn.Module] | None = None
+) -> bool:
     """``requested`` if given, else whether the user enabled checkpointing on the model
-    (``model.gradient_checkpointing_enable()``)."""
+    (``model.gradient_checkpointing_enable()``).
+
+    The test of transformers' ``is_activation_checkpointing`` (some module with a true ``gradient_checkpointing``),
+    read from the modules' own dicts and classes: ``hasattr`` on a module without the attribute raises inside
+    ``nn.Module.__getattr__``, which on a small model costs more than the rest of an attribution's set-up.
+    ``modules``: ``list(model.modules())`` where the caller has it."""
     if requested is not None:
         return bool(requested)
-    # transformers 5 renamed the property; the old name warns
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            flag = getattr(model, name)
-            return bool(flag() if callable(flag) else flag)
-    return False
+    if not any(hasattr(type(model), n) for n in ("is_activation_checkpointing", "is_gradient_checkpointing")):
+        return False
+    mods = model.modules() if modules is None else modules
+    return any(
+        bool(m.__dict__.get("gradient_checkpointing", getattr(type(m), "gradient_checkpointing", False)))
+        for m in mods
+    )

@@ -229,7 +229,9 @@ def lrp(
         # every hook registered below is removed by its own handle; the iteration runs in C
         ctx.callback(collections.deque, map(operator.methodcaller("remove"), handles), 0)
         modules = list(model.modules())
-        ctx.callback(_each(setattr, [(m, "training", m.training) for m in modules]))
+        # the flags in the modules' own dicts (where nn.Module keeps them): Module.__setattr__'s checks cost more
+        # than the rest of the set-up on a small model
+        ctx.callback(_each(operator.setitem, [(m.__dict__, "training", m.training) for m in modules]))
         # hub kernels: the modules' own torch forwards run inside the block, the kernels' bindings come back
         kernels = kernel_forwards(model, modules)
         ctx.callback(_each(operator.setitem, [(k.own, k.key, k.kernel) for k in kernels]))
@@ -257,7 +259,7 @@ def lrp(
             blocks, attentions = adapter.blocks(model), adapter.attention_modules(model)
             for module, rule in residual_rules(blocks, attentions, cfg.residual_gamma):
                 rule.attach(module, handles)
-        if wants_checkpointing(model, gradient_checkpointing):
+        if wants_checkpointing(model, gradient_checkpointing, modules):
             checkpoint_layers(adapter.blocks(model), handles)
         ctx.callback(_each(ATTENTION_RULES.pop, [(module, None) for module, _ in rules]))
         for module, rule in rules:
@@ -268,7 +270,7 @@ def lrp(
             for where, _, new in swaps:
                 where["config"] = new
         # the flags, not model.eval(): transformers' train() / eval() re-kernelize a model with use_kernels on
-        _each(setattr, [(m, "training", False) for m in modules])()
+        _each(operator.setitem, [(m.__dict__, "training", False) for m in modules])()
         return ctx
     except BaseException:
         ctx.close()

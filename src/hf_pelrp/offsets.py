@@ -106,19 +106,25 @@ class Rotation:
 
 
 class _RotaryLeafGradient(torch.autograd.Function):
-    """Identity forward on a rotated q or k; the backward adds the rotary leaves' gradient (see
-    :func:`rotary_leaf_gradient`) and passes the incoming gradient on unchanged."""
+    """Identity forward on a rotated q or k; the backward scales the incoming gradient by ``factor`` (the
+    attention rule's factor of q or k, applied after the rotation: one node instead of two), adds the rotary
+    leaves' gradient from it (see :func:`rotary_leaf_gradient`) and passes it on."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, rotation: Rotation, factor: float | torch.Tensor) -> torch.Tensor:
         ctx.rotation = rotation
+        ctx.factor = factor
         ctx.save_for_backward(x)  # the attention keeps the same storage: no extra memory
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        rot = ctx.rotation
+        rot, factor = ctx.rotation, ctx.factor
+        if isinstance(factor, torch.Tensor):
+            grad = grad * factor.to(device=grad.device, dtype=grad.dtype)
+        elif factor != 1.0:
+            grad = grad * factor
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         c, s = rot.cos.detach().to(dtype), rot.sin.detach().to(dtype)
         # closed form of d(x_rot)/d(cos, sin) at q = R^{-1} x_rot, with R^{-1} the rotation by (c, -s) / a and
@@ -137,10 +143,12 @@ class _RotaryLeafGradient(torch.autograd.Function):
                 g_leaf = g_leaf.unflatten(-1, (-1, 2)).sum(-1)
             g_leaf = g_leaf.sum_to_size(leaf.shape).to(leaf.dtype)
             leaf.grad = g_leaf if leaf.grad is None else leaf.grad + g_leaf
-        return grad, None
+        return grad, None, None
 
 
-def rotary_leaf_gradient(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+def rotary_leaf_gradient(
+    x: torch.Tensor, rotation: Rotation, factor: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """``x`` (a q or k the model has rotated with detached ``(cos, sin)``), whose backward pass gives the rotary
     leaves of ``rotation`` the gradient they would get in the graph: ``x_rot = x * cos + rotate(x) * sin`` with
     ``g`` the gradient reaching ``x_rot`` gives ``cos.grad += x * g``, ``sin.grad += rotate(x) * g`` (summed
@@ -150,8 +158,17 @@ def rotary_leaf_gradient(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     [B, H, T, D] tensors per layer); here only ``x_rot`` is kept (the attention keeps it anyway), and ``x`` is
     recovered in the backward pass by the inverse rotation. The gradient is accumulated into ``leaf.grad``, so
     several backward passes, ``zero_grad`` and the map readers work as with in-graph leaves.
+
+    ``factor``: a gradient factor applied after the rotation, ``scale_gradient(rotary_leaf_gradient(x), factor)``
+    in one node (the leaves get their gradient from the scaled one, as with the two nodes).
     """
-    return _RotaryLeafGradient.apply(x, rotation) if x.requires_grad else x
+    if not x.requires_grad:
+        return x
+    if isinstance(factor, torch.Tensor):
+        factor = factor.detach()
+    elif factor == 0.0:  # a constant (CP-LRP's q and k): nothing flows, as with scale_gradient's stop-gradient
+        return x.detach()
+    return _RotaryLeafGradient.apply(x, rotation, factor)
 
 
 @dataclass

@@ -40,7 +40,7 @@ from .tokens import display_token, display_tokens
 TASK = "lrp-attribution"
 
 #: keys of the padded model inputs, with the value padding positions get
-_PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+_PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0, "special_tokens_mask": 1}
 _DEFAULT_BATCH_SIZE = 8
 
 
@@ -105,6 +105,9 @@ class LRPAttributionPipeline(Pipeline):
         self.head = head_of(self.model)
         self.kind = self.head.name
         self.takes_images = getattr(adapter_for(self.model), "vision", None) is not None
+        self._processor_error: str | None = (
+            None  # why the model's processor could not be loaded, if it failed
+        )
         self._find_components()
         # a tokenizer may produce token_type_ids for a model that has no segment embedding (DistilBERT, LLaMA)
         forward_params = inspect.signature(self.model.forward).parameters
@@ -127,7 +130,12 @@ class LRPAttributionPipeline(Pipeline):
             if self.processor is None and local:
                 from transformers import AutoProcessor
 
-                self.processor = AutoProcessor.from_pretrained(source)
+                try:
+                    self.processor = AutoProcessor.from_pretrained(source)
+                except ImportError as exc:
+                    # a library the processor needs is missing (transformers 5 loads Qwen2-VL's processor with a
+                    # torchvision-only video processor): text still works; an image is refused naming the cause
+                    self._processor_error = str(exc).strip().split(". ")[0].replace("\n", " ")
             if self.processor is not None and not hasattr(self.processor, "image_processor"):
                 self.processor = None  # a tokenizer found as "the processor": text only
             if self.tokenizer is None and self.processor is not None:
@@ -315,10 +323,12 @@ class LRPAttributionPipeline(Pipeline):
             )
         processor = self.processor
         if processor is None:
+            cause = self._processor_error
             raise AttributionInputError(
-                f"no processor for {type(self.model).__name__}: pass processor=AutoProcessor.from_pretrained(...) "
-                "to pipeline() (it turns an image and text into pixel_values and input_ids with one placeholder "
-                "token per image feature)"
+                f"no processor for {type(self.model).__name__}"
+                + (f" (loading it from the model's folder failed: {cause})" if cause else "")
+                + ": pass processor=AutoProcessor.from_pretrained(...) to pipeline() (it turns an image and text "
+                "into pixel_values and input_ids with one placeholder token per image feature)"
             )
         if isinstance(inputs, ImagePrompt):
             self._check_placeholder(inputs.text)
@@ -355,7 +365,7 @@ class LRPAttributionPipeline(Pipeline):
         meta: dict[str, Any] = {
             "text": text,
             "continuation_ids": None,
-            "image": self._model_view(model_inputs["pixel_values"], image),
+            "image": self._model_view(model_inputs, image),
             "inputs": {k: v for k, v in model_inputs.items()},  # this row alone, unpadded (continuations)
         }
         self._continuation_meta(meta, continuation)
@@ -373,17 +383,24 @@ class LRPAttributionPipeline(Pipeline):
                 f"(e.g. text='{token}What is shown?'), or pass chat messages with an image entry"
             )
 
-    def _model_view(self, pixel_values: torch.Tensor, original: Any) -> Any:
+    def _model_view(self, model_inputs: dict[str, torch.Tensor], original: Any) -> Any:
         """The image as the model saw it (after the processor's resizing and cropping), as a PIL image: the
         patch grid lies exactly on it. ``pixel_values`` [1, C, H, W] are un-normalised with the image
-        processor's mean and std; other layouts (flattened patches) give the original image."""
+        processor's mean and std; flattened patches with ``image_grid_thw`` (Qwen2-VL's layout) are put back
+        together first. Other layouts give the original image."""
         from PIL import Image
 
         ip = self.processor.image_processor
         mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
-        if pixel_values.dim() != 4 or pixel_values.shape[0] != 1 or mean is None or std is None:
+        pixels = model_inputs["pixel_values"]
+        grid = model_inputs.get("image_grid_thw")
+        if pixels.dim() == 2 and grid is not None:
+            pixels = _unpatchify(pixels, grid, ip)
+            if pixels is None:
+                return original
+        if pixels.dim() != 4 or pixels.shape[0] != 1 or mean is None or std is None:
             return original
-        pixels = pixel_values[0].detach().float().cpu()
+        pixels = pixels[0].detach().float().cpu()
         if pixels.shape[0] != len(mean):
             return original
         if not getattr(ip, "do_rescale", True):  # pixels kept in 0..255 units: no un-normalising known here
@@ -527,6 +544,13 @@ class LRPAttributionPipeline(Pipeline):
         if self.kind == IMAGE_CLASSIFICATION:
             attr = explain(single_request(self.model, model_inputs, target=target, foil=foil, **rules))
             return {"rows": [{"attribution": attr[i], "meta": m} for i, m in enumerate(meta)]}
+        if _image_shapes_differ(meta):
+            # images the processor sized differently (Qwen2-VL keeps the aspect ratio: a patch grid per image) do
+            # not share a pass: each prompt is explained alone, with its own unpadded inputs
+            rows = []
+            for m in meta:
+                rows += self._forward(dict(m["inputs"], meta=[m]), **params)["rows"]
+            return {"rows": rows}
         mask = model_inputs["attention_mask"]
         position = self._explained_position(params.get("position"), mask, model_inputs.get("input_ids"))
         # a masked LM's [MASK] id comes from the tokenizer (single_request)
@@ -788,6 +812,53 @@ def _image_text_inputs(images: Any, text: Any) -> Any:
     if not many_images:
         return ImagePrompt(images, text)
     return [ImagePrompt(i, t) for i, t in zip(images, text, strict=True)]
+
+
+def _unpatchify(patches: torch.Tensor, grid: torch.Tensor, image_processor: Any) -> torch.Tensor | None:
+    """One image's flattened patches in Qwen2-VL's layout back as ``[1, C, H, W]`` (still normalised), or None
+    for another layout.
+
+    The processor cuts the resized image into ``patch_size`` squares, groups them in ``merge_size`` x
+    ``merge_size`` blocks (block after block in raster order, raster order inside a block) and repeats each patch
+    ``temporal_patch_size`` times: ``[h * w, C * T * ps * ps]`` with ``image_grid_thw = [[1, h, w]]``. This is
+    the inverse (the first of the identical temporal copies), so the grid lies exactly on the image."""
+    ps = getattr(image_processor, "patch_size", None)
+    merge = getattr(image_processor, "merge_size", None)
+    temporal = getattr(image_processor, "temporal_patch_size", None)
+    if not all(isinstance(v, int) and v > 0 for v in (ps, merge, temporal)):
+        return None
+    grid = torch.as_tensor(grid)
+    if grid.shape != (1, 3) or int(grid[0, 0]) != 1:
+        return None
+    h, w = int(grid[0, 1]), int(grid[0, 2])
+    channels = patches.shape[1] // (temporal * ps * ps)
+    if h % merge or w % merge or patches.shape != (h * w, channels * temporal * ps * ps):
+        return None
+    x = patches.detach().reshape(h // merge, w // merge, merge, merge, channels, temporal, ps, ps)[
+        :, :, :, :, :, 0
+    ]
+    # (block row, block column, row in block, column in block, C, py, px) -> (C, rows, py, columns, px)
+    x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * ps, w * ps)
+    return x[None]
+
+
+def _image_shapes_differ(meta: list[dict[str, Any]]) -> bool:
+    """Whether a batch's prompts with images have image inputs of different shapes (pixels, grids): they cannot
+    be explained in one pass."""
+    own = [m.get("inputs") for m in meta]
+    if len(own) < 2 or any(o is None for o in own):
+        return False
+
+    def shapes(inputs: dict[str, Any]) -> dict[str, Any]:
+        # the token-aligned inputs are padded to one length; the rest must match in shape and, for a grid, value
+        return {
+            k: (tuple(v.shape), v.tolist() if k.endswith("grid_thw") else None)
+            for k, v in inputs.items()
+            if isinstance(v, torch.Tensor) and not (v.dim() == 2 and v.shape == inputs["input_ids"].shape)
+        }
+
+    first = shapes(own[0])
+    return any(shapes(o) != first for o in own[1:])
 
 
 def _add_image_maps(out: dict[str, Any], attr: Any, meta: dict[str, Any], row: int | None) -> None:
