@@ -166,7 +166,9 @@ def rotary_leaf_gradient(
         return x
     if isinstance(factor, torch.Tensor):
         factor = factor.detach()
-    elif factor == 0.0:  # a constant (CP-LRP's q and k): nothing flows, as with scale_gradient's stop-gradient
+    elif (
+        factor == 0.0
+    ):  # a constant (CP-LRP's q and k): nothing flows, as with scale_gradient's stop-gradient
         return x.detach()
     return _RotaryLeafGradient.apply(x, rotation, factor)
 
