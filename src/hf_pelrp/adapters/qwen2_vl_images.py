@@ -28,7 +28,14 @@ from .base import _REGISTRY, GatedProduct, register_adapter
 from .norms import layer_norm, rms_norm
 from .qwen2_vl import TextOnlyInputs
 from .qwen2_vl_vision import QwenVisionTower
-from .vision_language import ImageTextInputs, _image_token_id, random_text, with_images
+from .vision_language import (
+    ImageTextInputs,
+    _image_token_id,
+    pixel_tensor,
+    pixel_values_fit,
+    random_text,
+    with_images,
+)
 
 #: keywords of videos and of precomputed vision outputs, refused with images too
 _VIDEO = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -219,14 +226,7 @@ def _checked_grid(model: nn.Module, grid: Any, rows: int) -> torch.Tensor:
 def _checked_patches(model: nn.Module, pixels: Any, grid: torch.Tensor) -> torch.Tensor:
     vision = _vision(model)
     features = _patch_features(vision)
-    if not isinstance(pixels, torch.Tensor):
-        raise AttributionInputError(f"pixel_values must be a tensor, got {type(pixels).__name__}")
-    if pixels.device.type == "meta":
-        raise AttributionInputError("pixel_values is on the meta device (no data): pass real images")
-    if not pixels.is_floating_point():
-        raise AttributionInputError(
-            f"pixel_values must be a floating-point tensor (the image processor's output), got {pixels.dtype}"
-        )
+    pixels = pixel_tensor(pixels)
     patches = int(grid.prod(-1).sum())
     per_image = int(grid[0].prod())
     shapes = [(patches, features), (grid.shape[0], per_image, features)]
@@ -236,14 +236,7 @@ def _checked_patches(model: nn.Module, pixels: Any, grid: torch.Tensor) -> torch
             f"{shapes[0]} (flattened patches of {vision.in_channels} x {vision.temporal_patch_size} x "
             f"{vision.patch_size} x {vision.patch_size}) or {shapes[1]}: use the model's image processor"
         )
-    dtype = next(model.parameters()).dtype
-    if pixels.dtype != dtype:
-        raise AttributionInputError(
-            f"pixel_values has dtype {pixels.dtype} but the model computes in {dtype}: cast it with .to(model.dtype)"
-        )
-    if not bool(torch.isfinite(pixels).all()):
-        raise AttributionInputError("pixel_values holds NaN or infinite values")
-    return pixels
+    return pixel_values_fit(model, pixels)
 
 
 _QWEN2_VL_TOWER = QwenVisionTower(

@@ -262,8 +262,8 @@ def _image_token_id(model: nn.Module) -> int:
     return int(value)
 
 
-def _checked_pixels(model: nn.Module, pixels: Any) -> torch.Tensor:
-    name = type(model).__name__
+def pixel_tensor(pixels: Any) -> torch.Tensor:
+    """The first checks of any VLM's ``pixel_values``: a floating-point tensor with data."""
     if not isinstance(pixels, torch.Tensor):
         raise AttributionInputError(f"pixel_values must be a tensor, got {type(pixels).__name__}")
     if pixels.device.type == "meta":
@@ -272,6 +272,24 @@ def _checked_pixels(model: nn.Module, pixels: Any) -> torch.Tensor:
         raise AttributionInputError(
             f"pixel_values must be a floating-point tensor (the image processor's output), got {pixels.dtype}"
         )
+    return pixels
+
+
+def pixel_values_fit(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The last checks of any VLM's ``pixel_values`` (after the family's shape checks): the model's dtype, finite."""
+    dtype = next(model.parameters()).dtype
+    if pixels.dtype != dtype:
+        raise AttributionInputError(
+            f"pixel_values has dtype {pixels.dtype} but the model computes in {dtype}: cast it with .to(model.dtype)"
+        )
+    if not bool(torch.isfinite(pixels).all()):
+        raise AttributionInputError("pixel_values holds NaN or infinite values")
+    return pixels
+
+
+def _checked_pixels(model: nn.Module, pixels: Any) -> torch.Tensor:
+    name = type(model).__name__
+    pixels = pixel_tensor(pixels)
     if pixels.dim() != 4:
         raise AttributionInputError(
             f"pixel_values must have shape [images, channels, height, width], got {tuple(pixels.shape)}"
@@ -289,14 +307,7 @@ def _checked_pixels(model: nn.Module, pixels: Any) -> torch.Tensor:
             f"the images are {pixels.shape[-2]}x{pixels.shape[-1]} but {name}'s vision tower takes {h}x{w}: "
             "prepare them with the model's image processor"
         )
-    dtype = next(model.parameters()).dtype
-    if pixels.dtype != dtype:
-        raise AttributionInputError(
-            f"pixel_values has dtype {pixels.dtype} but the model computes in {dtype}: cast it with .to(model.dtype)"
-        )
-    if not bool(torch.isfinite(pixels).all()):
-        raise AttributionInputError("pixel_values holds NaN or infinite values")
-    return pixels
+    return pixel_values_fit(model, pixels)
 
 
 @dataclass(frozen=True)

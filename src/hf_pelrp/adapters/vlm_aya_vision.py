@@ -43,7 +43,7 @@ from .vision_language import (
     with_images,
 )
 from .vit import _pair
-from .vlm_images import _tower_layout
+from .vlm_images import TINY_TOWER, _tower_layout
 from .vlm_text import _SIGLIP_TOWER
 
 
@@ -202,14 +202,7 @@ def _swiglu_vlm(model_type: str, projector_classes: tuple[str, ...]) -> Any:
             ),
             tiny={
                 **text_only.tiny,
-                "vision_config": {
-                    "hidden_size": 16,
-                    "intermediate_size": 32,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 2,
-                    "image_size": 16,
-                    "patch_size": 4,
-                },
+                "vision_config": dict(TINY_TOWER),
                 "alignment_intermediate_size": 64,  # the SwiGLU: 32 channels of x, 32 of gate
                 # inside the tiny vocabulary (the model embeds the placeholder before replacing it)
                 "image_token_id": 96,

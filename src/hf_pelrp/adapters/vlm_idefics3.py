@@ -48,10 +48,13 @@ from .vision_language import (
     ImageTextInputs,
     VisionTower,
     _image_token_id,
+    pixel_tensor,
+    pixel_values_fit,
     random_text,
     with_images,
 )
 from .vit import _pair
+from .vlm_images import TINY_TOWER
 from .vlm_text import _IDEFICS3_TOWER
 
 
@@ -270,14 +273,7 @@ class TiledImageTextInputs(ImageTextInputs):
 
 def _checked_tiles(model: nn.Module, pixels: Any, rows: int) -> torch.Tensor:
     name = type(model).__name__
-    if not isinstance(pixels, torch.Tensor):
-        raise AttributionInputError(f"pixel_values must be a tensor, got {type(pixels).__name__}")
-    if pixels.device.type == "meta":
-        raise AttributionInputError("pixel_values is on the meta device (no data): pass real images")
-    if not pixels.is_floating_point():
-        raise AttributionInputError(
-            f"pixel_values must be a floating-point tensor (the image processor's output), got {pixels.dtype}"
-        )
+    pixels = pixel_tensor(pixels)
     if pixels.dim() != 5:
         raise AttributionInputError(
             f"{name} takes pixel_values of shape [batch, tiles, channels, height, width] (its processor's "
@@ -299,14 +295,7 @@ def _checked_tiles(model: nn.Module, pixels: Any, rows: int) -> torch.Tensor:
             f"the image tiles are {pixels.shape[-2]}x{pixels.shape[-1]} but {name} fills its placeholders from "
             f"{h}x{w} tiles: prepare the images with the model's processor (it splits and pads them to tiles)"
         )
-    dtype = next(model.parameters()).dtype
-    if pixels.dtype != dtype:
-        raise AttributionInputError(
-            f"pixel_values has dtype {pixels.dtype} but the model computes in {dtype}: cast it with .to(model.dtype)"
-        )
-    if not bool(torch.isfinite(pixels).all()):
-        raise AttributionInputError("pixel_values holds NaN or infinite values")
-    return pixels
+    return pixel_values_fit(model, pixels)
 
 
 def _checked_mask(mask: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -342,14 +331,7 @@ def _tiled(model_type: str, prefix: str) -> Any:
     )
     tiny = {
         **text_only.tiny,
-        "vision_config": {
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 16,
-            "patch_size": 4,
-        },
+        "vision_config": dict(TINY_TOWER),
         "scale_factor": 2,
         # inside the tiny vocabulary (the model embeds the placeholder before replacing it); the random text of
         # check_adapter avoids it

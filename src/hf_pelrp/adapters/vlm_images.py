@@ -33,6 +33,17 @@ def _tower_layout(specials: tuple[str, ...]) -> VisionLayout:
     )
 
 
+#: the tiny vision tower of check_adapter's VLM instances with images (16 x 16 pixels, 4 x 4 patches, 2 blocks): one
+#: source for the families built on a CLIP or SigLIP tower
+TINY_TOWER = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 16,
+    "patch_size": 4,
+}
+
 #: a CLIP vision tower (``CLIPVisionModel``) inside a VLM: class token, learned positions
 CLIP_TOWER = VisionTower(
     path="vision_tower",
@@ -72,14 +83,7 @@ LLAVA = register_adapter(
         ImageTextInputs(**_text_inputs(_LLAVA_TEXT, tokens=_llava_tokens)),
         tiny={
             **_LLAVA_TEXT.tiny,
-            "vision_config": {
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 16,
-                "patch_size": 4,
-            },
+            "vision_config": dict(TINY_TOWER),
             # inside the tiny vocabulary (LLaVA embeds the placeholder before replacing it); the random text of
             # check_adapter avoids it
             "image_token_id": 96,

@@ -48,11 +48,10 @@ from ..hooks import Handles, HookRule, LeafStore, make_leaf
 from ..inputs import Prepared, TextInputs, check_unknown_inputs
 from ..rules import relevance_of
 from .base import _REGISTRY, register_adapter
-from .norms import layer_norm
 from .vision_language import ImageTextInputs, VisionTower, _image_token_id, random_text, with_images
 from .vit import _pair
 from .vlm_idefics3 import _checked_tiles
-from .vlm_images import CLIP_TOWER, _tower_layout
+from .vlm_images import CLIP_TOWER, SIGLIP_TOWER, TINY_TOWER
 from .vlm_text import _SIGLIP_TOWER
 
 #: the marker of a newline in :func:`feature_layout`
@@ -338,14 +337,7 @@ def _anyres(model_type: str, tower: VisionTower = CLIP_TOWER, strategy: str = "d
                 **text_only.tiny,
                 # room for a 2x2 grid of tiles: 16 + 8 * 8 patches and 8 newlines
                 "text_config": {**text_only.tiny["text_config"], "max_position_embeddings": 128},
-                "vision_config": {
-                    "hidden_size": 16,
-                    "intermediate_size": 32,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 2,
-                    "image_size": 16,
-                    "patch_size": 4,
-                },
+                "vision_config": dict(TINY_TOWER),
                 # tiles of 16x16: 1x2, 2x1 and 2x2 grids (3 to 5 tiles with the base tile)
                 "image_grid_pinpoints": [[16, 32], [32, 16], [32, 32]],
                 # the default -2 with the tiny tower's 2 layers: the first layer's output
@@ -364,16 +356,7 @@ LLAVA_NEXT = _anyres("llava_next")
 LLAVA_NEXT_VIDEO = _anyres("llava_next_video", video_token_id=95)
 
 #: LLaVA-OneVision's SigLIP tower (no class token; the attention-pooling head computed but unused: cut)
-SIGLIP_ANYRES_TOWER = VisionTower(
-    path="vision_tower",
-    layers="encoder.layers",
-    attention="self_attn",
-    layout=_tower_layout(()),
-    modules=_SIGLIP_TOWER,
-    norms={"LayerNorm": layer_norm},
-    constants=("embeddings.position_embedding",),
-    cut=("head",),
-)
+SIGLIP_ANYRES_TOWER = dataclasses.replace(SIGLIP_TOWER, modules=_SIGLIP_TOWER)
 #: LLaVA-OneVision: LLaVA-NeXT's packing with a SigLIP tower ("full" features) and large grids interpolated down
 #: to at most ``anyres_max_N`` tiles' worth of patches (bilinear: a linear map, relevance moves through it by
 #: its gradient); the tiny model's ``anyres_max_1`` interpolates a 2x2 grid, so that this path is tested

@@ -16,7 +16,7 @@ from torch import nn
 
 from .base import _REGISTRY, register_adapter
 from .vision_language import ImageTextInputs, with_images
-from .vlm_images import CLIP_TOWER
+from .vlm_images import CLIP_TOWER, TINY_TOWER
 
 
 def _vipllava_tokens(model: nn.Module, pixels: torch.Tensor) -> int:
@@ -38,14 +38,7 @@ VIPLLAVA = register_adapter(
         ),
         tiny={
             **_TEXT_ONLY.tiny,
-            "vision_config": {
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 16,
-                "patch_size": 4,
-            },
+            "vision_config": dict(TINY_TOWER),
             # two feature layers of the tiny tower: the embedding (after the pre-LayerNorm) and the last block
             "vision_feature_layer": [0, -1],
             # inside the tiny vocabulary (the model embeds the placeholder before replacing it)
