@@ -23,29 +23,18 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
-from transformers.models.auto import modeling_auto
 
 from .adapters import infer as _infer
 from .adapters.base import Adapter, adapter_for_config, adapter_for_type, adapter_variants
 from .errors import HfPelrpError
 from .heads import (
-    CAUSAL_LM,
-    IMAGE_CLASSIFICATION,
     MASKED_LM,
     SEQ2SEQ_LM,
     SEQUENCE_CLASSIFICATION,
-    registered_head_classes,
+    classes_of_type,
 )
 from .positions import Rotary, rotary_leaves_in_graph
 
-#: transformers' auto mappings of the head kinds hf_pelrp explains
-_HEAD_MAPPINGS = {
-    CAUSAL_LM: "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    MASKED_LM: "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-    SEQUENCE_CLASSIFICATION: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    IMAGE_CLASSIFICATION: "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
-    SEQ2SEQ_LM: "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-}
 MODES = ("attnlrp", "cp")
 
 
@@ -92,37 +81,9 @@ class AdapterReport:
 
 
 def head_classes(model_type: str, adapter: Adapter) -> list[type]:
-    """The model classes transformers maps ``model_type`` to, for each head kind the adapter explains."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    # (the lazy CONFIG_MAPPING's .get() answers None for every type: index it)
-    type_config = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # noqa: SIM401
-
-    def built_from_this_config(cls: type) -> bool:
-        # an auto map may give a composite type the class of one of its sub-configs (Llama 4's causal-LM map:
-        # Llama4ForCausalLM, built from a Llama4TextConfig, i.e. the llama4_text type): not built from this config
-        wanted = getattr(cls, "config_class", None)
-        subs = getattr(type_config, "sub_configs", None) or {}
-        return not (
-            isinstance(wanted, type) and wanted in subs.values() and not issubclass(type_config, wanted)
-        )
-
-    classes = []
-    for kind, mapping_name in _HEAD_MAPPINGS.items():
-        if adapter.heads is not None and kind not in adapter.heads:
-            continue
-        name = getattr(modeling_auto, mapping_name).get(model_type)
-        names = name if isinstance(name, list | tuple) else [name]
-        for n in names:
-            cls = getattr(transformers, n, None) if n else None
-            if cls is not None and built_from_this_config(cls):
-                classes.append(cls)
-    for n, kind in registered_head_classes(model_type):
-        cls = getattr(transformers, n, None)
-        if cls is not None and cls not in classes and (adapter.heads is None or kind in adapter.heads):
-            classes.append(cls)
-    return classes
+    """The model classes transformers maps ``model_type`` to, for each head kind the adapter explains
+    (:func:`hf_pelrp.heads.classes_of_type`)."""
+    return classes_of_type(model_type, adapter.heads)
 
 
 def tiny_config(

@@ -421,3 +421,49 @@ def register_head_class(model_type: str, class_name: str, kind: str) -> None:
 def registered_head_classes(model_type: str) -> list[tuple[str, str]]:
     """``(class name, head kind)`` of the classes registered for ``model_type`` (:func:`register_head_class`)."""
     return [(name, kind) for name, (mt, kind) in _HEAD_CLASSES.items() if mt == model_type]
+
+
+#: transformers' auto mappings of the head kinds hf_pelrp explains
+HEAD_MAPPINGS = {
+    CAUSAL_LM: "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    MASKED_LM: "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    SEQUENCE_CLASSIFICATION: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    IMAGE_CLASSIFICATION: "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    SEQ2SEQ_LM: "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+}
+
+
+def classes_of_type(model_type: str, heads: tuple[str, ...] | None = None) -> list[type]:
+    """The model classes transformers maps ``model_type`` to (its auto mappings and the classes registered with
+    :func:`register_head_class`), for each head kind of ``heads`` (``None``: every kind hf_pelrp explains)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    # (the lazy CONFIG_MAPPING's .get() answers None for every type: index it)
+    type_config = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # noqa: SIM401
+
+    def built_from_this_config(cls: type) -> bool:
+        # an auto map may give a composite type the class of one of its sub-configs (Llama 4's causal-LM map:
+        # Llama4ForCausalLM, built from a Llama4TextConfig, i.e. the llama4_text type): not built from this config
+        wanted = getattr(cls, "config_class", None)
+        subs = getattr(type_config, "sub_configs", None) or {}
+        return not (
+            isinstance(wanted, type) and wanted in subs.values() and not issubclass(type_config, wanted)
+        )
+
+    classes = []
+    for kind, mapping_name in HEAD_MAPPINGS.items():
+        if heads is not None and kind not in heads:
+            continue
+        name = getattr(modeling_auto, mapping_name).get(model_type)
+        names = name if isinstance(name, list | tuple) else [name]
+        for n in names:
+            cls = getattr(transformers, n, None) if n else None
+            if cls is not None and built_from_this_config(cls):
+                classes.append(cls)
+    for n, kind in registered_head_classes(model_type):
+        cls = getattr(transformers, n, None)
+        if cls is not None and cls not in classes and (heads is None or kind in heads):
+            classes.append(cls)
+    return classes

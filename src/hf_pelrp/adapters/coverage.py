@@ -5,7 +5,7 @@ and checked by a test.
 A model type counts for a head when transformers' auto map for that head has a class for it. It is
 
 - *declared* when an adapter is registered for it and ``check_adapter`` proves that very class (the class is
-  one of :func:`hf_pelrp.check.head_classes` of one of the type's declarations);
+  one of :func:`hf_pelrp.heads.classes_of_type` of one of the type's declarations);
 - *refused by name* when it is refused with a reason (:func:`hf_pelrp.adapters.refused_model_types`);
 - *declared, other heads*: an adapter is registered for it, but not for this head's class (attributing that
   class is refused);
@@ -23,7 +23,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from ..heads import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, SEQ2SEQ_LM, SEQUENCE_CLASSIFICATION
+from ..heads import (
+    CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
+    MASKED_LM,
+    SEQ2SEQ_LM,
+    SEQUENCE_CLASSIFICATION,
+    classes_of_type,
+)
 from .base import _REGISTRY, adapter_variants, refused_model_types
 
 IMAGE_TEXT_TO_TEXT = "image_text_to_text"
@@ -78,9 +85,9 @@ def head_class_name(head: str, model_type: str) -> str | None:
 
 def _declared_classes(model_type: str) -> set[str]:
     """Names of the classes check_adapter proves for ``model_type`` (every variant)."""
-    from ..check import head_classes
-
-    return {cls.__name__ for a in adapter_variants(model_type) for cls in head_classes(model_type, a)}
+    return {
+        cls.__name__ for a in adapter_variants(model_type) for cls in classes_of_type(model_type, a.heads)
+    }
 
 
 def left_to_inference() -> list[tuple[str, str]]:
