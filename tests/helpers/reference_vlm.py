@@ -49,6 +49,53 @@ class VlmReference:
     target: torch.Tensor
 
 
+def blocks_forward(layers, x: torch.Tensor, allowed: torch.Tensor):
+    """CLIP / SigLIP encoder blocks (pre-LayerNorm attention and MLP with residuals), keeping every activation;
+    returns the output and the activations of each block."""
+    acts = []
+    for layer in layers:
+        att, mlp = layer.self_attn, layer.mlp
+        a = {"x": x}
+        a["h1"], a["wa"], a["sa"] = layer_norm(x, layer.layer_norm1)
+        a["q"], a["k"], a["v"] = (
+            _heads(_apply(_lin(m), a["h1"]), att.num_heads) for m in (att.q_proj, att.k_proj, att.v_proj)
+        )
+        a["S"], a["A"], a["o"] = attention_forward(a["q"], a["k"], a["v"], att.scale, allowed)
+        a["o_flat"] = _flat(a["o"])
+        a["d"] = _apply(_lin(att.out_proj), a["o_flat"])
+        a["x1"] = x + a["d"]
+        a["h2"], a["wb"], a["sb"] = layer_norm(a["x1"], layer.layer_norm2)
+        a["f"] = _apply(_lin(mlp.fc1), a["h2"])
+        a["g"] = mlp.activation_fn(a["f"])
+        a["m"] = _apply(_lin(mlp.fc2), a["g"])
+        x = a["x1"] + a["m"]
+        a["y"] = x
+        acts.append(a)
+    return x, acts
+
+
+def blocks_backward(layers, acts, allowed: torch.Tensor, r_x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The relevance at the blocks' input from ``r_x`` at their output: residual sums by the epsilon rule,
+    LayerNorms and the MLP activation by the identity rule, attention by :func:`lrp_attention`."""
+    for layer, a in zip(reversed(list(layers)), reversed(acts), strict=True):
+        att, mlp = layer.self_attn, layer.mlp
+        r_m, r_x1 = split_sum([a["m"], a["x1"]], r_x)
+        r_g = lrp_linear(a["g"], *_lin(mlp.fc2), r_m)
+        r_h2 = lrp_linear(a["h2"], *_lin(mlp.fc1), r_g)  # identity rule: R_f = R_g
+        r_x1 = r_x1 + lrp_layer_norm(a["x1"], a["h2"], a["wb"], a["sb"], r_h2)
+        r_d, r_xin = split_sum([a["d"], a["x"]], r_x1)
+        r_o = _heads(lrp_linear(a["o_flat"], *_lin(att.out_proj), r_d), att.num_heads)
+        r_q, r_k, r_v = lrp_attention(
+            a["q"], a["k"], a["v"], att.scale, allowed, a["S"], a["A"], a["o"], r_o, mode
+        )
+        r_h1 = sum(
+            lrp_linear(a["h1"], *_lin(m), _flat(r))
+            for m, r in ((att.q_proj, r_q), (att.k_proj, r_k), (att.v_proj, r_v))
+        )
+        r_x = r_xin + lrp_layer_norm(a["x"], a["h1"], a["wa"], a["sa"], r_h1)
+    return r_x
+
+
 def _tower_forward(tower, pixels: torch.Tensor, upto: int):
     """CLIP (class token, ``pre_layrnorm``) or SigLIP (neither) up to the output of block ``upto - 1``."""
     emb = tower.embeddings
@@ -70,46 +117,12 @@ def _tower_forward(tower, pixels: torch.Tensor, upto: int):
     stem = {"t": t, "p": p, "e": e, "x": x, "w": w0, "s": s0}
     seq = t.shape[0]
     allowed = torch.ones(1, seq, seq, dtype=torch.bool)
-    acts = []
-    for layer in list(tower.encoder.layers)[:upto]:
-        att, mlp = layer.self_attn, layer.mlp
-        n_heads = att.num_heads
-        a = {"x": x}
-        a["h1"], a["wa"], a["sa"] = layer_norm(x, layer.layer_norm1)
-        a["q"], a["k"], a["v"] = (
-            _heads(_apply(_lin(m), a["h1"]), n_heads) for m in (att.q_proj, att.k_proj, att.v_proj)
-        )
-        a["S"], a["A"], a["o"] = attention_forward(a["q"], a["k"], a["v"], att.scale, allowed)
-        a["o_flat"] = _flat(a["o"])
-        a["d"] = _apply(_lin(att.out_proj), a["o_flat"])
-        a["x1"] = x + a["d"]
-        a["h2"], a["wb"], a["sb"] = layer_norm(a["x1"], layer.layer_norm2)
-        a["f"] = _apply(_lin(mlp.fc1), a["h2"])
-        a["g"] = mlp.activation_fn(a["f"])
-        a["m"] = _apply(_lin(mlp.fc2), a["g"])
-        x = a["x1"] + a["m"]
-        a["y"] = x
-        acts.append(a)
+    _, acts = blocks_forward(list(tower.encoder.layers)[:upto], x, allowed)
     return stem, acts, allowed
 
 
 def _tower_backward(tower, stem, acts, allowed, r_x, mode):
-    for layer, a in zip(reversed(list(tower.encoder.layers)[: len(acts)]), reversed(acts), strict=True):
-        att, mlp = layer.self_attn, layer.mlp
-        r_m, r_x1 = split_sum([a["m"], a["x1"]], r_x)
-        r_g = lrp_linear(a["g"], *_lin(mlp.fc2), r_m)
-        r_h2 = lrp_linear(a["h2"], *_lin(mlp.fc1), r_g)  # identity rule: R_f = R_g
-        r_x1 = r_x1 + lrp_layer_norm(a["x1"], a["h2"], a["wb"], a["sb"], r_h2)
-        r_d, r_xin = split_sum([a["d"], a["x"]], r_x1)
-        r_o = _heads(lrp_linear(a["o_flat"], *_lin(att.out_proj), r_d), att.num_heads)
-        r_q, r_k, r_v = lrp_attention(
-            a["q"], a["k"], a["v"], att.scale, allowed, a["S"], a["A"], a["o"], r_o, mode
-        )
-        r_h1 = sum(
-            lrp_linear(a["h1"], *_lin(m), _flat(r))
-            for m, r in ((att.q_proj, r_q), (att.k_proj, r_k), (att.v_proj, r_v))
-        )
-        r_x = r_xin + lrp_layer_norm(a["x"], a["h1"], a["wa"], a["sa"], r_h1)
+    r_x = blocks_backward(list(tower.encoder.layers)[: len(acts)], acts, allowed, r_x, mode)
     r_e = r_x if stem["w"] is None else lrp_layer_norm(stem["e"], stem["x"], stem["w"], stem["s"], r_x)
     return split_sum([stem["t"], stem["p"]], r_e)
 

@@ -27,18 +27,20 @@ import torch
 
 from helpers.reference_absolute import (
     _apply,
-    _flat,
-    _heads,
     _lin,
-    attention_forward,
     layer_norm,
-    lrp_attention,
     lrp_layer_norm,
     lrp_linear,
     split_sum,
 )
 from helpers.reference_lrp import F64, _explain_row, _weights
-from helpers.reference_vlm import VlmReference, _tower_backward, _tower_forward
+from helpers.reference_vlm import (
+    VlmReference,
+    _tower_backward,
+    _tower_forward,
+    blocks_backward,
+    blocks_forward,
+)
 
 # ---- Idefics3 / SmolVLM -------------------------------------------------------------------------------------
 
@@ -54,45 +56,11 @@ def _bucketed_ids(real: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _siglip_blocks_forward(tower, x, allowed):
-    acts = []
-    for layer in tower.encoder.layers:
-        att, mlp = layer.self_attn, layer.mlp
-        a = {"x": x}
-        a["h1"], a["wa"], a["sa"] = layer_norm(x, layer.layer_norm1)
-        a["q"], a["k"], a["v"] = (
-            _heads(_apply(_lin(m), a["h1"]), att.num_heads) for m in (att.q_proj, att.k_proj, att.v_proj)
-        )
-        a["S"], a["A"], a["o"] = attention_forward(a["q"], a["k"], a["v"], att.scale, allowed)
-        a["o_flat"] = _flat(a["o"])
-        a["d"] = _apply(_lin(att.out_proj), a["o_flat"])
-        a["x1"] = x + a["d"]
-        a["h2"], a["wb"], a["sb"] = layer_norm(a["x1"], layer.layer_norm2)
-        a["f"] = _apply(_lin(mlp.fc1), a["h2"])
-        a["g"] = mlp.activation_fn(a["f"])
-        a["m"] = _apply(_lin(mlp.fc2), a["g"])
-        x = a["x1"] + a["m"]
-        acts.append(a)
-    return x, acts
+    return blocks_forward(tower.encoder.layers, x, allowed)
 
 
 def _siglip_blocks_backward(tower, acts, allowed, r_x, mode):
-    for layer, a in zip(reversed(list(tower.encoder.layers)), reversed(acts), strict=True):
-        att, mlp = layer.self_attn, layer.mlp
-        r_m, r_x1 = split_sum([a["m"], a["x1"]], r_x)
-        r_g = lrp_linear(a["g"], *_lin(mlp.fc2), r_m)
-        r_h2 = lrp_linear(a["h2"], *_lin(mlp.fc1), r_g)  # identity rule on the activation
-        r_x1 = r_x1 + lrp_layer_norm(a["x1"], a["h2"], a["wb"], a["sb"], r_h2)
-        r_d, r_xin = split_sum([a["d"], a["x"]], r_x1)
-        r_o = _heads(lrp_linear(a["o_flat"], *_lin(att.out_proj), r_d), att.num_heads)
-        r_q, r_k, r_v = lrp_attention(
-            a["q"], a["k"], a["v"], att.scale, allowed, a["S"], a["A"], a["o"], r_o, mode
-        )
-        r_h1 = sum(
-            lrp_linear(a["h1"], *_lin(m), _flat(r))
-            for m, r in ((att.q_proj, r_q), (att.k_proj, r_k), (att.v_proj, r_v))
-        )
-        r_x = r_xin + lrp_layer_norm(a["x"], a["h1"], a["wa"], a["sa"], r_h1)
-    return r_x
+    return blocks_backward(tower.encoder.layers, acts, allowed, r_x, mode)
 
 
 def _shuffle_order(connector, seq: int) -> torch.Tensor:

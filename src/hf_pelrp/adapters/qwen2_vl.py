@@ -126,34 +126,39 @@ def qwen_vl(model_type: str, prefix: str, vision: tuple[str, ...]) -> Adapter:
     )
 
 
+#: the vision transformers' classes (Qwen2.5-VL's RMSNorm is the text declaration's norm class)
+QWEN2_VL_VISION = (
+    "Qwen2VisionTransformerPretrainedModel",
+    "Qwen2VLVisionBlock",
+    "Qwen2VLVisionRotaryEmbedding",
+    "PatchEmbed",
+    "PatchMerger",
+    "VisionAttention",
+    "VisionMlp",
+    "LayerNorm",
+)
+QWEN2_5_VL_VISION = (
+    "Qwen2_5_VisionTransformerPretrainedModel",
+    "Qwen2_5_VLVisionBlock",
+    "Qwen2_5_VLVisionRotaryEmbedding",
+    "Qwen2_5_VisionPatchEmbed",
+    "Qwen2_5_VLPatchMerger",
+    "Qwen2_5_VLVisionAttention",
+    "Qwen2_5_VLMLP",
+)
+
+
 register_adapter(
     qwen_vl(
         "qwen2_vl",
         "Qwen2VL",
-        (
-            "Qwen2VisionTransformerPretrainedModel",
-            "Qwen2VLVisionBlock",
-            "Qwen2VLVisionRotaryEmbedding",
-            "PatchEmbed",
-            "PatchMerger",
-            "VisionAttention",
-            "VisionMlp",
-            "LayerNorm",
-        ),
+        QWEN2_VL_VISION,
     )
 )
 register_adapter(
     qwen_vl(
         "qwen2_5_vl",
         "Qwen2_5_VL",
-        (
-            "Qwen2_5_VisionTransformerPretrainedModel",
-            "Qwen2_5_VLVisionBlock",
-            "Qwen2_5_VLVisionRotaryEmbedding",
-            "Qwen2_5_VisionPatchEmbed",
-            "Qwen2_5_VLPatchMerger",
-            "Qwen2_5_VLVisionAttention",
-            "Qwen2_5_VLMLP",
-        ),
+        QWEN2_5_VL_VISION,
     )
 )

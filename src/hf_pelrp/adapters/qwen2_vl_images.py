@@ -26,7 +26,7 @@ from ..errors import AttributionInputError
 from ..inputs import Prepared, TextInputs, check_unknown_inputs
 from .base import _REGISTRY, GatedProduct, register_adapter
 from .norms import layer_norm, rms_norm
-from .qwen2_vl import TextOnlyInputs
+from .qwen2_vl import QWEN2_5_VL_VISION, QWEN2_VL_VISION, TextOnlyInputs
 from .qwen2_vl_vision import QwenVisionTower
 from .vision_language import (
     ImageTextInputs,
@@ -243,16 +243,7 @@ _QWEN2_VL_TOWER = QwenVisionTower(
     path="visual",
     layers="blocks",
     attention="attn",
-    modules=(
-        "Qwen2VisionTransformerPretrainedModel",
-        "Qwen2VLVisionBlock",
-        "Qwen2VLVisionRotaryEmbedding",
-        "PatchEmbed",
-        "PatchMerger",
-        "VisionAttention",
-        "VisionMlp",
-        "LayerNorm",
-    ),
+    modules=QWEN2_VL_VISION,
     norms={"LayerNorm": layer_norm},
 )
 
@@ -260,15 +251,7 @@ _QWEN2_5_VL_TOWER = QwenVisionTower(
     path="visual",
     layers="blocks",
     attention="attn",
-    modules=(
-        "Qwen2_5_VisionTransformerPretrainedModel",
-        "Qwen2_5_VLVisionBlock",
-        "Qwen2_5_VLVisionRotaryEmbedding",
-        "Qwen2_5_VisionPatchEmbed",
-        "Qwen2_5_VLPatchMerger",
-        "Qwen2_5_VLVisionAttention",
-        "Qwen2_5_VLMLP",
-    ),
+    modules=QWEN2_5_VL_VISION,
     norms={"Qwen2_5_VLRMSNorm": rms_norm},
     gated=GatedProduct(act="mlp.act_fn", up="mlp.up_proj"),
     windowed=True,

@@ -209,8 +209,3 @@ class QwenVisionTower(VisionTower):
             "image_special": torch.zeros(images, dtype=token.dtype, device=token.device),
             "image_grid": grid[:, 1:].to(token.device).clone(),
         }
-
-    def tokens_per_image(self, model: nn.Module, pixels: torch.Tensor) -> int:
-        raise NotImplementedError(
-            "a Qwen vision tower's placeholder count follows image_grid_thw (t * h * w / merge**2), not the pixels"
-        )

@@ -92,6 +92,15 @@ class VisionTower:
     constants: tuple[str, ...] = ()
     cut: tuple[str, ...] = ()
 
+    def _layout(self) -> VisionLayout:
+        # the ViT-style methods below read the layout; a tower of another kind overrides them
+        if self.layout is None:
+            raise UnsupportedModelError(
+                f"the {type(self).__name__} declaration has no VisionLayout, and this method reads one: a tower "
+                "of another kind overrides rules(), read() and tokens_per_image() (declaration error)"
+            )
+        return self.layout
+
     def tower(self, model: nn.Module) -> nn.Module:
         return find_module(getattr(model, "base_model", model), self.path)
 
@@ -105,15 +114,10 @@ class VisionTower:
         self, model: nn.Module, config: LRPConfig, store: LeafStore
     ) -> list[tuple[nn.Module, HookRule]]:
         """The tower's leaves (and the cut of unused outputs)."""
-        if self.layout is None:
-            raise NotImplementedError(
-                f"{type(self).__name__} must define rules() for a tower without a layout"
-            )
+        layout = self._layout()
         tower = self.tower(model)
-        leaves = VisionEmbeddingLeaves(
-            store, config.positional, self.layout, names=IMAGE_LEAVES, prefix="image_"
-        )
-        rules: list[tuple[nn.Module, HookRule]] = [(find_module(tower, self.layout.embeddings), leaves)]
+        leaves = VisionEmbeddingLeaves(store, config.positional, layout, names=IMAGE_LEAVES, prefix="image_")
+        rules: list[tuple[nn.Module, HookRule]] = [(find_module(tower, layout.embeddings), leaves)]
         for path in self.cut:
             module = find_optional(tower, path)
             if module is not None:
@@ -130,9 +134,9 @@ class VisionTower:
         token_leaf = store.additive.get("image_token")
         if token_leaf is None:
             return None
-        assert self.layout is not None
-        emb = find_module(self.tower(model), self.layout.embeddings)
-        specials = len(self.layout.special_tokens(emb))
+        layout = self._layout()
+        emb = find_module(self.tower(model), layout.embeddings)
+        specials = len(layout.special_tokens(emb))
         token = relevance_of(token_leaf)
         leaf = store.additive.get("image_position")
         position = torch.zeros_like(token) if leaf is None else relevance_of(leaf).to(token)
@@ -148,9 +152,9 @@ class VisionTower:
 
     def tokens_per_image(self, model: nn.Module, pixels: torch.Tensor) -> int:
         """How many placeholder tokens one image of ``pixels`` fills (the patches, without special tokens)."""
-        assert self.layout is not None
-        emb = find_module(self.tower(model), self.layout.embeddings)
-        patch_h, patch_w = self.layout.patch_size(emb)
+        layout = self._layout()
+        emb = find_module(self.tower(model), layout.embeddings)
+        patch_h, patch_w = layout.patch_size(emb)
         return (pixels.shape[-2] // patch_h) * (pixels.shape[-1] // patch_w)
 
 

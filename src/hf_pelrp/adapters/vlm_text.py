@@ -76,6 +76,16 @@ def _text_limit(config: Any) -> int | None:
     return scaled_rotary_limit(config.get_text_config())
 
 
+#: the tiny vision tower of check_adapter's instances (it never runs: images are refused)
+_TINY_VISION = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 28,
+    "patch_size": 14,
+}
+
 register_head_class("gemma3", "Gemma3ForConditionalGeneration", CAUSAL_LM)
 _TEXT = {k: v for k, v in TINY_DECODER.items() if k != "num_labels"}
 
@@ -103,14 +113,7 @@ GEMMA3 = register_adapter(
             # final_logit_softcapping set on purpose: Gemma3ForConditionalGeneration does not apply it
             # (transformers 5.25 soft-caps only in Gemma3ForCausalLM), so no rule must be attached for it
             "text_config": {**_TEXT, **_TINY_ALTERNATING, "final_logit_softcapping": 3.0},
-            "vision_config": {
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 28,
-                "patch_size": 14,
-            },
+            "vision_config": dict(_TINY_VISION),
             "mm_tokens_per_image": 4,
             "num_labels": 3,
             # placeholder ids outside the tiny vocabulary, so that random text never holds one
@@ -124,15 +127,6 @@ GEMMA3 = register_adapter(
 
 # ---- vision-language wrappers of a declared decoder ------------------------------------------------------------
 
-#: the tiny vision tower of check_adapter's instances (it never runs: images are refused)
-_TINY_VISION = {
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "image_size": 28,
-    "patch_size": 14,
-}
 #: placeholder-token attributes of vision-language configs, set outside the tiny vocabulary so that random text
 #: never holds one
 _PLACEHOLDERS = {
@@ -702,12 +696,7 @@ register_adapter(
             constants=(),
             tiny={
                 "vision_config": {
-                    "hidden_size": 16,
-                    "intermediate_size": 32,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 2,
-                    "image_size": 28,
-                    "patch_size": 14,
+                    **_TINY_VISION,
                     "vision_output_dim": 16,
                     "projector_input_dim": 16,
                     "projector_output_dim": 16,
@@ -773,14 +762,7 @@ register_adapter(
         constants=("visual.pos_embed",),
         placeholders=("image_token_id", "video_token_id"),
         tiny={
-            "vision_config": {
-                "depth": 1,
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_heads": 2,
-                "out_hidden_size": 32,
-                "deepstack_visual_indexes": [0],
-            },
+            "vision_config": dict(_QWEN3_VL_TINY_TOWER),
         },
     )
 )
