@@ -46,7 +46,7 @@ lock:
 
 bench: $(STAMP)
 	$(PY) scripts/bench_attribution.py
-	$(PY) scripts/bench_attribution.py --model llama-4x256 --lengths 128 512 2048 --clock cpu
+	$(PY) scripts/bench_attribution.py --model llama-4x256 --lengths 128 512 2048 --clock cpu --threads 1
 
 # The evaluation of issue 5 from scratch: data, the three trained models (skipped when their checkpoint
 # exists), the four tasks (resumable: finished samples are not recomputed), then the tables into docs/ and

@@ -140,3 +140,40 @@ def test_gqa_and_gradient_checkpointing_equal_in_graph(monkeypatch):
     _in_graph(monkeypatch)
     old = hf_pelrp.attribute(model, ids, mask, config=config, gradient_checkpointing=False)
     torch.testing.assert_close(new.position_by_layer, old.position_by_layer, rtol=1e-10, atol=1e-18)
+
+
+@pytest.mark.parametrize(
+    ("layout", "rotated", "width"),
+    [
+        ("half", "first", 8),
+        ("half", "first", 4),
+        ("half", "last", 4),
+        ("interleaved", "first", 4),
+        ("interleaved", "last", 2),
+    ],
+)
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_rotary_leaf_gradient_equals_autograd_through_the_rotation(layout, rotated, width, factor):
+    # the closed form (head sums, swapped pairs, per-layer coefficients) against autograd through the rotation
+    # written out, with the leaves in the graph; partial rotary at either end, and a scale a = 1.3 in (cos, sin)
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, seq, dim = 2, 3, 5, 8
+    x = torch.randn(batch, heads, seq, dim, generator=gen, dtype=torch.float64)
+    theta = torch.randn(
+        batch, seq, width // 2 if layout == "half" else width, generator=gen, dtype=torch.float64
+    )
+    if layout == "half":  # channel d and d + w / 2 form a pair and share their angle
+        theta = torch.cat((theta, theta), -1)
+    cos_value, sin_value = 1.3 * theta.cos(), 1.3 * theta.sin()
+    upstream = torch.randn(batch, heads, seq, dim, generator=gen, dtype=torch.float64)
+
+    cos_ref, sin_ref = cos_value.clone().requires_grad_(True), sin_value.clone().requires_grad_(True)
+    (offsets.rotate(x, cos_ref, sin_ref, layout, rotated) * (upstream * factor)).sum().backward()
+
+    cos, sin = cos_value.clone().requires_grad_(True), sin_value.clone().requires_grad_(True)
+    x_rot = offsets.rotate(x, cos_value, sin_value, layout, rotated).requires_grad_(True)
+    rotation = offsets.Rotation(cos, sin, layout, rotated)
+    offsets.rotary_leaf_gradient(x_rot, rotation, factor).backward(upstream)
+    torch.testing.assert_close(cos.grad, cos_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sin.grad, sin_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_rot.grad, upstream * factor, rtol=0, atol=0)

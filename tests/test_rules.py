@@ -329,3 +329,37 @@ def test_straight_through_output_may_be_modified_in_place_with_correct_gradients
     expected = torch.full((4, 3), 2.0, dtype=torch.float64)
     expected[1] = 0.0
     torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_identity_rule_factor_scales_the_gradient_in_one_node(factor):
+    # the gated product's 1/2 fused into the identity rule: the same gradient as the two-node composition
+    x = _randn(3, 5) * 2
+    x[1, 2] = 0.0
+    fused_x = x.clone().requires_grad_(True)
+    composed_x = x.clone().requires_grad_(True)
+    upstream = _randn(3, 5, seed=4)
+    fused = identity_rule(fused_x, torch.nn.functional.silu(fused_x), factor)
+    assert fused.grad_fn is not None and "Scale" not in type(fused.grad_fn).__name__
+    fused.backward(upstream)
+    composed = scale_gradient(identity_rule(composed_x, torch.nn.functional.silu(composed_x)), factor)
+    composed.backward(upstream)
+    torch.testing.assert_close(fused_x.grad, composed_x.grad, rtol=1e-14, atol=0)
+    xd = x
+    expected = torch.where(xd == 0, 0.0, factor * upstream * torch.nn.functional.silu(xd) / xd)
+    torch.testing.assert_close(fused_x.grad, expected, rtol=1e-14, atol=0)
+
+
+def test_identity_rule_factor_zero_is_a_constant():
+    x = _randn(2, 3).requires_grad_(True)
+    y = identity_rule(x, torch.tanh(x), 0.0)
+    assert not y.requires_grad and torch.equal(y, torch.tanh(x.detach()))
+
+
+def test_identity_rule_zero_input_with_nonzero_output_gets_zero_gradient():
+    # f(0) != 0 (softplus): the quotient is c / 0 = inf there, and the rule's value is 0, not inf or NaN
+    x = torch.tensor([0.0, -0.0, 1.5, -2.0], dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.softplus(x.detach())
+    identity_rule(x, y).backward(torch.ones(4, dtype=torch.float64))
+    assert torch.equal(x.grad[:2], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(x.grad[2:], y[2:] / x.detach()[2:], rtol=1e-15, atol=0)

@@ -115,7 +115,7 @@ class Activation(HookRule):
 
     def attach(self, module: torch.nn.Module, handles: Handles) -> None:
         def hook(_module, args, output):
-            return scale_gradient(identity_rule(args[0].to(output.device), output), self.product_factor)
+            return identity_rule(args[0].to(output.device), output, self.product_factor)
 
         handles.append(module.register_forward_hook(hook))
 
@@ -140,9 +140,10 @@ class Norm(HookRule):
             x = args[0]
             if not x.requires_grad:
                 return output
+            x = x.to(output.device)
             # under accelerate offload the weights are back on `meta` once the module's forward has returned
             with weights_on_device(mod):
-                surrogate = self.surrogate(mod, x.to(output.device))
+                surrogate = self.surrogate(mod, x)
                 state = _norm_state(mod, self.surrogate, x, output)
             if _REPRODUCED.get(mod) != state:
                 where = self.name or type(mod).__name__
@@ -161,17 +162,22 @@ class Norm(HookRule):
 #: failed check is never remembered: a wrong declaration stays an error. Weakly keyed: no module is kept alive.
 _REPRODUCED: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
+#: the setting types of a module's own attributes that the surrogate check depends on (a tuple: isinstance with
+#: a tuple is faster than with a union, and this runs at every norm of every forward pass)
+_SETTING_TYPES = (int, float, str, bool, type(None))
+
 
 def _norm_state(module: torch.nn.Module, surrogate: Callable, x: torch.Tensor, output: torch.Tensor) -> tuple:
     """What the surrogate check of ``module`` depends on besides the input values (see ``_REPRODUCED``)."""
-    tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    own = module.__dict__
+    tensors = (*own["_parameters"].values(), *own["_buffers"].values())
     return (
         surrogate,
         x.dtype,
         output.dtype,
         output.device,
-        tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors),
-        tuple((k, v) for k, v in vars(module).items() if isinstance(v, int | float | str | bool | None)),
+        tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors if t is not None),
+        tuple((k, v) for k, v in own.items() if isinstance(v, _SETTING_TYPES)),
     )
 
 

@@ -103,6 +103,36 @@ class Rotation:
     layout: str
     rotated: str
     scaling: float = 1.0
+    #: per dtype, the leaves' gradient coefficients (see :meth:`leaf_coefficients`), made once for q and k
+    _coefficients: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def leaf_coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(c / a, s / a, sign c / a, sign s / a)``, each [B, T, w] on the rotated channels (``a = c^2 + s^2``,
+        ``sign`` -1 on the channel of each pair that ``rotate`` negates): the leaves' gradients are
+        ``d cos = G_x c / a - G_swap sign s / a`` and ``d sin = G_swap sign c / a + G_x s / a`` (see
+        :class:`_RotaryLeafGradient`)."""
+        coefficients = self._coefficients.get(dtype)
+        if coefficients is None:
+            c, s = self.cos.detach().to(dtype), self.sin.detach().to(dtype)
+            if self.layout == "interleaved":  # channel k of the leaf turns channels 2k and 2k + 1
+                c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+            a = c * c + s * s
+            c, s = c / a, s / a
+            width = c.shape[-1]
+            sign = torch.ones(width, dtype=dtype, device=c.device)
+            if self.layout == "interleaved":
+                sign[0::2] = -1.0
+            else:
+                sign[: width // 2] = -1.0
+            coefficients = (c, s, sign * c, sign * s)
+            self._coefficients[dtype] = coefficients
+        return coefficients
+
+    def swap(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the channels of each rotated pair exchanged (``rotate(x) = sign * swap(x)``)."""
+        if self.layout == "interleaved":
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return x.roll(x.shape[-1] // 2, -1)
 
 
 class _RotaryLeafGradient(torch.autograd.Function):
@@ -126,19 +156,23 @@ class _RotaryLeafGradient(torch.autograd.Function):
         elif factor != 1.0:
             grad = grad * factor
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        c, s = rot.cos.detach().to(dtype), rot.sin.detach().to(dtype)
         # closed form of d(x_rot)/d(cos, sin) at q = R^{-1} x_rot, with R^{-1} the rotation by (c, -s) / a and
         # a = c^2 + s^2 (each channel pair shares its angle): q = (x c - r(x) s) / a, r(q) = (r(x) c + x s) / a,
         # so dcos = sum_h g q = (G_x c - G_r s) / a and dsin = sum_h g r(q) = (G_r c + G_x s) / a, with the
-        # head sums G_x = sum_h g x and G_r = sum_h g r(x) taken first (two products of the q / k size)
-        part, _, _, c, s, turn = _rotation_parts(x.detach().to(dtype), c, s, rot.layout, rot.rotated)
-        g = grad.to(dtype)
-        g = g[..., : part.shape[-1]] if rot.rotated == "first" else g[..., g.shape[-1] - part.shape[-1] :]
-        g_x, g_r = (g * part).sum(1), (g * turn(part)).sum(1)
-        c, s = c[:, 0], s[:, 0]
-        a = c * c + s * s
-        grads = ((g_x * c - g_r * s) / a, (g_r * c + g_x * s) / a)
-        for leaf, g_leaf in zip((rot.cos, rot.sin), grads, strict=True):
+        # head sums G_x = sum_h g x and G_r = sum_h g r(x) = sign * sum_h g swap(x) taken first (two products of
+        # the q / k size), the sign folded into per-layer coefficients made once for q and k
+        if rot.layout not in ("half", "interleaved") or rot.cos.shape[-1] > x.shape[-1]:
+            _rotation_parts(x, rot.cos, rot.sin, rot.layout, rot.rotated)  # raises, naming what does not fit
+        c, s, sign_c, sign_s = rot.leaf_coefficients(dtype)
+        width = c.shape[-1]
+        ends = slice(None, width) if rot.rotated == "first" else slice(x.shape[-1] - width, None)
+        part, g = x.detach()[..., ends].to(dtype), grad[..., ends].to(dtype)
+        g_x, g_swap = (g * part).sum(1), (g * rot.swap(part)).sum(1)
+        leaf_grads = (
+            torch.addcmul(g_x * c, g_swap, sign_s, value=-1.0),
+            torch.addcmul(g_x * s, g_swap, sign_c),
+        )
+        for leaf, g_leaf in zip((rot.cos, rot.sin), leaf_grads, strict=True):
             if rot.layout == "interleaved":  # the leaf's channel k was repeated onto channels 2k and 2k + 1
                 g_leaf = g_leaf.unflatten(-1, (-1, 2)).sum(-1)
             g_leaf = g_leaf.sum_to_size(leaf.shape).to(leaf.dtype)
