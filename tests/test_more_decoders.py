@@ -532,7 +532,8 @@ def test_the_inference_agrees_with_the_new_explicit_declarations(monkeypatch, mo
     }
     assert (inferred.extra_rules is None) == (explicit.extra_rules is None)
     if explicit.extra_rules is not None:
-        assert inferred.extra_rules == explicit.extra_rules  # the same MixtureOfExperts declaration
+        assert inferred.extra_rules == explicit.extra_rules
+    assert inferred.experts == explicit.experts  # the same MixtureOfExperts declaration (or none)
     attr = hf_pelrp.attribute(model, torch.tensor([[5, 6, 7, 8]]), mode="cp")
     assert float(attr.position.abs().max()) == 0.0 and bool(torch.isfinite(attr.token).all())
 

@@ -22,8 +22,8 @@ Attention has no per-site reference here: q, k and v are not outputs of modules 
 family (they are reshaped, rotated and repeated inside the attention module). The exact CP conservation and, for
 rotary families, the one-layer rotary split of :mod:`hf_pelrp.check` cover part of it; the ``"lrp"`` attention
 has its own float64 references in the test suite. Gated products that families apply with their own rules
-(``extra_rules``: T5's gated feed-forward, DINOv2's SwiGLU, mixture-of-experts experts) are not declared as
-``gated`` and are covered by their family's reference tests, not here.
+(``extra_rules``: T5's gated feed-forward, DINOv2's SwiGLU; ``experts``: the mixture-of-experts experts) are not
+declared as ``gated`` and are covered by their family's reference tests, not here.
 """
 
 from __future__ import annotations

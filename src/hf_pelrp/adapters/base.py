@@ -19,7 +19,7 @@ import sys
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -93,6 +93,17 @@ class FunctionalActivationSite:
     consumer: str
 
 
+class Experts(Protocol):
+    """A mixture-of-experts declaration (:class:`hf_pelrp.adapters.moe.MixtureOfExperts` and its variants): the
+    rules of the experts, routers and gates, and the refusal of a model whose experts it does not describe."""
+
+    def __call__(
+        self, model: nn.Module, config: LRPConfig, store: LeafStore
+    ) -> list[tuple[nn.Module, HookRule]]: ...
+
+    def check(self, model: nn.Module) -> None: ...
+
+
 @dataclass(frozen=True)
 class Adapter:
     """The declaration of one architecture family.
@@ -132,6 +143,9 @@ class Adapter:
         How inputs are checked (:class:`hf_pelrp.inputs.TextInputs`, or an image declaration).
     heads
         The head kinds the family supports (``None``: whatever :mod:`hf_pelrp.heads` recognises).
+    experts
+        The mixture-of-experts part (:class:`hf_pelrp.adapters.moe.MixtureOfExperts` or a variant): called like
+        ``extra_rules`` for its rules, and its ``check(model)`` runs with ``checks``.
     extra_rules
         Rules no declaration field expresses: ``f(model, config, store) -> [(module, rule), ...]``.
     extra_maps
@@ -162,6 +176,7 @@ class Adapter:
     vision_options: tuple[str, ...] = ()
     inputs: Any = field(default_factory=TextInputs)
     heads: tuple[str, ...] | None = None
+    experts: Experts | None = None
     extra_rules: Callable[[nn.Module, LRPConfig, LeafStore], list[tuple[nn.Module, HookRule]]] | None = None
     extra_maps: Callable[[nn.Module, LeafStore, dict[str, Any]], dict[str, torch.Tensor]] | None = None
     checks: tuple[Callable[[nn.Module], None], ...] = ()
@@ -229,12 +244,13 @@ class Adapter:
         """
         tree = _tree(model)
         checked = _CHECKED.get(model)
+        checks = self.checks if self.experts is None else (self.experts.check, *self.checks)
         if tree is not None and checked is not None and checked[0] is self and checked[1] == tree:
-            for check in self.checks:
+            for check in checks:
                 check(model)
             return
         self._check_structure(model)
-        for check in self.checks:
+        for check in checks:
             check(model)
         if tree is not None:
             _CHECKED[model] = (self, tree)
@@ -405,6 +421,8 @@ class Adapter:
             for path, module in model.named_modules():
                 if any(fnmatch.fnmatchcase(path, p) for p in patterns):
                     rules.append((module, Gamma(gamma)))
+        if self.experts is not None:
+            rules.extend(self.experts(model, config, store))
         if self.extra_rules is not None:
             rules.extend(self.extra_rules(model, config, store))
         return rules

@@ -33,8 +33,7 @@ register_adapter(
             DENSE_MLP,
             GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
         ),
-        extra_rules=DEEPSEEK_V3_MOE,
-        checks=(DEEPSEEK_V3_MOE.check,),
+        experts=DEEPSEEK_V3_MOE,
         # one dense block, one MoE block (8 routed experts in 2 groups, 1 shared expert); low-rank q and kv
         tiny={
             "experts_implementation": "eager",

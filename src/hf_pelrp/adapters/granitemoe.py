@@ -23,8 +23,7 @@ GRANITEMOE = register_adapter(
         "GraniteMoe",
         modules=("GraniteMoeMoE", "GraniteMoeExperts", "GraniteMoeTopKRouter"),
         gated=(),
-        extra_rules=GRANITEMOE_EXPERTS,
-        checks=(GRANITEMOE_EXPERTS.check,),
+        experts=GRANITEMOE_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_local_experts=4,

@@ -232,10 +232,9 @@ def adapter_code(adapter: Adapter) -> str:
     ]
     if adapter.extra_rules is final_logit_softcap:
         lines.append("        extra_rules=final_logit_softcap,")
-    if isinstance(adapter.extra_rules, MixtureOfExperts):
+    if isinstance(adapter.experts, MixtureOfExperts):
         lines.insert(0, "from hf_pelrp.adapters.moe import MixtureOfExperts")
-        lines.append(f"        extra_rules={adapter.extra_rules!r},")
-        lines.append(f"        checks=({adapter.extra_rules!r}.check,),")
+        lines.append(f"        experts={adapter.experts!r},")
     lines += ["    )", ")"]
     return "\n".join(lines) + "\n"
 
@@ -579,7 +578,7 @@ def _infer(model: nn.Module) -> tuple[Adapter, Any]:
         mixture = _mixture(model, routers, experts)
         if extra:
             raise _refuse(model, "", None, "a mixture of experts with soft-capped logits: not inferred.")
-        extra["extra_rules"], extra["checks"] = mixture, (mixture.check,)
+        extra["experts"] = mixture
     embed_path = base_paths.get(embed)
     if embed_path is None:
         raise _refuse(model, "", embed, "the input embedding is not inside the base model.")

@@ -176,8 +176,8 @@ _EXPERTS_LAYOUT = {
 
 @dataclass(frozen=True)
 class MixtureOfExperts:
-    """The mixture-of-experts part of a family's declaration: its ``extra_rules`` (call it) and a ``checks``
-    entry (:meth:`check`).
+    """The mixture-of-experts part of a family's declaration (``Adapter.experts``): its rules (call it) and its
+    refusal of experts it does not describe (:meth:`check`).
 
     Parameters
     ----------
@@ -272,8 +272,7 @@ register_adapter(
         "Mixtral",
         modules=("MixtralSparseMoeBlock", "MixtralExperts", "MixtralTopKRouter"),
         gated=(),
-        extra_rules=MIXTRAL,
-        checks=(MIXTRAL.check,),
+        experts=MIXTRAL,
         tiny=_moe_tiny(num_local_experts=4),
         name="mixtral",
     )
@@ -287,8 +286,7 @@ register_adapter(
             DENSE_MLP,
             GatedProduct(act="mlp.shared_expert.act_fn", up="mlp.shared_expert.up_proj", optional=True),
         ),
-        extra_rules=QWEN2_MOE,
-        checks=(QWEN2_MOE.check,),
+        experts=QWEN2_MOE,
         # one MoE block (routed + gated shared expert), one dense block
         tiny=_moe_tiny(
             num_experts=4,
@@ -307,8 +305,7 @@ register_adapter(
         "Qwen3Moe",
         modules=("Qwen3MoeSparseMoeBlock", "Qwen3MoeExperts", "Qwen3MoeTopKRouter"),
         gated=(DENSE_MLP,),
-        extra_rules=QWEN3_MOE,
-        checks=(QWEN3_MOE.check,),
+        experts=QWEN3_MOE,
         tiny=_moe_tiny(
             num_experts=4, moe_intermediate_size=16, head_dim=8, decoder_sparse_step=1, mlp_only_layers=[1]
         ),

@@ -110,8 +110,7 @@ FLEX_OLMO = register_adapter(
         name="flex_olmo",
         modules=("FlexOlmoSparseMoeBlock", "FlexOlmoExperts", "FlexOlmoTopKRouter"),
         gated=(),
-        extra_rules=FLEX_OLMO_MOE,
-        checks=(FLEX_OLMO_MOE.check,),
+        experts=FLEX_OLMO_MOE,
         heads=("causal_lm",),
         tiny=_moe_tiny(num_experts=4, norm_topk_prob=False, **_HEADS),
     )
@@ -125,8 +124,7 @@ MELLUM = register_adapter(
         name="mellum",
         modules=("MellumSparseMoeBlock", "MellumExperts", "MellumTopKRouter"),
         gated=(DENSE_MLP,),
-        extra_rules=MELLUM_MOE,
-        checks=(MELLUM_MOE.check,),
+        experts=MELLUM_MOE,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_experts=4,
@@ -156,8 +154,7 @@ GRANITEMOESHARED = register_adapter(
                 optional=True,
             ),
         ),
-        extra_rules=GRANITEMOESHARED_MOE,
-        checks=(GRANITEMOESHARED_MOE.check,),
+        experts=GRANITEMOESHARED_MOE,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_local_experts=4,
@@ -253,8 +250,7 @@ SOLAR_OPEN = register_adapter(
         name="solar_open",
         modules=("SolarOpenMoE", "SolarOpenExperts", "SolarOpenTopkRouter"),
         gated=(GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj"),),
-        extra_rules=SOLAR_OPEN_MOE,
-        checks=(SOLAR_OPEN_MOE.check,),
+        experts=SOLAR_OPEN_MOE,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             n_routed_experts=8,

@@ -172,8 +172,7 @@ MINIMAX_M2 = register_adapter(
         name="minimax_m2",
         modules=("MiniMaxM2SparseMoeBlock", "MiniMaxM2Experts", "MiniMaxM2TopKRouter"),
         gated=(),
-        extra_rules=MINIMAX_M2_EXPERTS,
-        checks=(MINIMAX_M2_EXPERTS.check,),
+        experts=MINIMAX_M2_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(num_local_experts=4, partial_rotary_factor=0.5, **_HEADS),
     )
@@ -200,8 +199,7 @@ ARIA_TEXT = register_adapter(
         name="aria_text",
         modules=("AriaTextMoELayer", "AriaExperts", "AriaTextTopKRouter", "AriaSharedExpertsMLP"),
         gated=(GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj"),),
-        extra_rules=ARIA_TEXT_EXPERTS,
-        checks=(ARIA_TEXT_EXPERTS.check,),
+        experts=ARIA_TEXT_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **_HEADS),
     )
@@ -227,8 +225,7 @@ AFMOE = register_adapter(
             DENSE_MLP,
             GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
         ),
-        extra_rules=AFMOE_EXPERTS,
-        checks=(AFMOE_EXPERTS.check,),
+        experts=AFMOE_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_experts=4,
@@ -284,8 +281,8 @@ MISTRAL4 = register_adapter(
             DENSE_MLP,
             GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
         ),
-        extra_rules=MISTRAL4_EXPERTS,
-        checks=(MISTRAL4_EXPERTS.check, _unit_routed_scaling),
+        experts=MISTRAL4_EXPERTS,
+        checks=(_unit_routed_scaling,),
         inputs=TextInputs(position_ids="count", max_positions=_mistral4_limit),
         # transformers 5.25 maps mistral4 to Mistral4ForCausalLM in no causal-LM auto map, so check_adapter
         # proves the sequence classifier only: the causal LM head is not declared (refused) until it is proven
@@ -321,8 +318,7 @@ KOLIBRI1 = register_adapter(
         modules=("Kolibri1SparseMoeBlock", "Kolibri1Experts", "Kolibri1TopKRouter"),
         positions=Rotary(applies=exaone4_rotates),
         gated=(DENSE_MLP, _SHARED),
-        extra_rules=KOLIBRI1_EXPERTS,
-        checks=(KOLIBRI1_EXPERTS.check,),
+        experts=KOLIBRI1_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_experts=4,
@@ -343,8 +339,7 @@ HY_V3 = register_adapter(
         name="hy_v3",
         modules=("HYV3MoE", "HYV3Experts", "HYV3TopKRouter"),
         gated=(DENSE_MLP, _SHARED),
-        extra_rules=HY_V3_EXPERTS,
-        checks=(HY_V3_EXPERTS.check,),
+        experts=HY_V3_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_experts=4,
@@ -387,8 +382,7 @@ def _deepseek_like(model_type: str, prefix: str, *, moe: bool, tiny: dict) -> No
             modules=(f"{prefix}MoE", f"{prefix}Experts", f"{prefix}TopkRouter") if moe else (),
             positions=Rotary(rotated="last"),
             gated=(DENSE_MLP, _SHARED) if moe else (GatedProduct(act="mlp.act_fn", up="mlp.up_proj"),),
-            extra_rules=experts,
-            checks=(experts.check,) if moe else (),
+            experts=experts,
             heads=("causal_lm",),
             tiny=tiny,
         )
@@ -410,8 +404,7 @@ LAGUNA = register_adapter(
         name="laguna",
         modules=("LagunaSparseMoeBlock", "LagunaExperts", "LagunaTopKRouter"),
         gated=(DENSE_MLP, _SHARED),
-        extra_rules=LAGUNA_EXPERTS,
-        checks=(LAGUNA_EXPERTS.check,),
+        experts=LAGUNA_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_experts=4,
@@ -448,15 +441,15 @@ class GateHalfConstant(HookRule):
 MINICPM5_MOE_EXPERTS = MixtureOfExperts(experts="MiniCPM5MoeExperts", routing="sigmoid")
 
 
-def minicpm5_moe_rules(
+def minicpm5_q_gate_rules(
     model: nn.Module, config: LRPConfig, store: LeafStore
 ) -> list[tuple[nn.Module, HookRule]]:
-    """The experts' rules and the constant gate half of every ``q_gate_proj``."""
-    rules = MINICPM5_MOE_EXPERTS(model, config, store)
-    for module in model.modules():
-        if type(module).__name__ == "MiniCPM5MoeAttention":
-            rules.append((module.q_gate_proj, GateHalfConstant(module.head_dim)))
-    return rules
+    """The constant gate half of every ``q_gate_proj``."""
+    return [
+        (module.q_gate_proj, GateHalfConstant(module.head_dim))
+        for module in model.modules()
+        if type(module).__name__ == "MiniCPM5MoeAttention"
+    ]
 
 
 MINICPM5_MOE = register_adapter(
@@ -466,8 +459,8 @@ MINICPM5_MOE = register_adapter(
         name="minicpm5_moe",
         modules=("MiniCPM5MoeMoE", "MiniCPM5MoeExperts", "MiniCPM5MoeTopkRouter"),
         gated=(DENSE_MLP, _SHARED),
-        extra_rules=minicpm5_moe_rules,
-        checks=(MINICPM5_MOE_EXPERTS.check,),
+        experts=MINICPM5_MOE_EXPERTS,
+        extra_rules=minicpm5_q_gate_rules,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             n_routed_experts=4,

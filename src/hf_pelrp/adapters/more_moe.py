@@ -114,8 +114,8 @@ COHERE2_MOE = register_adapter(
         modules=("Cohere2MoeSparseMoeBlock", "Cohere2MoeExperts", "Cohere2MoeTopKRouter"),
         positions=Rotary(applies=cohere2_moe_rotates),
         gated=(DENSE_MLP, SHARED_EXPERTS),
-        extra_rules=COHERE2_MOE_EXPERTS,
-        checks=(COHERE2_MOE_EXPERTS.check, softmax_selection),
+        experts=COHERE2_MOE_EXPERTS,
+        checks=(softmax_selection,),
         heads=("causal_lm",),
         # (sliding, sparse) rotates; (full, sparse) does not; (full, dense) rotates by force_rope
         tiny=_moe_tiny(
@@ -146,8 +146,7 @@ ERNIE4_5_MOE = register_adapter(
             "Ernie4_5_MoeStatics",
         ),
         gated=(DENSE_MLP, SHARED_EXPERTS),
-        extra_rules=ERNIE4_5_MOE_EXPERTS,
-        checks=(ERNIE4_5_MOE_EXPERTS.check,),
+        experts=ERNIE4_5_MOE_EXPERTS,
         heads=("causal_lm",),
         # layer 0 dense, layer 1 a mixture of experts with a shared expert
         tiny=_moe_tiny(
@@ -170,8 +169,7 @@ GLM4_MOE = register_adapter(
         name="glm4_moe",
         modules=("Glm4MoeMoE", "Glm4MoeExperts", "Glm4MoeTopkRouter"),
         gated=(DENSE_MLP, SHARED_EXPERTS),
-        extra_rules=GLM4_MOE_EXPERTS,
-        checks=(GLM4_MOE_EXPERTS.check,),
+        experts=GLM4_MOE_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             n_routed_experts=8,
@@ -196,8 +194,7 @@ EXAONE_MOE = register_adapter(
         modules=("ExaoneMoeSparseMoEBlock", "ExaoneMoeExperts", "ExaoneMoeTopkRouter"),
         positions=Rotary(applies=exaone4_rotates),
         gated=(DENSE_MLP, SHARED_EXPERTS),
-        extra_rules=EXAONE_MOE_EXPERTS,
-        checks=(EXAONE_MOE_EXPERTS.check,),
+        experts=EXAONE_MOE_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             num_experts=8,
@@ -251,8 +248,7 @@ HUNYUAN_V1_MOE = register_adapter(
         name="hunyuan_v1_moe",
         modules=("HunYuanMoEV1Moe", "HunYuanMoEV1Experts", "HunYuanMoEV1Gate"),
         gated=(GatedProduct(act="mlp.shared_mlp.act_fn", up="mlp.shared_mlp.up_proj"),),
-        extra_rules=HUNYUAN_V1_MOE_EXPERTS,
-        checks=(HUNYUAN_V1_MOE_EXPERTS.check,),
+        experts=HUNYUAN_V1_MOE_EXPERTS,
         tiny=_moe_tiny(num_experts=4, moe_topk=2, **_HEADS),
     )
 )
@@ -265,8 +261,7 @@ DOTS1 = register_adapter(
         name="dots1",
         modules=("Dots1MoE", "Dots1Experts", "Dots1TopkRouter"),
         gated=(DENSE_MLP, SHARED_EXPERTS),
-        extra_rules=DOTS1_EXPERTS,
-        checks=(DOTS1_EXPERTS.check,),
+        experts=DOTS1_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
             n_routed_experts=8,
@@ -491,8 +486,7 @@ DEEPSEEK_V2 = register_adapter(
         modules=("DeepseekV2Moe", "DeepseekV2Experts", "DeepseekV2TopkRouter"),
         positions=ComplexRotary(rotated="last"),
         gated=(DENSE_MLP, SHARED_EXPERTS),
-        extra_rules=DEEPSEEK_V2_EXPERTS,
-        checks=(DEEPSEEK_V2_EXPERTS.check,),
+        experts=DEEPSEEK_V2_EXPERTS,
         # one dense block, one MoE block (8 routed experts in 2 groups, group-limited greedy, 1 shared expert)
         tiny=_moe_tiny(
             num_key_value_heads=4,
@@ -639,8 +633,7 @@ PHIMOE = register_adapter(
         norms={"LayerNorm": layer_norm},
         modules=("PhimoeSparseMoeBlock", "PhimoeExperts", "PhimoeTopKRouter"),
         gated=(),
-        extra_rules=PHIMOE_EXPERTS,
-        checks=(PHIMOE_EXPERTS.check,),
+        experts=PHIMOE_EXPERTS,
         tiny=_moe_tiny(num_local_experts=4, **_HEADS),
     )
 )
