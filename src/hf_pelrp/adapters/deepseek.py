@@ -17,9 +17,9 @@ are constants in both modes (signal-take-all, method.md), the shared experts are
 from __future__ import annotations
 
 from ..positions import Rotary
-from .base import GatedProduct, register_adapter
+from .base import register_adapter
 from .llama import llama_like
-from .moe import DENSE_MLP, MixtureOfExperts
+from .moe import DENSE_MLP, SHARED_EXPERTS, MixtureOfExperts
 
 DEEPSEEK_V3_MOE = MixtureOfExperts(experts="DeepseekV3Experts", routing="sigmoid")
 
@@ -31,7 +31,7 @@ register_adapter(
         positions=Rotary(rotated="last"),
         gated=(
             DENSE_MLP,
-            GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
+            SHARED_EXPERTS,
         ),
         experts=DEEPSEEK_V3_MOE,
         # one dense block, one MoE block (8 routed experts in 2 groups, 1 shared expert); low-rank q and kv

@@ -265,6 +265,8 @@ QWEN3_MOE = MixtureOfExperts(experts="Qwen3MoeExperts", router="Qwen3MoeTopKRout
 
 #: the gated MLP of a dense block (families that keep some blocks dense)
 DENSE_MLP = GatedProduct(act="mlp.act_fn", up="mlp.up_proj", optional=True)
+#: the shared expert of a mixture-of-experts block (absent in dense blocks)
+SHARED_EXPERTS = GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True)
 
 register_adapter(
     llama_like(

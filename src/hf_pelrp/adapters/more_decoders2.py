@@ -80,6 +80,7 @@ from .llama import llama_like
 from .moe import (
     _EXPERTS_LAYOUT,
     DENSE_MLP,
+    SHARED_EXPERTS,
     MixtureOfExperts,
     RoutedExperts,
     _experts_inputs,
@@ -223,7 +224,7 @@ AFMOE = register_adapter(
         positions=Rotary(applies=afmoe_rotates),
         gated=(
             DENSE_MLP,
-            GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
+            SHARED_EXPERTS,
         ),
         experts=AFMOE_EXPERTS,
         heads=("causal_lm",),
@@ -279,7 +280,7 @@ MISTRAL4 = register_adapter(
         positions=Rotary(rotated="last"),
         gated=(
             DENSE_MLP,
-            GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True),
+            SHARED_EXPERTS,
         ),
         experts=MISTRAL4_EXPERTS,
         checks=(_unit_routed_scaling,),
@@ -307,8 +308,6 @@ MISTRAL4 = register_adapter(
 )
 
 
-_SHARED = GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True)
-
 KOLIBRI1_EXPERTS = MixtureOfExperts(experts="Kolibri1Experts", routing="sigmoid")
 KOLIBRI1 = register_adapter(
     llama_like(
@@ -317,7 +316,7 @@ KOLIBRI1 = register_adapter(
         name="kolibri1",
         modules=("Kolibri1SparseMoeBlock", "Kolibri1Experts", "Kolibri1TopKRouter"),
         positions=Rotary(applies=exaone4_rotates),
-        gated=(DENSE_MLP, _SHARED),
+        gated=(DENSE_MLP, SHARED_EXPERTS),
         experts=KOLIBRI1_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
@@ -338,7 +337,7 @@ HY_V3 = register_adapter(
         "HYV3",
         name="hy_v3",
         modules=("HYV3MoE", "HYV3Experts", "HYV3TopKRouter"),
-        gated=(DENSE_MLP, _SHARED),
+        gated=(DENSE_MLP, SHARED_EXPERTS),
         experts=HY_V3_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
@@ -381,7 +380,7 @@ def _deepseek_like(model_type: str, prefix: str, *, moe: bool, tiny: dict) -> No
             name=model_type,
             modules=(f"{prefix}MoE", f"{prefix}Experts", f"{prefix}TopkRouter") if moe else (),
             positions=Rotary(rotated="last"),
-            gated=(DENSE_MLP, _SHARED) if moe else (GatedProduct(act="mlp.act_fn", up="mlp.up_proj"),),
+            gated=(DENSE_MLP, SHARED_EXPERTS) if moe else (GatedProduct(act="mlp.act_fn", up="mlp.up_proj"),),
             experts=experts,
             heads=("causal_lm",),
             tiny=tiny,
@@ -403,7 +402,7 @@ LAGUNA = register_adapter(
         "Laguna",
         name="laguna",
         modules=("LagunaSparseMoeBlock", "LagunaExperts", "LagunaTopKRouter"),
-        gated=(DENSE_MLP, _SHARED),
+        gated=(DENSE_MLP, SHARED_EXPERTS),
         experts=LAGUNA_EXPERTS,
         heads=("causal_lm",),
         tiny=_moe_tiny(
@@ -458,7 +457,7 @@ MINICPM5_MOE = register_adapter(
         "MiniCPM5Moe",
         name="minicpm5_moe",
         modules=("MiniCPM5MoeMoE", "MiniCPM5MoeExperts", "MiniCPM5MoeTopkRouter"),
-        gated=(DENSE_MLP, _SHARED),
+        gated=(DENSE_MLP, SHARED_EXPERTS),
         experts=MINICPM5_MOE_EXPERTS,
         extra_rules=minicpm5_q_gate_rules,
         heads=("causal_lm",),

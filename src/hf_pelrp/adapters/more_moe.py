@@ -78,14 +78,19 @@ from ..positions import Rotary
 from ..rules import identity_rule, scale_gradient, straight_through
 from .base import Adapter, GatedProduct, register_adapter
 from .llama import llama_like
-from .moe import DENSE_MLP, MixtureOfExperts, _moe_tiny, expert_mixture, softmax_routing_weights
+from .moe import (
+    DENSE_MLP,
+    SHARED_EXPERTS,
+    MixtureOfExperts,
+    _moe_tiny,
+    expert_mixture,
+    softmax_routing_weights,
+)
 from .more_decoders import weightless_rms_norm
 from .norms import ACTIVATIONS, layer_norm, rms_norm
 from .rotary_decoders import exaone4_rotates
 
 _HEADS = {"head_dim": 8, "bos_token_id": 1, "eos_token_id": 2}
-#: the shared expert of a mixture-of-experts block (absent in dense blocks)
-SHARED_EXPERTS = GatedProduct(act="mlp.shared_experts.act_fn", up="mlp.shared_experts.up_proj", optional=True)
 
 
 def cohere2_moe_rotates(attention: nn.Module) -> bool:
