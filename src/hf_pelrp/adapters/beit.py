@@ -28,7 +28,7 @@ from ..inline_attention import BiasArgument
 from ..positions import BIAS_LEAF, AttentionBias, DistanceBins, bias_leaf
 from .base import Adapter, register_adapter
 from .norms import layer_norm
-from .vit import _GAMMA, ImageInputs, VisionLayout, vision_maps
+from .vit import _GAMMA, TINY_VIT, ImageInputs, VisionLayout, vision_maps
 
 
 @dataclass
@@ -183,14 +183,7 @@ BEIT = register_adapter(
         extra_maps=vision_maps,
         checks=(_relative_bias_only,),
         tiny={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 16,
-            "patch_size": 4,
-            "num_channels": 3,
-            "num_labels": 3,
+            **TINY_VIT,
             "use_relative_position_bias": True,
             "use_mean_pooling": True,
         },

@@ -33,7 +33,7 @@ from torch import nn
 from ..config import LRPConfig
 from ..hooks import HookRule, LeafStore, OutputGradient
 from .base import register_adapter
-from .vit import VisionLayout, vision_embedding_rules, vision_encoder
+from .vit import TINY_VIT, VisionLayout, vision_embedding_rules, vision_encoder
 
 CLIP_LAYOUT = VisionLayout(
     embeddings="vision_model.embeddings",
@@ -58,15 +58,7 @@ _GAMMA = {
 }
 
 _TINY_TOWERS = {
-    "vision_config": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 16,
-        "patch_size": 4,
-        "num_channels": 3,
-    },
+    "vision_config": {k: v for k, v in TINY_VIT.items() if k != "num_labels"},
     "text_config": {
         "hidden_size": 32,
         "intermediate_size": 64,

@@ -53,7 +53,7 @@ from .clip import _TINY_TOWERS, CLIP_LAYOUT, _encoder_classes
 from .dinov2 import DINOV2_GAMMA, TINY_DINOV2, dinov2_classes
 from .norms import layer_norm
 from .vit import _GAMMA as _VIT_GAMMA
-from .vit import ImageInputs, VisionLayout, vision_embedding_rules, vision_encoder, vision_maps
+from .vit import TINY_VIT, ImageInputs, VisionLayout, vision_embedding_rules, vision_encoder, vision_maps
 
 
 def _vit_classes(prefix: str, head: str, pooler: bool) -> tuple[str, ...]:
@@ -347,14 +347,7 @@ DATA2VEC_VISION = register_adapter(
         checks=(_data2vec_relative_bias_only,),
         attention_interface=False,
         tiny={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 16,
-            "patch_size": 4,
-            "num_channels": 3,
-            "num_labels": 3,
+            **TINY_VIT,
             "use_relative_position_bias": True,
             "use_mean_pooling": True,
         },

@@ -31,9 +31,11 @@ from .qwen2_vl_vision import QwenVisionTower
 from .vision_language import (
     ImageTextInputs,
     _image_token_id,
+    insert_placeholders,
     pixel_tensor,
     pixel_values_fit,
     random_text,
+    require_input_ids,
     with_images,
 )
 
@@ -90,11 +92,7 @@ class QwenImageInputs(ImageTextInputs):
                 f"{name} computes the 3-D M-RoPE positions of a prompt with images from image_grid_thw: drop "
                 "position_ids (hf_pelrp computes them as the model does)"
             )
-        if "input_ids" not in inputs:
-            raise AttributionInputError(
-                f"{name} with images needs input_ids holding the image placeholder tokens (the processor's "
-                "output), not inputs_embeds"
-            )
+        require_input_ids(model, inputs)
         check_unknown_inputs(inputs, self.accepted(), model)
         # text checks, placeholders allowed; the position limit is checked below on the M-RoPE positions (an
         # image of h x w merge units takes max(h, w) positions, not h * w)
@@ -158,9 +156,7 @@ class QwenImageInputs(ImageTextInputs):
         dtype = next(model.parameters()).dtype
         pixels = torch.randn(batch, h * w, features, generator=gen).to(dtype)
         per_image = h * w // vision.spatial_merge_size**2
-        ids = random_text(model, batch, text, gen)
-        placeholder = torch.full((batch, per_image), _image_token_id(model), dtype=ids.dtype)
-        ids = torch.cat([ids[:, :2], placeholder, ids[:, 2:]], dim=1)
+        ids = insert_placeholders(model, random_text(model, batch, text, gen), per_image)
         return {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),

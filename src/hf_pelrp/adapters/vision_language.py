@@ -189,14 +189,9 @@ class ImageTextInputs(TextOnlyInputs):
                         "remove the placeholders for a text-only prompt."
                     )
             return super().validate(model, inputs)
-        name = type(model).__name__
         check_unknown_inputs(inputs, (*self.accepted(), *self.image_keys), model)
         extra = {k: inputs.pop(k) for k in self.image_keys if k in inputs}
-        if "input_ids" not in inputs:
-            raise AttributionInputError(
-                f"{name} with images needs input_ids holding the image placeholder tokens (the processor's "
-                "output), not inputs_embeds"
-            )
+        require_input_ids(model, inputs)
         prepared = super(TextOnlyInputs, self).validate(model, inputs)  # text checks, placeholders allowed
         ids = prepared.inputs["input_ids"]
         pixels = _checked_pixels(model, pixels)
@@ -231,9 +226,7 @@ class ImageTextInputs(TextOnlyInputs):
         pixels = torch.randn(batch, getattr(vision, "num_channels", 3), h, w, generator=gen).to(dtype)
         assert self.tokens is not None
         per_image = self.tokens(model, pixels)
-        ids = random_text(model, batch, text, gen)
-        placeholder = torch.full((batch, per_image), _image_token_id(model), dtype=ids.dtype)
-        ids = torch.cat([ids[:, :2], placeholder, ids[:, 2:]], dim=1)
+        ids = insert_placeholders(model, random_text(model, batch, text, gen), per_image)
         out: dict[str, Any] = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
@@ -254,6 +247,32 @@ def random_text(model: nn.Module, batch: int, length: int, gen: torch.Generator)
     avoid |= {getattr(model.config, n, None) for n in ("boi_token_id", "eoi_token_id", "boi_token_index")}
     allowed = torch.tensor([i for i in range(1, vocab) if i not in avoid])
     return allowed[torch.randint(0, len(allowed), (batch, length), generator=gen)]
+
+
+def insert_placeholders(model: nn.Module, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """``ids`` [B, T] with ``count`` image placeholder tokens after the first two of every row."""
+    holders = torch.full((ids.shape[0], count), _image_token_id(model), dtype=ids.dtype)
+    return torch.cat([ids[:, :2], holders, ids[:, 2:]], dim=1)
+
+
+def placeholder_prompt(model: nn.Module, counts: list[int], text: int, gen: torch.Generator) -> torch.Tensor:
+    """Random prompts [B, max(counts) + text] of equal length, row i holding ``counts[i]`` image placeholders
+    after its first two tokens (rows with fewer placeholders get more text)."""
+    longest = max(counts) + text
+    rows = []
+    for n in counts:
+        words = random_text(model, 1, longest - n, gen)
+        rows.append(insert_placeholders(model, words, n)[0])
+    return torch.stack(rows)
+
+
+def require_input_ids(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+    """Refuse a prompt with images given as ``inputs_embeds``: the placeholders must come as token ids."""
+    if "input_ids" not in inputs:
+        raise AttributionInputError(
+            f"{type(model).__name__} with images needs input_ids holding the image placeholder tokens (the "
+            "processor's output), not inputs_embeds"
+        )
 
 
 def _image_token_id(model: nn.Module) -> int:

@@ -39,7 +39,9 @@ from .vision_language import (
     VisionTower,
     _checked_pixels,
     _image_token_id,
+    insert_placeholders,
     random_text,
+    require_input_ids,
     with_images,
 )
 from .vit import _pair
@@ -137,11 +139,7 @@ class TileRowsInputs(ImageTextInputs):
                 "tower has no class token to drop, so only 'full' runs (the pixel shuffle needs every patch)"
             )
         check_unknown_inputs(inputs, self.accepted(), model)
-        if "input_ids" not in inputs:
-            raise AttributionInputError(
-                f"{name} with images needs input_ids holding the image placeholder tokens (the processor's "
-                "output), not inputs_embeds"
-            )
+        require_input_ids(model, inputs)
         prepared = TextInputs.validate(self, model, inputs)
         ids = prepared.inputs["input_ids"]
         pixels = _checked_pixels(model, pixels)
@@ -171,9 +169,7 @@ class TileRowsInputs(ImageTextInputs):
         h, w = _pair(vision.image_size)
         dtype = next(model.parameters()).dtype
         pixels = torch.randn(batch, vision.num_channels, h, w, generator=gen).to(dtype)
-        ids = random_text(model, batch, text, gen)
-        holders = torch.full((batch, tokens_per_tile(model)), _image_token_id(model), dtype=ids.dtype)
-        ids = torch.cat([ids[:, :2], holders, ids[:, 2:]], dim=1)
+        ids = insert_placeholders(model, random_text(model, batch, text, gen), tokens_per_tile(model))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 

@@ -50,7 +50,8 @@ from .vision_language import (
     _image_token_id,
     pixel_tensor,
     pixel_values_fit,
-    random_text,
+    placeholder_prompt,
+    require_input_ids,
     with_images,
 )
 from .vit import _pair
@@ -199,12 +200,7 @@ class TiledImageTextInputs(ImageTextInputs):
                 raise AttributionInputError("pixel_attention_mask comes with images: pass pixel_values too")
             return super().validate(model, inputs)  # text only: placeholder tokens refused
         check_unknown_inputs(inputs, self.accepted(), model)
-        name = type(model).__name__
-        if "input_ids" not in inputs:
-            raise AttributionInputError(
-                f"{name} with images needs input_ids holding the image placeholder tokens (the processor's "
-                "output), not inputs_embeds"
-            )
+        require_input_ids(model, inputs)
         prepared = TextInputs.validate(self, model, inputs)  # text checks, placeholders allowed
         ids = prepared.inputs["input_ids"]
         pixels = _checked_tiles(model, pixels, ids.shape[0])
@@ -256,13 +252,7 @@ class TiledImageTextInputs(ImageTextInputs):
             pixels[1, 0, :, :, -vision.patch_size :] = 0.0
             mask[1, 0, :, -vision.patch_size :] = 0
         real = real_tiles(pixels).sum(-1)
-        longest = int(real.max()) * per_tile + text
-        rows = []
-        for n in real.tolist():
-            words = random_text(model, 1, longest - n * per_tile, gen)[0]
-            holders = torch.full((n * per_tile,), _image_token_id(model), dtype=words.dtype)
-            rows.append(torch.cat([words[:2], holders, words[2:]]))
-        ids = torch.stack(rows)
+        ids = placeholder_prompt(model, [n * per_tile for n in real.tolist()], text, gen)
         return {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),

@@ -48,7 +48,14 @@ from ..hooks import Handles, HookRule, LeafStore, make_leaf
 from ..inputs import Prepared, TextInputs, check_unknown_inputs
 from ..rules import relevance_of
 from .base import _REGISTRY, register_adapter
-from .vision_language import ImageTextInputs, VisionTower, _image_token_id, random_text, with_images
+from .vision_language import (
+    ImageTextInputs,
+    VisionTower,
+    _image_token_id,
+    placeholder_prompt,
+    require_input_ids,
+    with_images,
+)
 from .vit import _pair
 from .vlm_idefics3 import _checked_tiles
 from .vlm_images import CLIP_TOWER, SIGLIP_TOWER, TINY_TOWER
@@ -227,11 +234,7 @@ class AnyresImageTextInputs(ImageTextInputs):
                 f"it packs tiles of patches only with {self.strategy!r} (the patches without a class token)"
             )
         check_unknown_inputs(inputs, self.accepted(), model)
-        if "input_ids" not in inputs:
-            raise AttributionInputError(
-                f"{name} with images needs input_ids holding the image placeholder tokens (the processor's "
-                "output), not inputs_embeds"
-            )
+        require_input_ids(model, inputs)
         prepared = TextInputs.validate(self, model, inputs)
         ids = prepared.inputs["input_ids"]
         for key in self.placeholders:
@@ -284,13 +287,7 @@ class AnyresImageTextInputs(ImageTextInputs):
         for row, n in enumerate(counts):
             pixels[row, :n] = torch.randn(n, vision.num_channels, h, w, generator=gen).to(dtype)
         lengths = [len(layout) for layout in feature_layout(model, sizes)]
-        longest = max(lengths) + text
-        rows = []
-        for n in lengths:
-            words = random_text(model, 1, longest - n, gen)[0]
-            holders = torch.full((n,), _image_token_id(model), dtype=words.dtype)
-            rows.append(torch.cat([words[:2], holders, words[2:]]))
-        ids = torch.stack(rows)
+        ids = placeholder_prompt(model, lengths, text, gen)
         return {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
