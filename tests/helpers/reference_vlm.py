@@ -49,6 +49,26 @@ class VlmReference:
     target: torch.Tensor
 
 
+class ReferenceRows:
+    """The maps of a VLM reference, one row at a time, stacked into a :class:`VlmReference` at the end."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[torch.Tensor]] = {name: [] for name in VlmReference.__dataclass_fields__}
+
+    def add(self, token, holders, by_layer, image, image_position, special, logit, target) -> None:
+        """One prompt row; the placeholders' own embeddings were overwritten: their token relevance is 0."""
+        token = token.clone()
+        token[holders] = 0.0
+        values = (token, by_layer.sum(0), image.reshape(-1), image_position.reshape(-1), special, logit)
+        for name, value in zip(
+            VlmReference.__dataclass_fields__, (*values, torch.tensor(target)), strict=True
+        ):
+            self.rows[name].append(value)
+
+    def result(self) -> VlmReference:
+        return VlmReference(**{k: torch.stack(v) for k, v in self.rows.items()})
+
+
 def blocks_forward(layers, x: torch.Tensor, allowed: torch.Tensor):
     """CLIP / SigLIP encoder blocks (pre-LayerNorm attention and MLP with residuals), keeping every activation;
     returns the output and the activations of each block."""
@@ -176,9 +196,7 @@ def llava_reference(model, input_ids, attention_mask, pixel_values, *, mode: str
     text = _weights(SimpleNamespace(model=base.language_model, config=cfg.text_config, lm_head=model.lm_head))
     layers = len(tower.encoder.layers)
     upto = cfg.vision_feature_layer % (layers + 1)  # hidden_states[k] is the output of layer k - 1
-    rows = {
-        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
-    }
+    rows = ReferenceRows()
     for b in range(input_ids.shape[0]):
         ids, mask = input_ids[b], attention_mask[b]
         stem, acts, allowed = _tower_forward(tower, pixel_values[b], upto)
@@ -200,13 +218,14 @@ def llava_reference(model, input_ids, attention_mask, pixel_values, *, mode: str
         r_hidden = torch.zeros_like(stem["x"])
         r_hidden[1:] = r_feats
         r_t, r_p = _tower_backward(tower, stem, acts, allowed, r_hidden, mode)
-        token = token.clone()
-        token[slots] = 0.0  # the placeholders' own embeddings were overwritten: they reach nothing
-        rows["token"].append(token)
-        rows["position"].append(by_layer.sum(0))
-        rows["image"].append(r_t[1:].sum(-1))
-        rows["image_position"].append(r_p[1:].sum(-1))
-        rows["image_special"].append(r_t[0].sum() + r_p[0].sum())
-        rows["logit"].append(logit)
-        rows["target"].append(torch.tensor(target))
-    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
+        rows.add(
+            token,
+            slots,
+            by_layer,
+            r_t[1:].sum(-1),
+            r_p[1:].sum(-1),
+            r_t[0].sum() + r_p[0].sum(),
+            logit,
+            target,
+        )
+    return rows.result()

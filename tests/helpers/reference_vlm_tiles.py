@@ -35,7 +35,7 @@ from helpers.reference_absolute import (
 )
 from helpers.reference_lrp import F64, _explain_row, _weights
 from helpers.reference_vlm import (
-    VlmReference,
+    ReferenceRows,
     _tower_backward,
     _tower_forward,
     blocks_backward,
@@ -84,9 +84,7 @@ def idefics3_reference(model, input_ids, attention_mask, pixel_values, pixel_att
     table = emb.position_embedding.weight.detach().to(F64)
     conv = emb.patch_embedding
     w_proj = connector.modality_projection.proj.weight.detach().to(F64)
-    rows = {
-        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
-    }
+    rows = ReferenceRows()
     for b in range(input_ids.shape[0]):
         ids, mask = input_ids[b], attention_mask[b]
         slots = pixel_values.shape[1]
@@ -147,16 +145,8 @@ def idefics3_reference(model, input_ids, attention_mask, pixel_values, pixel_att
             r_t, r_p = split_sum([tile["t"], tile["p"]], r_e)
             image[tile["slot"]] = r_t.sum(-1)
             image_position[tile["slot"]] = r_p.sum(-1)
-        token = token.clone()
-        token[holders] = 0.0
-        rows["token"].append(token)
-        rows["position"].append(by_layer.sum(0))
-        rows["image"].append(image.reshape(-1))
-        rows["image_position"].append(image_position.reshape(-1))
-        rows["image_special"].append(torch.zeros((), dtype=F64))
-        rows["logit"].append(logit)
-        rows["target"].append(torch.tensor(target))
-    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
+        rows.add(token, holders, by_layer, image, image_position, torch.zeros((), dtype=F64), logit, target)
+    return rows.result()
 
 
 # ---- LLaVA-NeXT -----------------------------------------------------------------------------------------------
@@ -200,9 +190,7 @@ def llava_next_reference(model, input_ids, attention_mask, pixel_values, image_s
     size = cfg.vision_config.image_size
     side = size // cfg.vision_config.patch_size
     newline = base.image_newline.detach().to(F64)
-    rows = {
-        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
-    }
+    rows = ReferenceRows()
     for b in range(input_ids.shape[0]):
         ids, mask = input_ids[b], attention_mask[b]
         tiles_h, tiles_w = _best_grid(image_sizes[b], cfg.image_grid_pinpoints, size)
@@ -249,16 +237,8 @@ def llava_next_reference(model, input_ids, attention_mask, pixel_values, image_s
             image[s] = r_t[1:].sum(-1)
             image_position[s] = r_p[1:].sum(-1)
             special = special + r_t[0].sum() + r_p[0].sum()
-        token = token.clone()
-        token[holders] = 0.0
-        rows["token"].append(token)
-        rows["position"].append(by_layer.sum(0))
-        rows["image"].append(image.reshape(-1))
-        rows["image_position"].append(image_position.reshape(-1))
-        rows["image_special"].append(special)
-        rows["logit"].append(logit)
-        rows["target"].append(torch.tensor(target))
-    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
+        rows.add(token, holders, by_layer, image, image_position, special, logit, target)
+    return rows.result()
 
 
 # ---- VipLLaVA ----------------------------------------------------------------------------------------------------
@@ -280,9 +260,7 @@ def vipllava_reference(model, input_ids, attention_mask, pixel_values, *, mode):
         cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
     )
     depths = [k % (layers + 1) for k in wanted]  # hidden_states[k] is the output of layer k - 1
-    rows = {
-        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
-    }
+    rows = ReferenceRows()
     for b in range(input_ids.shape[0]):
         ids, mask = input_ids[b], attention_mask[b]
         stem, acts, allowed = _tower_forward(tower, pixel_values[b], max(depths))
@@ -310,16 +288,17 @@ def vipllava_reference(model, input_ids, attention_mask, pixel_values, *, mode):
             r_hidden[1:] = r
             part_t, part_p = _tower_backward(tower, stem, acts[:k], allowed, r_hidden, mode)
             r_t, r_p = r_t + part_t, r_p + part_p
-        token = token.clone()
-        token[holders] = 0.0
-        rows["token"].append(token)
-        rows["position"].append(by_layer.sum(0))
-        rows["image"].append(r_t[1:].sum(-1))
-        rows["image_position"].append(r_p[1:].sum(-1))
-        rows["image_special"].append(r_t[0].sum() + r_p[0].sum())
-        rows["logit"].append(logit)
-        rows["target"].append(torch.tensor(target))
-    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
+        rows.add(
+            token,
+            holders,
+            by_layer,
+            r_t[1:].sum(-1),
+            r_p[1:].sum(-1),
+            r_t[0].sum() + r_p[0].sum(),
+            logit,
+            target,
+        )
+    return rows.result()
 
 
 # ---- Aya Vision / Cohere 2 Vision (from the relevance reaching the image features) --------------------------------
@@ -422,9 +401,7 @@ def llava_onevision_reference(model, input_ids, attention_mask, pixel_values, im
     newline = base.image_newline.detach().to(F64)
     max_tiles = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_"))
     allowed = torch.ones(1, side * side, side * side, dtype=torch.bool)
-    rows = {
-        k: [] for k in ("token", "position", "image", "image_position", "image_special", "logit", "target")
-    }
+    rows = ReferenceRows()
     for b in range(input_ids.shape[0]):
         ids, mask = input_ids[b], attention_mask[b]
         tiles_h, tiles_w = _best_grid(image_sizes[b], cfg.image_grid_pinpoints, size)
@@ -493,13 +470,5 @@ def llava_onevision_reference(model, input_ids, attention_mask, pixel_values, im
             r_t, r_p = split_sum([tile["t"], tile["p"]], r_e)
             image[s] = r_t.sum(-1)
             image_position[s] = r_p.sum(-1)
-        token = token.clone()
-        token[holders] = 0.0
-        rows["token"].append(token)
-        rows["position"].append(by_layer.sum(0))
-        rows["image"].append(image.reshape(-1))
-        rows["image_position"].append(image_position.reshape(-1))
-        rows["image_special"].append(special)
-        rows["logit"].append(logit)
-        rows["target"].append(torch.tensor(target))
-    return VlmReference(**{k: torch.stack(v) for k, v in rows.items()})
+        rows.add(token, holders, by_layer, image, image_position, special, logit, target)
+    return rows.result()
