@@ -202,7 +202,11 @@ class PELRP(GradientAttribution):
         return output.flatten() - summed.flatten()
 
     def attribute_future(self) -> None:
-        raise NotImplementedError("attribute_future is not implemented for PELRP (nor for Captum's LRP)")
+        """Refused, as by Captum's own LRP: one attribution is one forward and one backward pass, with nothing
+        to run asynchronously. Call :meth:`attribute`."""
+        raise NotImplementedError(
+            "PELRP has no asynchronous attribute_future (nor has Captum's LRP): call attribute(...) instead"
+        )
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
