@@ -123,7 +123,7 @@ def _gpt2():
 @torch.no_grad()
 def test_additive_position_flip_mean_and_neighbour():
     model = _gpt2()
-    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
     allowed = torch.tensor([True, True, True, True, True, False])
     sample = _sample(ids, causal=False, allowed=allowed)
     rel = torch.tensor([0.1, 0.9, -0.5, 0.4, 0.2, 5.0])

@@ -87,14 +87,17 @@ def head_classes(model_type: str, adapter: Adapter) -> list[type]:
 
 
 def tiny_config(
-    config_or_model_type: PretrainedConfig | str, adapter: Adapter | None = None
+    config_or_model_type: PretrainedConfig | str, adapter: Adapter | None = None, **changes: Any
 ) -> PretrainedConfig:
     """The configuration of the tiny instance: the adapter's ``tiny`` overrides for a model type name, or a
-    copy of a given config (float64 is set by the check itself)."""
+    copy of a given config (float64 is set by the check itself); ``changes`` are applied on top (a model type
+    name only)."""
     if isinstance(config_or_model_type, PretrainedConfig):
+        if changes:
+            raise TypeError("tiny_config takes changes with a model type name, not with a configuration")
         return copy.deepcopy(config_or_model_type)
     adapter = adapter or adapter_for_type(config_or_model_type)
-    return AutoConfig.for_model(config_or_model_type, **dict(adapter.tiny))
+    return AutoConfig.for_model(config_or_model_type, **{**dict(adapter.tiny), **changes})
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:

@@ -69,84 +69,53 @@ def _resolve(root: Path, path: str) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------- models
+#: what the evaluation's tiny models change in check_adapter's tiny instance of each family (the one source of tiny
+#: configurations, ``Adapter.tiny``): DistilBERT with fixed sinusoidal positions, a one-channel ViT (the smoke images)
+_TINY_CHANGES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "gpt2": {},
+    "bert": {},
+    "distilbert": {"sinusoidal_pos_embds": True},
+    "vit": {"num_channels": 1},
+}
+
+_TINY_HEADS = {
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "bert": ("BertForSequenceClassification",),
+    "distilbert": ("DistilBertForSequenceClassification",),
+    "vit": ("ViTForImageClassification",),
+}
+
+
+def _head_kind(class_name: str) -> str:
+    if class_name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if class_name.endswith("ForImageClassification"):
+        return "image_classification"
+    return "causal_lm"
+
+
 def tiny_model(
     family: str, head: str, seed: int = 0, num_labels: int = 2, **overrides: Any
 ) -> torch.nn.Module:
     """A tiny randomly initialised model of ``family`` (llama, gpt2, bert, distilbert with sinusoidal positions,
-    vit) with a ``head``, for smoke runs."""
+    vit) with a ``head``, for smoke runs: check_adapter's tiny configuration of the family
+    (:func:`hf_pelrp.check.tiny_config`) with :data:`_TINY_CHANGES`, ``num_labels`` and ``overrides``."""
     import transformers as tf
 
-    specs = {
-        "llama": (
-            tf.LlamaConfig,
-            dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=101,
-                max_position_embeddings=64,
-                pad_token_id=0,
-            ),
-            {"causal_lm": tf.LlamaForCausalLM, "sequence_classification": tf.LlamaForSequenceClassification},
-        ),
-        "gpt2": (
-            tf.GPT2Config,
-            dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=101, n_positions=64, pad_token_id=0),
-            {"causal_lm": tf.GPT2LMHeadModel, "sequence_classification": tf.GPT2ForSequenceClassification},
-        ),
-        "bert": (
-            tf.BertConfig,
-            dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                vocab_size=101,
-                max_position_embeddings=64,
-                pad_token_id=0,
-            ),
-            {"sequence_classification": tf.BertForSequenceClassification},
-        ),
-        "distilbert": (
-            tf.DistilBertConfig,
-            dict(
-                dim=32,
-                hidden_dim=64,
-                n_layers=2,
-                n_heads=4,
-                vocab_size=101,
-                max_position_embeddings=64,
-                sinusoidal_pos_embds=True,
-                pad_token_id=0,
-            ),
-            {"sequence_classification": tf.DistilBertForSequenceClassification},
-        ),
-        "vit": (
-            tf.ViTConfig,
-            dict(
-                image_size=16,
-                patch_size=4,
-                num_channels=1,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            ),
-            {"image_classification": tf.ViTForImageClassification},
-        ),
-    }
-    if family not in specs:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(specs)}")
-    config_cls, kwargs, heads = specs[family]
+    from ..check import tiny_config
+
+    if family not in _TINY_CHANGES:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(_TINY_CHANGES)}")
+    heads = {_head_kind(name): getattr(tf, name) for name in _TINY_HEADS[family]}
     if head not in heads:
         raise ValueError(f"tiny {family} models have heads {sorted(heads)}, not {head!r}")
-    kwargs = {**kwargs, "num_labels": num_labels, **overrides}
+    config = tiny_config(family, **{**_TINY_CHANGES[family], "num_labels": num_labels, **overrides})
     # seeded without touching the caller's random state (the suite does nothing global)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = heads[head](config_cls(**kwargs))
+        model = heads[head](config)
         with torch.no_grad():
             # random-init norms are all-ones; perturb them so the norm rules matter
             for name, p in model.named_parameters():
