@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_pelrp
 from hf_pelrp import AttributionInputError
+from hf_pelrp.adapters.vlm_text import TINY_TEXT_ONLY_TOWER
 from hf_pelrp.check import tiny_config
 from hf_pelrp.heads import head_kind
 
@@ -206,7 +207,7 @@ def test_real_weights_llava_around_smollm2_explains_paris_as_smollm2():
     smol, tok = load_smollm2(dtype=torch.float32)
     config = transformers.LlavaConfig(
         text_config=smol.config.to_dict(),
-        vision_config={"model_type": "clip_vision_model", **_TINY_CLIP},
+        vision_config={"model_type": "clip_vision_model", **TINY_TEXT_ONLY_TOWER},
         image_token_id=smol.config.vocab_size + 1,  # no placeholder in the tokenizer's range
     )
     torch.manual_seed(0)
@@ -224,13 +225,3 @@ def test_real_weights_llava_around_smollm2_explains_paris_as_smollm2():
             getattr(got, name), getattr(want, name), rtol=0, atol=1e-6 * scale
         )  # measured: identical
     assert float(got.position.abs().sum()) > 0
-
-
-_TINY_CLIP = {
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "image_size": 28,
-    "patch_size": 14,
-}

@@ -31,8 +31,8 @@ and "mem ratio" columns) and with the default allocator (what a user sees; the "
 default allocator's peak varies between identical fresh processes by up to about 20% (measured: RSS ratios of
 0.81-1.25 for one configuration in single runs; at 128 tokens on SmolLM2, 8 fresh processes each peaked at
 143-163 MiB for GxI and 111-182 MiB for PE-LRP), so that column is the median of ``--memory-repeats`` fresh
-processes per method (5 by default: with 3, the 128-token ratio came out anywhere between 1.16 and 1.45). Before each memory measurement every worker makes one short call (8
-tokens) of its method: the per-call memory is measured, not what hf_pelrp does once per model (its structural
+processes per method (5 by default: with 3, the 128-token ratio came out anywhere between 1.16 and 1.45).
+Before each memory measurement every worker makes one short call (8 tokens) of its method: the per-call memory is measured, not what hf_pelrp does once per model (its structural
 and norm-surrogate checks, remembered per model); the baseline gets the same warm-up.
 
 torch's profiler was the alternative: it reports allocations per operator, but not a peak over the pass (it

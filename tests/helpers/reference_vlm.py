@@ -65,6 +65,20 @@ class ReferenceRows:
         ):
             self.rows[name].append(value)
 
+    def add_tower(self, token, holders, by_layer, r_t, r_p, logit, target) -> None:
+        """One prompt row from a tower with a class token at slot 0: the patches' token and position relevance
+        (``r_t``, ``r_p`` [1 + patches, d]) become the image maps, the class token's both its special share."""
+        self.add(
+            token,
+            holders,
+            by_layer,
+            r_t[1:].sum(-1),
+            r_p[1:].sum(-1),
+            r_t[0].sum() + r_p[0].sum(),
+            logit,
+            target,
+        )
+
     def result(self) -> VlmReference:
         return VlmReference(**{k: torch.stack(v) for k, v in self.rows.items()})
 
@@ -218,14 +232,5 @@ def llava_reference(model, input_ids, attention_mask, pixel_values, *, mode: str
         r_hidden = torch.zeros_like(stem["x"])
         r_hidden[1:] = r_feats
         r_t, r_p = _tower_backward(tower, stem, acts, allowed, r_hidden, mode)
-        rows.add(
-            token,
-            slots,
-            by_layer,
-            r_t[1:].sum(-1),
-            r_p[1:].sum(-1),
-            r_t[0].sum() + r_p[0].sum(),
-            logit,
-            target,
-        )
+        rows.add_tower(token, slots, by_layer, r_t, r_p, logit, target)
     return rows.result()

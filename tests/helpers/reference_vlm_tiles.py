@@ -288,16 +288,7 @@ def vipllava_reference(model, input_ids, attention_mask, pixel_values, *, mode):
             r_hidden[1:] = r
             part_t, part_p = _tower_backward(tower, stem, acts[:k], allowed, r_hidden, mode)
             r_t, r_p = r_t + part_t, r_p + part_p
-        rows.add(
-            token,
-            holders,
-            by_layer,
-            r_t[1:].sum(-1),
-            r_p[1:].sum(-1),
-            r_t[0].sum() + r_p[0].sum(),
-            logit,
-            target,
-        )
+        rows.add_tower(token, holders, by_layer, r_t, r_p, logit, target)
     return rows.result()
 
 

@@ -77,7 +77,7 @@ def _text_limit(config: Any) -> int | None:
 
 
 #: the tiny vision tower of check_adapter's instances (it never runs: images are refused)
-_TINY_VISION = {
+TINY_TEXT_ONLY_TOWER = {
     "hidden_size": 16,
     "intermediate_size": 32,
     "num_hidden_layers": 1,
@@ -113,7 +113,7 @@ GEMMA3 = register_adapter(
             # final_logit_softcapping set on purpose: Gemma3ForConditionalGeneration does not apply it
             # (transformers 5.25 soft-caps only in Gemma3ForCausalLM), so no rule must be attached for it
             "text_config": {**_TEXT, **_TINY_ALTERNATING, "final_logit_softcapping": 3.0},
-            "vision_config": dict(_TINY_VISION),
+            "vision_config": dict(TINY_TEXT_ONLY_TOWER),
             "mm_tokens_per_image": 4,
             "num_labels": 3,
             # placeholder ids outside the tiny vocabulary, so that random text never holds one
@@ -198,7 +198,7 @@ def text_only_vlm(
         heads=(CAUSAL_LM,),
         tiny={
             "text_config": tiny_text,
-            **{name: dict(_TINY_VISION) for name in sub_configs},
+            **{name: dict(TINY_TEXT_ONLY_TOWER) for name in sub_configs},
             **{name: _PLACEHOLDERS[name] for name in placeholders},
             **experts,
             **(tiny or {}),
@@ -696,7 +696,7 @@ register_adapter(
             constants=(),
             tiny={
                 "vision_config": {
-                    **_TINY_VISION,
+                    **TINY_TEXT_ONLY_TOWER,
                     "vision_output_dim": 16,
                     "projector_input_dim": 16,
                     "projector_output_dim": 16,

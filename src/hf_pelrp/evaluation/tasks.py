@@ -69,31 +69,25 @@ def _resolve(root: Path, path: str) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------- models
-#: what the evaluation's tiny models change in check_adapter's tiny instance of each family (the one source of tiny
-#: configurations, ``Adapter.tiny``): DistilBERT with fixed sinusoidal positions, a one-channel ViT (the smoke images)
-_TINY_CHANGES: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "gpt2": {},
-    "bert": {},
-    "distilbert": {"sinusoidal_pos_embds": True},
-    "vit": {"num_channels": 1},
+#: per family: its head classes by head kind, and what the evaluation changes in check_adapter's tiny instance of
+#: the family (the one source of tiny configurations, ``Adapter.tiny``): DistilBERT with fixed sinusoidal
+#: positions, a one-channel ViT (the smoke images)
+_TINY_FAMILIES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
+    "llama": (
+        {"causal_lm": "LlamaForCausalLM", "sequence_classification": "LlamaForSequenceClassification"},
+        {},
+    ),
+    "gpt2": (
+        {"causal_lm": "GPT2LMHeadModel", "sequence_classification": "GPT2ForSequenceClassification"},
+        {},
+    ),
+    "bert": ({"sequence_classification": "BertForSequenceClassification"}, {}),
+    "distilbert": (
+        {"sequence_classification": "DistilBertForSequenceClassification"},
+        {"sinusoidal_pos_embds": True},
+    ),
+    "vit": ({"image_classification": "ViTForImageClassification"}, {"num_channels": 1}),
 }
-
-_TINY_HEADS = {
-    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
-    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
-    "bert": ("BertForSequenceClassification",),
-    "distilbert": ("DistilBertForSequenceClassification",),
-    "vit": ("ViTForImageClassification",),
-}
-
-
-def _head_kind(class_name: str) -> str:
-    if class_name.endswith("ForSequenceClassification"):
-        return "sequence_classification"
-    if class_name.endswith("ForImageClassification"):
-        return "image_classification"
-    return "causal_lm"
 
 
 def tiny_model(
@@ -101,21 +95,22 @@ def tiny_model(
 ) -> torch.nn.Module:
     """A tiny randomly initialised model of ``family`` (llama, gpt2, bert, distilbert with sinusoidal positions,
     vit) with a ``head``, for smoke runs: check_adapter's tiny configuration of the family
-    (:func:`hf_pelrp.check.tiny_config`) with :data:`_TINY_CHANGES`, ``num_labels`` and ``overrides``."""
+    (:func:`hf_pelrp.check.tiny_config`) with the changes of :data:`_TINY_FAMILIES`, ``num_labels`` and
+    ``overrides``."""
     import transformers as tf
 
     from ..check import tiny_config
 
-    if family not in _TINY_CHANGES:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(_TINY_CHANGES)}")
-    heads = {_head_kind(name): getattr(tf, name) for name in _TINY_HEADS[family]}
+    if family not in _TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(_TINY_FAMILIES)}")
+    heads, changes = _TINY_FAMILIES[family]
     if head not in heads:
         raise ValueError(f"tiny {family} models have heads {sorted(heads)}, not {head!r}")
-    config = tiny_config(family, **{**_TINY_CHANGES[family], "num_labels": num_labels, **overrides})
+    config = tiny_config(family, **{**changes, "num_labels": num_labels, **overrides})
     # seeded without touching the caller's random state (the suite does nothing global)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = heads[head](config)
+        model = getattr(tf, heads[head])(config)
         with torch.no_grad():
             # random-init norms are all-ones; perturb them so the norm rules matter
             for name, p in model.named_parameters():
