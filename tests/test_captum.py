@@ -104,8 +104,15 @@ def test_captum_conventions():
     torch.testing.assert_close(
         as_tuple[0], hf_pelrp.attribute(model, ids[:1], mask[:1], target=5).relevance[0], rtol=0, atol=1e-6
     )
-    with pytest.raises(NotImplementedError):
-        explainer.attribute_future()
+    # Captum's future API: the same results as a completed Future; bad input raises at the call
+    future = explainer.attribute_future(
+        ids, target=[5, 17], additional_forward_args=(mask,), return_convergence_delta=True
+    )
+    assert isinstance(future, torch.futures.Future) and future.done()
+    got, got_delta = future.wait()
+    assert torch.equal(got, attributions) and torch.equal(got_delta, delta)
+    with pytest.raises(AttributionInputError, match="target"):
+        explainer.attribute_future(ids, target=[5], additional_forward_args=(mask,))
 
 
 def test_forward_args_bind_like_captum():

@@ -201,12 +201,13 @@ class PELRP(GradientAttribution):
         summed = sum(part.reshape(part.shape[0], -1).sum(-1) for part in parts)
         return output.flatten() - summed.flatten()
 
-    def attribute_future(self) -> None:
-        """Refused, as by Captum's own LRP: one attribution is one forward and one backward pass, with nothing
-        to run asynchronously. Call :meth:`attribute`."""
-        raise NotImplementedError(
-            "PELRP has no asynchronous attribute_future (nor has Captum's LRP): call attribute(...) instead"
-        )
+    def attribute_future(self, *args: Any, **kwargs: Any) -> torch.futures.Future:
+        """:meth:`attribute` as Captum's future API: the same arguments and results, returned as a completed
+        ``torch.futures.Future``. One attribution is one forward and one backward pass in this process, so it
+        runs before this returns and bad input raises here, as in :meth:`attribute`."""
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(self.attribute(*args, **kwargs))
+        return future
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
